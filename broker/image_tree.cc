@@ -1,0 +1,112 @@
+#include "broker/image_tree.h"
+
+#include "extractor/entry_name.h"
+
+namespace layerx::broker {
+
+using extractor::EntryRecord;
+using extractor::Kind;
+using extractor::RemovalRecord;
+
+namespace {
+
+Error Bad(std::string message) { return Error(ErrorKind::kPeer, 0, "bad record: " + message); }
+
+std::string ParentOf(const std::string& path) {
+  size_t slash = path.rfind('/');
+  return slash == std::string::npos ? std::string() : path.substr(0, slash);
+}
+
+}  // namespace
+
+ImageTree::ImageTree(const policy::Limits& limits) : limits_(limits) {
+  auto root = std::make_shared<Inode>();
+  root->meta.kind = Kind::kDir;
+  root->meta.mode = 0755;
+  entries_.emplace("", std::move(root));
+}
+
+Status ImageTree::Validate(const EntryRecord& r) const {
+  if (!extractor::IsCanonicalPath(r.path)) return Fail(Bad(fmt::format("path {:?}", r.path)));
+  if (r.path.size() > limits_.max_path_bytes) return Fail(Bad("path too long"));
+  if (r.path.empty() && r.kind != Kind::kDir) return Fail(Bad("the root must be a directory"));
+  if (r.mode > 07777) return Fail(Bad(fmt::format("mode {:o}", r.mode)));
+  if (r.uid == 0xffffffffu || r.gid == 0xffffffffu) return Fail(Bad("uid/gid -1"));
+  if (r.size > limits_.max_layer_bytes || (r.kind != Kind::kFile && r.size != 0)) {
+    return Fail(Bad("size"));
+  }
+  bool symlink = r.kind == Kind::kSymlink;
+  if (symlink == r.symlink_target.empty() ||
+      r.symlink_target.size() > limits_.max_link_target_bytes ||
+      r.symlink_target.find('\0') != std::string::npos) {
+    return Fail(Bad("symlink target"));
+  }
+  bool hardlink = r.kind == Kind::kHardlink;
+  if (hardlink == r.hardlink_target.empty() ||
+      (hardlink && (r.hardlink_target.empty() || !extractor::IsCanonicalPath(r.hardlink_target)))) {
+    return Fail(Bad("hardlink target"));
+  }
+  bool device = r.kind == Kind::kChar || r.kind == Kind::kBlock;
+  if (!device && (r.rdev_major != 0 || r.rdev_minor != 0)) return Fail(Bad("rdev on a non-device"));
+  size_t xattr_bytes = 0;
+  if (r.xattrs.size() > limits_.max_xattrs_per_entry) return Fail(Bad("too many xattrs"));
+  for (const auto& [name, value] : r.xattrs) {
+    xattr_bytes += name.size() + value.size();
+    if (name.empty() || name.find('\0') != std::string::npos) return Fail(Bad("xattr name"));
+  }
+  if (xattr_bytes > limits_.max_xattr_bytes) return Fail(Bad("xattrs too large"));
+  // Every entry hangs below a directory the records made: a path through a
+  // symlink or a file means the extractor lied about where it wrote.
+  if (!r.path.empty()) {
+    auto parent = entries_.find(ParentOf(r.path));
+    if (parent == entries_.end() || parent->second->meta.kind != Kind::kDir) {
+      return Fail(Bad(fmt::format("{:?} has no parent directory", r.path)));
+    }
+  }
+  return {};
+}
+
+void ImageTree::EraseSubtree(const std::string& path, bool include_self) {
+  // Below "p": every key starting "p/", a contiguous range from "p/" to "p0"
+  // ('0' follows '/'); the root's subtree is everything but "".
+  if (path.empty()) {
+    entries_.erase(std::next(entries_.begin()), entries_.end());
+    return;
+  }
+  entries_.erase(entries_.lower_bound(path + "/"), entries_.lower_bound(path + "0"));
+  if (include_self) entries_.erase(path);
+}
+
+Status ImageTree::Add(EntryRecord r) {
+  LX_TRY(Validate(r));
+  if (r.kind == Kind::kHardlink) {
+    auto target = entries_.find(r.hardlink_target);
+    if (target == entries_.end() || target->second->meta.kind == Kind::kDir) {
+      return Fail(Bad(fmt::format("hardlink target {:?} unknown", r.hardlink_target)));
+    }
+    std::shared_ptr<Inode> inode = target->second;
+    EraseSubtree(r.path, /*include_self=*/false);
+    entries_[r.path] = std::move(inode);
+    return {};
+  }
+  auto it = entries_.find(r.path);
+  if (it != entries_.end() && it->second->meta.kind == Kind::kDir && r.kind == Kind::kDir) {
+    // Dir on dir merges: new metadata, children stay.
+    it->second = std::make_shared<Inode>(Inode{std::move(r)});
+    return {};
+  }
+  if (it != entries_.end()) EraseSubtree(r.path, /*include_self=*/false);
+  std::string path = r.path;
+  entries_[path] = std::make_shared<Inode>(Inode{std::move(r)});
+  return {};
+}
+
+Status ImageTree::Add(RemovalRecord r) {
+  if (r.path.empty() || !extractor::IsCanonicalPath(r.path)) {
+    return Fail(Bad(fmt::format("removal of {:?}", r.path)));
+  }
+  EraseSubtree(r.path, /*include_self=*/true);
+  return {};
+}
+
+}  // namespace layerx::broker

@@ -1,0 +1,189 @@
+#include "broker/job.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <filesystem>
+
+#include "broker/logging.h"
+#include "broker/manifest.h"
+#include "sandbox/sys.h"
+
+namespace layerx::broker {
+
+using sandbox::UniqueFd;
+
+namespace {
+
+int64_t MonotonicNs() {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
+}
+
+struct OutputPath {
+  std::string dir;   // parent directory
+  std::string name;  // last component
+};
+
+Result<OutputPath> SplitOutput(const std::string& path, const char* what) {
+  std::filesystem::path p(path);
+  std::string name = p.filename().string();
+  if (name.empty() || name == "." || name == "..") {
+    return Fail(MakeError(ErrorKind::kPolicy, "{} {:?}: not a file name", what, path));
+  }
+  std::string dir = p.parent_path().string();
+  return OutputPath{dir.empty() ? "." : dir, name};
+}
+
+// The work dir and temp files of one job; removed without following symlinks
+// unless Commit()ted.
+class Workspace {
+ public:
+  ~Workspace() { Cleanup(); }
+
+  Status Create(const std::string& parent) {
+    LX_ASSIGN_OR_RETURN(parent_fd_, sandbox::OpenAt(AT_FDCWD, parent, O_PATH | O_DIRECTORY));
+    for (int attempt = 0; attempt < 100; ++attempt) {
+      std::string name = fmt::format(".layerx-work-{}-{:08x}", ::getpid(), ::random());
+      if (::mkdirat(parent_fd_.get(), name.c_str(), 0700) == 0) {
+        name_ = name;
+        LX_ASSIGN_OR_RETURN(dir_fd_, sandbox::OpenAt(parent_fd_.get(), name_, O_PATH | O_DIRECTORY | O_NOFOLLOW));
+        LX_TRY(sandbox::MkdirAt(dir_fd_.get(), "rootfs", 0755));
+        LX_ASSIGN_OR_RETURN(rootfs_fd_, sandbox::OpenAt(dir_fd_.get(), "rootfs", O_PATH | O_DIRECTORY | O_NOFOLLOW));
+        return {};
+      }
+      if (errno != EEXIST) return Fail(OsError(errno, "mkdir work dir in {:?}", parent));
+    }
+    return Fail(MakeError(ErrorKind::kOs, "no free work dir name in {:?}", parent));
+  }
+
+  int rootfs_fd() const { return rootfs_fd_.get(); }
+  int dir_fd() const { return dir_fd_.get(); }
+
+  void Cleanup() {
+    if (name_.empty()) return;
+    rootfs_fd_.reset();
+    dir_fd_.reset();
+    if (Status s = sandbox::RemoveTreeAt(parent_fd_.get(), name_); !s) {
+      Logger("broker")->error("cleanup: work dir {:?} not removed: {}", name_, s.error().ToString());
+    }
+    name_.clear();
+  }
+
+ private:
+  UniqueFd parent_fd_;
+  std::string name_;
+  UniqueFd dir_fd_;
+  UniqueFd rootfs_fd_;
+};
+
+std::string ShortDigest(const std::string& digest) {
+  return digest.substr(0, std::min<size_t>(digest.size(), 7 + 12));
+}
+
+}  // namespace
+
+Result<std::string> FindExtractor() {
+  if (const char* env = ::getenv("LAYERX_EXTRACTOR"); env != nullptr && *env != '\0') {
+    return std::string(env);
+  }
+  std::error_code ec;
+  std::filesystem::path self = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (ec) return Fail(OsError(ec.value(), "readlink /proc/self/exe"));
+  for (const auto& candidate : {self.parent_path() / "layerx-extractor",
+                                self.parent_path() / ".." / "libexec" / "layerx" / "layerx-extractor"}) {
+    if (::access(candidate.c_str(), X_OK) == 0) return candidate.string();
+  }
+  return Fail(MakeError(ErrorKind::kPolicy,
+                        "layerx-extractor not found beside {:?} (set LAYERX_EXTRACTOR)",
+                        self.string()));
+}
+
+Result<JobReport> RunExtract(const ExtractRequest& request) {
+  auto log = Logger("broker");
+  int64_t start = MonotonicNs();
+  if (request.layers.empty()) return Fail(MakeError(ErrorKind::kPolicy, "no layers given"));
+  if (!request.rootfs && !request.manifest) {
+    return Fail(MakeError(ErrorKind::kPolicy, "nothing to write: give --rootfs and/or --manifest"));
+  }
+  std::optional<OutputPath> rootfs_out, manifest_out;
+  if (request.rootfs) {
+    LX_ASSIGN_OR_RETURN(rootfs_out, SplitOutput(*request.rootfs, "rootfs"));
+    struct stat st;
+    if (::lstat(request.rootfs->c_str(), &st) == 0) {
+      return Fail(MakeError(ErrorKind::kPolicy, "rootfs {:?} already exists", *request.rootfs));
+    }
+  }
+  if (request.manifest) {
+    LX_ASSIGN_OR_RETURN(manifest_out, SplitOutput(*request.manifest, "manifest"));
+  }
+  for (const std::string& layer : request.layers) {
+    if (::access(layer.c_str(), R_OK) != 0) {
+      return Fail(OsError(errno, "layer {:?}", layer));
+    }
+  }
+
+  std::string extractor_path = request.extractor_path;
+  if (extractor_path.empty()) {
+    LX_ASSIGN_OR_RETURN(extractor_path, FindExtractor());
+  }
+  LX_ASSIGN_OR_RETURN(UniqueFd extractor_fd, sandbox::OpenAt(AT_FDCWD, extractor_path, O_PATH));
+
+  Workspace work;
+  LX_TRY(work.Create(rootfs_out ? rootfs_out->dir : manifest_out->dir));
+
+  ImageTree tree(request.policy.limits);
+  RunContext ctx{.policy = &request.policy, .rootfs_fd = work.rootfs_fd(),
+                 .extractor_fd = extractor_fd.get(), .cancel = request.cancel};
+  JobReport report;
+  for (size_t i = 0; i < request.layers.size(); ++i) {
+    LayerInput input{.index = i + 1, .path = request.layers[i]};
+    auto layer = RunLayer(ctx, input, tree);
+    if (!layer) {
+      return Fail(std::move(layer).error().With("layer {} ({})", input.index, input.path));
+    }
+    log->info("layer done: layer={} digest={} entries={} bytes={} setup_ms={:.2f} extract_ms={:.1f}",
+              input.index, ShortDigest(layer->compressed_digest), layer->entries,
+              layer->file_bytes, layer->setup_ns / 1e6, layer->extract_ns / 1e6);
+    report.layers.push_back(std::move(*layer));
+  }
+  report.final_entries = tree.size();
+
+  // Outputs: the manifest to a temp file beside it, then both renamed into place.
+  UniqueFd manifest_dir;
+  std::string manifest_tmp;
+  if (manifest_out) {
+    LX_ASSIGN_OR_RETURN(manifest_dir, sandbox::OpenAt(AT_FDCWD, manifest_out->dir, O_PATH | O_DIRECTORY));
+    manifest_tmp = fmt::format(".{}.layerx-tmp-{}", manifest_out->name, ::getpid());
+    LX_ASSIGN_OR_RETURN(UniqueFd fd, sandbox::OpenAt(manifest_dir.get(), manifest_tmp,
+                                                     O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0644));
+    Status written = WriteManifest(tree, fd.get());
+    if (written && ::fsync(fd.get()) != 0) written = Fail(OsError(errno, "fsync manifest"));
+    if (!written) {
+      ::unlinkat(manifest_dir.get(), manifest_tmp.c_str(), 0);
+      return Fail(std::move(written).error().With("manifest {:?}", *request.manifest));
+    }
+  }
+  if (rootfs_out) {
+    LX_ASSIGN_OR_RETURN(UniqueFd parent, sandbox::OpenAt(AT_FDCWD, rootfs_out->dir, O_PATH | O_DIRECTORY));
+    if (::renameat2(work.dir_fd(), "rootfs", parent.get(), rootfs_out->name.c_str(),
+                    RENAME_NOREPLACE) != 0) {
+      int err = errno;
+      if (manifest_out) ::unlinkat(manifest_dir.get(), manifest_tmp.c_str(), 0);
+      return Fail(OsError(err, "rename rootfs into {:?}", *request.rootfs));
+    }
+  }
+  if (manifest_out) {
+    LX_TRY(sandbox::RenameAt(manifest_dir.get(), manifest_tmp, manifest_dir.get(), manifest_out->name));
+  }
+  work.Cleanup();
+  report.total_ns = MonotonicNs() - start;
+  return report;
+}
+
+}  // namespace layerx::broker

@@ -1,0 +1,39 @@
+// One job = one image: layers applied lowest first, each by its own jailed
+// extractor, into a work dir beside the outputs; outputs are renamed into place
+// only when everything succeeded, and on any failure nothing is left behind.
+#pragma once
+
+#include <atomic>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "broker/layer_runner.h"
+#include "policy/policy.h"
+
+namespace layerx::broker {
+
+struct ExtractRequest {
+  std::vector<std::string> layers;       // layer blob files, lowest first
+  std::optional<std::string> rootfs;     // must not exist; its parent must
+  std::optional<std::string> manifest;   // replaced on success only
+  policy::Policy policy;
+  std::string extractor_path;            // empty: FindExtractor()
+  const std::atomic<bool>* cancel = nullptr;
+};
+
+struct JobReport {
+  std::vector<LayerReport> layers;
+  size_t final_entries = 0;
+  int64_t total_ns = 0;
+};
+
+// Errors name the layer ("layer 2 (sha256:0123456789ab, b.tar.gz)"), the entry
+// and the reason.
+Result<JobReport> RunExtract(const ExtractRequest& request);
+
+// Where the extractor helper lives: $LAYERX_EXTRACTOR, else `layerx-extractor`
+// beside this executable, else ../libexec/layerx/layerx-extractor from it.
+Result<std::string> FindExtractor();
+
+}  // namespace layerx::broker

@@ -1,0 +1,367 @@
+#include "broker/layer_runner.h"
+
+#include <capnp/serialize.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <openssl/evp.h>
+#include <poll.h>
+#include <signal.h>
+#include <spdlog/spdlog.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <memory>
+#include <vector>
+
+#include "broker/logging.h"
+#include "extractor/wire/codec.h"
+#include "sandbox/spawn.h"
+#include "sandbox/sys.h"
+
+namespace layerx::broker {
+
+using sandbox::UniqueFd;
+
+namespace {
+
+int64_t MonotonicNs() {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
+}
+
+constexpr size_t kFeedChunk = 1 << 20;
+constexpr size_t kMaxStderrBytes = 64 * 1024;
+
+struct Sha256 {
+  Sha256() : ctx(EVP_MD_CTX_new()) { EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr); }
+  ~Sha256() { EVP_MD_CTX_free(ctx); }
+  void Update(const void* data, size_t n) { EVP_DigestUpdate(ctx, data, n); }
+  std::string Hex() {
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned int len = 0;
+    EVP_DigestFinal_ex(ctx, md, &len);
+    std::string out = "sha256:";
+    for (unsigned int i = 0; i < len; ++i) out += fmt::format("{:02x}", md[i]);
+    return out;
+  }
+  EVP_MD_CTX* ctx;
+};
+
+// The broker's side of one extractor: the fds it polls and what came back.
+class Session {
+ public:
+  Session(const RunContext& ctx, ImageTree& tree, LayerReport& report)
+      : ctx_(ctx), tree_(tree), report_(report), log_(Logger("extractor")) {}
+
+  Status Run(const LayerInput& layer);
+
+ private:
+  Status Feed();
+  Status ReadChannel();
+  Status HandleMessage(kj::ArrayPtr<const capnp::word> words);
+  void ReadStderr(bool flush);
+  Error ExitError(const sandbox::ExitStatus& status);
+
+  const RunContext& ctx_;
+  ImageTree& tree_;
+  LayerReport& report_;
+  std::shared_ptr<spdlog::logger> log_;
+
+  UniqueFd blob_;
+  UniqueFd feed_;     // write end of the child's fd 0
+  UniqueFd channel_;  // our end of the record socket
+  UniqueFd stderr_;   // read end of the child's fds 1 and 2
+  std::vector<std::byte> feed_buf_;
+  size_t feed_off_ = 0;
+  bool blob_eof_ = false;
+  Sha256 sha_;
+
+  std::vector<capnp::word> msg_buf_;  // word-aligned for capnp
+  size_t msg_bytes_ = 0;
+  bool channel_eof_ = false;
+  bool got_summary_ = false;
+  std::optional<Error> failure_;
+  std::string stderr_line_;
+  std::string last_stderr_;
+  size_t stderr_bytes_ = 0;
+};
+
+Status Session::Feed() {
+  while (true) {
+    if (feed_off_ == feed_buf_.size()) {
+      if (blob_eof_) {
+        feed_.reset();  // EOF for the extractor
+        return {};
+      }
+      feed_buf_.resize(kFeedChunk);
+      LX_ASSIGN_OR_RETURN(size_t n, sandbox::ReadSome(blob_.get(), feed_buf_));
+      feed_buf_.resize(n);
+      feed_off_ = 0;
+      sha_.Update(feed_buf_.data(), n);
+      report_.compressed_bytes += n;
+      if (n == 0) {
+        blob_eof_ = true;
+        continue;
+      }
+    }
+    ssize_t w = ::write(feed_.get(), feed_buf_.data() + feed_off_, feed_buf_.size() - feed_off_);
+    if (w < 0) {
+      if (errno == EAGAIN) return {};
+      if (errno == EINTR) continue;
+      if (errno == EPIPE) {
+        // The extractor stopped reading (done or dead): its messages and exit
+        // status tell which. Hash the rest of the blob regardless.
+        feed_.reset();
+        while (!blob_eof_) {
+          feed_buf_.resize(kFeedChunk);
+          LX_ASSIGN_OR_RETURN(size_t n, sandbox::ReadSome(blob_.get(), feed_buf_));
+          sha_.Update(feed_buf_.data(), n);
+          report_.compressed_bytes += n;
+          blob_eof_ = n == 0;
+        }
+        feed_buf_.clear();
+        feed_off_ = 0;
+        return {};
+      }
+      return Fail(OsError(errno, "write layer to extractor"));
+    }
+    feed_off_ += static_cast<size_t>(w);
+  }
+}
+
+Status Session::HandleMessage(kj::ArrayPtr<const capnp::word> words) {
+  if (got_summary_ || failure_) return Fail(MakeError(ErrorKind::kPeer, "message after the end"));
+  capnp::ReaderOptions options;
+  options.traversalLimitInWords = ctx_.policy->limits.max_record_message_bytes / 8;
+  options.nestingLimit = 8;
+  try {
+    capnp::FlatArrayMessageReader reader(words, options);
+    auto message = reader.getRoot<wire::Message>();
+    switch (message.which()) {
+      case wire::Message::BATCH:
+        for (auto record : message.getBatch()) {
+          switch (record.which()) {
+            case wire::Record::ENTRY: {
+              auto entry = wire::FromWire(record.getEntry());
+              if (!entry) return Fail(MakeError(ErrorKind::kPeer, "bad record: unknown kind"));
+              LX_TRY(tree_.Add(std::move(*entry)));
+              break;
+            }
+            case wire::Record::REMOVAL:
+              LX_TRY(tree_.Add(wire::FromWire(record.getRemoval())));
+              break;
+            default:
+              return Fail(MakeError(ErrorKind::kPeer, "bad record: unknown union member"));
+          }
+        }
+        return {};
+      case wire::Message::SUMMARY: {
+        auto s = message.getSummary();
+        got_summary_ = true;
+        report_.entries = s.getEntries();
+        report_.file_bytes = s.getFileBytes();
+        report_.uncompressed_bytes = s.getUncompressedBytes();
+        report_.uncompressed_digest = std::string(s.getUncompressedDigest().cStr());
+        report_.setup_ns = s.getReadyMonotonicNs();  // made relative by the caller
+        report_.extract_ns = s.getDoneMonotonicNs() - s.getReadyMonotonicNs();
+        return {};
+      }
+      case wire::Message::FAILURE: {
+        auto f = message.getFailure();
+        uint16_t kind = f.getKind();
+        if (kind > static_cast<uint16_t>(ErrorKind::kInternal)) kind = static_cast<uint16_t>(ErrorKind::kPeer);
+        Error error(static_cast<ErrorKind>(kind), 0, std::string(f.getMessage().cStr()));
+        auto entry = f.getEntry();
+        if (entry.size() > 0) {
+          error = std::move(error).With(
+              "entry {:?}", std::string(reinterpret_cast<const char*>(entry.begin()), entry.size()));
+        }
+        failure_ = std::move(error);
+        return {};
+      }
+      default:
+        return Fail(MakeError(ErrorKind::kPeer, "unknown message"));
+    }
+  } catch (const kj::Exception& e) {
+    return Fail(MakeError(ErrorKind::kPeer, "malformed record message: {}",
+                          e.getDescription().cStr()));
+  }
+}
+
+Status Session::ReadChannel() {
+  const size_t max_bytes = ctx_.policy->limits.max_record_message_bytes;
+  while (true) {
+    if (msg_buf_.size() * sizeof(capnp::word) - msg_bytes_ < 64 * 1024) {
+      msg_buf_.resize(std::max<size_t>(msg_buf_.size() * 2, 16 * 1024));
+    }
+    auto* base = reinterpret_cast<std::byte*>(msg_buf_.data());
+    ssize_t n = ::read(channel_.get(), base + msg_bytes_,
+                       msg_buf_.size() * sizeof(capnp::word) - msg_bytes_);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN) break;
+      return Fail(OsError(errno, "read records"));
+    }
+    if (n == 0) {
+      channel_eof_ = true;
+      break;
+    }
+    msg_bytes_ += static_cast<size_t>(n);
+    // Every complete message in the buffer, in order.
+    size_t consumed = 0;
+    while (true) {
+      size_t avail_words = (msg_bytes_ - consumed) / sizeof(capnp::word);
+      if (avail_words == 0) break;
+      kj::ArrayPtr<const capnp::word> prefix(msg_buf_.data() + consumed / sizeof(capnp::word),
+                                             avail_words);
+      size_t need = capnp::expectedSizeInWordsFromPrefix(prefix);
+      if (need * sizeof(capnp::word) > max_bytes) {
+        return Fail(MakeError(ErrorKind::kPeer, "record message over {} bytes", max_bytes));
+      }
+      if (need > avail_words) break;
+      LX_TRY(HandleMessage(prefix.slice(0, need)));
+      consumed += need * sizeof(capnp::word);
+    }
+    if (consumed > 0) {
+      std::memmove(base, base + consumed, msg_bytes_ - consumed);
+      msg_bytes_ -= consumed;
+    }
+  }
+  if (channel_eof_ && msg_bytes_ != 0) {
+    return Fail(MakeError(ErrorKind::kPeer, "record stream ends inside a message"));
+  }
+  return {};
+}
+
+void Session::ReadStderr(bool flush) {
+  char buf[4096];
+  while (stderr_.valid()) {
+    ssize_t n = ::read(stderr_.get(), buf, sizeof(buf));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      if (n == 0) stderr_.reset();
+      break;
+    }
+    for (ssize_t i = 0; i < n; ++i) {
+      if (buf[i] == '\n' || stderr_line_.size() >= 1024) {
+        if (stderr_bytes_ < kMaxStderrBytes) log_->warn("extractor: pid={} {:?}", 0, stderr_line_);
+        stderr_bytes_ += stderr_line_.size();
+        last_stderr_ = std::move(stderr_line_);
+        stderr_line_.clear();
+        if (buf[i] == '\n') continue;
+      }
+      stderr_line_ += buf[i];
+    }
+  }
+  if (flush && !stderr_line_.empty()) {
+    last_stderr_ = std::move(stderr_line_);
+    stderr_line_.clear();
+  }
+}
+
+Error Session::ExitError(const sandbox::ExitStatus& status) {
+  if (!status.exited) {
+    const char* name = sigabbrev_np(status.signal);
+    std::string why = status.signal == SIGSYS ? " (forbidden syscall, seccomp)" : "";
+    return MakeError(ErrorKind::kPeer, "extractor killed by SIG{}{}", name ? name : "?", why);
+  }
+  if (!last_stderr_.empty()) {
+    return MakeError(ErrorKind::kPeer, "extractor exited with status {}: {:?}", status.code,
+                     last_stderr_);
+  }
+  return MakeError(ErrorKind::kPeer, "extractor exited with status {}", status.code);
+}
+
+Status Session::Run(const LayerInput& layer) {
+  LX_ASSIGN_OR_RETURN(blob_, sandbox::OpenAt(AT_FDCWD, layer.path, O_RDONLY));
+  LX_ASSIGN_OR_RETURN(struct stat st, sandbox::Fstat(blob_.get()));
+  if (!S_ISREG(st.st_mode)) return Fail(MakeError(ErrorKind::kInvalidInput, "not a regular file"));
+  LX_ASSIGN_OR_RETURN(sandbox::Pipe input, sandbox::MakePipe(0));
+  LX_ASSIGN_OR_RETURN(sandbox::Pipe errpipe, sandbox::MakePipe(0));
+  LX_ASSIGN_OR_RETURN(auto sockets, sandbox::MakeSocketPair());
+  ::fcntl(input.write.get(), F_SETPIPE_SZ, 1 << 20);  // fewer wakeups; best effort
+
+  int64_t start = MonotonicNs();
+  sandbox::SpawnRequest request{
+      .program_fd = ctx_.extractor_fd,
+      .argv = {"layerx-extractor"},
+      .rootfs_fd = ctx_.rootfs_fd,
+      .input_fd = input.read.get(),
+      .channel_fd = sockets.second.get(),
+      .stderr_fd = errpipe.write.get(),
+      .policy = ctx_.policy,
+  };
+  LX_ASSIGN_OR_RETURN(sandbox::Child child, sandbox::Spawn(request));
+  input.read.reset();
+  sockets.second.reset();
+  errpipe.write.reset();
+  feed_ = std::move(input.write);
+  channel_ = std::move(sockets.first);
+  stderr_ = std::move(errpipe.read);
+  for (int fd : {feed_.get(), channel_.get(), stderr_.get()}) LX_TRY(sandbox::SetNonBlocking(fd));
+  log_->debug("spawned: layer={} pid={}", layer.index, child.pid());
+
+  const int64_t deadline = start + static_cast<int64_t>(ctx_.policy->limits.layer_timeout_ms) * 1'000'000;
+  bool exited = false;
+  while (!exited || !channel_eof_ || stderr_.valid()) {
+    if (ctx_.cancel && ctx_.cancel->load()) {
+      return Fail(MakeError(ErrorKind::kOs, "interrupted"));  // ~Child kills and reaps
+    }
+    int64_t now = MonotonicNs();
+    if (now >= deadline) {
+      return Fail(MakeError(ErrorKind::kLimitExceeded, "layer took longer than layer_timeout_ms={}",
+                            ctx_.policy->limits.layer_timeout_ms));
+    }
+    struct pollfd fds[4];
+    int n = 0;
+    int feed_idx = -1, chan_idx = -1, err_idx = -1, pid_idx = -1;
+    if (feed_.valid()) fds[feed_idx = n++] = {feed_.get(), POLLOUT, 0};
+    if (!channel_eof_) fds[chan_idx = n++] = {channel_.get(), POLLIN, 0};
+    if (stderr_.valid()) fds[err_idx = n++] = {stderr_.get(), POLLIN, 0};
+    if (!exited) fds[pid_idx = n++] = {child.pidfd(), POLLIN, 0};
+    int timeout_ms = static_cast<int>(std::min<int64_t>((deadline - now) / 1'000'000 + 1, 100));
+    int rc = ::poll(fds, static_cast<nfds_t>(n), timeout_ms);
+    if (rc < 0) {
+      if (errno == EINTR) continue;
+      return Fail(OsError(errno, "poll"));
+    }
+    if (feed_idx >= 0 && fds[feed_idx].revents) LX_TRY(Feed());
+    if (chan_idx >= 0 && fds[chan_idx].revents) LX_TRY(ReadChannel());
+    if (err_idx >= 0 && fds[err_idx].revents) ReadStderr(false);
+    if (pid_idx >= 0 && fds[pid_idx].revents) {
+      exited = true;
+      feed_.reset();
+    }
+  }
+  ReadStderr(true);
+  // The extractor is gone; hash what it did not read so the digest covers the blob.
+  while (!blob_eof_) {
+    feed_buf_.resize(kFeedChunk);
+    LX_ASSIGN_OR_RETURN(size_t got, sandbox::ReadSome(blob_.get(), feed_buf_));
+    sha_.Update(feed_buf_.data(), got);
+    report_.compressed_bytes += got;
+    blob_eof_ = got == 0;
+  }
+  LX_ASSIGN_OR_RETURN(sandbox::ExitStatus status, child.Wait());
+  report_.total_ns = MonotonicNs() - start;
+  report_.compressed_digest = sha_.Hex();
+  if (failure_) return Fail(*failure_);
+  if (!status.exited || status.code != 0) return Fail(ExitError(status));
+  if (!got_summary_) return Fail(MakeError(ErrorKind::kPeer, "extractor ended without a summary"));
+  report_.setup_ns -= start;
+  return {};
+}
+
+}  // namespace
+
+Result<LayerReport> RunLayer(const RunContext& ctx, const LayerInput& layer, ImageTree& tree) {
+  LayerReport report;
+  report.index = layer.index;
+  report.path = layer.path;
+  Session session(ctx, tree, report);
+  LX_TRY(session.Run(layer));
+  return report;
+}
+
+}  // namespace layerx::broker

@@ -1,0 +1,46 @@
+// One layer through one jailed extractor: spawn it on the work rootfs, feed the
+// blob through a pipe while hashing it, read and merge the records it streams
+// back, enforce the clock, and reap it. Whatever happens, the child is dead and
+// reaped when RunLayer returns.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <string>
+
+#include "broker/image_tree.h"
+#include "policy/policy.h"
+#include "policy/result.h"
+
+namespace layerx::broker {
+
+struct LayerInput {
+  size_t index = 0;       // 1-based, lowest layer first
+  std::string path;       // the blob file
+};
+
+struct LayerReport {
+  size_t index = 0;
+  std::string path;
+  std::string compressed_digest;    // sha256 of the bytes fed in
+  std::string uncompressed_digest;  // sha256 of the tar stream, from the extractor
+  uint64_t compressed_bytes = 0;
+  uint64_t uncompressed_bytes = 0;
+  uint64_t entries = 0;
+  uint64_t file_bytes = 0;
+  int64_t setup_ns = 0;    // spawn start to jail locked down
+  int64_t extract_ns = 0;  // jail locked down to last entry applied
+  int64_t total_ns = 0;    // spawn start to child reaped
+};
+
+struct RunContext {
+  const policy::Policy* policy = nullptr;
+  int rootfs_fd = -1;         // borrowed: the work rootfs dir
+  int extractor_fd = -1;      // borrowed: the extractor binary (O_PATH)
+  const std::atomic<bool>* cancel = nullptr;  // set from a signal handler or another thread
+};
+
+// Errors carry the entry and reason; the caller adds the layer context.
+Result<LayerReport> RunLayer(const RunContext& ctx, const LayerInput& layer, ImageTree& tree);
+
+}  // namespace layerx::broker

@@ -1,0 +1,111 @@
+// The entry rules of DESIGN.md, applied with *at calls below one root dir fd.
+// Inside the jail that fd is "/", and the kernel is the boundary; the resolver
+// here also keeps every lookup below it in userspace, so the records carry the
+// resolved path and the rules hold (and are testable) outside a jail too.
+//
+//  - intermediate components are followed, symlinks included, but never above
+//    the root ("..", absolute targets clamp there, as chroot does);
+//  - the leaf is never followed: an existing leaf is replaced (unlink, then
+//    create with O_EXCL|O_NOFOLLOW), except dir-on-dir, which merges;
+//  - whiteouts (.wh.NAME, .wh..wh..opq) remove only what lower layers made;
+//  - a hardlink whose target is missing waits for the end of the layer.
+#pragma once
+
+#include <sys/stat.h>
+
+#include <functional>
+#include <span>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include "extractor/entry_name.h"
+#include "extractor/layer_reader.h"
+#include "extractor/records.h"
+#include "policy/limits.h"
+#include "sandbox/fd.h"
+
+namespace layerx::extractor {
+
+struct ApplyOptions {
+  // A full id range is mapped: chown to the true owners on disk. Otherwise every
+  // inode stays the caller's and non-zero owners go to user.rootlesscontainers.
+  bool chown = false;
+};
+
+// Delivers the current entry's file data block by block.
+using DataFeed =
+    std::function<Result<uint64_t>(const std::function<Status(int64_t, std::span<const std::byte>)>&)>;
+
+class Applier {
+ public:
+  Applier(int root_fd, const policy::Limits& limits, ApplyOptions options, RecordSink& sink,
+          std::function<void(std::string_view)> warn = nullptr);
+
+  // Applies one entry; `data` is called for regular files only.
+  Status Apply(const TarEntry& entry, const DataFeed& data);
+  // End of the layer: pending hardlinks, then directory modes and mtimes
+  // (deepest first, so a 0555 or 0000 dir is closed only after its children).
+  Status Finish();
+
+  uint64_t file_bytes() const { return file_bytes_; }
+
+ private:
+  struct Dir {
+    std::string path;  // canonical, "" for the root
+    int fd;            // O_PATH; owned by the resolver's cache
+  };
+  struct Fixup {
+    uint32_t mode;
+    int64_t mtime_ns;
+  };
+  struct PendingLink {
+    TarEntry entry;
+    EntryName name;
+  };
+
+  Result<Dir> ResolveDir(const EntryName& dir, bool create, int64_t mtime_ns);
+  Result<std::optional<Dir>> ResolveExistingDir(const EntryName& dir);
+  void Invalidate();
+  void Touch(const std::string& path);
+  static std::string JoinPath(const std::string& dir, const std::string& leaf);
+
+  // Runs `op` (returns -1/errno like a syscall); rootless, when the parent
+  // denies its owner write or search, opens it up for the call and restores it.
+  int WithWritable(const Dir& dir, const std::function<int()>& op);
+  Status RemoveExisting(const Dir& dir, const std::string& leaf, const struct stat& st);
+  Status RemoveLower(const Dir& dir, const std::string& name, bool opaque);
+  Status Whiteout(const EntryName& dir, const std::string& victim);
+  Status Opaque(const EntryName& dir);
+  Status ApplyRoot(const TarEntry& entry);
+  Status ApplyHardlink(const TarEntry& entry, const EntryName& name, bool final_attempt,
+                       bool* deferred);
+  Status WriteFile(int fd, const TarEntry& entry, const DataFeed& data);
+  Status SetXattrs(int fd, const TarEntry& entry);
+  EntryRecord MakeRecord(const TarEntry& entry, std::string path) const;
+
+  int root_fd_;
+  policy::Limits limits_;
+  ApplyOptions options_;
+  RecordSink& sink_;
+  std::function<void(std::string_view)> warn_;
+
+  // One cached directory: tar entries come grouped by directory.
+  std::string cache_key_;
+  bool cache_valid_ = false;
+  std::string cache_path_;
+  sandbox::UniqueFd cache_fd_;
+
+  std::unordered_set<std::string> touched_;  // made by this layer, and their ancestors
+  std::unordered_map<std::string, Fixup> fixups_;
+  std::vector<PendingLink> pending_links_;
+  uint64_t file_bytes_ = 0;
+};
+
+// The value of user.rootlesscontainers for an owner (umoci's convention: the
+// protobuf message `Resource { uint32 uid = 1; uint32 gid = 2; }`).
+std::string RootlessOwnerXattr(uint32_t uid, uint32_t gid);
+inline constexpr const char* kRootlessXattr = "user.rootlesscontainers";
+
+}  // namespace layerx::extractor

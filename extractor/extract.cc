@@ -1,0 +1,33 @@
+#include "extractor/extract.h"
+
+namespace layerx::extractor {
+
+std::expected<LayerTotals, ExtractFailure> ExtractLayer(LayerReader& reader, Applier& applier,
+                                                        const policy::Limits& limits) {
+  LayerTotals totals;
+  std::string current;
+  auto fail = [&](Error error) {
+    return std::unexpected(ExtractFailure{std::move(error), current});
+  };
+  DataFeed feed = [&reader](const auto& sink) { return reader.ReadData(sink); };
+  while (true) {
+    auto next = reader.Next();
+    if (!next) return fail(std::move(next).error());
+    if (!next->has_value()) break;
+    const TarEntry& entry = **next;
+    current = entry.untrusted_name;
+    if (++totals.entries > limits.max_entries) {
+      return fail(MakeError(ErrorKind::kLimitExceeded, "more than max_entries={} entries",
+                            limits.max_entries));
+    }
+    if (Status status = applier.Apply(entry, feed); !status) return fail(std::move(status).error());
+  }
+  current.clear();
+  if (Status status = applier.Finish(); !status) return fail(std::move(status).error());
+  totals.file_bytes = applier.file_bytes();
+  totals.uncompressed_digest = reader.UncompressedDigest();
+  totals.uncompressed_bytes = reader.uncompressed_bytes();
+  return totals;
+}
+
+}  // namespace layerx::extractor

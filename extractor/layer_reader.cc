@@ -1,0 +1,214 @@
+#include "extractor/layer_reader.h"
+
+#include <archive.h>
+#include <archive_entry.h>
+#include <errno.h>
+#include <locale.h>
+#include <openssl/crypto.h>
+
+#include <cstring>
+
+namespace layerx::extractor {
+
+namespace {
+
+EVP_MD* g_sha256 = nullptr;
+constexpr size_t kBlock = 256 * 1024;
+
+}  // namespace
+
+void PrepareLibrariesBeforeJail() {
+  // libarchive converts PAX (UTF-8) names to the locale's charset. In C.UTF-8
+  // that is a copy, with no iconv_open: iconv would read gconv-modules and
+  // dlopen modules from the image once "/" is the image (CVE-2019-14271 class).
+  // The locale's files are read now, from the host.
+  if (setlocale(LC_CTYPE, "C.UTF-8") == nullptr) setlocale(LC_CTYPE, "C.utf8");
+  // OpenSSL must not read openssl.cnf (it can load providers) after the pivot.
+  OPENSSL_init_crypto(OPENSSL_INIT_NO_LOAD_CONFIG, nullptr);
+  g_sha256 = EVP_MD_fetch(nullptr, "SHA256", nullptr);
+}
+
+struct LayerReaderCallbacks {
+  // The inner (tar) reader pulls decompressed bytes from the outer one here.
+  static la_ssize_t Read(struct archive* inner, void* self_ptr, const void** out) {
+    auto* self = static_cast<LayerReader*>(self_ptr);
+    la_ssize_t n = archive_read_data(self->outer_, self->buffer_.data(), self->buffer_.size());
+    if (n < 0) {
+      self->outer_error_ =
+          self->ArchiveError(self->outer_, ErrorKind::kInvalidInput, "decompress layer");
+      archive_set_error(inner, EIO, "decompression failed");
+      return -1;
+    }
+    self->uncompressed_bytes_ += static_cast<uint64_t>(n);
+    EVP_DigestUpdate(self->sha_, self->buffer_.data(), static_cast<size_t>(n));
+    *out = self->buffer_.data();
+    return n;
+  }
+};
+
+Result<std::unique_ptr<LayerReader>> LayerReader::Create(const policy::Limits& limits) {
+  std::unique_ptr<LayerReader> r(new LayerReader(limits));
+  r->buffer_.resize(kBlock);
+  r->outer_ = archive_read_new();
+  r->inner_ = archive_read_new();
+  r->sha_ = EVP_MD_CTX_new();
+  if (!r->outer_ || !r->inner_ || !r->sha_ || !g_sha256) {
+    return Fail(MakeError(ErrorKind::kInternal, "layer reader setup failed"));
+  }
+  if (EVP_DigestInit_ex(r->sha_, g_sha256, nullptr) != 1) {
+    return Fail(MakeError(ErrorKind::kInternal, "sha256 init failed"));
+  }
+  // Each filter must be built in: ARCHIVE_WARN means libarchive would fork an
+  // external program for it, which the jail forbids and we refuse.
+  using Enable = int (*)(struct archive*);
+  for (Enable enable : {archive_read_support_filter_gzip, archive_read_support_filter_bzip2,
+                        archive_read_support_filter_xz, archive_read_support_filter_zstd}) {
+    if (enable(r->outer_) != ARCHIVE_OK) {
+      return Fail(MakeError(ErrorKind::kInternal, "libarchive lacks a built-in filter: {}",
+                            archive_error_string(r->outer_)));
+    }
+  }
+  if (archive_read_support_format_raw(r->outer_) != ARCHIVE_OK ||
+      archive_read_support_format_tar(r->inner_) != ARCHIVE_OK) {
+    return Fail(MakeError(ErrorKind::kInternal, "libarchive format setup failed"));
+  }
+  return r;
+}
+
+LayerReader::~LayerReader() {
+  if (inner_) archive_read_free(inner_);
+  if (outer_) archive_read_free(outer_);
+  if (sha_) EVP_MD_CTX_free(sha_);
+}
+
+Error LayerReader::ArchiveError(struct archive* a, ErrorKind kind, std::string_view what) {
+  const char* msg = archive_error_string(a);
+  return Error(kind, 0, fmt::format("{}: {}", what, msg ? msg : "unknown libarchive error"));
+}
+
+Status LayerReader::Open(int fd) {
+  if (archive_read_open_fd(outer_, fd, kBlock) != ARCHIVE_OK) {
+    return Fail(ArchiveError(outer_, ErrorKind::kInvalidInput, "read layer"));
+  }
+  struct archive_entry* raw;
+  int rc = archive_read_next_header(outer_, &raw);
+  if (rc == ARCHIVE_EOF) return Fail(MakeError(ErrorKind::kInvalidInput, "layer is empty"));
+  if (rc != ARCHIVE_OK) return Fail(ArchiveError(outer_, ErrorKind::kInvalidInput, "read layer"));
+  if (archive_read_open2(inner_, this, nullptr, &LayerReaderCallbacks::Read, nullptr, nullptr) !=
+      ARCHIVE_OK) {
+    if (outer_error_) return Fail(*outer_error_);
+    return Fail(ArchiveError(inner_, ErrorKind::kInvalidInput, "read tar"));
+  }
+  return {};
+}
+
+Result<std::optional<TarEntry>> LayerReader::Next() {
+  struct archive_entry* ae;
+  int rc = archive_read_next_header(inner_, &ae);
+  if (rc == ARCHIVE_EOF) {
+    if (uncompressed_bytes_ == 0) {
+      return Fail(MakeError(ErrorKind::kInvalidInput, "layer is empty: not a tar archive"));
+    }
+    return std::nullopt;
+  }
+  if (outer_error_) return Fail(*outer_error_);
+  // ARCHIVE_WARN is a failure too: it flags names that could not be converted,
+  // bad checksums or truncated headers, all security-relevant.
+  if (rc != ARCHIVE_OK) return Fail(ArchiveError(inner_, ErrorKind::kInvalidInput, "read tar header"));
+
+  TarEntry e;
+  const char* name = archive_entry_pathname(ae);
+  if (name == nullptr) return Fail(MakeError(ErrorKind::kInvalidInput, "entry without a name"));
+  e.untrusted_name = name;
+  e.uid = static_cast<uint32_t>(archive_entry_uid(ae));
+  e.gid = static_cast<uint32_t>(archive_entry_gid(ae));
+  if (archive_entry_uid(ae) < 0 || archive_entry_uid(ae) > 0xfffffffe ||
+      archive_entry_gid(ae) < 0 || archive_entry_gid(ae) > 0xfffffffe) {
+    return Fail(MakeError(ErrorKind::kInvalidInput, "uid/gid out of range"));
+  }
+  e.mode = archive_entry_perm(ae) & 07777;
+  e.mtime_ns = static_cast<int64_t>(archive_entry_mtime(ae)) * 1'000'000'000 +
+               archive_entry_mtime_nsec(ae);
+  if (const char* hardlink = archive_entry_hardlink(ae)) {
+    e.kind = Kind::kHardlink;
+    e.untrusted_link_target = hardlink;
+  } else {
+    switch (archive_entry_filetype(ae)) {
+      case AE_IFREG: e.kind = Kind::kFile; break;
+      case AE_IFDIR: e.kind = Kind::kDir; break;
+      case AE_IFLNK:
+        e.kind = Kind::kSymlink;
+        if (const char* target = archive_entry_symlink(ae)) e.untrusted_link_target = target;
+        break;
+      case AE_IFCHR: e.kind = Kind::kChar; break;
+      case AE_IFBLK: e.kind = Kind::kBlock; break;
+      case AE_IFIFO: e.kind = Kind::kFifo; break;
+      default:
+        return Fail(MakeError(ErrorKind::kInvalidInput, "unsupported entry type {:o}",
+                              archive_entry_filetype(ae)));
+    }
+  }
+  if (e.untrusted_link_target.size() > limits_.max_link_target_bytes) {
+    return Fail(MakeError(ErrorKind::kLimitExceeded, "link target is {} bytes, limit {}",
+                          e.untrusted_link_target.size(), limits_.max_link_target_bytes));
+  }
+  if (e.kind == Kind::kSymlink && e.untrusted_link_target.empty()) {
+    return Fail(MakeError(ErrorKind::kInvalidInput, "symlink with an empty target"));
+  }
+  if (e.kind == Kind::kChar || e.kind == Kind::kBlock) {
+    e.rdev_major = static_cast<uint32_t>(archive_entry_rdevmajor(ae));
+    e.rdev_minor = static_cast<uint32_t>(archive_entry_rdevminor(ae));
+  }
+  if (e.kind == Kind::kFile) {
+    if (archive_entry_size(ae) < 0) return Fail(MakeError(ErrorKind::kInvalidInput, "negative size"));
+    e.size = static_cast<uint64_t>(archive_entry_size(ae));
+  }
+  size_t xattr_bytes = 0;
+  archive_entry_xattr_reset(ae);
+  const char* xname;
+  const void* xvalue;
+  size_t xsize;
+  while (archive_entry_xattr_next(ae, &xname, &xvalue, &xsize) == ARCHIVE_OK) {
+    xattr_bytes += std::strlen(xname) + xsize;
+    if (e.xattrs.size() >= limits_.max_xattrs_per_entry || xattr_bytes > limits_.max_xattr_bytes) {
+      return Fail(MakeError(ErrorKind::kLimitExceeded,
+                            "xattrs over max_xattrs_per_entry={} or max_xattr_bytes={}",
+                            limits_.max_xattrs_per_entry, limits_.max_xattr_bytes));
+    }
+    e.xattrs.emplace_back(xname, std::string(static_cast<const char*>(xvalue), xsize));
+  }
+  return e;
+}
+
+Result<uint64_t> LayerReader::ReadData(
+    const std::function<Status(int64_t offset, std::span<const std::byte>)>& sink) {
+  uint64_t total = 0;
+  while (true) {
+    const void* buf;
+    size_t size;
+    la_int64_t offset;
+    int rc = archive_read_data_block(inner_, &buf, &size, &offset);
+    if (rc == ARCHIVE_EOF) return total;
+    if (outer_error_) return Fail(*outer_error_);
+    if (rc != ARCHIVE_OK) return Fail(ArchiveError(inner_, ErrorKind::kInvalidInput, "read file data"));
+    if (size == 0) continue;
+    total += size;
+    LX_TRY(sink(offset, std::span(static_cast<const std::byte*>(buf), size)));
+  }
+}
+
+std::string LayerReader::UncompressedDigest() {
+  // Drain what the tar reader left unread (trailing blocks) so the digest covers
+  // the whole stream, as the diff_id does.
+  const void* out;
+  while (LayerReaderCallbacks::Read(inner_, this, &out) > 0) {
+  }
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  EVP_DigestFinal_ex(sha_, md, &len);
+  std::string hex = "sha256:";
+  for (unsigned int i = 0; i < len; ++i) hex += fmt::format("{:02x}", md[i]);
+  return hex;
+}
+
+}  // namespace layerx::extractor

@@ -1,0 +1,79 @@
+// libarchive, adapted: the only file that talks to it. Two readers are stacked:
+// the outer one detects and runs the decompression filter from the bytes (gzip,
+// bzip2, xz, zstd or none; only filters built into libarchive, never an external
+// program), the inner one parses tar (ustar, pax, GNU) from the outer's output,
+// which passes through a SHA-256 on the way: the layer's diff_id.
+#pragma once
+
+#include <openssl/evp.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "extractor/records.h"
+#include "policy/limits.h"
+#include "policy/result.h"
+
+struct archive;
+
+namespace layerx::extractor {
+
+struct TarEntry {
+  std::string untrusted_name;         // bytes as stored
+  Kind kind = Kind::kFile;            // kHardlink when the entry names a link target
+  uint32_t uid = 0;
+  uint32_t gid = 0;
+  uint32_t mode = 0;                  // & 07777
+  int64_t mtime_ns = 0;
+  uint64_t size = 0;
+  std::string untrusted_link_target;  // symlink target or hardlink target name
+  uint32_t rdev_major = 0;
+  uint32_t rdev_minor = 0;
+  std::vector<std::pair<std::string, std::string>> xattrs;
+};
+
+// Everything that must happen before the jail is locked down: the locale that
+// keeps names as UTF-8/bytes without iconv, and OpenSSL's SHA-256 fetched with no
+// config file read. After the pivot these would read the image's files.
+void PrepareLibrariesBeforeJail();
+
+class LayerReader {
+ public:
+  // Sets up both readers; reads nothing yet.
+  static Result<std::unique_ptr<LayerReader>> Create(const policy::Limits& limits);
+  ~LayerReader();
+
+  // Starts reading from `fd` (borrowed). kInvalidInput when the stream is no
+  // compressed or plain tar.
+  Status Open(int fd);
+  // The next entry, or nullopt at the end of the archive.
+  Result<std::optional<TarEntry>> Next();
+  // Feeds the current entry's data to `sink` block by block (sparse files come
+  // as blocks at offsets). Returns the bytes delivered.
+  Result<uint64_t> ReadData(
+      const std::function<Status(int64_t offset, std::span<const std::byte>)>& sink);
+
+  // After the end: "sha256:<hex>" and the size of the decompressed stream.
+  std::string UncompressedDigest();
+  uint64_t uncompressed_bytes() const { return uncompressed_bytes_; }
+
+ private:
+  LayerReader(const policy::Limits& limits) : limits_(limits) {}
+  Error ArchiveError(struct archive* a, ErrorKind kind, std::string_view what);
+
+  policy::Limits limits_;
+  struct archive* outer_ = nullptr;
+  struct archive* inner_ = nullptr;
+  EVP_MD_CTX* sha_ = nullptr;
+  uint64_t uncompressed_bytes_ = 0;
+  std::vector<std::byte> buffer_;
+  std::optional<Error> outer_error_;
+  friend struct LayerReaderCallbacks;
+};
+
+}  // namespace layerx::extractor

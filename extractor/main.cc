@@ -1,0 +1,76 @@
+// layerx-extractor: the jailed program, one per layer. The broker spawns it with
+// sandbox::Spawn; before it reads a byte of the layer it enters the jail
+// (sandbox/jail.h): "/" is the image rootfs, no capabilities, seccomp on.
+//
+//   fd 0  the layer stream        fd 3  the record socket (Cap'n Proto)
+//   fd 1,2  a pipe to the broker's log
+#include <time.h>
+#include <unistd.h>
+
+#include <cstdio>
+
+#include "extractor/extract.h"
+#include "extractor/wire/codec.h"
+#include "sandbox/jail.h"
+#include "sandbox/sys.h"
+
+namespace {
+
+int64_t MonotonicNs() {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
+}
+
+int Run() {
+  using namespace layerx;
+  // Everything that could read a file by name happens now, on the host's files.
+  extractor::PrepareLibrariesBeforeJail();
+  sandbox::JailConfigHeader config;
+  sandbox::JailSetupResult setup = sandbox::EnterJail(&config);
+  if (!setup.ok()) {
+    std::fprintf(stderr, "jail setup failed: %s: %s\n", sandbox::SetupStepName(setup.step),
+                 ErrnoName(setup.err).c_str());
+    return sandbox::kSetupFailedExit;
+  }
+  int64_t ready_ns = MonotonicNs();
+  wire::ChannelWriter writer(sandbox::kChannelFd);
+  auto report = [&](const Error& error, std::string_view entry) {
+    (void)writer.SendFailure(error, entry);
+    return 1;
+  };
+  auto reader = extractor::LayerReader::Create(config.limits);
+  if (!reader) return report(reader.error(), "");
+  if (Status opened = (*reader)->Open(sandbox::kInputFd); !opened) return report(opened.error(), "");
+  auto root = sandbox::OpenAt(AT_FDCWD, "/", O_PATH | O_DIRECTORY);
+  if (!root) return report(root.error(), "");
+  extractor::Applier applier(root->get(), config.limits,
+                             extractor::ApplyOptions{.chown = config.keep_fs_caps != 0}, writer,
+                             [](std::string_view warning) {
+                               std::fprintf(stderr, "warning: %.*s\n",
+                                            static_cast<int>(warning.size()), warning.data());
+                             });
+  auto totals = extractor::ExtractLayer(**reader, applier, config.limits);
+  if (!totals) return report(totals.error().error, totals.error().entry);
+  Status sent = writer.SendSummary([&](wire::Summary::Builder s) {
+    s.setEntries(totals->entries);
+    s.setFileBytes(totals->file_bytes);
+    s.setUncompressedBytes(totals->uncompressed_bytes);
+    s.setUncompressedDigest(totals->uncompressed_digest);
+    s.setReadyMonotonicNs(ready_ns);
+    s.setDoneMonotonicNs(MonotonicNs());
+  });
+  return sent ? 0 : 1;
+}
+
+}  // namespace
+
+int main() {
+  try {
+    return Run();
+  } catch (...) {
+    // capnp reports OOM and the like by throwing; nothing else should.
+    std::fputs("extractor: unexpected exception\n", stderr);
+    return 1;
+  }
+}

@@ -1,0 +1,45 @@
+// The record types as plain C++ values, shared by the extractor's writer and the
+// broker's reader. A RecordSink receives records in application order.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "policy/result.h"
+
+namespace layerx::extractor {
+
+enum class Kind : uint8_t { kFile, kDir, kSymlink, kHardlink, kChar, kBlock, kFifo };
+
+const char* KindName(Kind kind);
+
+struct EntryRecord {
+  std::string path;  // canonical, relative; "" is the root
+  Kind kind = Kind::kFile;
+  uint32_t uid = 0;
+  uint32_t gid = 0;
+  uint32_t mode = 0;  // & 07777
+  int64_t mtime_ns = 0;
+  uint64_t size = 0;
+  std::string symlink_target;
+  std::string hardlink_target;
+  uint32_t rdev_major = 0;
+  uint32_t rdev_minor = 0;
+  std::vector<std::pair<std::string, std::string>> xattrs;
+};
+
+struct RemovalRecord {
+  std::string path;
+  bool opaque = false;
+};
+
+class RecordSink {
+ public:
+  virtual ~RecordSink() = default;
+  virtual Status Add(EntryRecord record) = 0;
+  virtual Status Add(RemovalRecord record) = 0;
+};
+
+}  // namespace layerx::extractor

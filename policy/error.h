@@ -1,0 +1,72 @@
+// The one error type of layerx: a kind the caller can act on, the errno when the
+// OS said no, and context strings added on the way up ("layer 2", "entry ...").
+#pragma once
+
+#include <fmt/format.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace layerx {
+
+enum class ErrorKind {
+  kOs,               // a syscall failed for a reason that is not the input's fault
+  kInvalidInput,     // malformed layer: corrupt tar, truncated stream, bad name
+  kSafetyViolation,  // escape attempt: climbing above the root, hardlink outside it
+  kLimitExceeded,    // a policy limit was hit
+  kPolicy,           // bad configuration or usage
+  kPeer,             // the extractor died or broke the protocol
+  kInternal,         // our bug
+};
+
+const char* ErrorKindName(ErrorKind kind);
+
+class Error {
+ public:
+  Error(ErrorKind kind, int err, std::string message)
+      : kind_(kind), errno_(err), message_(std::move(message)) {}
+
+  ErrorKind kind() const { return kind_; }
+  int err() const { return errno_; }
+  const std::string& message() const { return message_; }
+  const std::vector<std::string>& context() const { return context_; }
+
+  // Adds an outer context ("layer 2 (sha256:...)"); the outermost comes first in
+  // ToString().
+  template <typename... Args>
+  Error With(fmt::format_string<Args...> format, Args&&... args) && {
+    context_.push_back(fmt::format(format, std::forward<Args>(args)...));
+    return std::move(*this);
+  }
+  template <typename... Args>
+  Error With(fmt::format_string<Args...> format, Args&&... args) const& {
+    Error copy = *this;
+    return std::move(copy).With(format, std::forward<Args>(args)...);
+  }
+
+  // "layer 2 (sha256:ab12...): entry \"usr/x\": openat2: ELOOP"
+  std::string ToString() const;
+
+ private:
+  ErrorKind kind_;
+  int errno_;
+  std::string message_;
+  std::vector<std::string> context_;  // innermost first
+};
+
+template <typename... Args>
+Error MakeError(ErrorKind kind, fmt::format_string<Args...> format, Args&&... args) {
+  return Error(kind, 0, fmt::format(format, std::forward<Args>(args)...));
+}
+
+// An Error from a failed call; `err` is the errno it left.
+template <typename... Args>
+Error OsError(int err, fmt::format_string<Args...> format, Args&&... args) {
+  return Error(ErrorKind::kOs, err, fmt::format(format, std::forward<Args>(args)...));
+}
+
+// The errno's symbolic name ("ELOOP"), or its number when unknown.
+std::string ErrnoName(int err);
+
+}  // namespace layerx

@@ -1,0 +1,187 @@
+#include "sandbox/spawn.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/close_range.h>
+#include <linux/sched.h>
+#include <signal.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstring>
+
+#include "sandbox/jail.h"
+#include "sandbox/jail_config.h"
+#include "sandbox/seccomp.h"
+#include "sandbox/sys.h"
+
+#ifndef P_PIDFD
+#define P_PIDFD 3
+#endif
+
+namespace layerx::sandbox {
+
+namespace {
+
+struct StatusReport {
+  SetupStep step;
+  int err;
+};
+
+struct ExecPlan {
+  int sync_fd;    // read: one byte once the id maps are written
+  int status_fd;  // write: a StatusReport if anything fails before exec
+  int program_fd;
+  int targets[6];  // source fd for child fds 0..5
+  char* const* argv;
+  char* const* envp;
+};
+
+// Child side, between clone and exec: async-signal-safe calls only, no
+// allocation, no logging (the parent may be a multithreaded library caller).
+[[noreturn]] void ChildExec(ExecPlan plan) {
+  auto fail = [&plan](SetupStep step) {
+    StatusReport report{step, errno};
+    (void)!::write(plan.status_fd, &report, sizeof(report));
+    ::_exit(kSetupFailedExit);
+  };
+  // Before the parent writes our id maps we are the overflow id with no caps.
+  char byte;
+  if (::read(plan.sync_fd, &byte, 1) != 1) fail(SetupStep::kWaitForMaps);
+  // Park every source above the target range (cloexec), then place it: dup2
+  // clears O_CLOEXEC on the target, so exactly fds 0..5 survive the exec.
+  // The status pipe and the program fd move up first: dup2 below may land on
+  // their numbers.
+  int status_fd = ::fcntl(plan.status_fd, F_DUPFD_CLOEXEC, 64);
+  int program_fd = ::fcntl(plan.program_fd, F_DUPFD_CLOEXEC, 64);
+  if (status_fd < 0 || program_fd < 0) fail(SetupStep::kDupFds);
+  plan.status_fd = status_fd;
+  int parked[6];
+  for (int i = 0; i < 6; ++i) {
+    parked[i] = ::fcntl(plan.targets[i], F_DUPFD_CLOEXEC, 64);
+    if (parked[i] < 0) fail(SetupStep::kDupFds);
+  }
+  for (int i = 0; i < 6; ++i) {
+    if (::dup2(parked[i], i) != i) fail(SetupStep::kDupFds);
+  }
+  // Whatever else the caller left open (even without O_CLOEXEC) dies at exec;
+  // the status pipe and program fd stay usable until then.
+  if (::syscall(SYS_close_range, 6, ~0U, CLOSE_RANGE_CLOEXEC) != 0) fail(SetupStep::kDupFds);
+  ::syscall(SYS_execveat, program_fd, "", plan.argv, plan.envp, AT_EMPTY_PATH);
+  fail(SetupStep::kExec);
+  __builtin_unreachable();
+}
+
+Status WriteProcFile(pid_t pid, const char* name, const std::string& content) {
+  std::string path = fmt::format("/proc/{}/{}", pid, name);
+  LX_ASSIGN_OR_RETURN(UniqueFd fd, OpenAt(AT_FDCWD, path, O_WRONLY));
+  if (::write(fd.get(), content.data(), content.size()) != static_cast<ssize_t>(content.size())) {
+    return Fail(OsError(errno, "write {} {:?}", path, content));
+  }
+  return {};
+}
+
+Result<UniqueFd> MakeJailConfig(const policy::Policy& policy) {
+  LX_ASSIGN_OR_RETURN(std::vector<sock_filter> program, CompileSeccompFilter(policy));
+  JailConfigHeader header;
+  header.rlimits = policy.rlimits;
+  header.limits = policy.limits;
+  header.keep_fs_caps = policy.ids.full_range() ? 1 : 0;
+  header.bpf_instructions = static_cast<uint32_t>(program.size());
+  LX_ASSIGN_OR_RETURN(UniqueFd memfd, MemfdCreate("layerx-jail"));
+  LX_TRY(WriteAll(memfd.get(), std::as_bytes(std::span(&header, 1))));
+  LX_TRY(WriteAll(memfd.get(), std::as_bytes(std::span(program))));
+  // Sealed: the child reads exactly what we compiled, nobody can change it.
+  if (::fcntl(memfd.get(), F_ADD_SEALS,
+              F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE) != 0) {
+    return Fail(OsError(errno, "seal jail config"));
+  }
+  return memfd;
+}
+
+}  // namespace
+
+Child::~Child() {
+  if (!reaped_ && pidfd_.valid()) {
+    Kill();
+    (void)Wait();
+  }
+}
+
+void Child::Kill() {
+  if (!reaped_ && pidfd_.valid()) ::syscall(SYS_pidfd_send_signal, pidfd_.get(), SIGKILL, nullptr, 0);
+}
+
+Result<ExitStatus> Child::Wait() {
+  if (reaped_) return Fail(MakeError(ErrorKind::kInternal, "child {} already reaped", pid_));
+  siginfo_t info = {};
+  int rc;
+  do {
+    rc = ::waitid(static_cast<idtype_t>(P_PIDFD), static_cast<id_t>(pidfd_.get()), &info, WEXITED);
+  } while (rc != 0 && errno == EINTR);
+  if (rc != 0) return Fail(OsError(errno, "waitid pid {}", pid_));
+  reaped_ = true;
+  if (info.si_code == CLD_EXITED) return ExitStatus{.exited = true, .code = info.si_status};
+  return ExitStatus{.exited = false, .signal = info.si_status};
+}
+
+Result<Child> Spawn(const SpawnRequest& r) {
+  LX_CHECK(r.policy != nullptr && r.program_fd >= 0 && !r.argv.empty());
+  const policy::Policy& policy = *r.policy;
+  LX_ASSIGN_OR_RETURN(UniqueFd config, MakeJailConfig(policy));
+  LX_ASSIGN_OR_RETURN(Pipe sync, MakePipe(0));
+  LX_ASSIGN_OR_RETURN(Pipe status, MakePipe(0));
+
+  // Everything the child touches is built now: it may not allocate.
+  std::vector<char*> argv;
+  for (const std::string& arg : r.argv) argv.push_back(const_cast<char*>(arg.c_str()));
+  argv.push_back(nullptr);
+  // The extractor gets no environment from the caller (no LD_*, no locale paths).
+  char* envp[] = {nullptr};
+  ExecPlan plan = {
+      .sync_fd = sync.read.get(),
+      .status_fd = status.write.get(),
+      .program_fd = r.program_fd,
+      .targets = {r.input_fd, r.stderr_fd, r.stderr_fd, r.channel_fd, r.rootfs_fd, config.get()},
+      .argv = argv.data(),
+      .envp = envp,
+  };
+
+  int pidfd = -1;
+  struct clone_args args = {};
+  args.flags = CLONE_PIDFD | CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET |
+               CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP;
+  args.pidfd = reinterpret_cast<uint64_t>(&pidfd);
+  args.exit_signal = SIGCHLD;
+  long pid = ::syscall(SYS_clone3, &args, sizeof(args));
+  if (pid < 0) return Fail(OsError(errno, "clone3 into new namespaces"));
+  if (pid == 0) ChildExec(plan);
+
+  Child child(UniqueFd(pidfd), static_cast<pid_t>(pid));
+  sync.read.reset();
+  status.write.reset();
+  const policy::IdMapping& ids = policy.ids;
+  // setgroups must be denied before an unprivileged gid_map write; it also keeps
+  // the child from dropping a group that denies it access to something.
+  LX_TRY(WriteProcFile(child.pid(), "setgroups", "deny"));
+  LX_TRY(WriteProcFile(child.pid(), "uid_map", fmt::format("0 {} {}\n", ids.host_uid, ids.count)));
+  LX_TRY(WriteProcFile(child.pid(), "gid_map", fmt::format("0 {} {}\n", ids.host_gid, ids.count)));
+  LX_TRY(WriteAll(sync.write.get(), std::as_bytes(std::span("x", 1))));
+  sync.write.reset();
+
+  // EOF on the status pipe: the exec closed it, the program runs.
+  StatusReport report;
+  ssize_t n;
+  do {
+    n = ::read(status.read.get(), &report, sizeof(report));
+  } while (n < 0 && errno == EINTR);
+  if (n == sizeof(report)) {
+    (void)child.Wait();
+    return Fail(Error(ErrorKind::kOs, report.err,
+                      fmt::format("sandbox setup: {}", SetupStepName(report.step))));
+  }
+  return child;
+}
+
+}  // namespace layerx::sandbox

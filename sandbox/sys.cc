@@ -1,0 +1,209 @@
+#include "sandbox/sys.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <vector>
+
+namespace layerx::sandbox {
+
+namespace {
+
+template <typename F>
+auto RetryEintr(F f) {
+  decltype(f()) r;
+  do {
+    r = f();
+  } while (r == -1 && errno == EINTR);
+  return r;
+}
+
+}  // namespace
+
+Result<UniqueFd> OpenAt(int dirfd, const std::string& path, int flags, mode_t mode) {
+  int fd = RetryEintr([&] { return ::openat(dirfd, path.c_str(), flags | O_CLOEXEC, mode); });
+  if (fd < 0) return Fail(OsError(errno, "openat {:?}", path));
+  return UniqueFd(fd);
+}
+
+Result<UniqueFd> OpenAt2(int dirfd, const std::string& path, uint64_t flags, uint64_t resolve,
+                         mode_t mode) {
+  struct open_how how = {};
+  how.flags = flags | O_CLOEXEC;
+  how.mode = (flags & (O_CREAT | O_TMPFILE)) ? mode : 0;
+  how.resolve = resolve;
+  long fd = RetryEintr(
+      [&] { return ::syscall(SYS_openat2, dirfd, path.c_str(), &how, sizeof(how)); });
+  if (fd < 0) return Fail(OsError(errno, "openat2 {:?}", path));
+  return UniqueFd(static_cast<int>(fd));
+}
+
+Result<struct stat> FstatAt(int dirfd, const std::string& path, int flags) {
+  struct stat st;
+  if (::fstatat(dirfd, path.c_str(), &st, flags) != 0) {
+    return Fail(OsError(errno, "fstatat {:?}", path));
+  }
+  return st;
+}
+
+Result<struct stat> Fstat(int fd) {
+  struct stat st;
+  if (::fstat(fd, &st) != 0) return Fail(OsError(errno, "fstat"));
+  return st;
+}
+
+Status MkdirAt(int dirfd, const std::string& path, mode_t mode) {
+  if (::mkdirat(dirfd, path.c_str(), mode) != 0) return Fail(OsError(errno, "mkdirat {:?}", path));
+  return {};
+}
+
+Status UnlinkAt(int dirfd, const std::string& path, int flags) {
+  if (::unlinkat(dirfd, path.c_str(), flags) != 0) {
+    return Fail(OsError(errno, "unlinkat {:?}", path));
+  }
+  return {};
+}
+
+Status RenameAt(int olddirfd, const std::string& oldpath, int newdirfd,
+                const std::string& newpath) {
+  if (::renameat(olddirfd, oldpath.c_str(), newdirfd, newpath.c_str()) != 0) {
+    return Fail(OsError(errno, "renameat {:?} -> {:?}", oldpath, newpath));
+  }
+  return {};
+}
+
+Status FchmodAtNoFollow(int dirfd, const std::string& path, mode_t mode) {
+#ifndef SYS_fchmodat2
+#define SYS_fchmodat2 452
+#endif
+  if (::syscall(SYS_fchmodat2, dirfd, path.c_str(), mode, AT_SYMLINK_NOFOLLOW) == 0) return {};
+  if (errno != ENOSYS) return Fail(OsError(errno, "fchmodat2 {:?}", path));
+  // Older kernels: only callers that own the tree and have no concurrent writer
+  // reach this; a symlink is never chmod'ed.
+  LX_ASSIGN_OR_RETURN(struct stat st, FstatAt(dirfd, path, AT_SYMLINK_NOFOLLOW));
+  if (S_ISLNK(st.st_mode)) return Fail(OsError(ELOOP, "fchmodat {:?}", path));
+  if (::fchmodat(dirfd, path.c_str(), mode, 0) != 0) {
+    return Fail(OsError(errno, "fchmodat {:?}", path));
+  }
+  return {};
+}
+
+Status Fchmod(int fd, mode_t mode) {
+  if (::fchmod(fd, mode) != 0) return Fail(OsError(errno, "fchmod"));
+  return {};
+}
+
+Result<Pipe> MakePipe(int flags) {
+  int fds[2];
+  if (::pipe2(fds, flags | O_CLOEXEC) != 0) return Fail(OsError(errno, "pipe2"));
+  return Pipe{UniqueFd(fds[0]), UniqueFd(fds[1])};
+}
+
+Result<std::pair<UniqueFd, UniqueFd>> MakeSocketPair() {
+  int fds[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) {
+    return Fail(OsError(errno, "socketpair"));
+  }
+  return std::pair{UniqueFd(fds[0]), UniqueFd(fds[1])};
+}
+
+Result<UniqueFd> MemfdCreate(const char* name) {
+  int fd = ::memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+  if (fd < 0) return Fail(OsError(errno, "memfd_create"));
+  return UniqueFd(fd);
+}
+
+Status WriteAll(int fd, std::span<const std::byte> bytes) {
+  while (!bytes.empty()) {
+    ssize_t n = ::write(fd, bytes.data(), bytes.size());
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return Fail(OsError(errno, "write"));
+    }
+    bytes = bytes.subspan(static_cast<size_t>(n));
+  }
+  return {};
+}
+
+Result<size_t> ReadSome(int fd, std::span<std::byte> buf) {
+  ssize_t n = RetryEintr([&] { return ::read(fd, buf.data(), buf.size()); });
+  if (n < 0) return Fail(OsError(errno, "read"));
+  return static_cast<size_t>(n);
+}
+
+Status SetNonBlocking(int fd) {
+  int flags = ::fcntl(fd, F_GETFL);
+  if (flags < 0 || ::fcntl(fd, F_SETFL, flags | O_NONBLOCK) != 0) {
+    return Fail(OsError(errno, "fcntl O_NONBLOCK"));
+  }
+  return {};
+}
+
+namespace {
+
+// Empties the directory open at `dir` (a fd opened O_NOFOLLOW|O_DIRECTORY).
+Status EmptyDir(int dir, int depth) {
+  if (depth > 4096) return Fail(OsError(ELOOP, "remove tree: too deep"));
+  // fdopendir takes the fd; give it a duplicate so `dir` stays ours.
+  int dup = ::fcntl(dir, F_DUPFD_CLOEXEC, 0);
+  if (dup < 0) return Fail(OsError(errno, "fcntl F_DUPFD"));
+  DIR* d = ::fdopendir(dup);
+  if (d == nullptr) {
+    ::close(dup);
+    return Fail(OsError(errno, "fdopendir"));
+  }
+  std::vector<std::string> subdirs;
+  Status status;
+  errno = 0;
+  while (struct dirent* ent = ::readdir(d)) {
+    std::string name = ent->d_name;
+    if (name == "." || name == "..") continue;
+    if (::unlinkat(dir, name.c_str(), 0) == 0 || errno == ENOENT) continue;
+    if (errno == EISDIR || errno == EPERM) {
+      subdirs.push_back(std::move(name));
+    } else {
+      status = Fail(OsError(errno, "unlinkat {:?}", name));
+      break;
+    }
+  }
+  ::closedir(d);
+  if (!status) return status;
+  for (const std::string& name : subdirs) LX_TRY(RemoveTreeAt(dir, name));
+  return {};
+}
+
+}  // namespace
+
+Status RemoveTreeAt(int dirfd, const std::string& name) {
+  struct stat st;
+  if (::fstatat(dirfd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) {
+    if (errno == ENOENT) return {};
+    return Fail(OsError(errno, "fstatat {:?}", name));
+  }
+  if (!S_ISDIR(st.st_mode)) {
+    if (::unlinkat(dirfd, name.c_str(), 0) != 0 && errno != ENOENT) {
+      return Fail(OsError(errno, "unlinkat {:?}", name));
+    }
+    return {};
+  }
+  // Rootless trees keep the image's modes: make the dir ours to empty. Only dirs
+  // we own get here without EPERM, and a dir is never a symlink (checked above,
+  // and nothing else writes the tree while we clean it).
+  if ((st.st_mode & 0700) != 0700) (void)FchmodAtNoFollow(dirfd, name, 0700);
+  int fd = RetryEintr([&] {
+    return ::openat(dirfd, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  });
+  if (fd < 0) return Fail(OsError(errno, "openat {:?}", name));
+  UniqueFd dir(fd);
+  LX_TRY(EmptyDir(dir.get(), 0));
+  if (::unlinkat(dirfd, name.c_str(), AT_REMOVEDIR) != 0 && errno != ENOENT) {
+    return Fail(OsError(errno, "rmdir {:?}", name));
+  }
+  return {};
+}
+
+}  // namespace layerx::sandbox

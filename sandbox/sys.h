@@ -1,0 +1,58 @@
+// One thin wrapper per syscall layerx uses outside the jail's setup path. Each
+// retries EINTR where that is safe, captures errno only when the call failed, and
+// names the call and its object in the Error.
+#pragma once
+
+#include <fcntl.h>
+#include <linux/openat2.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+
+#include "policy/result.h"
+#include "sandbox/fd.h"
+
+namespace layerx::sandbox {
+
+// openat(2) with O_CLOEXEC always added.
+Result<UniqueFd> OpenAt(int dirfd, const std::string& path, int flags, mode_t mode = 0);
+// openat2(2): `resolve` is RESOLVE_* flags; O_CLOEXEC always added.
+Result<UniqueFd> OpenAt2(int dirfd, const std::string& path, uint64_t flags, uint64_t resolve,
+                         mode_t mode = 0);
+Result<struct stat> FstatAt(int dirfd, const std::string& path, int flags);
+Result<struct stat> Fstat(int fd);
+Status MkdirAt(int dirfd, const std::string& path, mode_t mode);
+Status UnlinkAt(int dirfd, const std::string& path, int flags);
+Status RenameAt(int olddirfd, const std::string& oldpath, int newdirfd,
+                const std::string& newpath);
+// chmod that never follows a symlink: fchmodat2(AT_SYMLINK_NOFOLLOW) where the
+// kernel has it (6.6+), else fchmodat on a path lstat just showed is no symlink.
+Status FchmodAtNoFollow(int dirfd, const std::string& path, mode_t mode);
+Status Fchmod(int fd, mode_t mode);
+
+struct Pipe {
+  UniqueFd read;
+  UniqueFd write;
+};
+Result<Pipe> MakePipe(int flags);  // pipe2; O_CLOEXEC always added
+Result<std::pair<UniqueFd, UniqueFd>> MakeSocketPair();  // AF_UNIX stream, cloexec
+Result<UniqueFd> MemfdCreate(const char* name);
+
+// Writes everything or fails (EINTR and short writes retried).
+Status WriteAll(int fd, std::span<const std::byte> bytes);
+// One read(2), EINTR retried. 0 means EOF.
+Result<size_t> ReadSome(int fd, std::span<std::byte> buf);
+Status SetNonBlocking(int fd);
+
+// Removes `name` below `dirfd` and everything under it without following any
+// symlink: every step is an *at call on a directory fd opened with O_NOFOLLOW.
+// Directories its owner cannot write or search are made so first (rootless trees
+// carry the image's modes, 0555 and 0000 included). ENOENT is success.
+Status RemoveTreeAt(int dirfd, const std::string& name);
+
+}  // namespace layerx::sandbox
