@@ -1,0 +1,196 @@
+// The jail, tested from the outside: a probe program (tests/testcases/
+// jail_probe.cc) enters it exactly as the extractor does and then tries things.
+// The suite runs once as root and once as uid 65534 (see tests/CMakeLists.txt).
+#include "sandbox/spawn.h"
+
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <map>
+#include <sstream>
+
+#include "sandbox/jail_config.h"
+#include "sandbox/sys.h"
+
+namespace layerx::sandbox {
+namespace {
+
+class SpawnTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/layerx-spawn-test-XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+    ASSERT_EQ(mkdir((dir_ + "/rootfs").c_str(), 0755), 0);
+    std::ofstream(dir_ + "/rootfs/marker") << "marker";
+    policy_ = policy::DefaultPolicy();
+  }
+  void TearDown() override { (void)RemoveTreeAt(AT_FDCWD, dir_); }
+
+  struct Running {
+    Child child;
+    UniqueFd input;    // close to let a "wait" probe exit
+    UniqueFd channel;
+    UniqueFd err;
+  };
+
+  Running Start(const std::string& mode) {
+    auto program = OpenAt(AT_FDCWD, LAYERX_JAIL_PROBE, O_PATH);
+    EXPECT_TRUE(program) << program.error().ToString();
+    auto rootfs = OpenAt(AT_FDCWD, dir_ + "/rootfs", O_PATH | O_DIRECTORY);
+    EXPECT_TRUE(rootfs);
+    auto input = MakePipe(0);
+    auto errpipe = MakePipe(0);
+    auto sockets = MakeSocketPair();
+    SpawnRequest request{.program_fd = program->get(),
+                         .argv = {"jail_probe", mode},
+                         .rootfs_fd = rootfs->get(),
+                         .input_fd = input->read.get(),
+                         .channel_fd = sockets->second.get(),
+                         .stderr_fd = errpipe->write.get(),
+                         .policy = &policy_};
+    auto child = Spawn(request);
+    EXPECT_TRUE(child) << child.error().ToString();
+    return Running{std::move(*child), std::move(input->write), std::move(sockets->first),
+                   std::move(errpipe->read)};
+  }
+
+  // Runs a probe to its end; returns its exit status and stderr.
+  ExitStatus Run(const std::string& mode, std::string* err = nullptr) {
+    Running r = Start(mode);
+    r.input.reset();
+    r.channel.reset();
+    auto status = r.child.Wait();
+    EXPECT_TRUE(status);
+    std::string text;
+    char buf[4096];
+    ssize_t n;
+    while ((n = read(r.err.get(), buf, sizeof(buf))) > 0) text.append(buf, static_cast<size_t>(n));
+    if (err) *err = text;
+    return *status;
+  }
+
+  static std::map<std::string, std::string> ProcStatus(pid_t pid) {
+    std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+    std::map<std::string, std::string> fields;
+    std::string line;
+    while (std::getline(in, line)) {
+      size_t colon = line.find(':');
+      if (colon == std::string::npos) continue;
+      std::string value = line.substr(colon + 1);
+      value.erase(0, value.find_first_not_of(" \t"));
+      fields[line.substr(0, colon)] = value;
+    }
+    return fields;
+  }
+
+  std::string dir_;
+  policy::Policy policy_;
+};
+
+TEST_F(SpawnTest, ChildIsLockedDownBeforeItRuns) {
+  Running r = Start("wait");
+  char c = 0;
+  ASSERT_EQ(read(r.channel.get(), &c, 1), 1) << "probe never reported ready";
+  auto status = ProcStatus(r.child.pid());
+  // Rootless the extractor keeps nothing; with a full id range exactly
+  // CHOWN(0), DAC_OVERRIDE(1), FOWNER(3), FSETID(4) in permitted and effective.
+  std::string kept = policy_.ids.full_range() ? "000000000000001b" : "0000000000000000";
+  EXPECT_EQ(status["CapInh"], "0000000000000000");
+  EXPECT_EQ(status["CapPrm"], kept);
+  EXPECT_EQ(status["CapEff"], kept);
+  EXPECT_EQ(status["CapBnd"], "0000000000000000");
+  EXPECT_EQ(status["CapAmb"], "0000000000000000");
+  EXPECT_EQ(status["NoNewPrivs"], "1");
+  EXPECT_EQ(status["Seccomp"], "2");
+  // Fresh namespaces of every kind.
+  for (const char* ns : {"user", "mnt", "pid", "net", "ipc", "uts", "cgroup"}) {
+    struct stat mine, its;
+    ASSERT_EQ(stat((std::string("/proc/self/ns/") + ns).c_str(), &mine), 0);
+    ASSERT_EQ(stat(("/proc/" + std::to_string(r.child.pid()) + "/ns/" + ns).c_str(), &its), 0);
+    EXPECT_NE(mine.st_ino, its.st_ino) << ns << " namespace shared with the broker";
+  }
+  // No network interface but lo.
+  std::ifstream dev("/proc/" + std::to_string(r.child.pid()) + "/net/dev");
+  std::string line, interfaces;
+  std::getline(dev, line);
+  std::getline(dev, line);
+  while (std::getline(dev, line)) interfaces += line.substr(0, line.find(':')) + ";";
+  interfaces.erase(std::remove(interfaces.begin(), interfaces.end(), ' '), interfaces.end());
+  EXPECT_EQ(interfaces, "lo;");
+  r.input.reset();
+  auto exit = r.child.Wait();
+  ASSERT_TRUE(exit);
+  EXPECT_TRUE(exit->exited && exit->code == 0);
+}
+
+TEST_F(SpawnTest, ExtractorCannotOpenHostFile) {
+  std::string err;
+  ExitStatus s = Run("host-paths", &err);
+  EXPECT_TRUE(s.exited && s.code == 0) << "signal " << s.signal << ": " << err;
+}
+
+TEST_F(SpawnTest, OnlyTheFourFdsReachTheJail) {
+  int leaked = open("/dev/null", O_RDONLY);  // not O_CLOEXEC: must still not leak
+  std::string err;
+  ExitStatus s = Run("fds", &err);
+  close(leaked);
+  EXPECT_TRUE(s.exited && s.code == 0) << "signal " << s.signal << ": " << err;
+}
+
+TEST_F(SpawnTest, ExtractorCanWriteInsideRootfs) {
+  std::string err;
+  ExitStatus s = Run("write-rootfs", &err);
+  EXPECT_TRUE(s.exited && s.code == 0) << "signal " << s.signal << ": " << err;
+  EXPECT_EQ(access((dir_ + "/rootfs/written").c_str(), F_OK), 0);
+}
+
+class ForbiddenSyscallTest : public SpawnTest, public ::testing::WithParamInterface<const char*> {};
+
+TEST_P(ForbiddenSyscallTest, IsKilledBySeccomp) {
+  std::string err;
+  ExitStatus s = Run(GetParam(), &err);
+  EXPECT_FALSE(s.exited) << "probe survived " << GetParam() << ": " << err;
+  EXPECT_EQ(s.signal, SIGSYS) << err;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Attempts, ForbiddenSyscallTest,
+    ::testing::Values("socket", "socket-unix", "ptrace", "execve", "execveat", "mount", "umount",
+                      "unshare", "setns", "clone", "fork", "keyctl", "add_key", "bpf", "io_uring",
+                      "userfaultfd", "perf", "chroot", "pivot_root", "open_by_handle_at",
+                      "init_module", "capset", "setuid", "mmap-exec", "mprotect-exec",
+                      "connect-channel"),
+    [](const auto& info) {
+      std::string name = info.param;
+      std::replace(name.begin(), name.end(), '-', '_');
+      return name;
+    });
+
+TEST_F(SpawnTest, FailedSetupIsReportedWithItsStep) {
+  auto program = OpenAt(AT_FDCWD, LAYERX_JAIL_PROBE, O_PATH);
+  ASSERT_TRUE(program);
+  auto input = MakePipe(0);
+  auto sockets = MakeSocketPair();
+  auto errpipe = MakePipe(0);
+  // The rootfs fd is a pipe, not a directory: the jail cannot be entered.
+  SpawnRequest request{.program_fd = program->get(), .argv = {"jail_probe", "wait"},
+                       .rootfs_fd = input->read.get(), .input_fd = input->read.get(),
+                       .channel_fd = sockets->second.get(), .stderr_fd = errpipe->write.get(),
+                       .policy = &policy_};
+  auto child = Spawn(request);
+  ASSERT_TRUE(child);
+  errpipe->write.reset();
+  auto s = child->Wait();
+  ASSERT_TRUE(s);
+  EXPECT_TRUE(s->exited);
+  EXPECT_EQ(s->code, kSetupFailedExit);
+}
+
+}  // namespace
+}  // namespace layerx::sandbox
