@@ -139,7 +139,8 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
 
   ImageTree tree(request.policy.limits);
   RunContext ctx{.policy = &request.policy, .rootfs_fd = work.rootfs_fd(),
-                 .extractor_fd = extractor_fd.get(), .cancel = request.cancel};
+                 .extractor_fd = extractor_fd.get(), .cancel = request.cancel,
+                 .extractor_args = request.extractor_args};
   JobReport report;
   for (size_t i = 0; i < request.layers.size(); ++i) {
     LayerInput input{.index = i + 1, .path = request.layers[i]};

@@ -20,6 +20,7 @@ struct ExtractRequest {
   policy::Policy policy;
   std::string extractor_path;            // empty: FindExtractor()
   const std::atomic<bool>* cancel = nullptr;
+  std::vector<std::string> extractor_args;  // extra argv for the extractor (tests)
 };
 
 struct JobReport {

@@ -85,6 +85,7 @@ class Session {
   std::string stderr_line_;
   std::string last_stderr_;
   size_t stderr_bytes_ = 0;
+  pid_t pid_ = 0;
 };
 
 Status Session::Feed() {
@@ -245,7 +246,7 @@ void Session::ReadStderr(bool flush) {
     }
     for (ssize_t i = 0; i < n; ++i) {
       if (buf[i] == '\n' || stderr_line_.size() >= 1024) {
-        if (stderr_bytes_ < kMaxStderrBytes) log_->warn("extractor: pid={} {:?}", 0, stderr_line_);
+        if (stderr_bytes_ < kMaxStderrBytes) log_->warn("stderr: pid={} {:?}", pid_, stderr_line_);
         stderr_bytes_ += stderr_line_.size();
         last_stderr_ = std::move(stderr_line_);
         stderr_line_.clear();
@@ -292,7 +293,9 @@ Status Session::Run(const LayerInput& layer) {
       .stderr_fd = errpipe.write.get(),
       .policy = ctx_.policy,
   };
+  request.argv.insert(request.argv.end(), ctx_.extractor_args.begin(), ctx_.extractor_args.end());
   LX_ASSIGN_OR_RETURN(sandbox::Child child, sandbox::Spawn(request));
+  pid_ = child.pid();
   input.read.reset();
   sockets.second.reset();
   errpipe.write.reset();

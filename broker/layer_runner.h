@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "broker/image_tree.h"
 #include "policy/policy.h"
@@ -38,6 +39,7 @@ struct RunContext {
   int rootfs_fd = -1;         // borrowed: the work rootfs dir
   int extractor_fd = -1;      // borrowed: the extractor binary (O_PATH)
   const std::atomic<bool>* cancel = nullptr;  // set from a signal handler or another thread
+  std::vector<std::string> extractor_args;     // extra argv (tests run probe programs)
 };
 
 // Errors carry the entry and reason; the caller adds the layer context.

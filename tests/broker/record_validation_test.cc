@@ -1,0 +1,164 @@
+// The broker is the judge: records from an extractor (which may be compromised)
+// are validated before anything is merged. First the ImageTree on crafted
+// records, then whole jobs whose "extractor" is a probe that lies on the wire.
+#include <dirent.h>
+#include <gtest/gtest.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <fstream>
+
+#include "broker/image_tree.h"
+#include "broker/job.h"
+#include "sandbox/sys.h"
+
+namespace layerx::broker {
+namespace {
+
+using extractor::EntryRecord;
+using extractor::Kind;
+using extractor::RemovalRecord;
+
+struct BadRecord {
+  const char* name;
+  EntryRecord record;
+};
+
+class ImageTreeRejectsTest : public ::testing::TestWithParam<BadRecord> {};
+
+TEST_P(ImageTreeRejectsTest, WithPeerError) {
+  ImageTree tree(policy::Limits{});
+  ASSERT_TRUE(tree.Add(EntryRecord{.path = "dir", .kind = Kind::kDir, .mode = 0755}));
+  ASSERT_TRUE(tree.Add(EntryRecord{.path = "link", .kind = Kind::kSymlink, .mode = 0777,
+                                   .symlink_target = "/etc"}));
+  size_t before = tree.size();
+  Status status = tree.Add(GetParam().record);
+  ASSERT_FALSE(status) << GetParam().name;
+  EXPECT_EQ(status.error().kind(), ErrorKind::kPeer);
+  EXPECT_EQ(tree.size(), before);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Records, ImageTreeRejectsTest,
+    ::testing::Values(
+        BadRecord{"AbsolutePath", {.path = "/etc/passwd", .kind = Kind::kFile}},
+        BadRecord{"DotDot", {.path = "dir/../../etc", .kind = Kind::kFile}},
+        BadRecord{"Dot", {.path = "dir/./x", .kind = Kind::kFile}},
+        BadRecord{"EmptyComponent", {.path = "dir//x", .kind = Kind::kFile}},
+        BadRecord{"TrailingSlash", {.path = "dir/", .kind = Kind::kFile}},
+        BadRecord{"NulInPath", {.path = std::string("dir/a\0b", 7), .kind = Kind::kFile}},
+        BadRecord{"OversizePath", {.path = std::string(5000, 'a'), .kind = Kind::kFile}},
+        BadRecord{"RootAsFile", {.path = "", .kind = Kind::kFile}},
+        BadRecord{"RootAsSymlink", {.path = "", .kind = Kind::kSymlink, .symlink_target = "/x"}},
+        BadRecord{"ModeWithTypeBits", {.path = "f", .kind = Kind::kFile, .mode = 0100644}},
+        BadRecord{"UidMinusOne", {.path = "f", .kind = Kind::kFile, .uid = 0xffffffffu}},
+        BadRecord{"SymlinkWithoutTarget", {.path = "s", .kind = Kind::kSymlink}},
+        BadRecord{"FileWithTarget", {.path = "f", .kind = Kind::kFile, .symlink_target = "x"}},
+        BadRecord{"SizeOnDir", {.path = "d2", .kind = Kind::kDir, .size = 10}},
+        BadRecord{"RdevOnFile", {.path = "f", .kind = Kind::kFile, .rdev_major = 1}},
+        BadRecord{"UnderSymlink", {.path = "link/passwd", .kind = Kind::kFile}},
+        BadRecord{"NoParent", {.path = "missing/file", .kind = Kind::kFile}},
+        BadRecord{"HardlinkOutside",
+                  {.path = "h", .kind = Kind::kHardlink, .hardlink_target = "../etc/shadow"}},
+        BadRecord{"HardlinkUnknown",
+                  {.path = "h", .kind = Kind::kHardlink, .hardlink_target = "nope"}},
+        BadRecord{"HardlinkToDir",
+                  {.path = "h", .kind = Kind::kHardlink, .hardlink_target = "dir"}},
+        BadRecord{"EmptyXattrName", {.path = "f", .kind = Kind::kFile, .xattrs = {{"", "v"}}}},
+        BadRecord{"HugeXattr",
+                  {.path = "f", .kind = Kind::kFile, .xattrs = {{"user.x", std::string(1 << 20, 'v')}}}}),
+    [](const auto& info) { return std::string("Rejects") + info.param.name; });
+
+TEST(ImageTreeTest, RejectsRemovalOfRootOrBadPath) {
+  ImageTree tree(policy::Limits{});
+  EXPECT_FALSE(tree.Add(RemovalRecord{"", false}));
+  EXPECT_FALSE(tree.Add(RemovalRecord{"/etc", false}));
+  EXPECT_FALSE(tree.Add(RemovalRecord{"a/..", false}));
+}
+
+TEST(ImageTreeTest, RemovalDropsTheSubtreeOnly) {
+  ImageTree tree(policy::Limits{});
+  for (const char* dir : {"a", "a/b", "a-b", "a0"}) {
+    ASSERT_TRUE(tree.Add(EntryRecord{.path = dir, .kind = Kind::kDir, .mode = 0755}));
+  }
+  ASSERT_TRUE(tree.Add(EntryRecord{.path = "a/b/f", .kind = Kind::kFile, .mode = 0644}));
+  ASSERT_TRUE(tree.Add(RemovalRecord{"a", false}));
+  std::vector<std::string> left;
+  for (const auto& [path, inode] : tree.entries()) left.push_back(path);
+  EXPECT_EQ(left, (std::vector<std::string>{"", "a-b", "a0"}));
+}
+
+TEST(ImageTreeTest, HardlinksShareOneInode) {
+  ImageTree tree(policy::Limits{});
+  ASSERT_TRUE(tree.Add(EntryRecord{.path = "f", .kind = Kind::kFile, .uid = 7, .mode = 04755}));
+  ASSERT_TRUE(tree.Add(EntryRecord{.path = "g", .kind = Kind::kHardlink, .hardlink_target = "f"}));
+  EXPECT_EQ(tree.entries().at("f"), tree.entries().at("g"));
+  EXPECT_EQ(tree.entries().at("g")->meta.uid, 7u);
+  // Replacing one name leaves the other with the old inode.
+  ASSERT_TRUE(tree.Add(EntryRecord{.path = "f", .kind = Kind::kFile, .mode = 0600}));
+  EXPECT_NE(tree.entries().at("f"), tree.entries().at("g"));
+  EXPECT_EQ(tree.entries().at("g")->meta.mode, 04755u);
+}
+
+TEST(ImageTreeTest, FileOverDirDropsChildrenDirOverDirMerges) {
+  ImageTree tree(policy::Limits{});
+  ASSERT_TRUE(tree.Add(EntryRecord{.path = "d", .kind = Kind::kDir, .mode = 0755}));
+  ASSERT_TRUE(tree.Add(EntryRecord{.path = "d/x", .kind = Kind::kFile, .mode = 0644}));
+  ASSERT_TRUE(tree.Add(EntryRecord{.path = "d", .kind = Kind::kDir, .uid = 5, .mode = 0700}));
+  EXPECT_EQ(tree.size(), 3u);
+  EXPECT_EQ(tree.entries().at("d")->meta.uid, 5u);
+  ASSERT_TRUE(tree.Add(EntryRecord{.path = "d", .kind = Kind::kFile, .mode = 0644}));
+  EXPECT_EQ(tree.size(), 2u);
+}
+
+// Whole jobs against a lying extractor: the job fails with kPeer, and no
+// output or work dir is left.
+class LyingExtractorTest : public ::testing::TestWithParam<const char*> {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/layerx-liar-XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+    std::ofstream(dir_ + "/layer.tar") << std::string(10240, '\0');
+  }
+  void TearDown() override { (void)sandbox::RemoveTreeAt(AT_FDCWD, dir_); }
+  std::vector<std::string> Listing() {
+    std::vector<std::string> names;
+    DIR* d = opendir(dir_.c_str());
+    while (struct dirent* e = readdir(d)) names.push_back(e->d_name);
+    closedir(d);
+    std::sort(names.begin(), names.end());
+    return names;
+  }
+  std::string dir_;
+};
+
+TEST_P(LyingExtractorTest, BrokerRevalidatesWhatExtractorSent) {
+  ExtractRequest request;
+  request.layers = {dir_ + "/layer.tar"};
+  request.rootfs = dir_ + "/out";
+  request.manifest = dir_ + "/m.jsonl";
+  request.policy = policy::DefaultPolicy();
+  request.extractor_path = LAYERX_JAIL_PROBE;
+  request.extractor_args = {GetParam()};
+  auto before = Listing();
+  auto report = RunExtract(request);
+  ASSERT_FALSE(report) << GetParam();
+  EXPECT_EQ(report.error().kind(), ErrorKind::kPeer) << report.error().ToString();
+  EXPECT_EQ(Listing(), before) << "output or work dir left behind";
+}
+
+INSTANTIATE_TEST_SUITE_P(Lies, LyingExtractorTest,
+                         ::testing::Values("lie-absolute", "lie-dotdot", "lie-empty-component",
+                                           "lie-root-file", "lie-huge-path", "lie-no-parent",
+                                           "lie-mode", "lie-hardlink", "lie-removal-root",
+                                           "lie-kind", "lie-garbage", "socket"),
+                         [](const auto& info) {
+                           std::string name = info.param;
+                           std::replace(name.begin(), name.end(), '-', '_');
+                           return name;
+                         });
+
+}  // namespace
+}  // namespace layerx::broker
