@@ -1,0 +1,40 @@
+#!/bin/sh
+# layerx against umoci on the real images of ../shared/corpus: same tree (paths,
+# kinds, link targets, contents, modes, owners), as root and rootless.
+# usage: umoci_compare_test.sh LAYERX_BIN IMAGE   (skips, exit 77, without the corpus)
+set -eu
+layerx=$1
+image=$2
+here=$(cd "$(dirname "$0")" && pwd)
+corpus=${LAYERX_CORPUS:-/var/tmp/layerx-corpus}
+oci=$corpus/images/$image/oci
+if [ ! -f "$oci/index.json" ]; then
+  echo "SKIP: corpus image $oci not built (run ../shared/corpus/make-corpus.sh as root)"
+  exit 77
+fi
+command -v umoci >/dev/null || { echo "SKIP: umoci not installed"; exit 77; }
+[ "$(id -u)" = 0 ] || { echo "SKIP: needs root (umoci unpack as root is the reference)"; exit 77; }
+work=$(mktemp -d /tmp/layerx-umoci-XXXXXX)
+trap 'rm -rf "$work"' EXIT
+chmod 0755 "$work"
+layers=$(python3 - "$oci" <<'PY'
+import json, sys
+oci = sys.argv[1]
+idx = json.load(open(f"{oci}/index.json"))
+d = idx["manifests"][0]["digest"].split(":")[1]
+man = json.load(open(f"{oci}/blobs/sha256/{d}"))
+print(" ".join(f"{oci}/blobs/sha256/" + l["digest"].split(":")[1] for l in man["layers"]))
+PY
+)
+tag=$(python3 -c "import json,sys; print(json.load(open('$oci/index.json'))['manifests'][0]['annotations']['org.opencontainers.image.ref.name'])")
+umoci unpack --image "$oci:$tag" "$work/umoci" >/dev/null
+
+# shellcheck disable=SC2086
+"$layerx" extract $layers --rootfs "$work/root" --manifest "$work/root.jsonl" -q
+python3 "$here/compare_with_umoci.py" "$work/umoci/rootfs" "$work/root" "$work/root.jsonl" --mode root
+
+mkdir "$work/rl" && chown 65534:65534 "$work/rl"
+# shellcheck disable=SC2086
+setpriv --reuid=65534 --regid=65534 --clear-groups \
+  "$layerx" extract $layers --rootfs "$work/rl/rootfs" --manifest "$work/rl/m.jsonl" -q
+python3 "$here/compare_with_umoci.py" "$work/umoci/rootfs" "$work/rl/rootfs" "$work/rl/m.jsonl" --mode rootless
