@@ -58,7 +58,8 @@ INSTANTIATE_TEST_SUITE_P(
 TEST(CanonicalPathTest, AcceptsOnlyCleanRelativePaths) {
   EXPECT_TRUE(IsCanonicalPath(""));
   EXPECT_TRUE(IsCanonicalPath("a/b c/\xff"));
-  for (std::string bad : {"/a", "a/", "a//b", "./a", "a/.", "a/../b", "..", std::string("a\0b", 3)}) {
+  for (std::string bad : std::vector<std::string>{"/a", "a/", "a//b", "./a", "a/.", "a/../b", "..",
+                                                  std::string("a\0b", 3)}) {
     EXPECT_FALSE(IsCanonicalPath(bad)) << bad;
   }
 }
