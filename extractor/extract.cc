@@ -12,7 +12,13 @@ std::expected<LayerTotals, ExtractFailure> ExtractLayer(LayerReader& reader, App
   DataFeed feed = [&reader](const auto& sink) { return reader.ReadData(sink); };
   while (true) {
     auto next = reader.Next();
-    if (!next) return fail(std::move(next).error());
+    if (!next) {
+      // The header that failed has no trustworthy name: point at the last good one.
+      Error error = std::move(next).error();
+      if (!current.empty()) error = std::move(error).With("after entry {:?}", current);
+      current.clear();
+      return fail(std::move(error));
+    }
     if (!next->has_value()) break;
     const TarEntry& entry = **next;
     current = entry.untrusted_name;
