@@ -277,7 +277,7 @@ Error Session::ExitError(const sandbox::ExitStatus& status) {
 Status Session::Run(const LayerInput& layer) {
   LX_ASSIGN_OR_RETURN(blob_, sandbox::OpenAt(AT_FDCWD, layer.path, O_RDONLY));
   LX_ASSIGN_OR_RETURN(struct stat st, sandbox::Fstat(blob_.get()));
-  if (!S_ISREG(st.st_mode)) return Fail(MakeError(ErrorKind::kInvalidInput, "not a regular file"));
+  if (S_ISDIR(st.st_mode)) return Fail(MakeError(ErrorKind::kInvalidInput, "is a directory"));
   LX_ASSIGN_OR_RETURN(sandbox::Pipe input, sandbox::MakePipe(0));
   LX_ASSIGN_OR_RETURN(sandbox::Pipe errpipe, sandbox::MakePipe(0));
   LX_ASSIGN_OR_RETURN(auto sockets, sandbox::MakeSocketPair());

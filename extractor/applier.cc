@@ -91,24 +91,26 @@ void Applier::Touch(const std::string& path) {
 
 int Applier::WithWritable(const Dir& dir, const std::function<int()>& op) {
   int rc = op();
-  if (rc == 0 || errno != EACCES || options_.chown) return rc;
-  // Rootless: we own every inode but have no DAC override. A dir the image made
-  // read-only (0555) still has to take this layer's entries.
+  if (rc >= 0 || errno != EACCES || options_.chown) return rc;
+  if (!OpenUp(dir)) {
+    errno = EACCES;
+    return -1;
+  }
+  return op();
+}
+
+// Rootless: we own every inode but have no DAC override, and the image's modes
+// are on disk (a 0555 dir a later layer writes into, a 0000 dir). Such a dir is
+// opened to its owner until Finish(), which puts its mode and mtime back.
+bool Applier::OpenUp(const Dir& dir) {
   struct stat st;
-  if (::fstat(dir.fd, &st) != 0 || (st.st_mode & 0700) == 0700) {
-    errno = EACCES;
-    return -1;
+  if (::fstat(dir.fd, &st) != 0 || (st.st_mode & 0700) == 0700) return false;
+  if (!fixups_.contains(dir.path)) {
+    fixups_[dir.path] = Fixup{st.st_mode & 07777u,
+                              int64_t{st.st_mtim.tv_sec} * 1'000'000'000 + st.st_mtim.tv_nsec};
   }
-  std::string path = dir.path.empty() ? "." : dir.path;
-  if (!sandbox::FchmodAtNoFollow(root_fd_, path, (st.st_mode & 07777) | 0700)) {
-    errno = EACCES;
-    return -1;
-  }
-  rc = op();
-  int saved = errno;
-  (void)sandbox::FchmodAtNoFollow(root_fd_, path, st.st_mode & 07777);
-  errno = saved;
-  return rc;
+  return static_cast<bool>(
+      sandbox::FchmodAtNoFollow(root_fd_, dir.path.empty() ? "." : dir.path, (st.st_mode & 07777) | 0700));
 }
 
 // Walks `dir` below the root the way the kernel would inside the jail: each
@@ -150,7 +152,8 @@ Result<Applier::Dir> Applier::ResolveDir(const EntryName& dir, bool create, int6
                             limits_.max_path_depth));
     }
     struct stat st;
-    if (::fstatat(cur_fd(), c.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) {
+    Dir here{joined(), cur_fd()};
+    if (WithWritable(here, [&] { return ::fstatat(cur_fd(), c.c_str(), &st, AT_SYMLINK_NOFOLLOW); }) != 0) {
       if (errno != ENOENT) return Fail(Os(errno, fmt::format("fstatat {:?}", c)));
       if (!create) return Fail(Error(ErrorKind::kOs, ENOENT, "no such directory"));
       // A missing parent is made the way Docker does: root-owned 0755.
@@ -185,7 +188,9 @@ Result<Applier::Dir> Applier::ResolveDir(const EntryName& dir, bool create, int6
       return Fail(Error(ErrorKind::kInvalidInput, ENOTDIR,
                         fmt::format("parent {:?} is not a directory", JoinPath(joined(), c))));
     }
-    int fd = ::openat(cur_fd(), c.c_str(), O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    int fd = WithWritable(here, [&] {
+      return ::openat(cur_fd(), c.c_str(), O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    });
     if (fd < 0) return Fail(Os(errno, fmt::format("openat {:?}", c)));
     cur.reset(fd);
     stack.push_back(std::move(c));
@@ -234,7 +239,7 @@ Status Applier::RemoveExisting(const Dir& dir, const std::string& leaf, const st
 Status Applier::RemoveLower(const Dir& dir, const std::string& name, bool opaque) {
   std::string path = JoinPath(dir.path, name);
   struct stat st;
-  if (::fstatat(dir.fd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) {
+  if (WithWritable(dir, [&] { return ::fstatat(dir.fd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW); }) != 0) {
     if (errno == ENOENT) return {};
     return Fail(Os(errno, fmt::format("fstatat {:?}", name)));
   }
@@ -254,7 +259,7 @@ Status Applier::RemoveLower(const Dir& dir, const std::string& name, bool opaque
   if (!S_ISDIR(st.st_mode)) return {};
   LX_ASSIGN_OR_RETURN(UniqueFd child, sandbox::OpenAt(dir.fd, name, O_PATH | O_DIRECTORY | O_NOFOLLOW));
   Dir sub{path, child.get()};
-  LX_ASSIGN_OR_RETURN(UniqueFd list_fd, sandbox::OpenAt(child.get(), ".", O_RDONLY | O_DIRECTORY));
+  LX_ASSIGN_OR_RETURN(UniqueFd list_fd, OpenListing(sub));
   std::vector<std::string> names;
   {
     DIR* d = ::fdopendir(list_fd.release());
@@ -267,6 +272,12 @@ Status Applier::RemoveLower(const Dir& dir, const std::string& name, bool opaque
   }
   for (const std::string& n : names) LX_TRY(RemoveLower(sub, n, opaque));
   return {};
+}
+
+Result<UniqueFd> Applier::OpenListing(const Dir& dir) {
+  int fd = WithWritable(dir, [&] { return ::openat(dir.fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC); });
+  if (fd < 0) return Fail(Os(errno, fmt::format("open dir {:?}", dir.path)));
+  return UniqueFd(fd);
 }
 
 Status Applier::Whiteout(const EntryName& dir_name, const std::string& victim) {
@@ -285,7 +296,7 @@ Status Applier::Opaque(const EntryName& dir_name) {
   // Hold our own fd: removals below invalidate the resolver's cache.
   LX_ASSIGN_OR_RETURN(UniqueFd fd, sandbox::OpenAt(dir->fd, ".", O_PATH | O_DIRECTORY));
   Dir d{dir->path, fd.get()};
-  LX_ASSIGN_OR_RETURN(UniqueFd list_fd, sandbox::OpenAt(fd.get(), ".", O_RDONLY | O_DIRECTORY));
+  LX_ASSIGN_OR_RETURN(UniqueFd list_fd, OpenListing(d));
   std::vector<std::string> names;
   DIR* listing = ::fdopendir(list_fd.release());
   if (listing == nullptr) return Fail(Os(errno, "fdopendir"));
@@ -401,7 +412,10 @@ Status Applier::ApplyHardlink(const TarEntry& e, const EntryName& name, bool fin
   LX_ASSIGN_OR_RETURN(UniqueFd tfd, sandbox::OpenAt(tdir->fd, ".", O_PATH | O_DIRECTORY));
   std::string tpath = JoinPath(tdir->path, target.leaf());
   struct stat tst;
-  if (::fstatat(tfd.get(), target.leaf().c_str(), &tst, AT_SYMLINK_NOFOLLOW) != 0) {
+  Dir tdir_own{tdir->path, tfd.get()};
+  if (WithWritable(tdir_own, [&] {
+        return ::fstatat(tfd.get(), target.leaf().c_str(), &tst, AT_SYMLINK_NOFOLLOW);
+      }) != 0) {
     if (errno == ENOENT) return missing();
     return Fail(Os(errno, "fstatat hardlink target"));
   }
@@ -412,7 +426,7 @@ Status Applier::ApplyHardlink(const TarEntry& e, const EntryName& name, bool fin
   std::string path = JoinPath(dir.path, name.leaf());
   if (path == tpath) return {};  // a link to itself changes nothing
   struct stat st;
-  if (::fstatat(dir.fd, name.leaf().c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
+  if (WithWritable(dir, [&] { return ::fstatat(dir.fd, name.leaf().c_str(), &st, AT_SYMLINK_NOFOLLOW); }) == 0) {
     LX_TRY(RemoveExisting(dir, name.leaf(), st));
     LX_ASSIGN_OR_RETURN(dir, ResolveDir(name.Parent(), true, e.mtime_ns));
   }
@@ -447,7 +461,8 @@ Status Applier::Apply(const TarEntry& e, const DataFeed& data) {
   LX_ASSIGN_OR_RETURN(Dir dir, ResolveDir(name.Parent(), true, e.mtime_ns));
   std::string path = JoinPath(dir.path, leaf);
   struct stat st;
-  bool exists = ::fstatat(dir.fd, leaf.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0;
+  bool exists =
+      WithWritable(dir, [&] { return ::fstatat(dir.fd, leaf.c_str(), &st, AT_SYMLINK_NOFOLLOW); }) == 0;
   if (!exists && errno != ENOENT) return Fail(Os(errno, fmt::format("fstatat {:?}", leaf)));
   bool merge = exists && S_ISDIR(st.st_mode) && e.kind == Kind::kDir;
   if (exists && !merge) {

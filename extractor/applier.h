@@ -71,9 +71,11 @@ class Applier {
   void Touch(const std::string& path);
   static std::string JoinPath(const std::string& dir, const std::string& leaf);
 
-  // Runs `op` (returns -1/errno like a syscall); rootless, when the parent
-  // denies its owner write or search, opens it up for the call and restores it.
+  // Runs `op` (returns -1/errno like a syscall); rootless, when `dir` denies
+  // its owner access, opens it up (OpenUp) and runs `op` again.
   int WithWritable(const Dir& dir, const std::function<int()>& op);
+  bool OpenUp(const Dir& dir);
+  Result<sandbox::UniqueFd> OpenListing(const Dir& dir);
   Status RemoveExisting(const Dir& dir, const std::string& leaf, const struct stat& st);
   Status RemoveLower(const Dir& dir, const std::string& name, bool opaque);
   Status Whiteout(const EntryName& dir, const std::string& victim);

@@ -28,7 +28,7 @@ struct Limits {
 // Resource limits set on the jailed extractor before it reads input.
 struct JailRlimits {
   uint64_t file_size = 64 * kGiB;     // RLIMIT_FSIZE
-  uint64_t open_files = 64;           // RLIMIT_NOFILE
+  uint64_t open_files = 1024;         // RLIMIT_NOFILE (removing a tree holds one per level)
   uint64_t address_space = 4 * kGiB;  // RLIMIT_AS
   uint64_t cpu_seconds = 3600;        // RLIMIT_CPU
 };

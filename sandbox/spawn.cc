@@ -5,6 +5,7 @@
 #include <linux/close_range.h>
 #include <linux/sched.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -46,6 +47,8 @@ struct ExecPlan {
     (void)!::write(plan.status_fd, &report, sizeof(report));
     ::_exit(kSetupFailedExit);
   };
+  // If the broker dies, so do we (the pipe read below also sees its death).
+  if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) fail(SetupStep::kWaitForMaps);
   // Before the parent writes our id maps we are the overflow id with no caps.
   char byte;
   if (::read(plan.sync_fd, &byte, 1) != 1) fail(SetupStep::kWaitForMaps);
