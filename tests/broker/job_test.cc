@@ -1,0 +1,158 @@
+// Jobs end cleanly whatever happens: timeouts, cancellation, a refused layer,
+// an existing output. No output, no work dir, no child left; a second run works.
+#include "broker/job.h"
+
+#include <archive.h>
+#include <archive_entry.h>
+#include <dirent.h>
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <thread>
+
+#include "sandbox/sys.h"
+
+namespace layerx::broker {
+namespace {
+
+// A one-file layer, written with libarchive: "hello" at etc/greeting.
+void WriteSmallLayer(const std::string& path) {
+  struct archive* a = archive_write_new();
+  archive_write_set_format_pax_restricted(a);
+  archive_write_add_filter_gzip(a);
+  ASSERT_EQ(archive_write_open_filename(a, path.c_str()), ARCHIVE_OK);
+  struct archive_entry* e = archive_entry_new();
+  archive_entry_set_pathname(e, "etc/greeting");
+  archive_entry_set_filetype(e, AE_IFREG);
+  archive_entry_set_perm(e, 0644);
+  archive_entry_set_size(e, 5);
+  archive_write_header(a, e);
+  archive_write_data(a, "hello", 5);
+  archive_entry_free(e);
+  archive_write_close(a);
+  archive_write_free(a);
+}
+
+class JobTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/layerx-job-XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+    WriteSmallLayer(dir_ + "/good.tar.gz");
+    request_.rootfs = dir_ + "/out";
+    request_.manifest = dir_ + "/out.jsonl";
+    request_.policy = policy::DefaultPolicy();
+  }
+  void TearDown() override { (void)sandbox::RemoveTreeAt(AT_FDCWD, dir_); }
+
+  std::vector<std::string> Listing() {
+    std::vector<std::string> names;
+    DIR* d = opendir(dir_.c_str());
+    while (struct dirent* e = readdir(d)) names.push_back(e->d_name);
+    closedir(d);
+    std::sort(names.begin(), names.end());
+    return names;
+  }
+  // Our children that are still around (zombies included).
+  static int Children() {
+    int n = 0;
+    std::ifstream in("/proc/self/task/" + std::to_string(gettid()) + "/children");
+    std::string pid;
+    while (in >> pid) ++n;
+    return n;
+  }
+
+  std::string dir_;
+  ExtractRequest request_;
+};
+
+TEST_F(JobTest, GoodLayerGivesRootfsAndManifest) {
+  request_.layers = {dir_ + "/good.tar.gz"};
+  auto report = RunExtract(request_);
+  ASSERT_TRUE(report) << report.error().ToString();
+  std::ifstream greeting(dir_ + "/out/etc/greeting");
+  std::string text;
+  greeting >> text;
+  EXPECT_EQ(text, "hello");
+  EXPECT_EQ(Listing(), (std::vector<std::string>{".", "..", "good.tar.gz", "out", "out.jsonl"}));
+  ASSERT_EQ(report->layers.size(), 1u);
+  EXPECT_EQ(report->layers[0].entries, 1u);
+  EXPECT_GT(report->layers[0].setup_ns, 0);
+}
+
+TEST_F(JobTest, StopsAtLayerTimeoutAndReapsTheExtractor) {
+  // A layer that never ends: a fifo whose writer stays silent.
+  std::string fifo = dir_ + "/slow.tar";
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  std::thread writer([&] {
+    std::ofstream out(fifo);  // opens when the broker opens the read side
+    std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  });
+  request_.layers = {fifo};
+  request_.policy.limits.layer_timeout_ms = 300;
+  auto before = Listing();
+  auto report = RunExtract(request_);
+  writer.join();
+  ASSERT_FALSE(report);
+  EXPECT_EQ(report.error().kind(), ErrorKind::kLimitExceeded) << report.error().ToString();
+  EXPECT_EQ(Listing(), before);
+  EXPECT_EQ(Children(), 0) << "extractor not reaped";
+}
+
+TEST_F(JobTest, CancelStopsTheJobAndLeavesNothing) {
+  std::string fifo = dir_ + "/slow.tar";
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  std::atomic<bool> cancel{false};
+  std::thread writer([&] {
+    std::ofstream out(fifo);
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    cancel.store(true);
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  });
+  request_.layers = {fifo};
+  request_.cancel = &cancel;
+  auto before = Listing();
+  auto report = RunExtract(request_);
+  writer.join();
+  ASSERT_FALSE(report);
+  EXPECT_EQ(Listing(), before);
+  EXPECT_EQ(Children(), 0);
+}
+
+TEST_F(JobTest, ExistingRootfsIsRefusedAndUntouched) {
+  ASSERT_EQ(mkdir((dir_ + "/out").c_str(), 0755), 0);
+  std::ofstream(dir_ + "/out/keep") << "mine";
+  request_.layers = {dir_ + "/good.tar.gz"};
+  auto report = RunExtract(request_);
+  ASSERT_FALSE(report);
+  EXPECT_EQ(report.error().kind(), ErrorKind::kPolicy);
+  std::ifstream keep(dir_ + "/out/keep");
+  std::string text;
+  keep >> text;
+  EXPECT_EQ(text, "mine");
+}
+
+TEST_F(JobTest, FailureKeepsAnOldManifestAndASecondRunSucceeds) {
+  std::ofstream(dir_ + "/out.jsonl") << "old\n";
+  std::ofstream(dir_ + "/bad.tar") << "this is not a tar archive at all";
+  request_.layers = {dir_ + "/good.tar.gz", dir_ + "/bad.tar"};
+  auto before = Listing();
+  auto failed = RunExtract(request_);
+  ASSERT_FALSE(failed);
+  EXPECT_EQ(failed.error().kind(), ErrorKind::kInvalidInput) << failed.error().ToString();
+  EXPECT_NE(failed.error().ToString().find("layer 2"), std::string::npos);
+  EXPECT_EQ(Listing(), before);
+  std::ifstream old(dir_ + "/out.jsonl");
+  std::string text;
+  old >> text;
+  EXPECT_EQ(text, "old");
+  request_.layers = {dir_ + "/good.tar.gz"};
+  auto report = RunExtract(request_);
+  ASSERT_TRUE(report) << report.error().ToString();
+}
+
+}  // namespace
+}  // namespace layerx::broker
