@@ -303,7 +303,8 @@ Status Session::Run(const LayerInput& layer) {
   channel_ = std::move(sockets.first);
   stderr_ = std::move(errpipe.read);
   for (int fd : {feed_.get(), channel_.get(), stderr_.get()}) LX_TRY(sandbox::SetNonBlocking(fd));
-  log_->debug("spawned: layer={} pid={}", layer.index, child.pid());
+  log_->debug("spawned: layer={} pid={} spawn_ms={:.2f}", layer.index, child.pid(),
+              (MonotonicNs() - start) / 1e6);
 
   const int64_t deadline = start + static_cast<int64_t>(ctx_.policy->limits.layer_timeout_ms) * 1'000'000;
   bool exited = false;
