@@ -11,6 +11,7 @@
 
 #include "broker/logging.h"
 #include "broker/manifest.h"
+#include "broker/rootfs_finish.h"
 #include "sandbox/sys.h"
 
 namespace layerx::broker {
@@ -154,6 +155,11 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
     report.layers.push_back(std::move(*layer));
   }
   report.final_entries = tree.size();
+  if (request.rootfs && ::geteuid() == 0 && request.policy.ids.full_range()) {
+    if (Status s = FinishRootfsAsRoot(work.rootfs_fd(), tree); !s) {
+      return Fail(std::move(s).error().With("rootfs"));
+    }
+  }
 
   // Outputs: the manifest to a temp file beside it, then both renamed into place.
   UniqueFd manifest_dir;

@@ -6,11 +6,12 @@ usage: compare_with_umoci.py UMOCI_ROOTFS LAYERX_ROOTFS LAYERX_MANIFEST --mode r
 Compared for every path: kind, symlink target, file content (sha256), mode
 (incl. setuid/setgid/sticky), and ownership: on disk as root, from the
 user.rootlesscontainers xattr rootless. Directory mtimes are not compared.
-Known, designed differences, each checked against the manifest instead:
+As root, device nodes and security.capability must be on disk as umoci made
+them (the broker creates them after the jailed layers). Rootless, by design:
   - device nodes are not created on disk (a user namespace cannot mknod): the
-    manifest must hold them with umoci's kind, major and minor;
-  - security.capability is not written on disk (the jail holds no CAP_SETFCAP):
-    the manifest must hold the same value.
+    manifest must hold them with umoci's kind, major, minor, owner and mode;
+  - security.capability is not written on disk (no CAP_SETFCAP): the manifest
+    must hold the same value.
 Exit 0 when equal, 1 with the differences listed.
 """
 import argparse
@@ -108,7 +109,7 @@ def main():
     for path in sorted(set(ref) | set(got)):
         r, g = ref.get(path), got.get(path)
         m = manifest.get(path)
-        if r is not None and r["kind"] in ("char", "block"):
+        if r is not None and r["kind"] in ("char", "block") and a.mode == "rootless":
             # Not on disk by design; the manifest must carry it exactly.
             if g is not None:
                 problems.append(f"{path!r}: device node present on disk")
@@ -121,8 +122,9 @@ def main():
             continue
         if m is None:
             problems.append(f"{path!r}: not in the manifest")
-        rc = r.pop("cap", None)
-        g.pop("cap", None)
+        rc = r.pop("cap", None) if a.mode == "rootless" else r.get("cap")
+        if a.mode == "rootless":
+            g.pop("cap", None)
         if rc is not None:
             mc = base64.b64decode(m.get("xattrs", {}).get("security.capability", "")) if m else b""
             if mc != rc:
