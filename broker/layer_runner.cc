@@ -32,6 +32,7 @@ int64_t MonotonicNs() {
 
 constexpr size_t kFeedChunk = 1 << 20;
 constexpr size_t kMaxStderrBytes = 64 * 1024;
+constexpr size_t kMaxNameInError = 160;
 
 struct Sha256 {
   Sha256() : ctx(EVP_MD_CTX_new()) { EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr); }
@@ -175,8 +176,14 @@ Status Session::HandleMessage(kj::ArrayPtr<const capnp::word> words) {
         Error error(static_cast<ErrorKind>(kind), 0, std::string(f.getMessage().cStr()));
         auto entry = f.getEntry();
         if (entry.size() > 0) {
-          error = std::move(error).With(
-              "entry {:?}", std::string(reinterpret_cast<const char*>(entry.begin()), entry.size()));
+          // Untrusted and possibly huge: escaped by {:?}, and cut to keep one readable line.
+          std::string name(reinterpret_cast<const char*>(entry.begin()), entry.size());
+          if (name.size() > kMaxNameInError) {
+            error = std::move(error).With("entry {:?}... ({} bytes)", name.substr(0, kMaxNameInError),
+                                          name.size());
+          } else {
+            error = std::move(error).With("entry {:?}", name);
+          }
         }
         failure_ = std::move(error);
         return {};
