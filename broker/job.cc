@@ -48,6 +48,7 @@ class Workspace {
   ~Workspace() { Cleanup(); }
 
   Status Create(const std::string& parent) {
+    parent_ = parent;
     LX_ASSIGN_OR_RETURN(parent_fd_, sandbox::OpenAt(AT_FDCWD, parent, O_PATH | O_DIRECTORY));
     for (int attempt = 0; attempt < 100; ++attempt) {
       std::string name = fmt::format(".layerx-work-{}-{:08x}", ::getpid(), ::random());
@@ -64,6 +65,8 @@ class Workspace {
   }
 
   int rootfs_fd() const { return rootfs_fd_.get(); }
+  // The work rootfs by path, for tools that take one (mkfs.ext4 -d never follows links).
+  std::string rootfs_path() const { return parent_ + "/" + name_ + "/rootfs"; }
   int dir_fd() const { return dir_fd_.get(); }
 
   void Cleanup() {
@@ -77,6 +80,7 @@ class Workspace {
   }
 
  private:
+  std::string parent_;
   UniqueFd parent_fd_;
   std::string name_;
   UniqueFd dir_fd_;
@@ -109,10 +113,13 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
   auto log = Logger("broker");
   int64_t start = MonotonicNs();
   if (request.layers.empty()) return Fail(MakeError(ErrorKind::kPolicy, "no layers given"));
-  if (!request.rootfs && !request.manifest) {
-    return Fail(MakeError(ErrorKind::kPolicy, "nothing to write: give --rootfs and/or --manifest"));
+  if (!request.rootfs && !request.manifest && !request.ext4) {
+    return Fail(MakeError(ErrorKind::kPolicy, "nothing to write: give --rootfs, --ext4 or --manifest"));
   }
-  std::optional<OutputPath> rootfs_out, manifest_out;
+  std::optional<OutputPath> rootfs_out, manifest_out, ext4_out;
+  if (request.ext4) {
+    LX_ASSIGN_OR_RETURN(ext4_out, SplitOutput(*request.ext4, "ext4 image"));
+  }
   if (request.rootfs) {
     LX_ASSIGN_OR_RETURN(rootfs_out, SplitOutput(*request.rootfs, "rootfs"));
     struct stat st;
@@ -136,7 +143,7 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
   LX_ASSIGN_OR_RETURN(UniqueFd extractor_fd, sandbox::OpenAt(AT_FDCWD, extractor_path, O_PATH));
 
   Workspace work;
-  LX_TRY(work.Create(rootfs_out ? rootfs_out->dir : manifest_out->dir));
+  LX_TRY(work.Create(rootfs_out ? rootfs_out->dir : ext4_out ? ext4_out->dir : manifest_out->dir));
 
   ImageTree tree(request.policy.limits);
   RunContext ctx{.policy = &request.policy, .rootfs_fd = work.rootfs_fd(),
@@ -161,7 +168,32 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
     }
   }
 
-  // Outputs: the manifest to a temp file beside it, then both renamed into place.
+  // The ext4 image, to a temp file beside it (removed on any failure below).
+  UniqueFd ext4_dir;
+  std::string ext4_tmp;
+  struct TempFile {
+    int dir = -1;
+    std::string name;
+    ~TempFile() {
+      if (!name.empty()) ::unlinkat(dir, name.c_str(), 0);
+    }
+  } ext4_guard;
+  if (ext4_out) {
+    LX_ASSIGN_OR_RETURN(Ext4Plan plan, PlanExt4(tree, request.ext4_options));
+    LX_ASSIGN_OR_RETURN(ext4_dir, sandbox::OpenAt(AT_FDCWD, ext4_out->dir, O_PATH | O_DIRECTORY));
+    ext4_tmp = fmt::format(".{}.layerx-tmp-{}", ext4_out->name, ::getpid());
+    ext4_guard = TempFile{ext4_dir.get(), ext4_tmp};
+    Ext4Options options = request.ext4_options;
+    if (options.seed.empty()) {
+      for (const LayerReport& l : report.layers) options.seed += l.compressed_digest;
+    }
+    auto built = BuildExt4(work.rootfs_path(), tree, plan, options,
+                           ext4_out->dir + "/" + ext4_tmp);
+    if (!built) return Fail(std::move(built).error().With("ext4 {:?}", *request.ext4));
+    report.ext4 = *built;
+  }
+
+  // Outputs: the manifest to a temp file beside it, then all renamed into place.
   UniqueFd manifest_dir;
   std::string manifest_tmp;
   if (manifest_out) {
@@ -184,6 +216,10 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
       if (manifest_out) ::unlinkat(manifest_dir.get(), manifest_tmp.c_str(), 0);
       return Fail(OsError(err, "rename rootfs into {:?}", *request.rootfs));
     }
+  }
+  if (ext4_out) {
+    LX_TRY(sandbox::RenameAt(ext4_dir.get(), ext4_tmp, ext4_dir.get(), ext4_out->name));
+    ext4_guard.name.clear();
   }
   if (manifest_out) {
     LX_TRY(sandbox::RenameAt(manifest_dir.get(), manifest_tmp, manifest_dir.get(), manifest_out->name));

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "broker/ext4.h"
 #include "broker/layer_runner.h"
 #include "policy/policy.h"
 
@@ -17,6 +18,8 @@ struct ExtractRequest {
   std::vector<std::string> layers;       // layer blob files, lowest first
   std::optional<std::string> rootfs;     // must not exist; its parent must
   std::optional<std::string> manifest;   // replaced on success only
+  std::optional<std::string> ext4;       // the ext4 image; replaced on success only
+  Ext4Options ext4_options;
   policy::Policy policy;
   std::string extractor_path;            // empty: FindExtractor()
   const std::atomic<bool>* cancel = nullptr;
@@ -26,6 +29,7 @@ struct ExtractRequest {
 struct JobReport {
   std::vector<LayerReport> layers;
   size_t final_entries = 0;
+  std::optional<Ext4Report> ext4;
   int64_t total_ns = 0;
 };
 

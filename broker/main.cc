@@ -5,6 +5,7 @@
 #include <CLI/CLI.hpp>
 #include <atomic>
 #include <cstdio>
+#include <cstdlib>
 #include <nlohmann/json.hpp>
 
 #include "broker/job.h"
@@ -32,6 +33,8 @@ line naming the layer, the entry and the reason, exits 1, and leaves nothing.
 Examples:
   layerx extract base.tar.gz app.tar.zst --rootfs ./rootfs
   layerx extract layer1.tar layer2.tar --rootfs out --manifest out.jsonl
+  layerx extract base.tar.gz app.tar.gz --ext4 rootfs.img        # no root needed
+  SOURCE_DATE_EPOCH=0 layerx extract l.tar --ext4 a.img --label root  # reproducible
 
 Exit status: 0 ok, 1 refused or failed, 2 usage error.)";
 
@@ -56,6 +59,23 @@ int main(int argc, char** argv) {
   extract->add_option("LAYER", layers, "layer files, lowest first")->required()->check(CLI::ExistingFile);
   extract->add_option("--rootfs", rootfs, "write the rootfs here (must not exist)");
   extract->add_option("--manifest", manifest, "write the JSON-lines manifest here");
+  std::string ext4, label, uuid;
+  uint64_t size = 0;
+  uint32_t block_size = 4096, inode_ratio = 0;
+  bool reproducible = false;
+  extract->add_option("--ext4", ext4, "write an ext4 image with true ownership here (no root needed)");
+  extract->add_option("--size", size, "ext4 image size, e.g. 512M or 2G (default: from the content)")
+      ->transform(CLI::AsSizeValue(false));
+  extract->add_option("--block-size", block_size, "ext4 block size: 1024, 2048 or 4096")
+      ->check(CLI::IsMember({1024, 2048, 4096}));
+  extract->add_option("--inode-ratio", inode_ratio, "ext4 bytes per inode (default: from the entry count)")
+      ->check(CLI::Range(1024u, 67108864u));
+  extract->add_option("--label", label, "ext4 volume label")->check([](const std::string& v) {
+    return v.size() <= 16 ? std::string() : std::string("at most 16 bytes");
+  });
+  extract->add_option("--uuid", uuid, "ext4 filesystem UUID");
+  extract->add_flag("--reproducible", reproducible,
+                    "same input, byte-identical ext4 image (also on when SOURCE_DATE_EPOCH is set)");
   extract->add_option("--layer-timeout", timeout_s, "seconds one layer may take (default 1800)")
       ->check(CLI::PositiveNumber);
   extract->add_flag("--json", json, "print a JSON summary on stdout");
@@ -84,6 +104,17 @@ int main(int argc, char** argv) {
   request.layers = layers;
   if (!rootfs.empty()) request.rootfs = rootfs;
   if (!manifest.empty()) request.manifest = manifest;
+  if (!ext4.empty()) request.ext4 = ext4;
+  if (size > 0) request.ext4_options.size_bytes = size;
+  request.ext4_options.block_size = block_size;
+  if (inode_ratio > 0) request.ext4_options.inode_ratio = inode_ratio;
+  request.ext4_options.label = label;
+  if (!uuid.empty()) request.ext4_options.uuid = uuid;
+  if (const char* epoch = std::getenv("SOURCE_DATE_EPOCH"); epoch != nullptr && *epoch != '\0') {
+    request.ext4_options.source_date_epoch = std::strtoll(epoch, nullptr, 10);
+  } else if (reproducible) {
+    request.ext4_options.source_date_epoch = 0;
+  }
   policy::PolicyBuilder builder;
   if (timeout_s > 0) builder.LayerTimeoutMs(static_cast<uint64_t>(timeout_s * 1000));
   auto policy = builder.Build();
@@ -108,6 +139,13 @@ int main(int argc, char** argv) {
     nlohmann::ordered_json out;
     out["entries"] = report->final_entries;
     out["seconds"] = report->total_ns / 1e9;
+    if (report->ext4) {
+      out["ext4"] = {{"size_bytes", report->ext4->plan.size_bytes},
+                     {"content_bytes", report->ext4->plan.content_bytes},
+                     {"inodes", report->ext4->plan.inodes},
+                     {"mkfs_ms", report->ext4->mkfs_ns / 1e6},
+                     {"ownership_pass_ms", report->ext4->pass_ns / 1e6}};
+    }
     for (const auto& l : report->layers) {
       out["layers"].push_back({{"index", l.index},
                                {"path", l.path},
