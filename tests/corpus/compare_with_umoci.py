@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Compare layerx's rootfs with umoci's, entry by entry, on a real image.
 
-usage: compare_with_umoci.py UMOCI_ROOTFS LAYERX_ROOTFS LAYERX_MANIFEST --mode root|rootless
+usage: compare_with_umoci.py UMOCI_ROOTFS LAYERX_ROOTFS LAYERX_MANIFEST --mode root|rootless|ext4
 
 Compared for every path: kind, symlink target, file content (sha256), mode
 (incl. setuid/setgid/sticky), and ownership: on disk as root, from the
@@ -90,15 +90,41 @@ def walk(root, rootless):
     return out
 
 
+def load_dump(path):
+    """An ext4 image as tests/testcases/ext4_dump printed it."""
+    out = {}
+    with open(path) as f:
+        for line in f:
+            m = json.loads(line)
+            p = m["path"].encode() if "path" in m else base64.b64decode(m["path_b64"])
+            if p == b".":
+                continue
+            e = {"kind": m["kind"], "mode": m["mode"], "owner": (m["uid"], m["gid"])}
+            if m["kind"] == "symlink":
+                e["target"] = m["target"].encode() if "target" in m else base64.b64decode(m["target_b64"])
+                del e["mode"]
+            elif m["kind"] == "file":
+                e["sha256"] = m["sha256"]
+            elif m["kind"] in ("char", "block"):
+                e["rdev"] = (m["rdev_major"], m["rdev_minor"])
+            cap = m.get("xattrs", {}).get("security.capability")
+            if cap is not None:
+                e["cap"] = base64.b64decode(cap)
+            out[p] = e
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("umoci")
     ap.add_argument("layerx")
     ap.add_argument("manifest")
-    ap.add_argument("--mode", choices=("root", "rootless"), required=True)
+    ap.add_argument("--mode", choices=("root", "rootless", "ext4"), required=True,
+                    help="ext4: LAYERX_ROOTFS is an ext4_dump listing; everything must match, "
+                         "devices and capabilities included")
     a = ap.parse_args()
     ref = walk(a.umoci, rootless=False)
-    got = walk(a.layerx, rootless=a.mode == "rootless")
+    got = load_dump(a.layerx) if a.mode == "ext4" else walk(a.layerx, rootless=a.mode == "rootless")
     manifest = {}
     with open(a.manifest) as f:
         for line in f:

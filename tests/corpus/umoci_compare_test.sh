@@ -1,10 +1,13 @@
 #!/bin/sh
 # layerx against umoci on the real images of ../shared/corpus: same tree (paths,
 # kinds, link targets, contents, modes, owners), as root and rootless.
-# usage: umoci_compare_test.sh LAYERX_BIN IMAGE   (skips, exit 77, without the corpus)
+# With EXT4_DUMP, also the rootless --ext4 image, read back with libext2fs: every
+# uid/gid/mode, device and file capability as umoci as root has it; e2fsck clean.
+# usage: umoci_compare_test.sh LAYERX_BIN IMAGE [EXT4_DUMP]  (skips, exit 77, without the corpus)
 set -eu
 layerx=$1
 image=$2
+ext4_dump=${3:-}
 here=$(cd "$(dirname "$0")" && pwd)
 corpus=${LAYERX_CORPUS:-/var/tmp/layerx-corpus}
 oci=$corpus/images/$image/oci
@@ -38,3 +41,12 @@ mkdir "$work/rl" && chown 65534:65534 "$work/rl"
 setpriv --reuid=65534 --regid=65534 --clear-groups \
   "$layerx" extract $layers --rootfs "$work/rl/rootfs" --manifest "$work/rl/m.jsonl" -q
 python3 "$here/compare_with_umoci.py" "$work/umoci/rootfs" "$work/rl/rootfs" "$work/rl/m.jsonl" --mode rootless
+
+if [ -n "$ext4_dump" ]; then
+  # shellcheck disable=SC2086
+  setpriv --reuid=65534 --regid=65534 --clear-groups \
+    "$layerx" extract $layers --ext4 "$work/rl/image.ext4" --manifest "$work/rl/m4.jsonl" -q
+  e2fsck -fn "$work/rl/image.ext4" >"$work/fsck.log" 2>&1 || { cat "$work/fsck.log"; echo "e2fsck: image not clean"; exit 1; }
+  "$ext4_dump" "$work/rl/image.ext4" > "$work/rl/dump.jsonl"
+  python3 "$here/compare_with_umoci.py" "$work/umoci/rootfs" "$work/rl/dump.jsonl" "$work/rl/m4.jsonl" --mode ext4
+fi
