@@ -110,7 +110,8 @@ uint32_t ToExtraTime(int64_t sec, int64_t nsec) {
 
 class OwnershipPass {
  public:
-  OwnershipPass(ext2_filsys fs, const ImageTree& tree) : fs_(fs), tree_(tree) {}
+  OwnershipPass(ext2_filsys fs, const ImageTree& tree, std::optional<int64_t> epoch)
+      : fs_(fs), tree_(tree), epoch_(epoch) {}
 
   Status Run() {
     LX_TRY(Walk());
@@ -118,13 +119,29 @@ class OwnershipPass {
     for (const auto& [path, ino] : found_) {
       auto it = tree_.entries().find(path);
       if (it == tree_.entries().end()) {
-        if (path == "lost+found") continue;  // mkfs's own
+        if (path == "lost+found") {  // mkfs's own
+          if (epoch_) LX_TRY(StampTimes(ino, *epoch_));
+          continue;
+        }
         return Fail(MakeError(ErrorKind::kInternal, "ext4: {:?} is in the image, not in the tree", path));
       }
       if (!done.insert(ino).second) continue;  // another name of a done inode
       if (Status s = Apply(ino, it->second->meta); !s) {
         return Fail(std::move(s).error().With("ext4 {:?}", path));
       }
+    }
+    if (epoch_) {
+      // Reproducible: the reserved inodes (journal, resize) and the superblock
+      // carry the epoch instead of the build's clock.
+      for (ext2_ino_t ino = 1; ino < EXT2_FIRST_INODE(fs_->super); ++ino) {
+        if (ino != EXT2_ROOT_INO) LX_TRY(StampTimes(ino, *epoch_));
+      }
+      auto t = static_cast<uint32_t>(*epoch_);
+      fs_->super->s_mkfs_time = fs_->super->s_lastcheck = fs_->super->s_wtime = t;
+      fs_->super->s_mkfs_time_hi = fs_->super->s_lastcheck_hi = fs_->super->s_wtime_hi = 0;
+      // libext2fs stamps s_wtime with fs->now, or the clock when that is 0.
+      fs_->now = static_cast<time_t>(std::max<int64_t>(*epoch_, 1));
+      ext2fs_mark_super_dirty(fs_);
     }
     // What the tree has and the copy could not: device nodes (rootless).
     for (const auto& [path, inode] : tree_.entries()) {
@@ -212,6 +229,23 @@ class OwnershipPass {
     if (inode.i_extra_isize >= offsetof(struct ext2_inode_large, i_crtime) - EXT2_GOOD_OLD_INODE_SIZE) {
       inode.i_atime_extra = inode.i_mtime_extra = inode.i_ctime_extra = ToExtraTime(sec, nsec);
     }
+    // Birth time too: mkfs stamped "now", which no layer said and which would
+    // make two builds differ.
+    if (inode.i_extra_isize >= offsetof(struct ext2_inode_large, i_projid) - EXT2_GOOD_OLD_INODE_SIZE) {
+      inode.i_crtime = static_cast<uint32_t>(sec);
+      inode.i_crtime_extra = ToExtraTime(sec, nsec);
+    }
+  }
+
+  Status StampTimes(ext2_ino_t ino, int64_t epoch) {
+    struct ext2_inode_large inode;
+    errcode_t rc = ext2fs_read_inode_full(fs_, ino, reinterpret_cast<ext2_inode*>(&inode), sizeof(inode));
+    if (rc) return Fail(Ext2Error(rc, "read inode"));
+    if (inode.i_mode == 0 && inode.i_links_count == 0 && inode.i_mtime == 0) return {};
+    SetTimes(inode, epoch * 1'000'000'000);
+    rc = ext2fs_write_inode_full(fs_, ino, reinterpret_cast<ext2_inode*>(&inode), sizeof(inode));
+    if (rc) return Fail(Ext2Error(rc, "write inode"));
+    return {};
   }
 
   static void SetOwner(struct ext2_inode_large& inode, const EntryRecord& m) {
@@ -280,6 +314,7 @@ class OwnershipPass {
 
   ext2_filsys fs_;
   const ImageTree& tree_;
+  std::optional<int64_t> epoch_;
   std::vector<std::pair<std::string, ext2_ino_t>> found_;
   std::unordered_map<std::string, ext2_ino_t> ino_of_;
 };
@@ -309,8 +344,9 @@ Result<Ext4Plan> PlanExt4(const ImageTree& tree, const Ext4Options& options) {
     for (const auto& [n, v] : m.xattrs) xattr_bytes += RoundUp(16 + n.size(), 4) + RoundUp(v.size(), 4);
     if (xattr_bytes > 96) blocks += (xattr_bytes + bs - 1) / bs;  // past the in-inode space
     if (m.kind == Kind::kFile) {
-      plan.content_bytes += m.size;
-      uint64_t data = (m.size + bs - 1) / bs;
+      plan.content_bytes += m.data_bytes;
+      // Blocks for the data present: a sparse file's holes take none.
+      uint64_t data = (m.data_bytes + bs - 1) / bs;
       blocks += data + data / 300 + (data > 4 ? 1 : 0);  // extent tree blocks, generously
     } else if (m.kind == Kind::kSymlink && m.symlink_target.size() >= 60) {
       blocks += 1;
@@ -362,8 +398,19 @@ Result<Ext4Report> BuildExt4(const std::string& rootfs_path, const ImageTree& tr
   }
   std::string extended = "root_owner=0:0";
   std::optional<std::string> uuid = options.uuid;
-  if (options.source_date_epoch && !uuid) uuid = DerivedUuid(options.seed);
-  if (options.source_date_epoch) extended += ",hash_seed=" + *uuid;
+  std::optional<int64_t> epoch;
+  if (options.reproducible) {
+    epoch = options.source_date_epoch;
+    if (!epoch) {
+      int64_t newest = 0;
+      for (const auto& [path, inode] : tree.entries()) {
+        newest = std::max<int64_t>(newest, inode->meta.mtime_ns / 1'000'000'000);
+      }
+      epoch = newest;
+    }
+    if (!uuid) uuid = DerivedUuid(options.seed);
+    extended += ",hash_seed=" + *uuid;
+  }
   for (std::string a : {FindTool("mkfs.ext4"), std::string("-F"), std::string("-q"), std::string("-t"),
                         std::string("ext4"), std::string("-b"), std::to_string(options.block_size),
                         std::string("-m"), std::string("0"), std::string("-E"), extended}) {
@@ -384,9 +431,7 @@ Result<Ext4Report> BuildExt4(const std::string& rootfs_path, const ImageTree& tr
       env.emplace_back(*e);
     }
   }
-  if (options.source_date_epoch) {
-    env.push_back(fmt::format("E2FSPROGS_FAKE_TIME={}", *options.source_date_epoch));
-  }
+  if (epoch) env.push_back(fmt::format("E2FSPROGS_FAKE_TIME={}", *epoch));
   std::string output;
   LX_ASSIGN_OR_RETURN(int rc, RunTool(argv, env, &output));
   if (rc != 0) {
@@ -396,13 +441,12 @@ Result<Ext4Report> BuildExt4(const std::string& rootfs_path, const ImageTree& tr
   log->info("mkfs: size={} inodes={} ms={:.1f}", plan.size_bytes, plan.inode_count, report.mkfs_ns / 1e6);
 
   int64_t pass_start = MonotonicNs();
-  if (options.source_date_epoch) ::setenv("E2FSPROGS_FAKE_TIME", std::to_string(*options.source_date_epoch).c_str(), 1);
   ext2_filsys fs = nullptr;
   errcode_t err = ext2fs_open2(image_path.c_str(), nullptr, EXT2_FLAG_RW | EXT2_FLAG_64BITS, 0, 0,
                                unix_io_manager, &fs);
   if (err) return Fail(Ext2Error(err, "ext4: open image"));
   err = ext2fs_read_bitmaps(fs);
-  Status status = err ? Status(Fail(Ext2Error(err, "ext4: read bitmaps"))) : OwnershipPass(fs, tree).Run();
+  Status status = err ? Status(Fail(Ext2Error(err, "ext4: read bitmaps"))) : OwnershipPass(fs, tree, epoch).Run();
   errcode_t close_err = status ? ext2fs_close_free(&fs) : (ext2fs_free(fs), 0);
   if (!status) return Fail(status.error());
   if (close_err) return Fail(Ext2Error(close_err, "ext4: write image"));

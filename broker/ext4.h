@@ -21,9 +21,10 @@ struct Ext4Options {
   std::optional<uint32_t> inode_ratio;    // bytes per inode; unset: from the entry count
   std::string label;                      // at most 16 bytes
   std::optional<std::string> uuid;        // unset: random, or derived when reproducible
-  // Set: a reproducible image. The UUID and hash seed come from `seed` (unless
-  // given), every filesystem timestamp is this epoch, and the same input gives
-  // a byte-identical image.
+  // A reproducible image: the UUID and hash seed come from `seed` (unless
+  // given), every timestamp no layer set is `source_date_epoch` (default: the
+  // newest mtime in the tree), and the same input gives a byte-identical image.
+  bool reproducible = false;
   std::optional<int64_t> source_date_epoch;
   std::string seed;  // e.g. the layers' digests; only used when reproducible
 };

@@ -32,7 +32,8 @@ Status ImageTree::Validate(const EntryRecord& r) const {
   if (r.path.empty() && r.kind != Kind::kDir) return Fail(Bad("the root must be a directory"));
   if (r.mode > 07777) return Fail(Bad(fmt::format("mode {:o}", r.mode)));
   if (r.uid == 0xffffffffu || r.gid == 0xffffffffu) return Fail(Bad("uid/gid -1"));
-  if (r.size > limits_.max_layer_bytes || (r.kind != Kind::kFile && r.size != 0)) {
+  if (r.size > limits_.max_layer_bytes || (r.kind != Kind::kFile && r.size != 0) ||
+      r.data_bytes > r.size) {
     return Fail(Bad("size"));
   }
   bool symlink = r.kind == Kind::kSymlink;

@@ -111,10 +111,10 @@ int main(int argc, char** argv) {
   request.ext4_options.label = label;
   if (!uuid.empty()) request.ext4_options.uuid = uuid;
   if (const char* epoch = std::getenv("SOURCE_DATE_EPOCH"); epoch != nullptr && *epoch != '\0') {
+    request.ext4_options.reproducible = true;
     request.ext4_options.source_date_epoch = std::strtoll(epoch, nullptr, 10);
-  } else if (reproducible) {
-    request.ext4_options.source_date_epoch = 0;
   }
+  request.ext4_options.reproducible |= reproducible;
   policy::PolicyBuilder builder;
   if (timeout_s > 0) builder.LayerTimeoutMs(static_cast<uint64_t>(timeout_s * 1000));
   auto policy = builder.Build();

@@ -345,7 +345,7 @@ Status Applier::SetXattrs(int fd, const TarEntry& e) {
   return {};
 }
 
-Status Applier::WriteFile(int fd, const TarEntry& e, const DataFeed& data) {
+Result<uint64_t> Applier::WriteFile(int fd, const TarEntry& e, const DataFeed& data) {
   if (file_bytes_ + e.size > limits_.max_layer_bytes) {
     return Fail(MakeError(ErrorKind::kLimitExceeded, "layer data over max_layer_bytes={}",
                           limits_.max_layer_bytes));
@@ -374,7 +374,7 @@ Status Applier::WriteFile(int fd, const TarEntry& e, const DataFeed& data) {
     if (errno == EFBIG) return Fail(Error(ErrorKind::kLimitExceeded, EFBIG, "file over rlimit"));
     return Fail(Os(errno, "ftruncate"));
   }
-  return {};
+  return written;
 }
 
 Status Applier::ApplyRoot(const TarEntry& e) {
@@ -470,6 +470,7 @@ Status Applier::Apply(const TarEntry& e, const DataFeed& data) {
     LX_ASSIGN_OR_RETURN(dir, ResolveDir(name.Parent(), true, e.mtime_ns));
   }
   const char* cleaf = leaf.c_str();
+  uint64_t data_bytes = 0;
   struct timespec times[2] = {ToTimespec(e.mtime_ns), ToTimespec(e.mtime_ns)};
 
   switch (e.kind) {
@@ -480,7 +481,7 @@ Status Applier::Apply(const TarEntry& e, const DataFeed& data) {
       if (fd < 0) return Fail(Os(errno, fmt::format("create {:?}", leaf)));
       UniqueFd file(fd);
       Touch(path);
-      LX_TRY(WriteFile(file.get(), e, data));
+      LX_ASSIGN_OR_RETURN(data_bytes, WriteFile(file.get(), e, data));
       if (options_.chown && ::fchown(file.get(), e.uid, e.gid) != 0) {
         return Fail(Os(errno, "fchown"));
       }
@@ -542,7 +543,9 @@ Status Applier::Apply(const TarEntry& e, const DataFeed& data) {
     case Kind::kHardlink:
       LX_CHECK(false);
   }
-  return sink_.Add(MakeRecord(e, path));
+  EntryRecord record = MakeRecord(e, path);
+  record.data_bytes = data_bytes;
+  return sink_.Add(std::move(record));
 }
 
 Status Applier::Finish() {

@@ -83,7 +83,7 @@ class Applier {
   Status ApplyRoot(const TarEntry& entry);
   Status ApplyHardlink(const TarEntry& entry, const EntryName& name, bool final_attempt,
                        bool* deferred);
-  Status WriteFile(int fd, const TarEntry& entry, const DataFeed& data);
+  Result<uint64_t> WriteFile(int fd, const TarEntry& entry, const DataFeed& data);
   Status SetXattrs(int fd, const TarEntry& entry);
   EntryRecord MakeRecord(const TarEntry& entry, std::string path) const;
 

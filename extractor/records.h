@@ -23,6 +23,7 @@ struct EntryRecord {
   uint32_t mode = 0;  // & 07777
   int64_t mtime_ns = 0;
   uint64_t size = 0;
+  uint64_t data_bytes = 0;  // data actually present (sparse files have less than size)
   std::string symlink_target;
   std::string hardlink_target;
   uint32_t rdev_major = 0;

@@ -26,6 +26,7 @@ void ToWire(const extractor::EntryRecord& in, Entry::Builder out) {
   out.setMode(in.mode);
   out.setMtimeNs(in.mtime_ns);
   out.setSize(in.size);
+  out.setDataBytes(in.data_bytes);
   if (!in.symlink_target.empty()) out.setSymlinkTarget(Bytes(in.symlink_target));
   if (!in.hardlink_target.empty()) out.setHardlinkTarget(Bytes(in.hardlink_target));
   out.setRdevMajor(in.rdev_major);
@@ -55,6 +56,7 @@ std::optional<extractor::EntryRecord> FromWire(Entry::Reader in) {
   out.mode = in.getMode();
   out.mtime_ns = in.getMtimeNs();
   out.size = in.getSize();
+  out.data_bytes = in.getDataBytes();
   out.symlink_target = String(in.getSymlinkTarget());
   out.hardlink_target = String(in.getHardlinkTarget());
   out.rdev_major = in.getRdevMajor();

@@ -34,6 +34,7 @@ struct Entry {
   rdevMajor @9 :UInt32;     # char/block devices only
   rdevMinor @10 :UInt32;
   xattrs @11 :List(Xattr);
+  dataBytes @12 :UInt64;    # file data present in the layer: < size for sparse files
 }
 
 struct Removal {

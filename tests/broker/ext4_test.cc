@@ -1,0 +1,262 @@
+// The ext4 image end to end through the CLI: a fixture image with every kind of
+// entry, read back with libext2fs (tests/testcases/ext4_dump) and e2fsck -fn.
+// ctest runs it as root and as uid 65534.
+#include <archive.h>
+#include <archive_entry.h>
+#include <gtest/gtest.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "sandbox/sys.h"
+
+namespace {
+
+using nlohmann::json;
+
+// A layer written with libarchive's pax writer.
+class Layer {
+ public:
+  explicit Layer(const std::string& path) : a_(archive_write_new()) {
+    archive_write_set_format_pax(a_);
+    archive_write_open_filename(a_, path.c_str());
+  }
+  ~Layer() {
+    archive_write_close(a_);
+    archive_write_free(a_);
+  }
+  archive_entry* Add(const std::string& name, mode_t type, mode_t perm, const std::string& data = "",
+                     uint32_t uid = 0, uint32_t gid = 0) {
+    archive_entry* e = archive_entry_new();
+    archive_entry_copy_pathname(e, name.c_str());
+    archive_entry_set_filetype(e, type);
+    archive_entry_set_perm(e, perm);
+    archive_entry_set_uid(e, uid);
+    archive_entry_set_gid(e, gid);
+    archive_entry_set_mtime(e, 1700000000, 123456789);
+    if (type == AE_IFREG) archive_entry_set_size(e, static_cast<la_int64_t>(data.size()));
+    pending_ = e;
+    data_ = data;
+    return e;
+  }
+  void Write() {
+    archive_write_header(a_, pending_);
+    if (!data_.empty()) archive_write_data(a_, data_.data(), data_.size());
+    archive_entry_free(pending_);
+  }
+  void File(const std::string& name, const std::string& data, mode_t perm = 0644, uint32_t uid = 0,
+            uint32_t gid = 0) {
+    Add(name, AE_IFREG, perm, data, uid, gid);
+    Write();
+  }
+  void Dir(const std::string& name, mode_t perm = 0755) {
+    Add(name, AE_IFDIR, perm);
+    Write();
+  }
+  void Symlink(const std::string& name, const std::string& target) {
+    archive_entry* e = Add(name, AE_IFLNK, 0777);
+    archive_entry_copy_symlink(e, target.c_str());
+    Write();
+  }
+  void Hardlink(const std::string& name, const std::string& target) {
+    archive_entry* e = Add(name, AE_IFREG, 0644);
+    archive_entry_copy_hardlink(e, target.c_str());
+    archive_entry_set_size(e, 0);
+    Write();
+  }
+  void Device(const std::string& name, mode_t type, unsigned major, unsigned minor) {
+    archive_entry* e = Add(name, type, 0666);
+    archive_entry_set_rdevmajor(e, major);
+    archive_entry_set_rdevminor(e, minor);
+    Write();
+  }
+  // A file of `size` bytes that is all hole but `data` at `offset`.
+  void Sparse(const std::string& name, int64_t size, int64_t offset, const std::string& data) {
+    archive_entry* e = Add(name, AE_IFREG, 0644);
+    archive_entry_set_size(e, size);
+    archive_entry_sparse_add_entry(e, offset, static_cast<la_int64_t>(data.size()));
+    archive_write_header(a_, e);
+    archive_write_data(a_, data.data(), data.size());
+    archive_entry_free(e);
+  }
+
+ private:
+  struct archive* a_;
+  archive_entry* pending_ = nullptr;
+  std::string data_;
+};
+
+int Shell(const std::string& cmd, std::string* out = nullptr) {
+  FILE* p = popen(cmd.c_str(), "r");
+  std::string text;
+  char buf[65536];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) text.append(buf, n);
+  int status = pclose(p);
+  if (out) *out = text;
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+std::map<std::string, json> Dump(const std::string& image) {
+  std::string text;
+  EXPECT_EQ(Shell(std::string(LAYERX_EXT4_DUMP) + " " + image, &text), 0);
+  std::map<std::string, json> out;
+  std::istringstream lines(text);
+  std::string line;
+  while (std::getline(lines, line)) {
+    json j = json::parse(line);
+    std::string path = j.contains("path") ? j["path"].get<std::string>() : "b64:" + j["path_b64"].get<std::string>();
+    out[path] = j;
+  }
+  return out;
+}
+
+const std::string kCap = std::string("\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00", 20);
+
+class Ext4Test : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/layerx-ext4-XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+    {
+      // Layer 1: every kind of entry the image must carry.
+      Layer l(dir_ + "/l1.tar");
+      l.Dir("usr/");
+      l.Dir("usr/bin/");
+      l.File("usr/bin/sudo", "sudo", 04755);
+      l.File("usr/bin/ping", "ping", 0755);
+      archive_entry* e = l.Add("usr/bin/ping6", AE_IFREG, 0755, "ping6");
+      archive_entry_xattr_add_entry(e, "security.capability", kCap.data(), kCap.size());
+      archive_entry_xattr_add_entry(e, "user.note", "hi", 2);
+      l.Write();
+      l.File("home/user/f", "mine", 0600, 1000, 1000);
+      l.File("home/big/f", "big ids", 0640, 100000, 100000);
+      l.Dir("dev/");
+      l.Device("dev/null", AE_IFCHR, 1, 3);
+      l.Device("dev/sda", AE_IFBLK, 8, 0);
+      l.Device("dev/wide", AE_IFCHR, 300, 70000);
+      l.Add("run/initctl", AE_IFIFO, 0600);
+      l.Write();
+      l.File("a/one", "shared", 0644);
+      l.Hardlink("a/two", "a/one");
+      l.Symlink("fast", "usr/bin");
+      l.Symlink("slow", std::string(100, 'x') + "/target");
+      l.File("empty", "");
+      l.Sparse("sparse", 10 << 20, 5 << 20, "middle");
+      l.Sparse("huge", int64_t{5} << 30, int64_t{4} << 30, "past 4 GiB");
+      l.File("names/sp ace", "1");
+      l.File("names/quo\"te", "2");
+      l.File("names/new\nline", "3");
+      l.File("names/back\\slash", "4");
+      l.File(std::string("names/\xff\xfe"), "5");
+      l.Dir("gone/");
+      l.File("gone/victim", "v");
+      l.Dir("opq/");
+      l.File("opq/lower", "l");
+    }
+    {
+      // Layer 2: a whiteout and an opaque dir with one new child.
+      Layer l(dir_ + "/l2.tar");
+      l.File(".wh.gone", "");
+      l.Dir("opq/");
+      l.File("opq/.wh..wh..opq", "");
+      l.File("opq/upper", "u");
+    }
+  }
+  void TearDown() override { (void)layerx::sandbox::RemoveTreeAt(AT_FDCWD, dir_); }
+
+  // A third layer with one directory of 10,000 entries (mkfs -d is quadratic
+  // in a directory's size, so only the test that needs it has it).
+  void AddManyLayer() {
+    Layer l(dir_ + "/l3.tar");
+    for (int i = 0; i < 10000; ++i) l.File("many/f" + std::to_string(i), "");
+    layers_ += " " + dir_ + "/l3.tar";
+  }
+
+  int Extract(const std::string& image, const std::string& extra = "", std::string* err = nullptr) {
+    std::string cmd = std::string(LAYERX_BIN) + " extract " + dir_ + "/l1.tar " + dir_ + "/l2.tar" + layers_ + " --ext4 " +
+                      dir_ + "/" + image + " -q " + extra + " 2>" + dir_ + "/err";
+    int rc = Shell(cmd);
+    if (err) {
+      std::ifstream in(dir_ + "/err");
+      err->assign(std::istreambuf_iterator<char>(in), {});
+    }
+    return rc;
+  }
+  std::string dir_;
+  std::string layers_;
+};
+
+TEST_F(Ext4Test, ImageCarriesTrueMetadataAndIsClean) {
+  AddManyLayer();
+  std::string err;
+  ASSERT_EQ(Extract("a.img", "", &err), 0) << err;
+  EXPECT_EQ(Shell("e2fsck -fn " + dir_ + "/a.img >/dev/null 2>&1"), 0) << "e2fsck found problems";
+  auto d = Dump(dir_ + "/a.img");
+  EXPECT_EQ(d["usr/bin/sudo"]["uid"], 0);
+  EXPECT_EQ(d["usr/bin/sudo"]["mode"], 04755);
+  EXPECT_EQ(d["home/user/f"]["uid"], 1000);
+  EXPECT_EQ(d["home/user/f"]["gid"], 1000);
+  EXPECT_EQ(d["home/user/f"]["mode"], 0600);
+  EXPECT_EQ(d["home/big/f"]["uid"], 100000);
+  EXPECT_EQ(d["home/big/f"]["gid"], 100000);
+  EXPECT_EQ(d["usr/bin/ping6"]["xattrs"]["security.capability"], "AQAAAgAgAAAAAAAAAAAAAAAAAAA=");
+  EXPECT_EQ(d["usr/bin/ping6"]["xattrs"]["user.note"], "aGk=");
+  EXPECT_FALSE(d["usr/bin/ping"].contains("xattrs"));
+  EXPECT_FALSE(d["home/user/f"].contains("xattrs")) << "user.rootlesscontainers leaked into the image";
+  EXPECT_EQ(d["dev/null"]["kind"], "char");
+  EXPECT_EQ(d["dev/null"]["rdev_major"], 1);
+  EXPECT_EQ(d["dev/null"]["rdev_minor"], 3);
+  EXPECT_EQ(d["dev/null"]["mode"], 0666);
+  EXPECT_EQ(d["dev/sda"]["kind"], "block");
+  EXPECT_EQ(d["dev/sda"]["rdev_major"], 8);
+  EXPECT_EQ(d["dev/wide"]["rdev_major"], 300);
+  EXPECT_EQ(d["dev/wide"]["rdev_minor"], 70000);
+  EXPECT_EQ(d["run/initctl"]["kind"], "fifo");
+  EXPECT_EQ(d["run/initctl"]["mode"], 0600);
+  EXPECT_EQ(d["a/one"]["ino"], d["a/two"]["ino"]);
+  EXPECT_EQ(d["a/one"]["nlink"], 2);
+  EXPECT_EQ(d["fast"]["target"], "usr/bin");
+  EXPECT_EQ(d["slow"]["target"], std::string(100, 'x') + "/target");
+  EXPECT_EQ(d["empty"]["size"], 0);
+  EXPECT_EQ(d["sparse"]["size"], 10 << 20);
+  EXPECT_EQ(d["huge"]["size"], int64_t{5} << 30);
+  EXPECT_EQ(d["usr/bin/sudo"]["mtime"], 1700000000);
+  EXPECT_EQ(d["usr/bin/sudo"]["mtime_nsec"], 123456789);
+  int many = 0;
+  for (const auto& [path, j] : d) many += path.rfind("many/", 0) == 0;
+  EXPECT_EQ(many, 10000);
+  for (const char* name : {"names/sp ace", "names/quo\"te", "names/new\nline", "names/back\\slash"}) {
+    EXPECT_TRUE(d.contains(name)) << name;
+  }
+  EXPECT_TRUE(d.contains("b64:" + std::string("bmFtZXMv//4=")));
+  // Whiteouts leave no trace; the opaque dir has exactly the upper children.
+  EXPECT_FALSE(d.contains("gone"));
+  EXPECT_FALSE(d.contains("gone/victim"));
+  EXPECT_FALSE(d.contains(".wh.gone"));
+  EXPECT_FALSE(d.contains("opq/lower"));
+  EXPECT_TRUE(d.contains("opq/upper"));
+  EXPECT_FALSE(d.contains("opq/.wh..wh..opq"));
+}
+
+TEST_F(Ext4Test, ReproducibleModeIsByteIdentical) {
+  ASSERT_EQ(Extract("r1.img", "--reproducible"), 0);
+  ASSERT_EQ(Extract("r2.img", "--reproducible"), 0);
+  EXPECT_EQ(Shell("cmp -s " + dir_ + "/r1.img " + dir_ + "/r2.img"), 0) << "images differ";
+}
+
+TEST_F(Ext4Test, TooSmallSizeIsAClearErrorAndLeavesNothing) {
+  std::string err;
+  EXPECT_EQ(Extract("small.img", "--size 100K", &err), 2);
+  EXPECT_NE(err.find("too small"), std::string::npos) << err;
+  EXPECT_EQ(access((dir_ + "/small.img").c_str(), F_OK), -1);
+}
+
+}  // namespace
