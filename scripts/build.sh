@@ -12,5 +12,5 @@ if [ ! -e build ] && [ "$(id -u)" = 0 ] && command -v setpriv >/dev/null &&
   ln -s "$out" build
   echo "build: $PWD is private; building in $out (./build links there)"
 fi
-cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE="${BUILD_TYPE:-RelWithDebInfo}" >/dev/null
-ninja -C build -j"${JOBS:-2}"
+cmake -S . -B "$(readlink -f build 2>/dev/null || echo build)" -G Ninja -DCMAKE_BUILD_TYPE="${BUILD_TYPE:-RelWithDebInfo}" >/dev/null
+ninja -C "$(readlink -f build)" -j"${JOBS:-2}"
