@@ -1,0 +1,475 @@
+// Hostile and semantic layers, end to end through `layerx extract`. Every test
+// plants a world-writable probe directory with a sentinel OUTSIDE the rootfs
+// and proves afterwards that nothing in it changed; ctest runs the whole file
+// as root and as uid 65534 (tests/CMakeLists.txt), so each case holds both ways.
+#include <dirent.h>
+#include <gtest/gtest.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <functional>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "sandbox/sys.h"
+#include "tests/fixtures/layer_writer.h"
+
+namespace layerx {
+namespace {
+
+using testing::LayerWriter;
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+// Everything about a directory tree that an escape could change.
+std::map<std::string, std::string> Snapshot(const std::string& root) {
+  std::map<std::string, std::string> out;
+  std::function<void(const std::string&)> walk = [&](const std::string& rel) {
+    std::string path = root + rel;
+    struct stat st;
+    if (lstat(path.c_str(), &st) != 0) return;
+    char xattrs[4096] = {};
+    ssize_t xl = llistxattr(path.c_str(), xattrs, sizeof(xattrs));
+    std::ostringstream s;
+    s << std::oct << st.st_mode << std::dec << " " << st.st_uid << ":" << st.st_gid << " n" << st.st_nlink
+      << " s" << st.st_size << " m" << st.st_mtim.tv_sec << "." << st.st_mtim.tv_nsec << " x"
+      << std::string(xattrs, xl > 0 ? static_cast<size_t>(xl) : 0);
+    if (S_ISREG(st.st_mode)) s << " c" << ReadFile(path);
+    out[rel] = s.str();
+    if (!S_ISDIR(st.st_mode)) return;
+    DIR* d = opendir(path.c_str());
+    while (d != nullptr) {
+      struct dirent* e = readdir(d);
+      if (e == nullptr) break;
+      std::string name = e->d_name;
+      if (name != "." && name != "..") walk(rel + "/" + name);
+    }
+    if (d) closedir(d);
+  };
+  walk("");
+  return out;
+}
+
+class HostileTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char work[] = "/tmp/layerx-hostile-XXXXXX";
+    char probe[] = "/tmp/layerx-probe-XXXXXX";
+    ASSERT_NE(mkdtemp(work), nullptr);
+    ASSERT_NE(mkdtemp(probe), nullptr);
+    dir_ = work;
+    probe_ = probe;
+    // World-writable, so a rootless escape would not be stopped by permissions.
+    ASSERT_EQ(chmod(probe_.c_str(), 0777), 0);
+    ASSERT_EQ(mkdir((probe_ + "/sub").c_str(), 0777), 0);
+    std::ofstream(probe_ + "/sentinel") << "sentinel";
+    ASSERT_EQ(chmod((probe_ + "/sentinel").c_str(), 0666), 0);
+    probe_before_ = Snapshot(probe_);
+  }
+  void TearDown() override {
+    EXPECT_EQ(Snapshot(probe_), probe_before_) << "the host probe changed: an escape";
+    (void)sandbox::RemoveTreeAt(AT_FDCWD, dir_);
+    (void)sandbox::RemoveTreeAt(AT_FDCWD, probe_);
+  }
+
+  std::string Layer(int n) { return dir_ + "/l" + std::to_string(n) + ".tar"; }
+  std::string Out(const std::string& rel = "") { return dir_ + "/out" + (rel.empty() ? "" : "/" + rel); }
+  // The probe's path as it lands inside the rootfs when a link clamps there.
+  std::string InRoot(const std::string& rel) { return Out(probe_.substr(1) + "/" + rel); }
+
+  // Runs layerx on layers 1..n; returns the exit status, stderr in err_.
+  int Extract(int n, const std::string& extra = "") {
+    std::string cmd = std::string(LAYERX_BIN) + " extract";
+    for (int i = 1; i <= n; ++i) cmd += " " + Layer(i);
+    cmd += " --rootfs " + Out() + " --manifest " + dir_ + "/m.jsonl " + extra + " -q 2>" + dir_ + "/err";
+    int status = system(cmd.c_str());
+    err_ = ReadFile(dir_ + "/err");
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  }
+  // A refused job: exit 1, one line naming the layer, nothing left behind.
+  void ExpectRefused(int n, int bad_layer) {
+    auto before = Listing();
+    EXPECT_EQ(Extract(n), 1) << err_;
+    EXPECT_EQ(std::count(err_.begin(), err_.end(), '\n'), 1) << err_;
+    EXPECT_NE(err_.find("layer " + std::to_string(bad_layer)), std::string::npos) << err_;
+    before.erase(std::remove(before.begin(), before.end(), "err"), before.end());
+    auto after = Listing();
+    after.erase(std::remove(after.begin(), after.end(), "err"), after.end());
+    EXPECT_EQ(after, before) << "output or work dir left behind";
+  }
+  std::vector<std::string> Listing() {
+    std::vector<std::string> names;
+    DIR* d = opendir(dir_.c_str());
+    while (struct dirent* e = readdir(d)) names.push_back(e->d_name);
+    closedir(d);
+    std::sort(names.begin(), names.end());
+    return names;
+  }
+  static bool IsLink(const std::string& p) {
+    struct stat st;
+    return lstat(p.c_str(), &st) == 0 && S_ISLNK(st.st_mode);
+  }
+  static bool IsDir(const std::string& p) {
+    struct stat st;
+    return lstat(p.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+  }
+  static bool IsFile(const std::string& p) {
+    struct stat st;
+    return lstat(p.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+  }
+  static std::string Target(const std::string& p) {
+    char buf[4096];
+    ssize_t n = readlink(p.c_str(), buf, sizeof(buf));
+    return n < 0 ? "" : std::string(buf, static_cast<size_t>(n));
+  }
+  std::map<std::string, nlohmann::json> Manifest() {
+    std::map<std::string, nlohmann::json> out;
+    std::istringstream lines(ReadFile(dir_ + "/m.jsonl"));
+    std::string line;
+    while (std::getline(lines, line)) {
+      auto j = nlohmann::json::parse(line);
+      out[j.contains("path") ? j["path"].get<std::string>() : "b64:" + j["path_b64"].get<std::string>()] = j;
+    }
+    return out;
+  }
+
+  std::string dir_, probe_, err_;
+  std::map<std::string, std::string> probe_before_;
+};
+
+// --- escapes ---------------------------------------------------------------
+
+TEST_F(HostileTest, CannotWriteThroughAbsoluteSymlinkParent) {
+  // etc -> /tmp/probe (absolute, at the host probe), then etc/x and etc/sentinel.
+  LayerWriter(Layer(1)).Symlink("etc", probe_);
+  LayerWriter(Layer(2)).File("etc/x", "pwn").File("etc/sentinel", "pwn");
+  ASSERT_EQ(Extract(2), 0) << err_;
+  EXPECT_TRUE(IsLink(Out("etc")));
+  EXPECT_EQ(ReadFile(InRoot("x")), "pwn");  // clamped into the image
+  EXPECT_EQ(ReadFile(InRoot("sentinel")), "pwn");
+}
+
+TEST_F(HostileTest, CannotWriteThroughSymlinkParentInSameLayer) {
+  LayerWriter(Layer(1)).Symlink("etc", probe_).File("etc/x", "pwn");
+  ASSERT_EQ(Extract(1), 0) << err_;
+  EXPECT_EQ(ReadFile(InRoot("x")), "pwn");
+}
+
+TEST_F(HostileTest, CannotClimbWithRelativeDotDotChain) {
+  LayerWriter(Layer(1)).Dir("a").Symlink("a/up", "../../../../../../../../.." + probe_).File("a/up/sentinel", "pwn");
+  ASSERT_EQ(Extract(1), 0) << err_;
+  EXPECT_EQ(ReadFile(InRoot("sentinel")), "pwn");
+}
+
+TEST_F(HostileTest, CannotEscapeThroughMultiHopChain) {
+  LayerWriter(Layer(1))
+      .Dir("d")
+      .Symlink("h1", "h2")
+      .Symlink("h2", "d/../h3")
+      .Symlink("h3", "/../../.." + probe_ + "/sub")
+      .File("h1/x", "pwn");
+  ASSERT_EQ(Extract(1), 0) << err_;
+  EXPECT_EQ(ReadFile(InRoot("sub/x")), "pwn");
+}
+
+TEST_F(HostileTest, CannotWhiteoutThroughSymlinkedParent) {
+  LayerWriter(Layer(1)).Symlink("link", probe_).Symlink("sub", probe_ + "/sub");
+  LayerWriter(Layer(2)).Whiteout("link", "sentinel").Opaque("link").Opaque("sub");
+  ASSERT_EQ(Extract(2), 0) << err_;
+  EXPECT_TRUE(IsLink(Out("link")));
+}
+
+TEST_F(HostileTest, RejectsHardlinkToAbsoluteHostPath) {
+  LayerWriter(Layer(1)).Hardlink("h", probe_ + "/sentinel");
+  ExpectRefused(1, 1);
+}
+
+TEST_F(HostileTest, HardlinkToAbsolutePathLinksTheImagesFile) {
+  LayerWriter(Layer(1)).File(probe_.substr(1) + "/sentinel", "image's own").Hardlink("h", probe_ + "/sentinel");
+  ASSERT_EQ(Extract(1), 0) << err_;
+  EXPECT_EQ(ReadFile(Out("h")), "image's own");
+}
+
+TEST_F(HostileTest, RejectsHardlinkClimbingOut) {
+  LayerWriter(Layer(1)).Hardlink("h", "../../../etc/passwd");
+  ExpectRefused(1, 1);
+}
+
+TEST_F(HostileTest, CannotWriteThroughHardlinkToSymlink) {
+  // h is a hardlink to the symlink s (pointing out); a later write to h
+  // replaces h, it never follows it.
+  LayerWriter(Layer(1)).Symlink("s", probe_ + "/sentinel").Hardlink("h", "s");
+  LayerWriter(Layer(2)).File("h", "overwrite");
+  ASSERT_EQ(Extract(1), 0) << err_;
+  EXPECT_TRUE(IsLink(Out("h")));
+  EXPECT_EQ(Target(Out("h")), probe_ + "/sentinel");
+  (void)sandbox::RemoveTreeAt(AT_FDCWD, Out());
+  ASSERT_EQ(Extract(2), 0) << err_;
+  EXPECT_TRUE(IsFile(Out("h")));
+  EXPECT_EQ(ReadFile(Out("h")), "overwrite");
+}
+
+TEST_F(HostileTest, MetadataOnSymlinkPathReplacesTheLink) {
+  // chmod/utime/xattr for an entry at a symlink's path: the link is replaced,
+  // the host file it points to keeps its mode, times and xattrs.
+  LayerWriter(Layer(1)).Symlink("s", probe_ + "/sentinel").Symlink("d", probe_ + "/sub");
+  LayerWriter(Layer(2)).File("s", "x", 04777, 0, 0, {{"user.pwn", "1"}}).Dir("d", 0700);
+  ASSERT_EQ(Extract(2), 0) << err_;
+  EXPECT_TRUE(IsFile(Out("s")));
+  EXPECT_TRUE(IsDir(Out("d")));
+}
+
+TEST_F(HostileTest, RejectsDotDotNames) {
+  LayerWriter(Layer(1)).File("ok", "1").File("../escape", "pwn");
+  ExpectRefused(1, 1);
+}
+
+TEST_F(HostileTest, RejectsNestedDotDotNames) {
+  LayerWriter(Layer(1)).File("a/../../escape", "pwn");
+  ExpectRefused(1, 1);
+}
+
+TEST_F(HostileTest, AbsoluteNamesLandInsideTheImage) {
+  LayerWriter(Layer(1)).File(probe_ + "/sentinel", "inside");
+  ASSERT_EQ(Extract(1), 0) << err_;
+  EXPECT_EQ(ReadFile(InRoot("sentinel")), "inside");
+}
+
+TEST_F(HostileTest, SymlinkLoopIsAClearError) {
+  LayerWriter(Layer(1)).Symlink("a", "b").Symlink("b", "a").File("a/x", "pwn");
+  ExpectRefused(1, 1);
+  EXPECT_NE(err_.find("ELOOP"), std::string::npos) << err_;
+}
+
+TEST_F(HostileTest, DanglingLinkParentIsConfined) {
+  LayerWriter(Layer(1)).Symlink("d", "/nonexistent/dir").File("d/x", "ok");
+  ASSERT_EQ(Extract(1), 0) << err_;
+  EXPECT_EQ(ReadFile(Out("nonexistent/dir/x")), "ok");
+}
+
+TEST_F(HostileTest, DeepNesting200Levels) {
+  std::string deep;
+  for (int i = 0; i < 200; ++i) deep += "d/";
+  LayerWriter(Layer(1)).File(deep + "f", "deep");
+  LayerWriter(Layer(2)).Whiteout("", "d");
+  ASSERT_EQ(Extract(1), 0) << err_;
+  EXPECT_EQ(ReadFile(Out(deep + "f")), "deep");
+  (void)sandbox::RemoveTreeAt(AT_FDCWD, Out());
+  ASSERT_EQ(Extract(2), 0) << err_;
+  EXPECT_FALSE(IsDir(Out("d")));
+}
+
+TEST_F(HostileTest, RejectsPaxNameLongerThanPathMax) {
+  std::string name;
+  while (name.size() < 5000) name += std::string(200, 'n') + "/";
+  LayerWriter(Layer(1)).File(name + "f", "long");
+  ExpectRefused(1, 1);
+}
+
+TEST_F(HostileTest, RootEntryThatIsASymlinkOrFileIsIgnored) {
+  LayerWriter(Layer(1)).Symlink("./", probe_).File("x", "in root");
+  LayerWriter(Layer(2)).File(".", "a file root").File("y", "in root");
+  ASSERT_EQ(Extract(2), 0) << err_;
+  EXPECT_TRUE(IsDir(Out()));
+  EXPECT_EQ(ReadFile(Out("x")), "in root");
+  EXPECT_EQ(ReadFile(Out("y")), "in root");
+}
+
+TEST_F(HostileTest, RejectsWhiteoutOfDotDot) {
+  LayerWriter(Layer(1)).Dir("a").File("a/.wh...", "");
+  ExpectRefused(1, 1);
+}
+
+// --- semantics -------------------------------------------------------------
+
+TEST_F(HostileTest, UsrMergeAbsoluteAndRelative) {
+  LayerWriter(Layer(1)).Dir("usr").Dir("usr/bin").Dir("usr/lib").Symlink("bin", "usr/bin").Symlink("lib", "/usr/lib");
+  LayerWriter(Layer(2)).File("bin/tool", "t", 0755).File("lib/libx.so", "l");
+  ASSERT_EQ(Extract(2), 0) << err_;
+  EXPECT_EQ(ReadFile(Out("usr/bin/tool")), "t");
+  EXPECT_EQ(ReadFile(Out("usr/lib/libx.so")), "l");
+  EXPECT_TRUE(IsLink(Out("bin")));
+  EXPECT_TRUE(IsLink(Out("lib")));
+  auto m = Manifest();
+  EXPECT_TRUE(m.contains("usr/bin/tool"));
+  EXPECT_FALSE(m.contains("bin/tool"));
+}
+
+TEST_F(HostileTest, AlternativesAndDanglingResolvConf) {
+  LayerWriter(Layer(1))
+      .File("usr/bin/mawk", "awk")
+      .Symlink("etc/alternatives/awk", "/usr/bin/mawk")
+      .Symlink("etc/resolv.conf", "../run/systemd/resolve/stub-resolv.conf");
+  ASSERT_EQ(Extract(1), 0) << err_;
+  EXPECT_EQ(Target(Out("etc/alternatives/awk")), "/usr/bin/mawk");
+  EXPECT_EQ(Target(Out("etc/resolv.conf")), "../run/systemd/resolve/stub-resolv.conf");
+  EXPECT_FALSE(IsDir(Out("run")));
+}
+
+TEST_F(HostileTest, ReplacementsAcrossKinds) {
+  LayerWriter(Layer(1)).Symlink("s", "target").File("f", "file").Dir("d").File("d/child", "c");
+  // file over symlink, dir over file, file over dir (with children)
+  LayerWriter(Layer(2)).File("s", "now a file").Dir("f").File("d", "now a file");
+  ASSERT_EQ(Extract(2), 0) << err_;
+  EXPECT_EQ(ReadFile(Out("s")), "now a file");
+  EXPECT_TRUE(IsDir(Out("f")));
+  EXPECT_EQ(ReadFile(Out("d")), "now a file");
+  auto m = Manifest();
+  EXPECT_FALSE(m.contains("d/child"));
+  EXPECT_EQ(m["f"]["kind"], "dir");
+}
+
+TEST_F(HostileTest, WhiteoutsHideLowerLayersOnly) {
+  LayerWriter(Layer(1)).Dir("a").File("a/lower", "l").File("a/gone", "g").Dir("o").File("o/lower", "l");
+  // missing-name whiteout; plain whiteout before and after a same-layer entry of
+  // that name; opaque marker with same-layer siblings before and after it.
+  LayerWriter(Layer(2))
+      .Whiteout("", "never-existed")
+      .Whiteout("a", "gone")
+      .Whiteout("a", "lower")
+      .File("a/lower", "upper")
+      .File("a/new", "n")
+      .Whiteout("a", "new")
+      .File("o/before", "b")
+      .Opaque("o")
+      .File("o/after", "a");
+  ASSERT_EQ(Extract(2), 0) << err_;
+  EXPECT_EQ(ReadFile(Out("a/lower")), "upper");
+  EXPECT_EQ(ReadFile(Out("a/new")), "n");
+  EXPECT_FALSE(IsFile(Out("a/gone")));
+  EXPECT_FALSE(IsFile(Out("o/lower")));
+  EXPECT_EQ(ReadFile(Out("o/before")), "b");
+  EXPECT_EQ(ReadFile(Out("o/after")), "a");
+  auto m = Manifest();
+  EXPECT_FALSE(m.contains("a/gone"));
+  EXPECT_FALSE(m.contains("o/lower"));
+  EXPECT_TRUE(m.contains("o/before"));
+  for (const auto& [path, j] : m) EXPECT_EQ(path.find(".wh."), std::string::npos) << path;
+}
+
+TEST_F(HostileTest, HardlinksShareAnInodeAndMayComeBeforeTheirTarget) {
+  LayerWriter(Layer(1)).Hardlink("early", "late").File("late", "data").Hardlink("again", "late");
+  ASSERT_EQ(Extract(1), 0) << err_;
+  struct stat a, b, c;
+  ASSERT_EQ(stat(Out("early").c_str(), &a), 0);
+  ASSERT_EQ(stat(Out("late").c_str(), &b), 0);
+  ASSERT_EQ(stat(Out("again").c_str(), &c), 0);
+  EXPECT_EQ(a.st_ino, b.st_ino);
+  EXPECT_EQ(c.st_ino, b.st_ino);
+  EXPECT_EQ(b.st_nlink, 3u);
+  auto m = Manifest();
+  EXPECT_EQ(m["early"]["inode"], m["late"]["inode"]);
+  EXPECT_EQ(m["late"]["nlink"], 3);
+}
+
+TEST_F(HostileTest, RejectsHardlinkWhoseTargetNeverComes) {
+  LayerWriter(Layer(1)).Hardlink("h", "missing");
+  ExpectRefused(1, 1);
+}
+
+TEST_F(HostileTest, NamesAreBytes) {
+  const std::vector<std::string> names = {"sp ace", "quo\"te", "new\nline", "back\\slash",
+                                          std::string("bin\xff\xfe"), "tab\there"};
+  {
+    LayerWriter w(Layer(1));
+    for (const std::string& n : names) w.File(n, n);
+  }
+  ASSERT_EQ(Extract(1), 0) << err_;
+  for (const std::string& n : names) EXPECT_EQ(ReadFile(Out(n)), n) << n;
+  auto m = Manifest();
+  EXPECT_TRUE(m.contains("new\nline"));
+  EXPECT_TRUE(m.contains("b64:Ymlu//4=")) << "non-UTF-8 name not written as path_b64";
+}
+
+TEST_F(HostileTest, OwnersModesAndSpecialFiles) {
+  LayerWriter(Layer(1))
+      .File("usr/bin/sudo", "s", 04755)
+      .File("home/u/f", "f", 0600, 1000, 1000)
+      .Dir("home/u2", 0750, 1000, 100)
+      .Fifo("run/fifo", 0620)
+      .Device("dev/null", false, 1, 3);
+  ASSERT_EQ(Extract(1), 0) << err_;
+  struct stat st;
+  ASSERT_EQ(lstat(Out("usr/bin/sudo").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 04755u);
+  ASSERT_EQ(lstat(Out("home/u/f").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0600u);
+  if (geteuid() == 0) {
+    EXPECT_EQ(st.st_uid, 1000u);
+    EXPECT_EQ(st.st_gid, 1000u);
+  } else {
+    EXPECT_EQ(st.st_uid, geteuid());
+    char value[64];
+    ssize_t n = getxattr(Out("home/u/f").c_str(), "user.rootlesscontainers", value, sizeof(value));
+    EXPECT_EQ(std::string(value, n > 0 ? static_cast<size_t>(n) : 0), "\x08\xe8\x07\x10\xe8\x07");
+    n = getxattr(Out("home/u2").c_str(), "user.rootlesscontainers", value, sizeof(value));
+    EXPECT_EQ(std::string(value, n > 0 ? static_cast<size_t>(n) : 0), "\x08\xe8\x07\x10\x64");
+    EXPECT_LT(getxattr(Out("usr/bin/sudo").c_str(), "user.rootlesscontainers", value, sizeof(value)), 0);
+  }
+  ASSERT_EQ(lstat(Out("run/fifo").c_str(), &st), 0);
+  EXPECT_TRUE(S_ISFIFO(st.st_mode));
+  EXPECT_EQ(st.st_mode & 07777, 0620u);
+  // Devices: on disk only as root (made by the broker), always in the manifest.
+  EXPECT_EQ(lstat(Out("dev/null").c_str(), &st) == 0, geteuid() == 0);
+  auto m = Manifest();
+  EXPECT_EQ(m["dev/null"]["kind"], "char");
+  EXPECT_EQ(m["dev/null"]["rdev_major"], 1);
+  EXPECT_EQ(m["dev/null"]["rdev_minor"], 3);
+  EXPECT_EQ(m["home/u/f"]["uid"], 1000);
+  EXPECT_EQ(m["usr/bin/sudo"]["mode"], 04755);
+}
+
+TEST_F(HostileTest, EveryCompressionFromTheBytes) {
+  const char* filters[] = {"", "gzip", "zstd", "xz", "bzip2"};
+  for (int i = 0; i < 5; ++i) {
+    LayerWriter(Layer(i + 1), filters[i]).File(std::string("f") + std::to_string(i), filters[i]);
+  }
+  ASSERT_EQ(Extract(5), 0) << err_;
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(ReadFile(Out("f" + std::to_string(i))), filters[i]);
+}
+
+// --- bad input -------------------------------------------------------------
+
+TEST_F(HostileTest, BadInputIsOneLineAndLeavesNothing) {
+  LayerWriter(Layer(1), "gzip").File("a", std::string(100000, 'a'));
+  std::string good = ReadFile(Layer(1));
+  struct Bad {
+    const char* what;
+    std::string bytes;
+  } cases[] = {
+      {"truncated gzip", good.substr(0, good.size() / 2)},
+      {"garbage", "this is not a layer at all, not even close"},
+      {"empty", ""},
+      {"corrupt tar header", [] {
+         std::string tar(10240, '\0');
+         std::memcpy(tar.data(), "file", 4);
+         std::memcpy(tar.data() + 148, "garbage!", 8);  // bad checksum field
+         return tar;
+       }()},
+  };
+  for (const Bad& bad : cases) {
+    std::ofstream(Layer(2)) << bad.bytes;
+    SCOPED_TRACE(bad.what);
+    ExpectRefused(2, 2);
+  }
+}
+
+TEST_F(HostileTest, ExistingRootfsIsNotTouched) {
+  LayerWriter(Layer(1)).File("a", "a");
+  ASSERT_EQ(mkdir(Out().c_str(), 0755), 0);
+  std::ofstream(Out("mine")) << "mine";
+  EXPECT_NE(Extract(1), 0);
+  EXPECT_EQ(ReadFile(Out("mine")), "mine");
+  EXPECT_FALSE(IsFile(Out("a")));
+}
+
+}  // namespace
+}  // namespace layerx
