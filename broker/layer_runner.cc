@@ -282,6 +282,7 @@ Error Session::ExitError(const sandbox::ExitStatus& status) {
 }
 
 Status Session::Run(const LayerInput& layer) {
+  sandbox::ScopedSigpipeBlock no_sigpipe;  // a dead extractor is EPIPE on its input
   LX_ASSIGN_OR_RETURN(blob_, sandbox::OpenAt(AT_FDCWD, layer.path, O_RDONLY));
   LX_ASSIGN_OR_RETURN(struct stat st, sandbox::Fstat(blob_.get()));
   if (S_ISDIR(st.st_mode)) return Fail(MakeError(ErrorKind::kInvalidInput, "is a directory"));

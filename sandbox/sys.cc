@@ -1,6 +1,7 @@
 #include "sandbox/sys.h"
 
 #include <dirent.h>
+#include <pthread.h>
 #include <errno.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -141,6 +142,28 @@ Status SetNonBlocking(int fd) {
     return Fail(OsError(errno, "fcntl O_NONBLOCK"));
   }
   return {};
+}
+
+ScopedSigpipeBlock::ScopedSigpipeBlock() {
+  sigset_t pipe_set;
+  sigemptyset(&pipe_set);
+  sigaddset(&pipe_set, SIGPIPE);
+  sigset_t pending;
+  sigpending(&pending);
+  was_pending_ = sigismember(&pending, SIGPIPE) == 1;
+  pthread_sigmask(SIG_BLOCK, &pipe_set, &old_);
+}
+
+ScopedSigpipeBlock::~ScopedSigpipeBlock() {
+  if (!was_pending_) {
+    sigset_t pipe_set;
+    sigemptyset(&pipe_set);
+    sigaddset(&pipe_set, SIGPIPE);
+    struct timespec zero = {0, 0};
+    while (sigtimedwait(&pipe_set, nullptr, &zero) == SIGPIPE) {
+    }
+  }
+  pthread_sigmask(SIG_SETMASK, &old_, nullptr);
 }
 
 namespace {

@@ -5,6 +5,7 @@
 
 #include <fcntl.h>
 #include <linux/openat2.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 
@@ -48,6 +49,22 @@ Status WriteAll(int fd, std::span<const std::byte> bytes);
 // One read(2), EINTR retried. 0 means EOF.
 Result<size_t> ReadSome(int fd, std::span<std::byte> buf);
 Status SetNonBlocking(int fd);
+
+// Blocks SIGPIPE in the calling thread for its lifetime, so writing to a pipe
+// whose reader died is EPIPE, not the death of a library caller's process;
+// a SIGPIPE that became pending meanwhile is consumed before the old mask is
+// restored (the way a library must do it without touching the disposition).
+class ScopedSigpipeBlock {
+ public:
+  ScopedSigpipeBlock();
+  ~ScopedSigpipeBlock();
+  ScopedSigpipeBlock(const ScopedSigpipeBlock&) = delete;
+  ScopedSigpipeBlock& operator=(const ScopedSigpipeBlock&) = delete;
+
+ private:
+  sigset_t old_;
+  bool was_pending_ = false;
+};
 
 // Removes `name` below `dirfd` and everything under it without following any
 // symlink: every step is an *at call on a directory fd opened with O_NOFOLLOW.
