@@ -28,12 +28,6 @@ using extractor::Kind;
 
 namespace {
 
-int64_t MonotonicNs() {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
-}
-
 uint64_t RoundUp(uint64_t v, uint64_t to) { return (v + to - 1) / to * to; }
 
 Error Ext2Error(errcode_t code, std::string what) {
@@ -388,7 +382,7 @@ Result<Ext4Report> BuildExt4(const std::string& rootfs_path, const ImageTree& tr
                              const std::string& image_path) {
   auto log = Logger("ext4");
   Ext4Report report{.plan = plan};
-  int64_t start = MonotonicNs();
+  int64_t start = sandbox::MonotonicNs();
 
   std::vector<std::string> argv;
   if (::geteuid() != 0) {
@@ -437,10 +431,10 @@ Result<Ext4Report> BuildExt4(const std::string& rootfs_path, const ImageTree& tr
   if (rc != 0) {
     return Fail(MakeError(ErrorKind::kOs, "mkfs.ext4 -d failed (status {}): {}", rc, LastLine(output)));
   }
-  report.mkfs_ns = MonotonicNs() - start;
+  report.mkfs_ns = sandbox::MonotonicNs() - start;
   log->info("mkfs: size={} inodes={} ms={:.1f}", plan.size_bytes, plan.inode_count, report.mkfs_ns / 1e6);
 
-  int64_t pass_start = MonotonicNs();
+  int64_t pass_start = sandbox::MonotonicNs();
   ext2_filsys fs = nullptr;
   errcode_t err = ext2fs_open2(image_path.c_str(), nullptr, EXT2_FLAG_RW | EXT2_FLAG_64BITS, 0, 0,
                                unix_io_manager, &fs);
@@ -450,7 +444,7 @@ Result<Ext4Report> BuildExt4(const std::string& rootfs_path, const ImageTree& tr
   errcode_t close_err = status ? ext2fs_close_free(&fs) : (ext2fs_free(fs), 0);
   if (!status) return Fail(status.error());
   if (close_err) return Fail(Ext2Error(close_err, "ext4: write image"));
-  report.pass_ns = MonotonicNs() - pass_start;
+  report.pass_ns = sandbox::MonotonicNs() - pass_start;
   log->info("ownership pass: entries={} ms={:.1f}", tree.size(), report.pass_ns / 1e6);
   return report;
 }

@@ -20,12 +20,6 @@ using sandbox::UniqueFd;
 
 namespace {
 
-int64_t MonotonicNs() {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
-}
-
 struct OutputPath {
   std::string dir;   // parent directory
   std::string name;  // last component
@@ -111,7 +105,7 @@ Result<std::string> FindExtractor() {
 
 Result<JobReport> RunExtract(const ExtractRequest& request) {
   auto log = Logger("broker");
-  int64_t start = MonotonicNs();
+  int64_t start = sandbox::MonotonicNs();
   if (request.layers.empty()) return Fail(MakeError(ErrorKind::kPolicy, "no layers given"));
   if (!request.rootfs && !request.manifest && !request.ext4) {
     return Fail(MakeError(ErrorKind::kPolicy, "nothing to write: give --rootfs, --ext4 or --manifest"));
@@ -225,7 +219,7 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
     LX_TRY(sandbox::RenameAt(manifest_dir.get(), manifest_tmp, manifest_dir.get(), manifest_out->name));
   }
   work.Cleanup();
-  report.total_ns = MonotonicNs() - start;
+  report.total_ns = sandbox::MonotonicNs() - start;
   return report;
 }
 

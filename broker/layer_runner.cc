@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "broker/logging.h"
+#include "extractor/digest.h"
 #include "extractor/wire/codec.h"
 #include "sandbox/spawn.h"
 #include "sandbox/sys.h"
@@ -24,30 +25,10 @@ using sandbox::UniqueFd;
 
 namespace {
 
-int64_t MonotonicNs() {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
-}
-
 constexpr size_t kFeedChunk = 1 << 20;
 constexpr size_t kMaxStderrBytes = 64 * 1024;
 constexpr size_t kMaxNameInError = 160;
 
-struct Sha256 {
-  Sha256() : ctx(EVP_MD_CTX_new()) { EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr); }
-  ~Sha256() { EVP_MD_CTX_free(ctx); }
-  void Update(const void* data, size_t n) { EVP_DigestUpdate(ctx, data, n); }
-  std::string Hex() {
-    unsigned char md[EVP_MAX_MD_SIZE];
-    unsigned int len = 0;
-    EVP_DigestFinal_ex(ctx, md, &len);
-    std::string out = "sha256:";
-    for (unsigned int i = 0; i < len; ++i) out += fmt::format("{:02x}", md[i]);
-    return out;
-  }
-  EVP_MD_CTX* ctx;
-};
 
 // The broker's side of one extractor: the fds it polls and what came back.
 class Session {
@@ -59,6 +40,7 @@ class Session {
 
  private:
   Status Feed();
+  Status DrainBlob();
   Status ReadChannel();
   Status HandleMessage(kj::ArrayPtr<const capnp::word> words);
   void ReadStderr(bool flush);
@@ -76,7 +58,7 @@ class Session {
   std::vector<std::byte> feed_buf_;
   size_t feed_off_ = 0;
   bool blob_eof_ = false;
-  Sha256 sha_;
+  extractor::Sha256 sha_;
 
   std::vector<capnp::word> msg_buf_;  // word-aligned for capnp
   size_t msg_bytes_ = 0;
@@ -115,21 +97,27 @@ Status Session::Feed() {
         // The extractor stopped reading (done or dead): its messages and exit
         // status tell which. Hash the rest of the blob regardless.
         feed_.reset();
-        while (!blob_eof_) {
-          feed_buf_.resize(kFeedChunk);
-          LX_ASSIGN_OR_RETURN(size_t n, sandbox::ReadSome(blob_.get(), feed_buf_));
-          sha_.Update(feed_buf_.data(), n);
-          report_.compressed_bytes += n;
-          blob_eof_ = n == 0;
-        }
         feed_buf_.clear();
         feed_off_ = 0;
-        return {};
+        return DrainBlob();
       }
       return Fail(OsError(errno, "write layer to extractor"));
     }
     feed_off_ += static_cast<size_t>(w);
   }
+}
+
+// Reads and hashes the rest of the blob, so the digest always covers all of it.
+Status Session::DrainBlob() {
+  while (!blob_eof_) {
+    feed_buf_.resize(kFeedChunk);
+    LX_ASSIGN_OR_RETURN(size_t n, sandbox::ReadSome(blob_.get(), feed_buf_));
+    sha_.Update(feed_buf_.data(), n);
+    report_.compressed_bytes += n;
+    blob_eof_ = n == 0;
+  }
+  feed_buf_.clear();
+  return {};
 }
 
 Status Session::HandleMessage(kj::ArrayPtr<const capnp::word> words) {
@@ -291,7 +279,7 @@ Status Session::Run(const LayerInput& layer) {
   LX_ASSIGN_OR_RETURN(auto sockets, sandbox::MakeSocketPair());
   ::fcntl(input.write.get(), F_SETPIPE_SZ, 1 << 20);  // fewer wakeups; best effort
 
-  int64_t start = MonotonicNs();
+  int64_t start = sandbox::MonotonicNs();
   sandbox::SpawnRequest request{
       .program_fd = ctx_.extractor_fd,
       .argv = {"layerx-extractor"},
@@ -312,7 +300,7 @@ Status Session::Run(const LayerInput& layer) {
   stderr_ = std::move(errpipe.read);
   for (int fd : {feed_.get(), channel_.get(), stderr_.get()}) LX_TRY(sandbox::SetNonBlocking(fd));
   log_->debug("spawned: layer={} pid={} spawn_ms={:.2f}", layer.index, child.pid(),
-              (MonotonicNs() - start) / 1e6);
+              (sandbox::MonotonicNs() - start) / 1e6);
 
   const int64_t deadline = start + static_cast<int64_t>(ctx_.policy->limits.layer_timeout_ms) * 1'000'000;
   bool exited = false;
@@ -320,7 +308,7 @@ Status Session::Run(const LayerInput& layer) {
     if (ctx_.cancel && ctx_.cancel->load()) {
       return Fail(MakeError(ErrorKind::kOs, "interrupted"));  // ~Child kills and reaps
     }
-    int64_t now = MonotonicNs();
+    int64_t now = sandbox::MonotonicNs();
     if (now >= deadline) {
       return Fail(MakeError(ErrorKind::kLimitExceeded, "layer took longer than layer_timeout_ms={}",
                             ctx_.policy->limits.layer_timeout_ms));
@@ -348,16 +336,10 @@ Status Session::Run(const LayerInput& layer) {
   }
   ReadStderr(true);
   // The extractor is gone; hash what it did not read so the digest covers the blob.
-  while (!blob_eof_) {
-    feed_buf_.resize(kFeedChunk);
-    LX_ASSIGN_OR_RETURN(size_t got, sandbox::ReadSome(blob_.get(), feed_buf_));
-    sha_.Update(feed_buf_.data(), got);
-    report_.compressed_bytes += got;
-    blob_eof_ = got == 0;
-  }
+  LX_TRY(DrainBlob());
   LX_ASSIGN_OR_RETURN(sandbox::ExitStatus status, child.Wait());
-  report_.total_ns = MonotonicNs() - start;
-  report_.compressed_digest = sha_.Hex();
+  report_.total_ns = sandbox::MonotonicNs() - start;
+  report_.compressed_digest = sha_.Finish();
   if (failure_) return Fail(*failure_);
   if (!status.exited || status.code != 0) return Fail(ExitError(status));
   if (!got_summary_) return Fail(MakeError(ErrorKind::kPeer, "extractor ended without a summary"));

@@ -215,18 +215,26 @@ Result<std::optional<Applier::Dir>> Applier::ResolveExistingDir(const EntryName&
   return Fail(err);
 }
 
+// Removes `name` in `dir` and everything below it, never following a link.
+Status Applier::RemoveTree(const Dir& dir, const std::string& name) {
+  Status removed;
+  if (WithWritable(dir, [&] {
+        removed = sandbox::RemoveTreeAt(dir.fd, name);
+        if (!removed) errno = removed.error().err();
+        return removed ? 0 : -1;
+      }) != 0) {
+    return Fail(removed.error());
+  }
+  // A cached chain may have run through what went away; only now, after the
+  // last use of `dir`, which may be the cache's own.
+  Invalidate();
+  return {};
+}
+
 Status Applier::RemoveExisting(const Dir& dir, const std::string& leaf, const struct stat& st) {
   std::string path = JoinPath(dir.path, leaf);
   if (S_ISDIR(st.st_mode)) {
-    Status removed;
-    if (WithWritable(dir, [&] {
-          removed = sandbox::RemoveTreeAt(dir.fd, leaf);
-          if (!removed) errno = removed.error().err();
-          return removed ? 0 : -1;
-        }) != 0) {
-      return Fail(removed.error());
-    }
-    Invalidate();  // a cached chain may have run through what went away
+    LX_TRY(RemoveTree(dir, leaf));
     return sink_.Add(RemovalRecord{path, false});
   }
   if (WithWritable(dir, [&] { return ::unlinkat(dir.fd, leaf.c_str(), 0); }) != 0) {
@@ -244,40 +252,33 @@ Status Applier::RemoveLower(const Dir& dir, const std::string& name, bool opaque
     return Fail(Os(errno, fmt::format("fstatat {:?}", name)));
   }
   if (!touched_.contains(path)) {
-    Status removed;
-    if (WithWritable(dir, [&] {
-          removed = sandbox::RemoveTreeAt(dir.fd, name);
-          if (!removed) errno = removed.error().err();
-          return removed ? 0 : -1;
-        }) != 0) {
-      return Fail(removed.error());
-    }
-    Invalidate();  // after the last use of `dir`, which may be the cache's
+    LX_TRY(RemoveTree(dir, name));
     return sink_.Add(RemovalRecord{path, opaque});
   }
   // This layer made it (or something below it): keep that, hide the rest.
   if (!S_ISDIR(st.st_mode)) return {};
   LX_ASSIGN_OR_RETURN(UniqueFd child, sandbox::OpenAt(dir.fd, name, O_PATH | O_DIRECTORY | O_NOFOLLOW));
   Dir sub{path, child.get()};
-  LX_ASSIGN_OR_RETURN(UniqueFd list_fd, OpenListing(sub));
-  std::vector<std::string> names;
-  {
-    DIR* d = ::fdopendir(list_fd.release());
-    if (d == nullptr) return Fail(Os(errno, "fdopendir"));
-    while (struct dirent* ent = ::readdir(d)) {
-      std::string n = ent->d_name;
-      if (n != "." && n != "..") names.push_back(std::move(n));
-    }
-    ::closedir(d);
-  }
+  LX_ASSIGN_OR_RETURN(std::vector<std::string> names, ListDir(sub));
   for (const std::string& n : names) LX_TRY(RemoveLower(sub, n, opaque));
   return {};
 }
 
-Result<UniqueFd> Applier::OpenListing(const Dir& dir) {
+Result<std::vector<std::string>> Applier::ListDir(const Dir& dir) {
   int fd = WithWritable(dir, [&] { return ::openat(dir.fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC); });
   if (fd < 0) return Fail(Os(errno, fmt::format("open dir {:?}", dir.path)));
-  return UniqueFd(fd);
+  DIR* d = ::fdopendir(fd);
+  if (d == nullptr) {
+    ::close(fd);
+    return Fail(Os(errno, "fdopendir"));
+  }
+  std::vector<std::string> names;
+  while (struct dirent* ent = ::readdir(d)) {
+    std::string n = ent->d_name;
+    if (n != "." && n != "..") names.push_back(std::move(n));
+  }
+  ::closedir(d);
+  return names;
 }
 
 Status Applier::Whiteout(const EntryName& dir_name, const std::string& victim) {
@@ -296,15 +297,7 @@ Status Applier::Opaque(const EntryName& dir_name) {
   // Hold our own fd: removals below invalidate the resolver's cache.
   LX_ASSIGN_OR_RETURN(UniqueFd fd, sandbox::OpenAt(dir->fd, ".", O_PATH | O_DIRECTORY));
   Dir d{dir->path, fd.get()};
-  LX_ASSIGN_OR_RETURN(UniqueFd list_fd, OpenListing(d));
-  std::vector<std::string> names;
-  DIR* listing = ::fdopendir(list_fd.release());
-  if (listing == nullptr) return Fail(Os(errno, "fdopendir"));
-  while (struct dirent* ent = ::readdir(listing)) {
-    std::string n = ent->d_name;
-    if (n != "." && n != "..") names.push_back(std::move(n));
-  }
-  ::closedir(listing);
+  LX_ASSIGN_OR_RETURN(std::vector<std::string> names, ListDir(d));
   for (const std::string& n : names) LX_TRY(RemoveLower(d, n, true));
   return {};
 }

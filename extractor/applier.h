@@ -75,7 +75,8 @@ class Applier {
   // its owner access, opens it up (OpenUp) and runs `op` again.
   int WithWritable(const Dir& dir, const std::function<int()>& op);
   bool OpenUp(const Dir& dir);
-  Result<sandbox::UniqueFd> OpenListing(const Dir& dir);
+  Result<std::vector<std::string>> ListDir(const Dir& dir);  // names but . and ..
+  Status RemoveTree(const Dir& dir, const std::string& name);
   Status RemoveExisting(const Dir& dir, const std::string& leaf, const struct stat& st);
   Status RemoveLower(const Dir& dir, const std::string& name, bool opaque);
   Status Whiteout(const EntryName& dir, const std::string& victim);

@@ -40,7 +40,7 @@ struct LayerReaderCallbacks {
       return -1;
     }
     self->uncompressed_bytes_ += static_cast<uint64_t>(n);
-    EVP_DigestUpdate(self->sha_, self->buffer_.data(), static_cast<size_t>(n));
+    self->sha_->Update(self->buffer_.data(), static_cast<size_t>(n));
     *out = self->buffer_.data();
     return n;
   }
@@ -51,13 +51,10 @@ Result<std::unique_ptr<LayerReader>> LayerReader::Create(const policy::Limits& l
   r->buffer_.resize(kBlock);
   r->outer_ = archive_read_new();
   r->inner_ = archive_read_new();
-  r->sha_ = EVP_MD_CTX_new();
-  if (!r->outer_ || !r->inner_ || !r->sha_ || !g_sha256) {
+  if (!r->outer_ || !r->inner_ || !g_sha256) {
     return Fail(MakeError(ErrorKind::kInternal, "layer reader setup failed"));
   }
-  if (EVP_DigestInit_ex(r->sha_, g_sha256, nullptr) != 1) {
-    return Fail(MakeError(ErrorKind::kInternal, "sha256 init failed"));
-  }
+  r->sha_ = std::make_unique<Sha256>(g_sha256);
   // Each filter must be built in: ARCHIVE_WARN means libarchive would fork an
   // external program for it, which the jail forbids and we refuse.
   using Enable = int (*)(struct archive*);
@@ -78,7 +75,6 @@ Result<std::unique_ptr<LayerReader>> LayerReader::Create(const policy::Limits& l
 LayerReader::~LayerReader() {
   if (inner_) archive_read_free(inner_);
   if (outer_) archive_read_free(outer_);
-  if (sha_) EVP_MD_CTX_free(sha_);
 }
 
 Error LayerReader::ArchiveError(struct archive* a, ErrorKind kind, std::string_view what) {
@@ -203,12 +199,7 @@ std::string LayerReader::UncompressedDigest() {
   const void* out;
   while (LayerReaderCallbacks::Read(inner_, this, &out) > 0) {
   }
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned int len = 0;
-  EVP_DigestFinal_ex(sha_, md, &len);
-  std::string hex = "sha256:";
-  for (unsigned int i = 0; i < len; ++i) hex += fmt::format("{:02x}", md[i]);
-  return hex;
+  return sha_->Finish();
 }
 
 }  // namespace layerx::extractor

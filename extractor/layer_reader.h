@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "extractor/digest.h"
 #include "extractor/records.h"
 #include "policy/limits.h"
 #include "policy/result.h"
@@ -69,7 +70,7 @@ class LayerReader {
   policy::Limits limits_;
   struct archive* outer_ = nullptr;
   struct archive* inner_ = nullptr;
-  EVP_MD_CTX* sha_ = nullptr;
+  std::unique_ptr<Sha256> sha_;
   uint64_t uncompressed_bytes_ = 0;
   std::vector<std::byte> buffer_;
   std::optional<Error> outer_error_;

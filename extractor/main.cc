@@ -16,12 +16,6 @@
 
 namespace {
 
-int64_t MonotonicNs() {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
-}
-
 int Run() {
   using namespace layerx;
   // Everything that could read a file by name happens now, on the host's files.
@@ -33,7 +27,7 @@ int Run() {
                  ErrnoName(setup.err).c_str());
     return sandbox::kSetupFailedExit;
   }
-  int64_t ready_ns = MonotonicNs();
+  int64_t ready_ns = sandbox::MonotonicNs();
   wire::ChannelWriter writer(sandbox::kChannelFd);
   auto report = [&](const Error& error, std::string_view entry) {
     (void)writer.SendFailure(error, entry);
@@ -58,7 +52,7 @@ int Run() {
     s.setUncompressedBytes(totals->uncompressed_bytes);
     s.setUncompressedDigest(totals->uncompressed_digest);
     s.setReadyMonotonicNs(ready_ns);
-    s.setDoneMonotonicNs(MonotonicNs());
+    s.setDoneMonotonicNs(sandbox::MonotonicNs());
   });
   return sent ? 0 : 1;
 }

@@ -44,6 +44,10 @@ Result<Pipe> MakePipe(int flags);  // pipe2; O_CLOEXEC always added
 Result<std::pair<UniqueFd, UniqueFd>> MakeSocketPair();  // AF_UNIX stream, cloexec
 Result<UniqueFd> MemfdCreate(const char* name);
 
+// CLOCK_MONOTONIC in nanoseconds; one clock for the whole machine, so the
+// broker and a jailed child can compare their readings.
+int64_t MonotonicNs();
+
 // Writes everything or fails (EINTR and short writes retried).
 Status WriteAll(int fd, std::span<const std::byte> bytes);
 // One read(2), EINTR retried. 0 means EOF.

@@ -1,8 +1,6 @@
 // The ext4 image end to end through the CLI: a fixture image with every kind of
 // entry, read back with libext2fs (tests/testcases/ext4_dump) and e2fsck -fn.
 // ctest runs it as root and as uid 65534.
-#include <archive.h>
-#include <archive_entry.h>
 #include <gtest/gtest.h>
 #include <stdlib.h>
 #include <sys/stat.h>
@@ -15,82 +13,12 @@
 #include <sstream>
 
 #include "sandbox/sys.h"
+#include "tests/fixtures/layer_writer.h"
 
 namespace {
 
 using nlohmann::json;
-
-// A layer written with libarchive's pax writer.
-class Layer {
- public:
-  explicit Layer(const std::string& path) : a_(archive_write_new()) {
-    archive_write_set_format_pax(a_);
-    archive_write_open_filename(a_, path.c_str());
-  }
-  ~Layer() {
-    archive_write_close(a_);
-    archive_write_free(a_);
-  }
-  archive_entry* Add(const std::string& name, mode_t type, mode_t perm, const std::string& data = "",
-                     uint32_t uid = 0, uint32_t gid = 0) {
-    archive_entry* e = archive_entry_new();
-    archive_entry_copy_pathname(e, name.c_str());
-    archive_entry_set_filetype(e, type);
-    archive_entry_set_perm(e, perm);
-    archive_entry_set_uid(e, uid);
-    archive_entry_set_gid(e, gid);
-    archive_entry_set_mtime(e, 1700000000, 123456789);
-    if (type == AE_IFREG) archive_entry_set_size(e, static_cast<la_int64_t>(data.size()));
-    pending_ = e;
-    data_ = data;
-    return e;
-  }
-  void Write() {
-    archive_write_header(a_, pending_);
-    if (!data_.empty()) archive_write_data(a_, data_.data(), data_.size());
-    archive_entry_free(pending_);
-  }
-  void File(const std::string& name, const std::string& data, mode_t perm = 0644, uint32_t uid = 0,
-            uint32_t gid = 0) {
-    Add(name, AE_IFREG, perm, data, uid, gid);
-    Write();
-  }
-  void Dir(const std::string& name, mode_t perm = 0755) {
-    Add(name, AE_IFDIR, perm);
-    Write();
-  }
-  void Symlink(const std::string& name, const std::string& target) {
-    archive_entry* e = Add(name, AE_IFLNK, 0777);
-    archive_entry_copy_symlink(e, target.c_str());
-    Write();
-  }
-  void Hardlink(const std::string& name, const std::string& target) {
-    archive_entry* e = Add(name, AE_IFREG, 0644);
-    archive_entry_copy_hardlink(e, target.c_str());
-    archive_entry_set_size(e, 0);
-    Write();
-  }
-  void Device(const std::string& name, mode_t type, unsigned major, unsigned minor) {
-    archive_entry* e = Add(name, type, 0666);
-    archive_entry_set_rdevmajor(e, major);
-    archive_entry_set_rdevminor(e, minor);
-    Write();
-  }
-  // A file of `size` bytes that is all hole but `data` at `offset`.
-  void Sparse(const std::string& name, int64_t size, int64_t offset, const std::string& data) {
-    archive_entry* e = Add(name, AE_IFREG, 0644);
-    archive_entry_set_size(e, size);
-    archive_entry_sparse_add_entry(e, offset, static_cast<la_int64_t>(data.size()));
-    archive_write_header(a_, e);
-    archive_write_data(a_, data.data(), data.size());
-    archive_entry_free(e);
-  }
-
- private:
-  struct archive* a_;
-  archive_entry* pending_ = nullptr;
-  std::string data_;
-};
+using layerx::testing::LayerWriter;
 
 int Shell(const std::string& cmd, std::string* out = nullptr) {
   FILE* p = popen(cmd.c_str(), "r");
@@ -125,57 +53,45 @@ class Ext4Test : public ::testing::Test {
     char tmpl[] = "/tmp/layerx-ext4-XXXXXX";
     ASSERT_NE(mkdtemp(tmpl), nullptr);
     dir_ = tmpl;
-    {
-      // Layer 1: every kind of entry the image must carry.
-      Layer l(dir_ + "/l1.tar");
-      l.Dir("usr/");
-      l.Dir("usr/bin/");
-      l.File("usr/bin/sudo", "sudo", 04755);
-      l.File("usr/bin/ping", "ping", 0755);
-      archive_entry* e = l.Add("usr/bin/ping6", AE_IFREG, 0755, "ping6");
-      archive_entry_xattr_add_entry(e, "security.capability", kCap.data(), kCap.size());
-      archive_entry_xattr_add_entry(e, "user.note", "hi", 2);
-      l.Write();
-      l.File("home/user/f", "mine", 0600, 1000, 1000);
-      l.File("home/big/f", "big ids", 0640, 100000, 100000);
-      l.Dir("dev/");
-      l.Device("dev/null", AE_IFCHR, 1, 3);
-      l.Device("dev/sda", AE_IFBLK, 8, 0);
-      l.Device("dev/wide", AE_IFCHR, 300, 70000);
-      l.Add("run/initctl", AE_IFIFO, 0600);
-      l.Write();
-      l.File("a/one", "shared", 0644);
-      l.Hardlink("a/two", "a/one");
-      l.Symlink("fast", "usr/bin");
-      l.Symlink("slow", std::string(100, 'x') + "/target");
-      l.File("empty", "");
-      l.Sparse("sparse", 10 << 20, 5 << 20, "middle");
-      l.Sparse("huge", int64_t{5} << 30, int64_t{4} << 30, "past 4 GiB");
-      l.File("names/sp ace", "1");
-      l.File("names/quo\"te", "2");
-      l.File("names/new\nline", "3");
-      l.File("names/back\\slash", "4");
-      l.File(std::string("names/\xff\xfe"), "5");
-      l.Dir("gone/");
-      l.File("gone/victim", "v");
-      l.Dir("opq/");
-      l.File("opq/lower", "l");
-    }
-    {
-      // Layer 2: a whiteout and an opaque dir with one new child.
-      Layer l(dir_ + "/l2.tar");
-      l.File(".wh.gone", "");
-      l.Dir("opq/");
-      l.File("opq/.wh..wh..opq", "");
-      l.File("opq/upper", "u");
-    }
+    // Layer 1: every kind of entry the image must carry.
+    LayerWriter(dir_ + "/l1.tar")
+        .Dir("usr/")
+        .Dir("usr/bin/")
+        .File("usr/bin/sudo", "sudo", 04755)
+        .File("usr/bin/ping", "ping", 0755)
+        .File("usr/bin/ping6", "ping6", 0755, 0, 0, {{"security.capability", kCap}, {"user.note", "hi"}})
+        .File("home/user/f", "mine", 0600, 1000, 1000)
+        .File("home/big/f", "big ids", 0640, 100000, 100000)
+        .Dir("dev/")
+        .Device("dev/null", false, 1, 3)
+        .Device("dev/sda", true, 8, 0)
+        .Device("dev/wide", false, 300, 70000)
+        .Fifo("run/initctl", 0600)
+        .File("a/one", "shared", 0644)
+        .Hardlink("a/two", "a/one")
+        .Symlink("fast", "usr/bin")
+        .Symlink("slow", std::string(100, 'x') + "/target")
+        .File("empty", "")
+        .Sparse("sparse", 10 << 20, 5 << 20, "middle")
+        .Sparse("huge", int64_t{5} << 30, int64_t{4} << 30, "past 4 GiB")
+        .File("names/sp ace", "1")
+        .File("names/quo\"te", "2")
+        .File("names/new\nline", "3")
+        .File("names/back\\slash", "4")
+        .File(std::string("names/\xff\xfe"), "5")
+        .Dir("gone/")
+        .File("gone/victim", "v")
+        .Dir("opq/")
+        .File("opq/lower", "l");
+    // Layer 2: a whiteout and an opaque dir with one new child.
+    LayerWriter(dir_ + "/l2.tar").Whiteout("", "gone").Dir("opq/").Opaque("opq").File("opq/upper", "u");
   }
   void TearDown() override { (void)layerx::sandbox::RemoveTreeAt(AT_FDCWD, dir_); }
 
   // A third layer with one directory of 10,000 entries (mkfs -d is quadratic
   // in a directory's size, so only the test that needs it has it).
   void AddManyLayer() {
-    Layer l(dir_ + "/l3.tar");
+    LayerWriter l(dir_ + "/l3.tar");
     for (int i = 0; i < 10000; ++i) l.File("many/f" + std::to_string(i), "");
     layers_ += " " + dir_ + "/l3.tar";
   }

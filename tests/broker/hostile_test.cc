@@ -18,16 +18,13 @@
 
 #include "sandbox/sys.h"
 #include "tests/fixtures/layer_writer.h"
+#include "tests/fixtures/test_util.h"
 
 namespace layerx {
 namespace {
 
 using testing::LayerWriter;
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
+using testing::ReadFile;
 
 // Everything about a directory tree that an escape could change.
 std::map<std::string, std::string> Snapshot(const std::string& root) {
@@ -105,14 +102,7 @@ class HostileTest : public ::testing::Test {
     after.erase(std::remove(after.begin(), after.end(), "err"), after.end());
     EXPECT_EQ(after, before) << "output or work dir left behind";
   }
-  std::vector<std::string> Listing() {
-    std::vector<std::string> names;
-    DIR* d = opendir(dir_.c_str());
-    while (struct dirent* e = readdir(d)) names.push_back(e->d_name);
-    closedir(d);
-    std::sort(names.begin(), names.end());
-    return names;
-  }
+  std::vector<std::string> Listing() { return testing::Listing(dir_); }
   static bool IsLink(const std::string& p) {
     struct stat st;
     return lstat(p.c_str(), &st) == 0 && S_ISLNK(st.st_mode);

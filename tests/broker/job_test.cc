@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "sandbox/sys.h"
+#include "tests/fixtures/test_util.h"
 
 namespace layerx::broker {
 namespace {
@@ -48,14 +49,7 @@ class JobTest : public ::testing::Test {
   }
   void TearDown() override { (void)sandbox::RemoveTreeAt(AT_FDCWD, dir_); }
 
-  std::vector<std::string> Listing() {
-    std::vector<std::string> names;
-    DIR* d = opendir(dir_.c_str());
-    while (struct dirent* e = readdir(d)) names.push_back(e->d_name);
-    closedir(d);
-    std::sort(names.begin(), names.end());
-    return names;
-  }
+  std::vector<std::string> Listing() { return testing::Listing(dir_); }
   // Our children that are still around (zombies included).
   static int Children() {
     int n = 0;

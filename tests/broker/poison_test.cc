@@ -14,16 +14,13 @@
 
 #include "sandbox/sys.h"
 #include "tests/fixtures/layer_writer.h"
+#include "tests/fixtures/test_util.h"
 
 namespace layerx {
 namespace {
 
 using testing::LayerWriter;
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
+using testing::ReadFile;
 
 TEST(PoisonTest, NothingFromTheImageEverRuns) {
   char tmpl[] = "/tmp/layerx-poison-XXXXXX";

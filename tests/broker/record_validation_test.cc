@@ -12,6 +12,7 @@
 #include "broker/image_tree.h"
 #include "broker/job.h"
 #include "sandbox/sys.h"
+#include "tests/fixtures/test_util.h"
 
 namespace layerx::broker {
 namespace {
@@ -123,14 +124,7 @@ class LyingExtractorTest : public ::testing::TestWithParam<const char*> {
     std::ofstream(dir_ + "/layer.tar") << std::string(10240, '\0');
   }
   void TearDown() override { (void)sandbox::RemoveTreeAt(AT_FDCWD, dir_); }
-  std::vector<std::string> Listing() {
-    std::vector<std::string> names;
-    DIR* d = opendir(dir_.c_str());
-    while (struct dirent* e = readdir(d)) names.push_back(e->d_name);
-    closedir(d);
-    std::sort(names.begin(), names.end());
-    return names;
-  }
+  std::vector<std::string> Listing() { return testing::Listing(dir_); }
   std::string dir_;
 };
 

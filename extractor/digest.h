@@ -1,0 +1,28 @@
+// SHA-256 over a stream, through OpenSSL, printed the OCI way ("sha256:<hex>").
+// Used by the extractor (the tar stream: diff_id) and the broker (the blob).
+#pragma once
+
+#include <openssl/evp.h>
+
+#include <cstddef>
+#include <string>
+
+namespace layerx::extractor {
+
+class Sha256 {
+ public:
+  // In the jail, pass the digest fetched before the pivot.
+  explicit Sha256(const EVP_MD* md = EVP_sha256());
+  ~Sha256();
+  Sha256(const Sha256&) = delete;
+  Sha256& operator=(const Sha256&) = delete;
+
+  void Update(const void* data, size_t size);
+  // "sha256:<64 hex>"; ends the stream.
+  std::string Finish();
+
+ private:
+  EVP_MD_CTX* ctx_;
+};
+
+}  // namespace layerx::extractor
