@@ -1,9 +1,9 @@
 #include "broker/ext4.h"
 
 #include <errno.h>
+#include <et/com_err.h>
 #include <ext2fs/ext2_fs.h>
 #include <ext2fs/ext2fs.h>
-#include <et/com_err.h>
 #include <fcntl.h>
 #include <spawn.h>
 #include <sys/stat.h>
@@ -44,8 +44,8 @@ std::string DerivedUuid(const std::string& seed) {
     a = (a ^ c) * 1099511628211ull;
     b = (b ^ c) * 0x100000001b3ull + 0x7f4a7c15;
   }
-  return fmt::format("{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}", a >> 32, (a >> 16) & 0xffff,
-                     a & 0xfff, 0x8000 | ((b >> 48) & 0x3fff), b & 0xffffffffffffull);
+  return fmt::format("{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}", a >> 32, (a >> 16) & 0xffff, a & 0xfff,
+                     0x8000 | ((b >> 48) & 0x3fff), b & 0xffffffffffffull);
 }
 
 std::string FindTool(const char* name) {
@@ -117,7 +117,8 @@ class OwnershipPass {
           if (epoch_) LX_TRY(StampTimes(ino, *epoch_));
           continue;
         }
-        return Fail(MakeError(ErrorKind::kInternal, "ext4: {:?} is in the image, not in the tree", path));
+        return Fail(
+            MakeError(ErrorKind::kInternal, "ext4: {:?} is in the image, not in the tree", path));
       }
       if (!done.insert(ino).second) continue;  // another name of a done inode
       if (Status s = Apply(ino, it->second->meta); !s) {
@@ -164,7 +165,8 @@ class OwnershipPass {
     std::string path = state->dir.empty() ? name : state->dir + "/" + name;
     state->self->found_.emplace_back(path, dirent->inode);
     state->self->ino_of_[path] = dirent->inode;
-    if (ext2fs_dirent_file_type(dirent) == EXT2_FT_DIR) state->subdirs->emplace_back(path, dirent->inode);
+    if (ext2fs_dirent_file_type(dirent) == EXT2_FT_DIR)
+      state->subdirs->emplace_back(path, dirent->inode);
     return 0;
   }
 
@@ -220,12 +222,14 @@ class OwnershipPass {
       sec -= 1;
     }
     inode.i_atime = inode.i_mtime = inode.i_ctime = static_cast<uint32_t>(sec);
-    if (inode.i_extra_isize >= offsetof(struct ext2_inode_large, i_crtime) - EXT2_GOOD_OLD_INODE_SIZE) {
+    if (inode.i_extra_isize >=
+        offsetof(struct ext2_inode_large, i_crtime) - EXT2_GOOD_OLD_INODE_SIZE) {
       inode.i_atime_extra = inode.i_mtime_extra = inode.i_ctime_extra = ToExtraTime(sec, nsec);
     }
     // Birth time too: mkfs stamped "now", which no layer said and which would
     // make two builds differ.
-    if (inode.i_extra_isize >= offsetof(struct ext2_inode_large, i_projid) - EXT2_GOOD_OLD_INODE_SIZE) {
+    if (inode.i_extra_isize >=
+        offsetof(struct ext2_inode_large, i_projid) - EXT2_GOOD_OLD_INODE_SIZE) {
       inode.i_crtime = static_cast<uint32_t>(sec);
       inode.i_crtime_extra = ToExtraTime(sec, nsec);
     }
@@ -233,7 +237,8 @@ class OwnershipPass {
 
   Status StampTimes(ext2_ino_t ino, int64_t epoch) {
     struct ext2_inode_large inode;
-    errcode_t rc = ext2fs_read_inode_full(fs_, ino, reinterpret_cast<ext2_inode*>(&inode), sizeof(inode));
+    errcode_t rc =
+        ext2fs_read_inode_full(fs_, ino, reinterpret_cast<ext2_inode*>(&inode), sizeof(inode));
     if (rc) return Fail(Ext2Error(rc, "read inode"));
     if (inode.i_mode == 0 && inode.i_links_count == 0 && inode.i_mtime == 0) return {};
     SetTimes(inode, epoch * 1'000'000'000);
@@ -251,7 +256,8 @@ class OwnershipPass {
 
   Status Apply(ext2_ino_t ino, const EntryRecord& m) {
     struct ext2_inode_large inode;
-    errcode_t rc = ext2fs_read_inode_full(fs_, ino, reinterpret_cast<ext2_inode*>(&inode), sizeof(inode));
+    errcode_t rc =
+        ext2fs_read_inode_full(fs_, ino, reinterpret_cast<ext2_inode*>(&inode), sizeof(inode));
     if (rc) return Fail(Ext2Error(rc, "read inode"));
     bool has_xattrs = inode.i_file_acl != 0 || inode.i_extra_isize > 0;  // cheap over-approximation
     LX_TRY(SetXattrs(ino, m, has_xattrs));
@@ -272,9 +278,14 @@ class OwnershipPass {
     std::string parent = slash == std::string::npos ? "" : path.substr(0, slash);
     std::string name = slash == std::string::npos ? path : path.substr(slash + 1);
     auto pit = ino_of_.find(parent);
-    if (pit == ino_of_.end()) return Fail(MakeError(ErrorKind::kInternal, "ext4: no parent for {:?}", path));
-    mode_t type = m.kind == Kind::kChar ? LINUX_S_IFCHR : m.kind == Kind::kBlock ? LINUX_S_IFBLK : LINUX_S_IFIFO;
-    int filetype = m.kind == Kind::kChar ? EXT2_FT_CHRDEV : m.kind == Kind::kBlock ? EXT2_FT_BLKDEV : EXT2_FT_FIFO;
+    if (pit == ino_of_.end())
+      return Fail(MakeError(ErrorKind::kInternal, "ext4: no parent for {:?}", path));
+    mode_t type = m.kind == Kind::kChar    ? LINUX_S_IFCHR
+                  : m.kind == Kind::kBlock ? LINUX_S_IFBLK
+                                           : LINUX_S_IFIFO;
+    int filetype = m.kind == Kind::kChar    ? EXT2_FT_CHRDEV
+                   : m.kind == Kind::kBlock ? EXT2_FT_BLKDEV
+                                            : EXT2_FT_FIFO;
     ext2_ino_t ino;
     errcode_t rc = ext2fs_new_inode(fs_, pit->second, static_cast<int>(type), nullptr, &ino);
     if (rc) return Fail(Ext2Error(rc, fmt::format("ext4: new inode for {:?}", path)));
@@ -297,7 +308,8 @@ class OwnershipPass {
       if (m.rdev_major < 256 && m.rdev_minor < 256) {
         inode.i_block[0] = (m.rdev_major << 8) | m.rdev_minor;
       } else {
-        inode.i_block[1] = (m.rdev_minor & 0xff) | (m.rdev_major << 8) | ((m.rdev_minor & ~0xffu) << 12);
+        inode.i_block[1] =
+            (m.rdev_minor & 0xff) | (m.rdev_major << 8) | ((m.rdev_minor & ~0xffu) << 12);
       }
     }
     rc = ext2fs_write_new_inode(fs_, ino, reinterpret_cast<ext2_inode*>(&inode));
@@ -335,7 +347,8 @@ Result<Ext4Plan> PlanExt4(const ImageTree& tree, const Ext4Options& options) {
     if (!seen.insert(inode.get()).second) continue;
     ++plan.inodes;
     size_t xattr_bytes = 0;
-    for (const auto& [n, v] : m.xattrs) xattr_bytes += RoundUp(16 + n.size(), 4) + RoundUp(v.size(), 4);
+    for (const auto& [n, v] : m.xattrs)
+      xattr_bytes += RoundUp(16 + n.size(), 4) + RoundUp(v.size(), 4);
     if (xattr_bytes > 96) blocks += (xattr_bytes + bs - 1) / bs;  // past the in-inode space
     if (m.kind == Kind::kFile) {
       plan.content_bytes += m.data_bytes;
@@ -350,7 +363,7 @@ Result<Ext4Plan> PlanExt4(const ImageTree& tree, const Ext4Options& options) {
     if (inode->meta.kind != Kind::kDir) continue;
     auto it = dir_bytes.find(path);
     uint64_t bytes = (it == dir_bytes.end() ? 0 : it->second) + 24;  // "." and ".."
-    blocks += (bytes + bs - 1) / bs + (bytes > bs ? 1 : 0);  // + an htree index block
+    blocks += (bytes + bs - 1) / bs + (bytes > bs ? 1 : 0);          // + an htree index block
   }
   blocks += 4 + 16;  // lost+found, and slack for the root and resize inode
   plan.inode_count = plan.inodes + plan.inodes / 10 + 64;
@@ -405,9 +418,10 @@ Result<Ext4Report> BuildExt4(const std::string& rootfs_path, const ImageTree& tr
     if (!uuid) uuid = DerivedUuid(options.seed);
     extended += ",hash_seed=" + *uuid;
   }
-  for (std::string a : {FindTool("mkfs.ext4"), std::string("-F"), std::string("-q"), std::string("-t"),
-                        std::string("ext4"), std::string("-b"), std::to_string(options.block_size),
-                        std::string("-m"), std::string("0"), std::string("-E"), extended}) {
+  for (std::string a :
+       {FindTool("mkfs.ext4"), std::string("-F"), std::string("-q"), std::string("-t"),
+        std::string("ext4"), std::string("-b"), std::to_string(options.block_size),
+        std::string("-m"), std::string("0"), std::string("-E"), extended}) {
     argv.push_back(std::move(a));
   }
   if (options.inode_ratio) {
@@ -417,7 +431,8 @@ Result<Ext4Report> BuildExt4(const std::string& rootfs_path, const ImageTree& tr
   }
   if (!options.label.empty()) argv.insert(argv.end(), {"-L", options.label});
   if (uuid) argv.insert(argv.end(), {"-U", *uuid});
-  argv.insert(argv.end(), {"-d", rootfs_path, image_path, fmt::format("{}k", plan.size_bytes / 1024)});
+  argv.insert(argv.end(),
+              {"-d", rootfs_path, image_path, fmt::format("{}k", plan.size_bytes / 1024)});
 
   std::vector<std::string> env;
   for (char** e = environ; *e != nullptr; ++e) {
@@ -429,10 +444,12 @@ Result<Ext4Report> BuildExt4(const std::string& rootfs_path, const ImageTree& tr
   std::string output;
   LX_ASSIGN_OR_RETURN(int rc, RunTool(argv, env, &output));
   if (rc != 0) {
-    return Fail(MakeError(ErrorKind::kOs, "mkfs.ext4 -d failed (status {}): {}", rc, LastLine(output)));
+    return Fail(
+        MakeError(ErrorKind::kOs, "mkfs.ext4 -d failed (status {}): {}", rc, LastLine(output)));
   }
   report.mkfs_ns = sandbox::MonotonicNs() - start;
-  log->info("mkfs: size={} inodes={} ms={:.1f}", plan.size_bytes, plan.inode_count, report.mkfs_ns / 1e6);
+  log->info("mkfs: size={} inodes={} ms={:.1f}", plan.size_bytes, plan.inode_count,
+            report.mkfs_ns / 1e6);
 
   int64_t pass_start = sandbox::MonotonicNs();
   ext2_filsys fs = nullptr;
@@ -440,7 +457,8 @@ Result<Ext4Report> BuildExt4(const std::string& rootfs_path, const ImageTree& tr
                                unix_io_manager, &fs);
   if (err) return Fail(Ext2Error(err, "ext4: open image"));
   err = ext2fs_read_bitmaps(fs);
-  Status status = err ? Status(Fail(Ext2Error(err, "ext4: read bitmaps"))) : OwnershipPass(fs, tree, epoch).Run();
+  Status status = err ? Status(Fail(Ext2Error(err, "ext4: read bitmaps")))
+                      : OwnershipPass(fs, tree, epoch).Run();
   errcode_t close_err = status ? ext2fs_close_free(&fs) : (ext2fs_free(fs), 0);
   if (!status) return Fail(status.error());
   if (close_err) return Fail(Ext2Error(close_err, "ext4: write image"));

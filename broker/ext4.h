@@ -16,11 +16,11 @@
 namespace layerx::broker {
 
 struct Ext4Options {
-  std::optional<uint64_t> size_bytes;     // unset: computed from the content
-  uint32_t block_size = 4096;             // 1024, 2048 or 4096
-  std::optional<uint32_t> inode_ratio;    // bytes per inode; unset: from the entry count
-  std::string label;                      // at most 16 bytes
-  std::optional<std::string> uuid;        // unset: random, or derived when reproducible
+  std::optional<uint64_t> size_bytes;   // unset: computed from the content
+  uint32_t block_size = 4096;           // 1024, 2048 or 4096
+  std::optional<uint32_t> inode_ratio;  // bytes per inode; unset: from the entry count
+  std::string label;                    // at most 16 bytes
+  std::optional<std::string> uuid;      // unset: random, or derived when reproducible
   // A reproducible image: the UUID and hash seed come from `seed` (unless
   // given), every timestamp no layer set is `source_date_epoch` (default: the
   // newest mtime in the tree), and the same input gives a byte-identical image.

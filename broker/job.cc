@@ -48,9 +48,11 @@ class Workspace {
       std::string name = fmt::format(".layerx-work-{}-{:08x}", ::getpid(), ::random());
       if (::mkdirat(parent_fd_.get(), name.c_str(), 0700) == 0) {
         name_ = name;
-        LX_ASSIGN_OR_RETURN(dir_fd_, sandbox::OpenAt(parent_fd_.get(), name_, O_PATH | O_DIRECTORY | O_NOFOLLOW));
+        LX_ASSIGN_OR_RETURN(
+            dir_fd_, sandbox::OpenAt(parent_fd_.get(), name_, O_PATH | O_DIRECTORY | O_NOFOLLOW));
         LX_TRY(sandbox::MkdirAt(dir_fd_.get(), "rootfs", 0755));
-        LX_ASSIGN_OR_RETURN(rootfs_fd_, sandbox::OpenAt(dir_fd_.get(), "rootfs", O_PATH | O_DIRECTORY | O_NOFOLLOW));
+        LX_ASSIGN_OR_RETURN(rootfs_fd_, sandbox::OpenAt(dir_fd_.get(), "rootfs",
+                                                        O_PATH | O_DIRECTORY | O_NOFOLLOW));
         return {};
       }
       if (errno != EEXIST) return Fail(OsError(errno, "mkdir work dir in {:?}", parent));
@@ -68,7 +70,8 @@ class Workspace {
     rootfs_fd_.reset();
     dir_fd_.reset();
     if (Status s = sandbox::RemoveTreeAt(parent_fd_.get(), name_); !s) {
-      Logger("broker")->error("cleanup: work dir {:?} not removed: {}", name_, s.error().ToString());
+      Logger("broker")->error("cleanup: work dir {:?} not removed: {}", name_,
+                              s.error().ToString());
     }
     name_.clear();
   }
@@ -94,8 +97,9 @@ Result<std::string> FindExtractor() {
   std::error_code ec;
   std::filesystem::path self = std::filesystem::read_symlink("/proc/self/exe", ec);
   if (ec) return Fail(OsError(ec.value(), "readlink /proc/self/exe"));
-  for (const auto& candidate : {self.parent_path() / "layerx-extractor",
-                                self.parent_path() / ".." / "libexec" / "layerx" / "layerx-extractor"}) {
+  for (const auto& candidate :
+       {self.parent_path() / "layerx-extractor",
+        self.parent_path() / ".." / "libexec" / "layerx" / "layerx-extractor"}) {
     if (::access(candidate.c_str(), X_OK) == 0) return candidate.string();
   }
   return Fail(MakeError(ErrorKind::kPolicy,
@@ -108,7 +112,8 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
   int64_t start = sandbox::MonotonicNs();
   if (request.layers.empty()) return Fail(MakeError(ErrorKind::kPolicy, "no layers given"));
   if (!request.rootfs && !request.manifest && !request.ext4) {
-    return Fail(MakeError(ErrorKind::kPolicy, "nothing to write: give --rootfs, --ext4 or --manifest"));
+    return Fail(
+        MakeError(ErrorKind::kPolicy, "nothing to write: give --rootfs, --ext4 or --manifest"));
   }
   std::optional<OutputPath> rootfs_out, manifest_out, ext4_out;
   if (request.ext4) {
@@ -140,8 +145,10 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
   LX_TRY(work.Create(rootfs_out ? rootfs_out->dir : ext4_out ? ext4_out->dir : manifest_out->dir));
 
   ImageTree tree(request.policy.limits);
-  RunContext ctx{.policy = &request.policy, .rootfs_fd = work.rootfs_fd(),
-                 .extractor_fd = extractor_fd.get(), .cancel = request.cancel,
+  RunContext ctx{.policy = &request.policy,
+                 .rootfs_fd = work.rootfs_fd(),
+                 .extractor_fd = extractor_fd.get(),
+                 .cancel = request.cancel,
                  .extractor_args = request.extractor_args};
   JobReport report;
   for (size_t i = 0; i < request.layers.size(); ++i) {
@@ -150,9 +157,10 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
     if (!layer) {
       return Fail(std::move(layer).error().With("layer {} ({})", input.index, input.path));
     }
-    log->info("layer done: layer={} digest={} entries={} bytes={} setup_ms={:.2f} extract_ms={:.1f}",
-              input.index, ShortDigest(layer->compressed_digest), layer->entries,
-              layer->file_bytes, layer->setup_ns / 1e6, layer->extract_ns / 1e6);
+    log->info(
+        "layer done: layer={} digest={} entries={} bytes={} setup_ms={:.2f} extract_ms={:.1f}",
+        input.index, ShortDigest(layer->compressed_digest), layer->entries, layer->file_bytes,
+        layer->setup_ns / 1e6, layer->extract_ns / 1e6);
     report.layers.push_back(std::move(*layer));
   }
   report.final_entries = tree.size();
@@ -181,8 +189,7 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
     if (options.seed.empty()) {
       for (const LayerReport& l : report.layers) options.seed += l.compressed_digest;
     }
-    auto built = BuildExt4(work.rootfs_path(), tree, plan, options,
-                           ext4_out->dir + "/" + ext4_tmp);
+    auto built = BuildExt4(work.rootfs_path(), tree, plan, options, ext4_out->dir + "/" + ext4_tmp);
     if (!built) return Fail(std::move(built).error().With("ext4 {:?}", *request.ext4));
     report.ext4 = *built;
   }
@@ -191,10 +198,12 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
   UniqueFd manifest_dir;
   std::string manifest_tmp;
   if (manifest_out) {
-    LX_ASSIGN_OR_RETURN(manifest_dir, sandbox::OpenAt(AT_FDCWD, manifest_out->dir, O_PATH | O_DIRECTORY));
+    LX_ASSIGN_OR_RETURN(manifest_dir,
+                        sandbox::OpenAt(AT_FDCWD, manifest_out->dir, O_PATH | O_DIRECTORY));
     manifest_tmp = fmt::format(".{}.layerx-tmp-{}", manifest_out->name, ::getpid());
-    LX_ASSIGN_OR_RETURN(UniqueFd fd, sandbox::OpenAt(manifest_dir.get(), manifest_tmp,
-                                                     O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0644));
+    LX_ASSIGN_OR_RETURN(UniqueFd fd,
+                        sandbox::OpenAt(manifest_dir.get(), manifest_tmp,
+                                        O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0644));
     Status written = WriteManifest(tree, fd.get());
     if (written && ::fsync(fd.get()) != 0) written = Fail(OsError(errno, "fsync manifest"));
     if (!written) {
@@ -203,7 +212,8 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
     }
   }
   if (rootfs_out) {
-    LX_ASSIGN_OR_RETURN(UniqueFd parent, sandbox::OpenAt(AT_FDCWD, rootfs_out->dir, O_PATH | O_DIRECTORY));
+    LX_ASSIGN_OR_RETURN(UniqueFd parent,
+                        sandbox::OpenAt(AT_FDCWD, rootfs_out->dir, O_PATH | O_DIRECTORY));
     if (::renameat2(work.dir_fd(), "rootfs", parent.get(), rootfs_out->name.c_str(),
                     RENAME_NOREPLACE) != 0) {
       int err = errno;
@@ -216,7 +226,8 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
     ext4_guard.name.clear();
   }
   if (manifest_out) {
-    LX_TRY(sandbox::RenameAt(manifest_dir.get(), manifest_tmp, manifest_dir.get(), manifest_out->name));
+    LX_TRY(sandbox::RenameAt(manifest_dir.get(), manifest_tmp, manifest_dir.get(),
+                             manifest_out->name));
   }
   work.Cleanup();
   report.total_ns = sandbox::MonotonicNs() - start;

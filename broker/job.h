@@ -15,13 +15,13 @@
 namespace layerx::broker {
 
 struct ExtractRequest {
-  std::vector<std::string> layers;       // layer blob files, lowest first
-  std::optional<std::string> rootfs;     // must not exist; its parent must
-  std::optional<std::string> manifest;   // replaced on success only
-  std::optional<std::string> ext4;       // the ext4 image; replaced on success only
+  std::vector<std::string> layers;      // layer blob files, lowest first
+  std::optional<std::string> rootfs;    // must not exist; its parent must
+  std::optional<std::string> manifest;  // replaced on success only
+  std::optional<std::string> ext4;      // the ext4 image; replaced on success only
   Ext4Options ext4_options;
   policy::Policy policy;
-  std::string extractor_path;            // empty: FindExtractor()
+  std::string extractor_path;  // empty: FindExtractor()
   const std::atomic<bool>* cancel = nullptr;
   std::vector<std::string> extractor_args;  // extra argv for the extractor (tests)
 };

@@ -29,7 +29,6 @@ constexpr size_t kFeedChunk = 1 << 20;
 constexpr size_t kMaxStderrBytes = 64 * 1024;
 constexpr size_t kMaxNameInError = 160;
 
-
 // The broker's side of one extractor: the fds it polls and what came back.
 class Session {
  public:
@@ -160,15 +159,16 @@ Status Session::HandleMessage(kj::ArrayPtr<const capnp::word> words) {
       case wire::Message::FAILURE: {
         auto f = message.getFailure();
         uint16_t kind = f.getKind();
-        if (kind > static_cast<uint16_t>(ErrorKind::kInternal)) kind = static_cast<uint16_t>(ErrorKind::kPeer);
+        if (kind > static_cast<uint16_t>(ErrorKind::kInternal))
+          kind = static_cast<uint16_t>(ErrorKind::kPeer);
         Error error(static_cast<ErrorKind>(kind), 0, std::string(f.getMessage().cStr()));
         auto entry = f.getEntry();
         if (entry.size() > 0) {
           // Untrusted and possibly huge: escaped by {:?}, and cut to keep one readable line.
           std::string name(reinterpret_cast<const char*>(entry.begin()), entry.size());
           if (name.size() > kMaxNameInError) {
-            error = std::move(error).With("entry {:?}... ({} bytes)", name.substr(0, kMaxNameInError),
-                                          name.size());
+            error = std::move(error).With("entry {:?}... ({} bytes)",
+                                          name.substr(0, kMaxNameInError), name.size());
           } else {
             error = std::move(error).With("entry {:?}", name);
           }
@@ -180,8 +180,8 @@ Status Session::HandleMessage(kj::ArrayPtr<const capnp::word> words) {
         return Fail(MakeError(ErrorKind::kPeer, "unknown message"));
     }
   } catch (const kj::Exception& e) {
-    return Fail(MakeError(ErrorKind::kPeer, "malformed record message: {}",
-                          e.getDescription().cStr()));
+    return Fail(
+        MakeError(ErrorKind::kPeer, "malformed record message: {}", e.getDescription().cStr()));
   }
 }
 
@@ -302,7 +302,8 @@ Status Session::Run(const LayerInput& layer) {
   log_->debug("spawned: layer={} pid={} spawn_ms={:.2f}", layer.index, child.pid(),
               (sandbox::MonotonicNs() - start) / 1e6);
 
-  const int64_t deadline = start + static_cast<int64_t>(ctx_.policy->limits.layer_timeout_ms) * 1'000'000;
+  const int64_t deadline =
+      start + static_cast<int64_t>(ctx_.policy->limits.layer_timeout_ms) * 1'000'000;
   bool exited = false;
   while (!exited || !channel_eof_ || stderr_.valid()) {
     if (ctx_.cancel && ctx_.cancel->load()) {

@@ -16,8 +16,8 @@
 namespace layerx::broker {
 
 struct LayerInput {
-  size_t index = 0;       // 1-based, lowest layer first
-  std::string path;       // the blob file
+  size_t index = 0;  // 1-based, lowest layer first
+  std::string path;  // the blob file
 };
 
 struct LayerReport {
@@ -36,10 +36,10 @@ struct LayerReport {
 
 struct RunContext {
   const policy::Policy* policy = nullptr;
-  int rootfs_fd = -1;         // borrowed: the work rootfs dir
-  int extractor_fd = -1;      // borrowed: the extractor binary (O_PATH)
+  int rootfs_fd = -1;                         // borrowed: the work rootfs dir
+  int extractor_fd = -1;                      // borrowed: the extractor binary (O_PATH)
   const std::atomic<bool>* cancel = nullptr;  // set from a signal handler or another thread
-  std::vector<std::string> extractor_args;     // extra argv (tests run probe programs)
+  std::vector<std::string> extractor_args;    // extra argv (tests run probe programs)
 };
 
 // Errors carry the entry and reason; the caller adds the layer context.

@@ -17,7 +17,8 @@ std::atomic<bool> g_cancel{false};
 
 void OnSignal(int) { g_cancel.store(true); }
 
-constexpr const char* kExtractHelp = R"(Apply container image layers, lowest first, each in its own jail.
+constexpr const char* kExtractHelp =
+    R"(Apply container image layers, lowest first, each in its own jail.
 
 Every layer is unpacked by a separate layerx-extractor process inside fresh
 user, mount, pid, net, ipc, uts and cgroup namespaces whose "/" is the image
@@ -56,26 +57,33 @@ int main(int argc, char** argv) {
   std::string rootfs, manifest;
   double timeout_s = 0;
   bool json = false;
-  extract->add_option("LAYER", layers, "layer files, lowest first")->required()->check(CLI::ExistingFile);
+  extract->add_option("LAYER", layers, "layer files, lowest first")
+      ->required()
+      ->check(CLI::ExistingFile);
   extract->add_option("--rootfs", rootfs, "write the rootfs here (must not exist)");
   extract->add_option("--manifest", manifest, "write the JSON-lines manifest here");
   std::string ext4, label, uuid;
   uint64_t size = 0;
   uint32_t block_size = 4096, inode_ratio = 0;
   bool reproducible = false;
-  extract->add_option("--ext4", ext4, "write an ext4 image with true ownership here (no root needed)");
-  extract->add_option("--size", size, "ext4 image size, e.g. 512M or 2G (default: from the content)")
+  extract->add_option("--ext4", ext4,
+                      "write an ext4 image with true ownership here (no root needed)");
+  extract
+      ->add_option("--size", size, "ext4 image size, e.g. 512M or 2G (default: from the content)")
       ->transform(CLI::AsSizeValue(false));
   extract->add_option("--block-size", block_size, "ext4 block size: 1024, 2048 or 4096")
       ->check(CLI::IsMember({1024, 2048, 4096}));
-  extract->add_option("--inode-ratio", inode_ratio, "ext4 bytes per inode (default: from the entry count)")
+  extract
+      ->add_option("--inode-ratio", inode_ratio,
+                   "ext4 bytes per inode (default: from the entry count)")
       ->check(CLI::Range(1024u, 67108864u));
   extract->add_option("--label", label, "ext4 volume label")->check([](const std::string& v) {
     return v.size() <= 16 ? std::string() : std::string("at most 16 bytes");
   });
   extract->add_option("--uuid", uuid, "ext4 filesystem UUID");
-  extract->add_flag("--reproducible", reproducible,
-                    "same input, byte-identical ext4 image (also on when SOURCE_DATE_EPOCH is set)");
+  extract->add_flag(
+      "--reproducible", reproducible,
+      "same input, byte-identical ext4 image (also on when SOURCE_DATE_EPOCH is set)");
   extract->add_option("--layer-timeout", timeout_s, "seconds one layer may take (default 1800)")
       ->check(CLI::PositiveNumber);
   extract->add_flag("--json", json, "print a JSON summary on stdout");

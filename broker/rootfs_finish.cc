@@ -28,7 +28,8 @@ Status MakeDevice(int rootfs_fd, const std::string& path, const extractor::Entry
   std::string leaf;
   LX_ASSIGN_OR_RETURN(UniqueFd parent, OpenParent(rootfs_fd, path, &leaf));
   mode_t type = m.kind == Kind::kChar ? S_IFCHR : S_IFBLK;
-  if (::mknodat(parent.get(), leaf.c_str(), type | 0600, makedev(m.rdev_major, m.rdev_minor)) != 0) {
+  if (::mknodat(parent.get(), leaf.c_str(), type | 0600, makedev(m.rdev_major, m.rdev_minor)) !=
+      0) {
     return Fail(OsError(errno, "mknod {:?}", path));
   }
   if (::fchownat(parent.get(), leaf.c_str(), m.uid, m.gid, AT_SYMLINK_NOFOLLOW) != 0) {
@@ -48,8 +49,8 @@ Status MakeDevice(int rootfs_fd, const std::string& path, const extractor::Entry
 }
 
 Status SetCapability(int rootfs_fd, const std::string& path, const std::string& value) {
-  LX_ASSIGN_OR_RETURN(UniqueFd fd, sandbox::OpenAt2(rootfs_fd, path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK,
-                                                    kInRoot));
+  LX_ASSIGN_OR_RETURN(
+      UniqueFd fd, sandbox::OpenAt2(rootfs_fd, path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK, kInRoot));
   LX_ASSIGN_OR_RETURN(struct stat st, sandbox::Fstat(fd.get()));
   if (!S_ISREG(st.st_mode)) return Fail(OsError(EINVAL, "capability on non-file {:?}", path));
   if (::fsetxattr(fd.get(), "security.capability", value.data(), value.size(), 0) != 0) {

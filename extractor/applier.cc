@@ -68,8 +68,8 @@ std::string RootlessOwnerXattr(uint32_t uid, uint32_t gid) {
   return out;
 }
 
-Applier::Applier(int root_fd, const policy::Limits& limits, ApplyOptions options,
-                 RecordSink& sink, std::function<void(std::string_view)> warn)
+Applier::Applier(int root_fd, const policy::Limits& limits, ApplyOptions options, RecordSink& sink,
+                 std::function<void(std::string_view)> warn)
     : root_fd_(root_fd), limits_(limits), options_(options), sink_(sink), warn_(std::move(warn)) {}
 
 std::string Applier::JoinPath(const std::string& dir, const std::string& leaf) {
@@ -106,11 +106,11 @@ bool Applier::OpenUp(const Dir& dir) {
   struct stat st;
   if (::fstat(dir.fd, &st) != 0 || (st.st_mode & 0700) == 0700) return false;
   if (!fixups_.contains(dir.path)) {
-    fixups_[dir.path] = Fixup{st.st_mode & 07777u,
-                              int64_t{st.st_mtim.tv_sec} * 1'000'000'000 + st.st_mtim.tv_nsec};
+    fixups_[dir.path] =
+        Fixup{st.st_mode & 07777u, int64_t{st.st_mtim.tv_sec} * 1'000'000'000 + st.st_mtim.tv_nsec};
   }
-  return static_cast<bool>(
-      sandbox::FchmodAtNoFollow(root_fd_, dir.path.empty() ? "." : dir.path, (st.st_mode & 07777) | 0700));
+  return static_cast<bool>(sandbox::FchmodAtNoFollow(root_fd_, dir.path.empty() ? "." : dir.path,
+                                                     (st.st_mode & 07777) | 0700));
 }
 
 // Walks `dir` below the root the way the kernel would inside the jail: each
@@ -141,19 +141,20 @@ Result<Applier::Dir> Applier::ResolveDir(const EntryName& dir, bool create, int6
       if (stack.empty()) {
         cur.reset();
       } else {
-        LX_ASSIGN_OR_RETURN(cur, sandbox::OpenAt2(root_fd_, joined(), O_PATH | O_DIRECTORY,
-                                                  RESOLVE_IN_ROOT | RESOLVE_NO_SYMLINKS |
-                                                      RESOLVE_NO_MAGICLINKS));
+        LX_ASSIGN_OR_RETURN(
+            cur, sandbox::OpenAt2(root_fd_, joined(), O_PATH | O_DIRECTORY,
+                                  RESOLVE_IN_ROOT | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS));
       }
       continue;
     }
     if (stack.size() >= limits_.max_path_depth) {
-      return Fail(MakeError(ErrorKind::kLimitExceeded, "resolved path deeper than max_path_depth={}",
-                            limits_.max_path_depth));
+      return Fail(MakeError(ErrorKind::kLimitExceeded,
+                            "resolved path deeper than max_path_depth={}", limits_.max_path_depth));
     }
     struct stat st;
     Dir here{joined(), cur_fd()};
-    if (WithWritable(here, [&] { return ::fstatat(cur_fd(), c.c_str(), &st, AT_SYMLINK_NOFOLLOW); }) != 0) {
+    if (WithWritable(
+            here, [&] { return ::fstatat(cur_fd(), c.c_str(), &st, AT_SYMLINK_NOFOLLOW); }) != 0) {
       if (errno != ENOENT) return Fail(Os(errno, fmt::format("fstatat {:?}", c)));
       if (!create) return Fail(Error(ErrorKind::kOs, ENOENT, "no such directory"));
       // A missing parent is made the way Docker does: root-owned 0755.
@@ -164,8 +165,8 @@ Result<Applier::Dir> Applier::ResolveDir(const EntryName& dir, bool create, int6
       std::string path = JoinPath(parent.path, c);
       Touch(path);
       fixups_[path] = Fixup{0755, mtime_ns};
-      LX_TRY(sink_.Add(EntryRecord{.path = path, .kind = Kind::kDir, .mode = 0755,
-                                   .mtime_ns = mtime_ns}));
+      LX_TRY(sink_.Add(
+          EntryRecord{.path = path, .kind = Kind::kDir, .mode = 0755, .mtime_ns = mtime_ns}));
       st.st_mode = S_IFDIR | 0700;
     }
     if (S_ISLNK(st.st_mode)) {
@@ -247,7 +248,8 @@ Status Applier::RemoveExisting(const Dir& dir, const std::string& leaf, const st
 Status Applier::RemoveLower(const Dir& dir, const std::string& name, bool opaque) {
   std::string path = JoinPath(dir.path, name);
   struct stat st;
-  if (WithWritable(dir, [&] { return ::fstatat(dir.fd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW); }) != 0) {
+  if (WithWritable(
+          dir, [&] { return ::fstatat(dir.fd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW); }) != 0) {
     if (errno == ENOENT) return {};
     return Fail(Os(errno, fmt::format("fstatat {:?}", name)));
   }
@@ -257,7 +259,8 @@ Status Applier::RemoveLower(const Dir& dir, const std::string& name, bool opaque
   }
   // This layer made it (or something below it): keep that, hide the rest.
   if (!S_ISDIR(st.st_mode)) return {};
-  LX_ASSIGN_OR_RETURN(UniqueFd child, sandbox::OpenAt(dir.fd, name, O_PATH | O_DIRECTORY | O_NOFOLLOW));
+  LX_ASSIGN_OR_RETURN(UniqueFd child,
+                      sandbox::OpenAt(dir.fd, name, O_PATH | O_DIRECTORY | O_NOFOLLOW));
   Dir sub{path, child.get()};
   LX_ASSIGN_OR_RETURN(std::vector<std::string> names, ListDir(sub));
   for (const std::string& n : names) LX_TRY(RemoveLower(sub, n, opaque));
@@ -265,7 +268,8 @@ Status Applier::RemoveLower(const Dir& dir, const std::string& name, bool opaque
 }
 
 Result<std::vector<std::string>> Applier::ListDir(const Dir& dir) {
-  int fd = WithWritable(dir, [&] { return ::openat(dir.fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC); });
+  int fd =
+      WithWritable(dir, [&] { return ::openat(dir.fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC); });
   if (fd < 0) return Fail(Os(errno, fmt::format("open dir {:?}", dir.path)));
   DIR* d = ::fdopendir(fd);
   if (d == nullptr) {
@@ -303,8 +307,12 @@ Status Applier::Opaque(const EntryName& dir_name) {
 }
 
 EntryRecord Applier::MakeRecord(const TarEntry& e, std::string path) const {
-  EntryRecord r{.path = std::move(path), .kind = e.kind, .uid = e.uid, .gid = e.gid,
-                .mode = e.mode, .mtime_ns = e.mtime_ns};
+  EntryRecord r{.path = std::move(path),
+                .kind = e.kind,
+                .uid = e.uid,
+                .gid = e.gid,
+                .mode = e.mode,
+                .mtime_ns = e.mtime_ns};
   if (e.kind == Kind::kFile) r.size = e.size;
   if (e.kind == Kind::kSymlink) r.symlink_target = e.untrusted_link_target;
   if (e.kind == Kind::kChar || e.kind == Kind::kBlock) {
@@ -343,24 +351,25 @@ Result<uint64_t> Applier::WriteFile(int fd, const TarEntry& e, const DataFeed& d
     return Fail(MakeError(ErrorKind::kLimitExceeded, "layer data over max_layer_bytes={}",
                           limits_.max_layer_bytes));
   }
-  LX_ASSIGN_OR_RETURN(uint64_t written, data([&](int64_t offset, std::span<const std::byte> b) -> Status {
-    if (offset < 0 || static_cast<uint64_t>(offset) + b.size() > e.size) {
-      return Fail(MakeError(ErrorKind::kInvalidInput, "file data beyond its size"));
-    }
-    while (!b.empty()) {
-      ssize_t n = ::pwrite(fd, b.data(), b.size(), offset);
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        if (errno == EFBIG) {
-          return Fail(Error(ErrorKind::kLimitExceeded, EFBIG, "file over rlimit file_size"));
+  LX_ASSIGN_OR_RETURN(
+      uint64_t written, data([&](int64_t offset, std::span<const std::byte> b) -> Status {
+        if (offset < 0 || static_cast<uint64_t>(offset) + b.size() > e.size) {
+          return Fail(MakeError(ErrorKind::kInvalidInput, "file data beyond its size"));
         }
-        return Fail(Os(errno, "write file data"));
-      }
-      b = b.subspan(static_cast<size_t>(n));
-      offset += n;
-    }
-    return {};
-  }));
+        while (!b.empty()) {
+          ssize_t n = ::pwrite(fd, b.data(), b.size(), offset);
+          if (n < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EFBIG) {
+              return Fail(Error(ErrorKind::kLimitExceeded, EFBIG, "file over rlimit file_size"));
+            }
+            return Fail(Os(errno, "write file data"));
+          }
+          b = b.subspan(static_cast<size_t>(n));
+          offset += n;
+        }
+        return {};
+      }));
   file_bytes_ += written;
   // Sparse files end in a hole; ftruncate gives the file its full size.
   if (::ftruncate(fd, static_cast<off_t>(e.size)) != 0) {
@@ -419,7 +428,9 @@ Status Applier::ApplyHardlink(const TarEntry& e, const EntryName& name, bool fin
   std::string path = JoinPath(dir.path, name.leaf());
   if (path == tpath) return {};  // a link to itself changes nothing
   struct stat st;
-  if (WithWritable(dir, [&] { return ::fstatat(dir.fd, name.leaf().c_str(), &st, AT_SYMLINK_NOFOLLOW); }) == 0) {
+  if (WithWritable(dir, [&] {
+        return ::fstatat(dir.fd, name.leaf().c_str(), &st, AT_SYMLINK_NOFOLLOW);
+      }) == 0) {
     LX_TRY(RemoveExisting(dir, name.leaf(), st));
     LX_ASSIGN_OR_RETURN(dir, ResolveDir(name.Parent(), true, e.mtime_ns));
   }
@@ -454,8 +465,9 @@ Status Applier::Apply(const TarEntry& e, const DataFeed& data) {
   LX_ASSIGN_OR_RETURN(Dir dir, ResolveDir(name.Parent(), true, e.mtime_ns));
   std::string path = JoinPath(dir.path, leaf);
   struct stat st;
-  bool exists =
-      WithWritable(dir, [&] { return ::fstatat(dir.fd, leaf.c_str(), &st, AT_SYMLINK_NOFOLLOW); }) == 0;
+  bool exists = WithWritable(dir, [&] {
+                  return ::fstatat(dir.fd, leaf.c_str(), &st, AT_SYMLINK_NOFOLLOW);
+                }) == 0;
   if (!exists && errno != ENOENT) return Fail(Os(errno, fmt::format("fstatat {:?}", leaf)));
   bool merge = exists && S_ISDIR(st.st_mode) && e.kind == Kind::kDir;
   if (exists && !merge) {
@@ -490,7 +502,8 @@ Status Applier::Apply(const TarEntry& e, const DataFeed& data) {
       }
       // Owner-writable until Finish(): this layer may still write into it.
       if (merge) LX_TRY(sandbox::FchmodAtNoFollow(dir.fd, leaf, 0700));
-      LX_ASSIGN_OR_RETURN(UniqueFd d, sandbox::OpenAt(dir.fd, leaf, O_RDONLY | O_DIRECTORY | O_NOFOLLOW));
+      LX_ASSIGN_OR_RETURN(UniqueFd d,
+                          sandbox::OpenAt(dir.fd, leaf, O_RDONLY | O_DIRECTORY | O_NOFOLLOW));
       Touch(path);
       if (options_.chown && ::fchown(d.get(), e.uid, e.gid) != 0) return Fail(Os(errno, "fchown"));
       if (merge && !options_.chown) (void)::fremovexattr(d.get(), kRootlessXattr);
@@ -547,7 +560,8 @@ Status Applier::Finish() {
   for (const PendingLink& link : pending) {
     bool deferred = false;
     Status status = ApplyHardlink(link.entry, link.name, /*final_attempt=*/true, &deferred);
-    if (!status) return Fail(std::move(status).error().With("entry {:?}", link.entry.untrusted_name));
+    if (!status)
+      return Fail(std::move(status).error().With("entry {:?}", link.entry.untrusted_name));
   }
   std::vector<std::pair<std::string, Fixup>> fixups(fixups_.begin(), fixups_.end());
   fixups_.clear();
@@ -573,13 +587,20 @@ Status Applier::Finish() {
 
 const char* KindName(Kind kind) {
   switch (kind) {
-    case Kind::kFile: return "file";
-    case Kind::kDir: return "dir";
-    case Kind::kSymlink: return "symlink";
-    case Kind::kHardlink: return "hardlink";
-    case Kind::kChar: return "char";
-    case Kind::kBlock: return "block";
-    case Kind::kFifo: return "fifo";
+    case Kind::kFile:
+      return "file";
+    case Kind::kDir:
+      return "dir";
+    case Kind::kSymlink:
+      return "symlink";
+    case Kind::kHardlink:
+      return "hardlink";
+    case Kind::kChar:
+      return "char";
+    case Kind::kBlock:
+      return "block";
+    case Kind::kFifo:
+      return "fifo";
   }
   return "unknown";
 }

@@ -35,8 +35,8 @@ struct ApplyOptions {
 };
 
 // Delivers the current entry's file data block by block.
-using DataFeed =
-    std::function<Result<uint64_t>(const std::function<Status(int64_t, std::span<const std::byte>)>&)>;
+using DataFeed = std::function<Result<uint64_t>(
+    const std::function<Status(int64_t, std::span<const std::byte>)>&)>;
 
 class Applier {
  public:

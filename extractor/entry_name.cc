@@ -2,8 +2,7 @@
 
 namespace layerx::extractor {
 
-Result<EntryName> EntryName::Parse(std::string_view untrusted_name,
-                                   const policy::Limits& limits) {
+Result<EntryName> EntryName::Parse(std::string_view untrusted_name, const policy::Limits& limits) {
   if (untrusted_name.find('\0') != std::string_view::npos) {
     return Fail(MakeError(ErrorKind::kInvalidInput, "name contains a NUL byte"));
   }

@@ -110,7 +110,8 @@ Result<std::optional<TarEntry>> LayerReader::Next() {
   if (outer_error_) return Fail(*outer_error_);
   // ARCHIVE_WARN is a failure too: it flags names that could not be converted,
   // bad checksums or truncated headers, all security-relevant.
-  if (rc != ARCHIVE_OK) return Fail(ArchiveError(inner_, ErrorKind::kInvalidInput, "read tar header"));
+  if (rc != ARCHIVE_OK)
+    return Fail(ArchiveError(inner_, ErrorKind::kInvalidInput, "read tar header"));
 
   TarEntry e;
   const char* name = archive_entry_pathname(ae);
@@ -123,22 +124,32 @@ Result<std::optional<TarEntry>> LayerReader::Next() {
     return Fail(MakeError(ErrorKind::kInvalidInput, "uid/gid out of range"));
   }
   e.mode = archive_entry_perm(ae) & 07777;
-  e.mtime_ns = static_cast<int64_t>(archive_entry_mtime(ae)) * 1'000'000'000 +
-               archive_entry_mtime_nsec(ae);
+  e.mtime_ns =
+      static_cast<int64_t>(archive_entry_mtime(ae)) * 1'000'000'000 + archive_entry_mtime_nsec(ae);
   if (const char* hardlink = archive_entry_hardlink(ae)) {
     e.kind = Kind::kHardlink;
     e.untrusted_link_target = hardlink;
   } else {
     switch (archive_entry_filetype(ae)) {
-      case AE_IFREG: e.kind = Kind::kFile; break;
-      case AE_IFDIR: e.kind = Kind::kDir; break;
+      case AE_IFREG:
+        e.kind = Kind::kFile;
+        break;
+      case AE_IFDIR:
+        e.kind = Kind::kDir;
+        break;
       case AE_IFLNK:
         e.kind = Kind::kSymlink;
         if (const char* target = archive_entry_symlink(ae)) e.untrusted_link_target = target;
         break;
-      case AE_IFCHR: e.kind = Kind::kChar; break;
-      case AE_IFBLK: e.kind = Kind::kBlock; break;
-      case AE_IFIFO: e.kind = Kind::kFifo; break;
+      case AE_IFCHR:
+        e.kind = Kind::kChar;
+        break;
+      case AE_IFBLK:
+        e.kind = Kind::kBlock;
+        break;
+      case AE_IFIFO:
+        e.kind = Kind::kFifo;
+        break;
       default:
         return Fail(MakeError(ErrorKind::kInvalidInput, "unsupported entry type {:o}",
                               archive_entry_filetype(ae)));
@@ -156,7 +167,8 @@ Result<std::optional<TarEntry>> LayerReader::Next() {
     e.rdev_minor = static_cast<uint32_t>(archive_entry_rdevminor(ae));
   }
   if (e.kind == Kind::kFile) {
-    if (archive_entry_size(ae) < 0) return Fail(MakeError(ErrorKind::kInvalidInput, "negative size"));
+    if (archive_entry_size(ae) < 0)
+      return Fail(MakeError(ErrorKind::kInvalidInput, "negative size"));
     e.size = static_cast<uint64_t>(archive_entry_size(ae));
   }
   size_t xattr_bytes = 0;
@@ -186,7 +198,8 @@ Result<uint64_t> LayerReader::ReadData(
     int rc = archive_read_data_block(inner_, &buf, &size, &offset);
     if (rc == ARCHIVE_EOF) return total;
     if (outer_error_) return Fail(*outer_error_);
-    if (rc != ARCHIVE_OK) return Fail(ArchiveError(inner_, ErrorKind::kInvalidInput, "read file data"));
+    if (rc != ARCHIVE_OK)
+      return Fail(ArchiveError(inner_, ErrorKind::kInvalidInput, "read file data"));
     if (size == 0) continue;
     total += size;
     LX_TRY(sink(offset, std::span(static_cast<const std::byte*>(buf), size)));

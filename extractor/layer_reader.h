@@ -25,11 +25,11 @@ struct archive;
 namespace layerx::extractor {
 
 struct TarEntry {
-  std::string untrusted_name;         // bytes as stored
-  Kind kind = Kind::kFile;            // kHardlink when the entry names a link target
+  std::string untrusted_name;  // bytes as stored
+  Kind kind = Kind::kFile;     // kHardlink when the entry names a link target
   uint32_t uid = 0;
   uint32_t gid = 0;
-  uint32_t mode = 0;                  // & 07777
+  uint32_t mode = 0;  // & 07777
   int64_t mtime_ns = 0;
   uint64_t size = 0;
   std::string untrusted_link_target;  // symlink target or hardlink target name

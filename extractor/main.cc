@@ -35,15 +35,15 @@ int Run() {
   };
   auto reader = extractor::LayerReader::Create(config.limits);
   if (!reader) return report(reader.error(), "");
-  if (Status opened = (*reader)->Open(sandbox::kInputFd); !opened) return report(opened.error(), "");
+  if (Status opened = (*reader)->Open(sandbox::kInputFd); !opened)
+    return report(opened.error(), "");
   auto root = sandbox::OpenAt(AT_FDCWD, "/", O_PATH | O_DIRECTORY);
   if (!root) return report(root.error(), "");
-  extractor::Applier applier(root->get(), config.limits,
-                             extractor::ApplyOptions{.chown = config.keep_fs_caps != 0}, writer,
-                             [](std::string_view warning) {
-                               std::fprintf(stderr, "warning: %.*s\n",
-                                            static_cast<int>(warning.size()), warning.data());
-                             });
+  extractor::Applier applier(
+      root->get(), config.limits, extractor::ApplyOptions{.chown = config.keep_fs_caps != 0},
+      writer, [](std::string_view warning) {
+        std::fprintf(stderr, "warning: %.*s\n", static_cast<int>(warning.size()), warning.data());
+      });
   auto totals = extractor::ExtractLayer(**reader, applier, config.limits);
   if (!totals) return report(totals.error().error, totals.error().entry);
   Status sent = writer.SendSummary([&](wire::Summary::Builder s) {

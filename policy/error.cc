@@ -6,13 +6,20 @@ namespace layerx {
 
 const char* ErrorKindName(ErrorKind kind) {
   switch (kind) {
-    case ErrorKind::kOs: return "os";
-    case ErrorKind::kInvalidInput: return "invalid input";
-    case ErrorKind::kSafetyViolation: return "safety violation";
-    case ErrorKind::kLimitExceeded: return "limit exceeded";
-    case ErrorKind::kPolicy: return "policy";
-    case ErrorKind::kPeer: return "extractor failure";
-    case ErrorKind::kInternal: return "internal";
+    case ErrorKind::kOs:
+      return "os";
+    case ErrorKind::kInvalidInput:
+      return "invalid input";
+    case ErrorKind::kSafetyViolation:
+      return "safety violation";
+    case ErrorKind::kLimitExceeded:
+      return "limit exceeded";
+    case ErrorKind::kPolicy:
+      return "policy";
+    case ErrorKind::kPeer:
+      return "extractor failure";
+    case ErrorKind::kInternal:
+      return "internal";
   }
   return "unknown";
 }

@@ -12,15 +12,15 @@ inline constexpr uint64_t kMiB = 1024 * kKiB;
 inline constexpr uint64_t kGiB = 1024 * kMiB;
 
 struct Limits {
-  uint64_t max_layer_bytes = 64 * kGiB;     // uncompressed file data in one layer
-  uint64_t max_image_bytes = 256 * kGiB;    // uncompressed file data in all layers
-  uint64_t max_entries = 4'000'000;         // tar entries in one layer
-  uint64_t max_path_bytes = 4096;           // one entry name, after cleaning
-  uint64_t max_path_depth = 512;            // components in one name
-  uint64_t max_link_target_bytes = 4096;    // symlink / hardlink target
+  uint64_t max_layer_bytes = 64 * kGiB;   // uncompressed file data in one layer
+  uint64_t max_image_bytes = 256 * kGiB;  // uncompressed file data in all layers
+  uint64_t max_entries = 4'000'000;       // tar entries in one layer
+  uint64_t max_path_bytes = 4096;         // one entry name, after cleaning
+  uint64_t max_path_depth = 512;          // components in one name
+  uint64_t max_link_target_bytes = 4096;  // symlink / hardlink target
   uint64_t max_xattrs_per_entry = 128;
-  uint64_t max_xattr_bytes = 64 * kKiB;     // names + values of one entry
-  uint64_t max_symlink_hops = 40;           // as the kernel's MAXSYMLINKS
+  uint64_t max_xattr_bytes = 64 * kKiB;  // names + values of one entry
+  uint64_t max_symlink_hops = 40;        // as the kernel's MAXSYMLINKS
   uint64_t layer_timeout_ms = 30 * 60 * 1000;
   uint64_t max_record_message_bytes = 64 * kMiB;  // one Cap'n Proto message
 };

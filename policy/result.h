@@ -21,15 +21,15 @@ inline std::unexpected<Error> Fail(Error error) { return std::unexpected<Error>(
 #define LX_CONCAT(a, b) LX_CONCAT_INNER(a, b)
 
 // Returns the error of `expr` (a Result or Status) from the enclosing function.
-#define LX_TRY(expr)                                                   \
-  do {                                                                 \
-    auto&& lx_try_result = (expr);                                     \
+#define LX_TRY(expr)                                                                \
+  do {                                                                              \
+    auto&& lx_try_result = (expr);                                                  \
     if (!lx_try_result) return ::std::unexpected(std::move(lx_try_result).error()); \
   } while (0)
 
-#define LX_ASSIGN_OR_RETURN_IMPL(tmp, lhs, expr)                   \
-  auto tmp = (expr);                                                \
-  if (!tmp) return ::std::unexpected(std::move(tmp).error());       \
+#define LX_ASSIGN_OR_RETURN_IMPL(tmp, lhs, expr)              \
+  auto tmp = (expr);                                          \
+  if (!tmp) return ::std::unexpected(std::move(tmp).error()); \
   lhs = std::move(*tmp)
 
 // LX_ASSIGN_OR_RETURN(auto fd, OpenAt2(...));
@@ -37,11 +37,11 @@ inline std::unexpected<Error> Fail(Error error) { return std::unexpected<Error>(
   LX_ASSIGN_OR_RETURN_IMPL(LX_CONCAT(lx_result_, __LINE__), lhs, expr)
 
 // Aborts on a broken invariant of ours. Never used on input.
-#define LX_CHECK(cond)                                                              \
-  do {                                                                              \
-    if (!(cond)) {                                                                  \
+#define LX_CHECK(cond)                                                                     \
+  do {                                                                                     \
+    if (!(cond)) {                                                                         \
       std::fprintf(stderr, "layerx: internal check failed: %s (%s:%d)\n", #cond, __FILE__, \
-                   __LINE__);                                                       \
-      std::abort();                                                                 \
-    }                                                                               \
+                   __LINE__);                                                              \
+      std::abort();                                                                        \
+    }                                                                                      \
   } while (0)

@@ -19,22 +19,38 @@ namespace layerx::sandbox {
 
 const char* SetupStepName(SetupStep step) {
   switch (step) {
-    case SetupStep::kOk: return "ok";
-    case SetupStep::kReadConfig: return "read jail config";
-    case SetupStep::kMountPrivate: return "make mounts private";
-    case SetupStep::kOpenTree: return "clone rootfs mount";
-    case SetupStep::kMountAttr: return "set rootfs mount nosuid,nodev,noexec";
-    case SetupStep::kMoveMount: return "attach rootfs mount";
-    case SetupStep::kPivotRoot: return "pivot_root";
-    case SetupStep::kDetachOldRoot: return "detach old root";
-    case SetupStep::kCloseFds: return "close fds";
-    case SetupStep::kRlimits: return "set rlimits";
-    case SetupStep::kCapabilities: return "drop capabilities";
-    case SetupStep::kNoNewPrivs: return "set no_new_privs";
-    case SetupStep::kSeccomp: return "install seccomp";
-    case SetupStep::kWaitForMaps: return "wait for id maps";
-    case SetupStep::kDupFds: return "arrange fds";
-    case SetupStep::kExec: return "exec";
+    case SetupStep::kOk:
+      return "ok";
+    case SetupStep::kReadConfig:
+      return "read jail config";
+    case SetupStep::kMountPrivate:
+      return "make mounts private";
+    case SetupStep::kOpenTree:
+      return "clone rootfs mount";
+    case SetupStep::kMountAttr:
+      return "set rootfs mount nosuid,nodev,noexec";
+    case SetupStep::kMoveMount:
+      return "attach rootfs mount";
+    case SetupStep::kPivotRoot:
+      return "pivot_root";
+    case SetupStep::kDetachOldRoot:
+      return "detach old root";
+    case SetupStep::kCloseFds:
+      return "close fds";
+    case SetupStep::kRlimits:
+      return "set rlimits";
+    case SetupStep::kCapabilities:
+      return "drop capabilities";
+    case SetupStep::kNoNewPrivs:
+      return "set no_new_privs";
+    case SetupStep::kSeccomp:
+      return "install seccomp";
+    case SetupStep::kWaitForMaps:
+      return "wait for id maps";
+    case SetupStep::kDupFds:
+      return "arrange fds";
+    case SetupStep::kExec:
+      return "exec";
   }
   return "unknown";
 }
@@ -93,12 +109,14 @@ SetupStep PivotIntoRootfs() {
   // AT_RECURSIVE: in a user namespace a mount with locked submounts (the host's
   // "/" has /proc, /dev...) may only be cloned whole; only those below the
   // rootfs dir come along, and there are none.
-  int tree = static_cast<int>(::syscall(SYS_open_tree, rootfs, "",
-                                        OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH | AT_RECURSIVE));
+  int tree = static_cast<int>(
+      ::syscall(SYS_open_tree, rootfs, "",
+                OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH | AT_RECURSIVE));
   if (tree < 0) return SetupStep::kOpenTree;
   struct mount_attr attr = {};
   attr.attr_set = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC;
-  if (::syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH | AT_RECURSIVE, &attr, sizeof(attr)) != 0) {
+  if (::syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH | AT_RECURSIVE, &attr, sizeof(attr)) !=
+      0) {
     return SetupStep::kMountAttr;
   }
   if (::syscall(SYS_move_mount, tree, "", rootfs, "",
@@ -122,8 +140,10 @@ bool SetRlimits(const policy::JailRlimits& limits) {
     int resource;
     uint64_t value;
   } items[] = {
-      {RLIMIT_FSIZE, limits.file_size},   {RLIMIT_NOFILE, limits.open_files},
-      {RLIMIT_AS, limits.address_space},  {RLIMIT_CPU, limits.cpu_seconds},
+      {RLIMIT_FSIZE, limits.file_size},
+      {RLIMIT_NOFILE, limits.open_files},
+      {RLIMIT_AS, limits.address_space},
+      {RLIMIT_CPU, limits.cpu_seconds},
       {RLIMIT_CORE, 0},
   };
   for (const Item& item : items) {

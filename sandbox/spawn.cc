@@ -96,8 +96,8 @@ Result<UniqueFd> MakeJailConfig(const policy::Policy& policy) {
   LX_TRY(WriteAll(memfd.get(), std::as_bytes(std::span(&header, 1))));
   LX_TRY(WriteAll(memfd.get(), std::as_bytes(std::span(program))));
   // Sealed: the child reads exactly what we compiled, nobody can change it.
-  if (::fcntl(memfd.get(), F_ADD_SEALS,
-              F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE) != 0) {
+  if (::fcntl(memfd.get(), F_ADD_SEALS, F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE) !=
+      0) {
     return Fail(OsError(errno, "seal jail config"));
   }
   return memfd;
@@ -113,7 +113,8 @@ Child::~Child() {
 }
 
 void Child::Kill() {
-  if (!reaped_ && pidfd_.valid()) ::syscall(SYS_pidfd_send_signal, pidfd_.get(), SIGKILL, nullptr, 0);
+  if (!reaped_ && pidfd_.valid())
+    ::syscall(SYS_pidfd_send_signal, pidfd_.get(), SIGKILL, nullptr, 0);
 }
 
 Result<ExitStatus> Child::Wait() {

@@ -17,12 +17,12 @@
 namespace layerx::sandbox {
 
 struct SpawnRequest {
-  int program_fd = -1;             // borrowed; the binary to exec (O_PATH is enough)
-  std::vector<std::string> argv;   // argv[0] included
-  int rootfs_fd = -1;              // borrowed; becomes the jail's "/"
-  int input_fd = -1;               // borrowed; the child's fd 0
-  int channel_fd = -1;             // borrowed; the child's fd 3
-  int stderr_fd = -1;              // borrowed; the child's fds 1 and 2
+  int program_fd = -1;            // borrowed; the binary to exec (O_PATH is enough)
+  std::vector<std::string> argv;  // argv[0] included
+  int rootfs_fd = -1;             // borrowed; becomes the jail's "/"
+  int input_fd = -1;              // borrowed; the child's fd 0
+  int channel_fd = -1;            // borrowed; the child's fd 3
+  int stderr_fd = -1;             // borrowed; the child's fds 1 and 2
   const policy::Policy* policy = nullptr;
 };
 

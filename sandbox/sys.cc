@@ -1,8 +1,8 @@
 #include "sandbox/sys.h"
 
 #include <dirent.h>
-#include <pthread.h>
 #include <errno.h>
+#include <pthread.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -38,8 +38,8 @@ Result<UniqueFd> OpenAt2(int dirfd, const std::string& path, uint64_t flags, uin
   how.flags = flags | O_CLOEXEC;
   how.mode = (flags & (O_CREAT | O_TMPFILE)) ? mode : 0;
   how.resolve = resolve;
-  long fd = RetryEintr(
-      [&] { return ::syscall(SYS_openat2, dirfd, path.c_str(), &how, sizeof(how)); });
+  long fd =
+      RetryEintr([&] { return ::syscall(SYS_openat2, dirfd, path.c_str(), &how, sizeof(how)); });
   if (fd < 0) return Fail(OsError(errno, "openat2 {:?}", path));
   return UniqueFd(static_cast<int>(fd));
 }

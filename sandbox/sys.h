@@ -29,8 +29,7 @@ Result<struct stat> FstatAt(int dirfd, const std::string& path, int flags);
 Result<struct stat> Fstat(int fd);
 Status MkdirAt(int dirfd, const std::string& path, mode_t mode);
 Status UnlinkAt(int dirfd, const std::string& path, int flags);
-Status RenameAt(int olddirfd, const std::string& oldpath, int newdirfd,
-                const std::string& newpath);
+Status RenameAt(int olddirfd, const std::string& oldpath, int newdirfd, const std::string& newpath);
 // chmod that never follows a symlink: fchmodat2(AT_SYMLINK_NOFOLLOW) where the
 // kernel has it (6.6+), else fchmodat on a path lstat just showed is no symlink.
 Status FchmodAtNoFollow(int dirfd, const std::string& path, mode_t mode);
@@ -40,7 +39,7 @@ struct Pipe {
   UniqueFd read;
   UniqueFd write;
 };
-Result<Pipe> MakePipe(int flags);  // pipe2; O_CLOEXEC always added
+Result<Pipe> MakePipe(int flags);                        // pipe2; O_CLOEXEC always added
 Result<std::pair<UniqueFd, UniqueFd>> MakeSocketPair();  // AF_UNIX stream, cloexec
 Result<UniqueFd> MemfdCreate(const char* name);
 

@@ -17,8 +17,8 @@
 
 namespace {
 
-using nlohmann::json;
 using layerx::testing::LayerWriter;
+using nlohmann::json;
 
 int Shell(const std::string& cmd, std::string* out = nullptr) {
   FILE* p = popen(cmd.c_str(), "r");
@@ -39,13 +39,15 @@ std::map<std::string, json> Dump(const std::string& image) {
   std::string line;
   while (std::getline(lines, line)) {
     json j = json::parse(line);
-    std::string path = j.contains("path") ? j["path"].get<std::string>() : "b64:" + j["path_b64"].get<std::string>();
+    std::string path = j.contains("path") ? j["path"].get<std::string>()
+                                          : "b64:" + j["path_b64"].get<std::string>();
     out[path] = j;
   }
   return out;
 }
 
-const std::string kCap = std::string("\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00", 20);
+const std::string kCap = std::string(
+    "\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00", 20);
 
 class Ext4Test : public ::testing::Test {
  protected:
@@ -59,7 +61,8 @@ class Ext4Test : public ::testing::Test {
         .Dir("usr/bin/")
         .File("usr/bin/sudo", "sudo", 04755)
         .File("usr/bin/ping", "ping", 0755)
-        .File("usr/bin/ping6", "ping6", 0755, 0, 0, {{"security.capability", kCap}, {"user.note", "hi"}})
+        .File("usr/bin/ping6", "ping6", 0755, 0, 0,
+              {{"security.capability", kCap}, {"user.note", "hi"}})
         .File("home/user/f", "mine", 0600, 1000, 1000)
         .File("home/big/f", "big ids", 0640, 100000, 100000)
         .Dir("dev/")
@@ -84,7 +87,11 @@ class Ext4Test : public ::testing::Test {
         .Dir("opq/")
         .File("opq/lower", "l");
     // Layer 2: a whiteout and an opaque dir with one new child.
-    LayerWriter(dir_ + "/l2.tar").Whiteout("", "gone").Dir("opq/").Opaque("opq").File("opq/upper", "u");
+    LayerWriter(dir_ + "/l2.tar")
+        .Whiteout("", "gone")
+        .Dir("opq/")
+        .Opaque("opq")
+        .File("opq/upper", "u");
   }
   void TearDown() override { (void)layerx::sandbox::RemoveTreeAt(AT_FDCWD, dir_); }
 
@@ -97,8 +104,9 @@ class Ext4Test : public ::testing::Test {
   }
 
   int Extract(const std::string& image, const std::string& extra = "", std::string* err = nullptr) {
-    std::string cmd = std::string(LAYERX_BIN) + " extract " + dir_ + "/l1.tar " + dir_ + "/l2.tar" + layers_ + " --ext4 " +
-                      dir_ + "/" + image + " -q " + extra + " 2>" + dir_ + "/err";
+    std::string cmd = std::string(LAYERX_BIN) + " extract " + dir_ + "/l1.tar " + dir_ + "/l2.tar" +
+                      layers_ + " --ext4 " + dir_ + "/" + image + " -q " + extra + " 2>" + dir_ +
+                      "/err";
     int rc = Shell(cmd);
     if (err) {
       std::ifstream in(dir_ + "/err");
@@ -126,7 +134,8 @@ TEST_F(Ext4Test, ImageCarriesTrueMetadataAndIsClean) {
   EXPECT_EQ(d["usr/bin/ping6"]["xattrs"]["security.capability"], "AQAAAgAgAAAAAAAAAAAAAAAAAAA=");
   EXPECT_EQ(d["usr/bin/ping6"]["xattrs"]["user.note"], "aGk=");
   EXPECT_FALSE(d["usr/bin/ping"].contains("xattrs"));
-  EXPECT_FALSE(d["home/user/f"].contains("xattrs")) << "user.rootlesscontainers leaked into the image";
+  EXPECT_FALSE(d["home/user/f"].contains("xattrs"))
+      << "user.rootlesscontainers leaked into the image";
   EXPECT_EQ(d["dev/null"]["kind"], "char");
   EXPECT_EQ(d["dev/null"]["rdev_major"], 1);
   EXPECT_EQ(d["dev/null"]["rdev_minor"], 3);
@@ -149,7 +158,8 @@ TEST_F(Ext4Test, ImageCarriesTrueMetadataAndIsClean) {
   int many = 0;
   for (const auto& [path, j] : d) many += path.rfind("many/", 0) == 0;
   EXPECT_EQ(many, 10000);
-  for (const char* name : {"names/sp ace", "names/quo\"te", "names/new\nline", "names/back\\slash"}) {
+  for (const char* name :
+       {"names/sp ace", "names/quo\"te", "names/new\nline", "names/back\\slash"}) {
     EXPECT_TRUE(d.contains(name)) << name;
   }
   EXPECT_TRUE(d.contains("b64:" + std::string("bmFtZXMv//4=")));

@@ -36,9 +36,9 @@ std::map<std::string, std::string> Snapshot(const std::string& root) {
     char xattrs[4096] = {};
     ssize_t xl = llistxattr(path.c_str(), xattrs, sizeof(xattrs));
     std::ostringstream s;
-    s << std::oct << st.st_mode << std::dec << " " << st.st_uid << ":" << st.st_gid << " n" << st.st_nlink
-      << " s" << st.st_size << " m" << st.st_mtim.tv_sec << "." << st.st_mtim.tv_nsec << " x"
-      << std::string(xattrs, xl > 0 ? static_cast<size_t>(xl) : 0);
+    s << std::oct << st.st_mode << std::dec << " " << st.st_uid << ":" << st.st_gid << " n"
+      << st.st_nlink << " s" << st.st_size << " m" << st.st_mtim.tv_sec << "." << st.st_mtim.tv_nsec
+      << " x" << std::string(xattrs, xl > 0 ? static_cast<size_t>(xl) : 0);
     if (S_ISREG(st.st_mode)) s << " c" << ReadFile(path);
     out[rel] = s.str();
     if (!S_ISDIR(st.st_mode)) return;
@@ -78,7 +78,9 @@ class HostileTest : public ::testing::Test {
   }
 
   std::string Layer(int n) { return dir_ + "/l" + std::to_string(n) + ".tar"; }
-  std::string Out(const std::string& rel = "") { return dir_ + "/out" + (rel.empty() ? "" : "/" + rel); }
+  std::string Out(const std::string& rel = "") {
+    return dir_ + "/out" + (rel.empty() ? "" : "/" + rel);
+  }
   // The probe's path as it lands inside the rootfs when a link clamps there.
   std::string InRoot(const std::string& rel) { return Out(probe_.substr(1) + "/" + rel); }
 
@@ -86,7 +88,8 @@ class HostileTest : public ::testing::Test {
   int Extract(int n, const std::string& extra = "") {
     std::string cmd = std::string(LAYERX_BIN) + " extract";
     for (int i = 1; i <= n; ++i) cmd += " " + Layer(i);
-    cmd += " --rootfs " + Out() + " --manifest " + dir_ + "/m.jsonl " + extra + " -q 2>" + dir_ + "/err";
+    cmd += " --rootfs " + Out() + " --manifest " + dir_ + "/m.jsonl " + extra + " -q 2>" + dir_ +
+           "/err";
     int status = system(cmd.c_str());
     err_ = ReadFile(dir_ + "/err");
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
@@ -126,7 +129,8 @@ class HostileTest : public ::testing::Test {
     std::string line;
     while (std::getline(lines, line)) {
       auto j = nlohmann::json::parse(line);
-      out[j.contains("path") ? j["path"].get<std::string>() : "b64:" + j["path_b64"].get<std::string>()] = j;
+      out[j.contains("path") ? j["path"].get<std::string>()
+                             : "b64:" + j["path_b64"].get<std::string>()] = j;
     }
     return out;
   }
@@ -154,7 +158,10 @@ TEST_F(HostileTest, CannotWriteThroughSymlinkParentInSameLayer) {
 }
 
 TEST_F(HostileTest, CannotClimbWithRelativeDotDotChain) {
-  LayerWriter(Layer(1)).Dir("a").Symlink("a/up", "../../../../../../../../.." + probe_).File("a/up/sentinel", "pwn");
+  LayerWriter(Layer(1))
+      .Dir("a")
+      .Symlink("a/up", "../../../../../../../../.." + probe_)
+      .File("a/up/sentinel", "pwn");
   ASSERT_EQ(Extract(1), 0) << err_;
   EXPECT_EQ(ReadFile(InRoot("sentinel")), "pwn");
 }
@@ -183,7 +190,9 @@ TEST_F(HostileTest, RejectsHardlinkToAbsoluteHostPath) {
 }
 
 TEST_F(HostileTest, HardlinkToAbsolutePathLinksTheImagesFile) {
-  LayerWriter(Layer(1)).File(probe_.substr(1) + "/sentinel", "image's own").Hardlink("h", probe_ + "/sentinel");
+  LayerWriter(Layer(1))
+      .File(probe_.substr(1) + "/sentinel", "image's own")
+      .Hardlink("h", probe_ + "/sentinel");
   ASSERT_EQ(Extract(1), 0) << err_;
   EXPECT_EQ(ReadFile(Out("h")), "image's own");
 }
@@ -281,7 +290,12 @@ TEST_F(HostileTest, RejectsWhiteoutOfDotDot) {
 // --- semantics -------------------------------------------------------------
 
 TEST_F(HostileTest, UsrMergeAbsoluteAndRelative) {
-  LayerWriter(Layer(1)).Dir("usr").Dir("usr/bin").Dir("usr/lib").Symlink("bin", "usr/bin").Symlink("lib", "/usr/lib");
+  LayerWriter(Layer(1))
+      .Dir("usr")
+      .Dir("usr/bin")
+      .Dir("usr/lib")
+      .Symlink("bin", "usr/bin")
+      .Symlink("lib", "/usr/lib");
   LayerWriter(Layer(2)).File("bin/tool", "t", 0755).File("lib/libx.so", "l");
   ASSERT_EQ(Extract(2), 0) << err_;
   EXPECT_EQ(ReadFile(Out("usr/bin/tool")), "t");
@@ -318,7 +332,12 @@ TEST_F(HostileTest, ReplacementsAcrossKinds) {
 }
 
 TEST_F(HostileTest, WhiteoutsHideLowerLayersOnly) {
-  LayerWriter(Layer(1)).Dir("a").File("a/lower", "l").File("a/gone", "g").Dir("o").File("o/lower", "l");
+  LayerWriter(Layer(1))
+      .Dir("a")
+      .File("a/lower", "l")
+      .File("a/gone", "g")
+      .Dir("o")
+      .File("o/lower", "l");
   // missing-name whiteout; plain whiteout before and after a same-layer entry of
   // that name; opaque marker with same-layer siblings before and after it.
   LayerWriter(Layer(2))
@@ -366,8 +385,8 @@ TEST_F(HostileTest, RejectsHardlinkWhoseTargetNeverComes) {
 }
 
 TEST_F(HostileTest, NamesAreBytes) {
-  const std::vector<std::string> names = {"sp ace", "quo\"te", "new\nline", "back\\slash",
-                                          std::string("bin\xff\xfe"), "tab\there"};
+  const std::vector<std::string> names = {
+      "sp ace", "quo\"te", "new\nline", "back\\slash", std::string("bin\xff\xfe"), "tab\there"};
   {
     LayerWriter w(Layer(1));
     for (const std::string& n : names) w.File(n, n);
@@ -402,7 +421,8 @@ TEST_F(HostileTest, OwnersModesAndSpecialFiles) {
     EXPECT_EQ(std::string(value, n > 0 ? static_cast<size_t>(n) : 0), "\x08\xe8\x07\x10\xe8\x07");
     n = getxattr(Out("home/u2").c_str(), "user.rootlesscontainers", value, sizeof(value));
     EXPECT_EQ(std::string(value, n > 0 ? static_cast<size_t>(n) : 0), "\x08\xe8\x07\x10\x64");
-    EXPECT_LT(getxattr(Out("usr/bin/sudo").c_str(), "user.rootlesscontainers", value, sizeof(value)), 0);
+    EXPECT_LT(
+        getxattr(Out("usr/bin/sudo").c_str(), "user.rootlesscontainers", value, sizeof(value)), 0);
   }
   ASSERT_EQ(lstat(Out("run/fifo").c_str(), &st), 0);
   EXPECT_TRUE(S_ISFIFO(st.st_mode));
@@ -438,7 +458,8 @@ TEST_F(HostileTest, BadInputIsOneLineAndLeavesNothing) {
       {"truncated gzip", good.substr(0, good.size() / 2)},
       {"garbage", "this is not a layer at all, not even close"},
       {"empty", ""},
-      {"corrupt tar header", [] {
+      {"corrupt tar header",
+       [] {
          std::string tar(10240, '\0');
          std::memcpy(tar.data(), "file", 4);
          std::memcpy(tar.data() + 148, "garbage!", 8);  // bad checksum field

@@ -38,12 +38,14 @@ TEST(PoisonTest, NothingFromTheImageEverRuns) {
           "usr/lib64/ld-linux-x86-64.so.2", "lib/x86_64-linux-gnu/libnss_files.so.2",
           "usr/lib/x86_64-linux-gnu/libnss_files.so.2", "lib/x86_64-linux-gnu/libc.so.6",
           "usr/lib/x86_64-linux-gnu/libc.so.6", "usr/lib/x86_64-linux-gnu/gconv/UTF-16.so",
-          "usr/lib/x86_64-linux-gnu/gconv/ISO8859-1.so", "usr/lib/x86_64-linux-gnu/libarchive.so.13",
+          "usr/lib/x86_64-linux-gnu/gconv/ISO8859-1.so",
+          "usr/lib/x86_64-linux-gnu/libarchive.so.13",
           "usr/lib/x86_64-linux-gnu/engines-3/poison.so", "lib/poison.so"}) {
       l.File(path, poison, 0755);
     }
     l.File("usr/lib/x86_64-linux-gnu/gconv/gconv-modules",
-           "alias UTF8// UTF-16//\nmodule INTERNAL UTF-16// UTF-16 1\nmodule UTF-16// INTERNAL UTF-16 1\n"
+           "alias UTF8// UTF-16//\nmodule INTERNAL UTF-16// UTF-16 1\nmodule UTF-16// INTERNAL "
+           "UTF-16 1\n"
            "module INTERNAL ISO-8859-1// ISO8859-1 1\nmodule ISO-8859-1// INTERNAL ISO8859-1 1\n");
     l.File("etc/nsswitch.conf", "passwd: files\ngroup: files\nshadow: files\n");
     l.File("etc/passwd", "root:x:0:0::/root:/bin/sh\nevil:x:4242:4242::/:/bin/sh\n");
@@ -60,7 +62,8 @@ TEST(PoisonTest, NothingFromTheImageEverRuns) {
   for (int i = 0; i < 4; ++i) {
     LayerWriter l(dir + "/l" + std::to_string(i + 2) + ".tar", filters[i]);
     l.Names("evil", "evil").File("home/evil/f" + std::to_string(i), "x", 0644, 4242, 4242);
-    l.Names("nosuchuser", "nosuchgroup").File("home/nobody" + std::to_string(i), "y", 0644, 5555, 5555);
+    l.Names("nosuchuser", "nosuchgroup")
+        .File("home/nobody" + std::to_string(i), "y", 0644, 5555, 5555);
     l.File("caf\xc3\xa9/na\xc3\xafve-" + std::to_string(i), "utf8");
     l.File(std::string("latin1-\xe9-") + std::to_string(i), "bytes");
     l.Sparse("sparse" + std::to_string(i), 1 << 20, 4096, "data");

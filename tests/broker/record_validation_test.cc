@@ -31,8 +31,8 @@ class ImageTreeRejectsTest : public ::testing::TestWithParam<BadRecord> {};
 TEST_P(ImageTreeRejectsTest, WithPeerError) {
   ImageTree tree(policy::Limits{});
   ASSERT_TRUE(tree.Add(EntryRecord{.path = "dir", .kind = Kind::kDir, .mode = 0755}));
-  ASSERT_TRUE(tree.Add(EntryRecord{.path = "link", .kind = Kind::kSymlink, .mode = 0777,
-                                   .symlink_target = "/etc"}));
+  ASSERT_TRUE(tree.Add(
+      EntryRecord{.path = "link", .kind = Kind::kSymlink, .mode = 0777, .symlink_target = "/etc"}));
   size_t before = tree.size();
   Status status = tree.Add(GetParam().record);
   ASSERT_FALSE(status) << GetParam().name;
@@ -67,8 +67,9 @@ INSTANTIATE_TEST_SUITE_P(
         BadRecord{"HardlinkToDir",
                   {.path = "h", .kind = Kind::kHardlink, .hardlink_target = "dir"}},
         BadRecord{"EmptyXattrName", {.path = "f", .kind = Kind::kFile, .xattrs = {{"", "v"}}}},
-        BadRecord{"HugeXattr",
-                  {.path = "f", .kind = Kind::kFile, .xattrs = {{"user.x", std::string(1 << 20, 'v')}}}}),
+        BadRecord{
+            "HugeXattr",
+            {.path = "f", .kind = Kind::kFile, .xattrs = {{"user.x", std::string(1 << 20, 'v')}}}}),
     [](const auto& info) { return std::string("Rejects") + info.param.name; });
 
 TEST(ImageTreeTest, RejectsRemovalOfRootOrBadPath) {

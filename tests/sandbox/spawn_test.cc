@@ -34,7 +34,7 @@ class SpawnTest : public ::testing::Test {
 
   struct Running {
     Child child;
-    UniqueFd input;    // close to let a "wait" probe exit
+    UniqueFd input;  // close to let a "wait" probe exit
     UniqueFd channel;
     UniqueFd err;
   };
@@ -159,18 +159,18 @@ TEST_P(ForbiddenSyscallTest, IsKilledBySeccomp) {
   EXPECT_EQ(s.signal, SIGSYS) << err;
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Attempts, ForbiddenSyscallTest,
-    ::testing::Values("socket", "socket-unix", "ptrace", "execve", "execveat", "mount", "umount",
-                      "unshare", "setns", "clone", "fork", "keyctl", "add_key", "bpf", "io_uring",
-                      "userfaultfd", "perf", "chroot", "pivot_root", "open_by_handle_at",
-                      "init_module", "capset", "setuid", "mmap-exec", "mprotect-exec",
-                      "connect-channel"),
-    [](const auto& info) {
-      std::string name = info.param;
-      std::replace(name.begin(), name.end(), '-', '_');
-      return name;
-    });
+INSTANTIATE_TEST_SUITE_P(Attempts, ForbiddenSyscallTest,
+                         ::testing::Values("socket", "socket-unix", "ptrace", "execve", "execveat",
+                                           "mount", "umount", "unshare", "setns", "clone", "fork",
+                                           "keyctl", "add_key", "bpf", "io_uring", "userfaultfd",
+                                           "perf", "chroot", "pivot_root", "open_by_handle_at",
+                                           "init_module", "capset", "setuid", "mmap-exec",
+                                           "mprotect-exec", "connect-channel"),
+                         [](const auto& info) {
+                           std::string name = info.param;
+                           std::replace(name.begin(), name.end(), '-', '_');
+                           return name;
+                         });
 
 TEST_F(SpawnTest, FailedSetupIsReportedWithItsStep) {
   auto program = OpenAt(AT_FDCWD, LAYERX_JAIL_PROBE, O_PATH);
@@ -179,9 +179,12 @@ TEST_F(SpawnTest, FailedSetupIsReportedWithItsStep) {
   auto sockets = MakeSocketPair();
   auto errpipe = MakePipe(0);
   // The rootfs fd is a pipe, not a directory: the jail cannot be entered.
-  SpawnRequest request{.program_fd = program->get(), .argv = {"jail_probe", "wait"},
-                       .rootfs_fd = input->read.get(), .input_fd = input->read.get(),
-                       .channel_fd = sockets->second.get(), .stderr_fd = errpipe->write.get(),
+  SpawnRequest request{.program_fd = program->get(),
+                       .argv = {"jail_probe", "wait"},
+                       .rootfs_fd = input->read.get(),
+                       .input_fd = input->read.get(),
+                       .channel_fd = sockets->second.get(),
+                       .stderr_fd = errpipe->write.get(),
                        .policy = &policy_};
   auto child = Spawn(request);
   ASSERT_TRUE(child);

@@ -66,7 +66,8 @@ std::string Sha256(ext2_ino_t ino) {
   EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr);
   std::vector<char> buf(1 << 20);
   unsigned int got;
-  while (ext2fs_file_read(file, buf.data(), static_cast<unsigned>(buf.size()), &got) == 0 && got > 0) {
+  while (ext2fs_file_read(file, buf.data(), static_cast<unsigned>(buf.size()), &got) == 0 &&
+         got > 0) {
     EVP_DigestUpdate(ctx, buf.data(), got);
   }
   ext2fs_file_close(file);
@@ -106,8 +107,13 @@ int main(int argc, char** argv) {
     nlohmann::ordered_json j;
     Put(j, "path", path.empty() ? "." : path);
     unsigned mode = inode.i_mode;
-    const char* kind = LINUX_S_ISDIR(mode) ? "dir" : LINUX_S_ISREG(mode) ? "file" : LINUX_S_ISLNK(mode) ? "symlink"
-                     : LINUX_S_ISCHR(mode) ? "char" : LINUX_S_ISBLK(mode) ? "block" : LINUX_S_ISFIFO(mode) ? "fifo" : "other";
+    const char* kind = LINUX_S_ISDIR(mode)    ? "dir"
+                       : LINUX_S_ISREG(mode)  ? "file"
+                       : LINUX_S_ISLNK(mode)  ? "symlink"
+                       : LINUX_S_ISCHR(mode)  ? "char"
+                       : LINUX_S_ISBLK(mode)  ? "block"
+                       : LINUX_S_ISFIFO(mode) ? "fifo"
+                                              : "other";
     j["kind"] = kind;
     j["uid"] = inode_uid(inode);
     j["gid"] = inode_gid(inode);

@@ -2,11 +2,13 @@
 // jail exactly as the extractor does, then tries what argv[1] names. Forbidden
 // syscalls are expected to kill it with SIGSYS; other modes exit 0 when the jail
 // held and 1 (with a line on stderr) when it did not.
+#include <capnp/serialize.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/bpf.h>
 #include <linux/perf_event.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/capability.h>
@@ -15,8 +17,6 @@
 #include <sys/ptrace.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
-#include <capnp/serialize.h>
-#include <signal.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -102,8 +102,8 @@ int main(int argc, char** argv) {
     // "/" is the test's empty rootfs with one marker file in it.
     struct stat marker;
     int rc = Check(stat("/marker", &marker) == 0, "marker missing: / is not the rootfs");
-    for (const char* host : {"/etc/passwd", "/proc/self/status", "/sys/kernel", "/dev/null",
-                             "/tmp", "/usr/lib", "/../etc/passwd", "/work"}) {
+    for (const char* host : {"/etc/passwd", "/proc/self/status", "/sys/kernel", "/dev/null", "/tmp",
+                             "/usr/lib", "/../etc/passwd", "/work"}) {
       if (open(host, O_RDONLY | O_CLOEXEC) >= 0 || errno != ENOENT) {
         fprintf(stderr, "jail_probe: host path %s reachable (errno %d)\n", host, errno);
         rc = 1;
@@ -165,7 +165,8 @@ int main(int argc, char** argv) {
     cap_set_proc(caps);
   }
   if (mode == "setuid") syscall(SYS_setuid, 0);
-  if (mode == "mmap-exec") mmap(nullptr, 4096, PROT_READ | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (mode == "mmap-exec")
+    mmap(nullptr, 4096, PROT_READ | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (mode == "mprotect-exec") {
     void* p = mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     mprotect(p, 4096, PROT_READ | PROT_EXEC);
