@@ -1,7 +1,6 @@
 #include "broker/ext4.h"
 
 #include <errno.h>
-#include <et/com_err.h>
 #include <ext2fs/ext2_fs.h>
 #include <ext2fs/ext2fs.h>
 #include <fcntl.h>
