@@ -46,6 +46,16 @@ std::map<std::string, json> Dump(const std::string& image) {
   return out;
 }
 
+// A POSIX access ACL in the kernel's xattr format: version 2; user::rwx,
+// user:1000:r-x, group::r-x, mask::r-x, other::---.
+const std::string kAcl = std::string(
+    "\x02\x00\x00\x00"
+    "\x01\x00\x07\x00\xff\xff\xff\xff"
+    "\x02\x00\x05\x00\xe8\x03\x00\x00"
+    "\x04\x00\x05\x00\xff\xff\xff\xff"
+    "\x10\x00\x05\x00\xff\xff\xff\xff"
+    "\x20\x00\x00\x00\xff\xff\xff\xff",
+    44);
 const std::string kCap = std::string(
     "\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00", 20);
 
@@ -85,13 +95,18 @@ class Ext4Test : public ::testing::Test {
         .Dir("gone/")
         .File("gone/victim", "v")
         .Dir("opq/")
-        .File("opq/lower", "l");
-    // Layer 2: a whiteout and an opaque dir with one new child.
+        .File("opq/lower", "l")
+        .File("secret", "nobody may read me", 0000)
+        .Dir("ro", 0500)
+        .File("acl", "acl", 0750, 0, 0, {{"system.posix_acl_access", kAcl}});
+    // Layer 2: a whiteout, an opaque dir with one new child, and a file in
+    // ro/, which is 0500 from layer 1 (its owner may not write it).
     LayerWriter(dir_ + "/l2.tar")
         .Whiteout("", "gone")
         .Dir("opq/")
         .Opaque("opq")
-        .File("opq/upper", "u");
+        .File("opq/upper", "u")
+        .File("ro/new", "written into a 0500 dir");
   }
   void TearDown() override { (void)layerx::sandbox::RemoveTreeAt(AT_FDCWD, dir_); }
 
@@ -163,6 +178,16 @@ TEST_F(Ext4Test, ImageCarriesTrueMetadataAndIsClean) {
     EXPECT_TRUE(d.contains(name)) << name;
   }
   EXPECT_TRUE(d.contains("b64:" + std::string("bmFtZXMv//4=")));
+  EXPECT_EQ(d["."]["uid"], 0);
+  EXPECT_EQ(d["."]["mode"], 0755);
+  EXPECT_EQ(d["secret"]["mode"], 0);
+  EXPECT_EQ(d["secret"]["size"], 18);
+  EXPECT_EQ(d["ro"]["mode"], 0500);
+  EXPECT_TRUE(d.contains("ro/new"));
+  // Stored in ext4's own ACL format (version 1, short entries), which is what
+  // the kernel reads; libext2fs converted it from the xattr format.
+  EXPECT_EQ(d["acl"]["xattrs"]["system.posix_acl_access"],
+            "AQAAAAEABwACAAUA6AMAAAQABQAQAAUAIAAAAA==");
   // Whiteouts leave no trace; the opaque dir has exactly the upper children.
   EXPECT_FALSE(d.contains("gone"));
   EXPECT_FALSE(d.contains("gone/victim"));
