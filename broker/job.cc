@@ -84,8 +84,58 @@ class Workspace {
   UniqueFd rootfs_fd_;
 };
 
+// An output file being written under a temp name beside its place; removed
+// unless Commit() renamed it into place. Never follows a link.
+class PendingOutput {
+ public:
+  ~PendingOutput() {
+    if (!temp_.empty()) ::unlinkat(dir_.get(), temp_.c_str(), 0);
+  }
+  Status Reserve(const OutputPath& out) {
+    LX_ASSIGN_OR_RETURN(dir_, sandbox::OpenAt(AT_FDCWD, out.dir, O_PATH | O_DIRECTORY));
+    dir_path_ = out.dir;
+    name_ = out.name;
+    temp_ = fmt::format(".{}.layerx-tmp-{}", out.name, ::getpid());
+    (void)::unlinkat(dir_.get(), temp_.c_str(), 0);  // a leftover of a killed run of ours
+    return {};
+  }
+  Result<UniqueFd> Create() {
+    return sandbox::OpenAt(dir_.get(), temp_, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0644);
+  }
+  std::string temp_path() const { return dir_path_ + "/" + temp_; }
+  Status Commit() {
+    if (temp_.empty()) return {};
+    LX_TRY(sandbox::RenameAt(dir_.get(), temp_, dir_.get(), name_));
+    temp_.clear();
+    return {};
+  }
+
+ private:
+  UniqueFd dir_;
+  std::string dir_path_, name_, temp_;
+};
+
 std::string ShortDigest(const std::string& digest) {
   return digest.substr(0, std::min<size_t>(digest.size(), 7 + 12));
+}
+
+// What the manifest and config promise about a layer, against what streamed.
+Status VerifyLayer(const LayerSource& source, const LayerReport& got) {
+  if (source.digest && got.compressed_digest != *source.digest) {
+    return Fail(MakeError(ErrorKind::kInvalidInput,
+                          "blob does not match its digest: manifest says {}, content is {}",
+                          *source.digest, got.compressed_digest));
+  }
+  if (source.size && got.compressed_bytes != *source.size) {
+    return Fail(MakeError(ErrorKind::kInvalidInput, "blob is {} bytes, manifest says {}",
+                          got.compressed_bytes, *source.size));
+  }
+  if (source.diff_id && got.uncompressed_digest != *source.diff_id) {
+    return Fail(MakeError(ErrorKind::kInvalidInput,
+                          "tar stream does not match its diff_id: config says {}, content is {}",
+                          *source.diff_id, got.uncompressed_digest));
+  }
+  return {};
 }
 
 }  // namespace
@@ -129,10 +179,18 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
   if (request.manifest) {
     LX_ASSIGN_OR_RETURN(manifest_out, SplitOutput(*request.manifest, "manifest"));
   }
-  for (const std::string& layer : request.layers) {
-    if (::access(layer.c_str(), R_OK) != 0) {
-      return Fail(OsError(errno, "layer {:?}", layer));
+  std::optional<OutputPath> config_out;
+  if (request.config) {
+    LX_ASSIGN_OR_RETURN(config_out, SplitOutput(*request.config, "config"));
+  }
+  LX_ASSIGN_OR_RETURN(ResolvedImage image, ResolveSources(request.layers, request.platform));
+  for (const LayerSource& layer : image.layers) {
+    if (layer.dir_fd < 0 && ::access(layer.path.c_str(), R_OK) != 0) {
+      return Fail(OsError(errno, "layer {:?}", layer.path));
     }
+  }
+  if (config_out && image.config.empty()) {
+    return Fail(MakeError(ErrorKind::kPolicy, "--config needs an image source (oci:DIR[:REF])"));
   }
 
   std::string extractor_path = request.extractor_path;
@@ -151,11 +209,17 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
                  .cancel = request.cancel,
                  .extractor_args = request.extractor_args};
   JobReport report;
-  for (size_t i = 0; i < request.layers.size(); ++i) {
-    LayerInput input{.index = i + 1, .path = request.layers[i]};
+  report.manifest_digest = image.manifest_digest;
+  for (size_t i = 0; i < image.layers.size(); ++i) {
+    const LayerSource& source = image.layers[i];
+    LayerInput input{.index = i + 1, .dir_fd = source.dir_fd, .path = source.path};
     auto layer = RunLayer(ctx, input, tree);
+    if (layer) {
+      Status verified = VerifyLayer(source, *layer);
+      if (!verified) layer = Fail(std::move(verified).error());
+    }
     if (!layer) {
-      return Fail(std::move(layer).error().With("layer {} ({})", input.index, input.path));
+      return Fail(std::move(layer).error().With("layer {} ({})", input.index, source.display));
     }
     log->info(
         "layer done: layer={} digest={} entries={} bytes={} setup_ms={:.2f} extract_ms={:.1f}",
@@ -170,65 +234,42 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
     }
   }
 
-  // The ext4 image, to a temp file beside it (removed on any failure below).
-  UniqueFd ext4_dir;
-  std::string ext4_tmp;
-  struct TempFile {
-    int dir = -1;
-    std::string name;
-    ~TempFile() {
-      if (!name.empty()) ::unlinkat(dir, name.c_str(), 0);
-    }
-  } ext4_guard;
+  // Every output is written beside its place under a temp name and renamed
+  // into place only when all of them are ready; a failure removes the temps.
+  PendingOutput ext4_file, manifest_file, config_file;
   if (ext4_out) {
     LX_ASSIGN_OR_RETURN(Ext4Plan plan, PlanExt4(tree, request.ext4_options));
-    LX_ASSIGN_OR_RETURN(ext4_dir, sandbox::OpenAt(AT_FDCWD, ext4_out->dir, O_PATH | O_DIRECTORY));
-    ext4_tmp = fmt::format(".{}.layerx-tmp-{}", ext4_out->name, ::getpid());
-    ext4_guard = TempFile{ext4_dir.get(), ext4_tmp};
+    LX_TRY(ext4_file.Reserve(*ext4_out));
     Ext4Options options = request.ext4_options;
     if (options.seed.empty()) {
       for (const LayerReport& l : report.layers) options.seed += l.compressed_digest;
     }
-    auto built = BuildExt4(work.rootfs_path(), tree, plan, options, ext4_out->dir + "/" + ext4_tmp);
+    auto built = BuildExt4(work.rootfs_path(), tree, plan, options, ext4_file.temp_path());
     if (!built) return Fail(std::move(built).error().With("ext4 {:?}", *request.ext4));
     report.ext4 = *built;
   }
-
-  // Outputs: the manifest to a temp file beside it, then all renamed into place.
-  UniqueFd manifest_dir;
-  std::string manifest_tmp;
   if (manifest_out) {
-    LX_ASSIGN_OR_RETURN(manifest_dir,
-                        sandbox::OpenAt(AT_FDCWD, manifest_out->dir, O_PATH | O_DIRECTORY));
-    manifest_tmp = fmt::format(".{}.layerx-tmp-{}", manifest_out->name, ::getpid());
-    LX_ASSIGN_OR_RETURN(UniqueFd fd,
-                        sandbox::OpenAt(manifest_dir.get(), manifest_tmp,
-                                        O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0644));
+    LX_TRY(manifest_file.Reserve(*manifest_out));
+    LX_ASSIGN_OR_RETURN(UniqueFd fd, manifest_file.Create());
     Status written = WriteManifest(tree, fd.get());
-    if (written && ::fsync(fd.get()) != 0) written = Fail(OsError(errno, "fsync manifest"));
-    if (!written) {
-      ::unlinkat(manifest_dir.get(), manifest_tmp.c_str(), 0);
-      return Fail(std::move(written).error().With("manifest {:?}", *request.manifest));
-    }
+    if (written && ::fsync(fd.get()) != 0) written = Fail(OsError(errno, "fsync"));
+    if (!written) return Fail(std::move(written).error().With("manifest {:?}", *request.manifest));
+  }
+  if (config_out) {
+    LX_TRY(config_file.Reserve(*config_out));
+    LX_ASSIGN_OR_RETURN(UniqueFd fd, config_file.Create());
+    Status written = sandbox::WriteAll(fd.get(), std::as_bytes(std::span(image.config)));
+    if (!written) return Fail(std::move(written).error().With("config {:?}", *request.config));
   }
   if (rootfs_out) {
     LX_ASSIGN_OR_RETURN(UniqueFd parent,
                         sandbox::OpenAt(AT_FDCWD, rootfs_out->dir, O_PATH | O_DIRECTORY));
     if (::renameat2(work.dir_fd(), "rootfs", parent.get(), rootfs_out->name.c_str(),
                     RENAME_NOREPLACE) != 0) {
-      int err = errno;
-      if (manifest_out) ::unlinkat(manifest_dir.get(), manifest_tmp.c_str(), 0);
-      return Fail(OsError(err, "rename rootfs into {:?}", *request.rootfs));
+      return Fail(OsError(errno, "rename rootfs into {:?}", *request.rootfs));
     }
   }
-  if (ext4_out) {
-    LX_TRY(sandbox::RenameAt(ext4_dir.get(), ext4_tmp, ext4_dir.get(), ext4_out->name));
-    ext4_guard.name.clear();
-  }
-  if (manifest_out) {
-    LX_TRY(sandbox::RenameAt(manifest_dir.get(), manifest_tmp, manifest_dir.get(),
-                             manifest_out->name));
-  }
+  for (PendingOutput* file : {&ext4_file, &config_file, &manifest_file}) LX_TRY(file->Commit());
   work.Cleanup();
   report.total_ns = sandbox::MonotonicNs() - start;
   return report;

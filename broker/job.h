@@ -10,15 +10,18 @@
 
 #include "broker/ext4.h"
 #include "broker/layer_runner.h"
+#include "broker/source.h"
 #include "policy/policy.h"
 
 namespace layerx::broker {
 
 struct ExtractRequest {
-  std::vector<std::string> layers;      // layer blob files, lowest first
-  std::optional<std::string> rootfs;    // must not exist; its parent must
-  std::optional<std::string> manifest;  // replaced on success only
-  std::optional<std::string> ext4;      // the ext4 image; replaced on success only
+  std::vector<std::string> layers;       // sources: "oci:DIR[:REF]", or layer files lowest first
+  Platform platform = Platform::Host();  // which manifest of a multi-platform index
+  std::optional<std::string> config;     // write the image config JSON here (OCI sources)
+  std::optional<std::string> rootfs;     // must not exist; its parent must
+  std::optional<std::string> manifest;   // replaced on success only
+  std::optional<std::string> ext4;       // the ext4 image; replaced on success only
   Ext4Options ext4_options;
   policy::Policy policy;
   std::string extractor_path;  // empty: FindExtractor()
@@ -27,6 +30,7 @@ struct ExtractRequest {
 };
 
 struct JobReport {
+  std::string manifest_digest;  // OCI sources
   std::vector<LayerReport> layers;
   size_t final_entries = 0;
   std::optional<Ext4Report> ext4;

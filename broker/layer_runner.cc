@@ -271,7 +271,12 @@ Error Session::ExitError(const sandbox::ExitStatus& status) {
 
 Status Session::Run(const LayerInput& layer) {
   sandbox::ScopedSigpipeBlock no_sigpipe;  // a dead extractor is EPIPE on its input
-  LX_ASSIGN_OR_RETURN(blob_, sandbox::OpenAt(AT_FDCWD, layer.path, O_RDONLY));
+  if (layer.dir_fd >= 0) {
+    LX_ASSIGN_OR_RETURN(blob_, sandbox::OpenAt2(layer.dir_fd, layer.path, O_RDONLY | O_NOFOLLOW,
+                                                RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS));
+  } else {
+    LX_ASSIGN_OR_RETURN(blob_, sandbox::OpenAt(AT_FDCWD, layer.path, O_RDONLY));
+  }
   LX_ASSIGN_OR_RETURN(struct stat st, sandbox::Fstat(blob_.get()));
   if (S_ISDIR(st.st_mode)) return Fail(MakeError(ErrorKind::kInvalidInput, "is a directory"));
   LX_ASSIGN_OR_RETURN(sandbox::Pipe input, sandbox::MakePipe(0));

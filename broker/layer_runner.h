@@ -17,6 +17,7 @@ namespace layerx::broker {
 
 struct LayerInput {
   size_t index = 0;  // 1-based, lowest layer first
+  int dir_fd = -1;   // borrowed; when set, `path` is opened below it (RESOLVE_BENEATH)
   std::string path;  // the blob file
 };
 

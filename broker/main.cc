@@ -31,7 +31,15 @@ detected from the bytes.
 Outputs appear only when everything succeeded. On failure layerx prints one
 line naming the layer, the entry and the reason, exits 1, and leaves nothing.
 
+Sources are named the way skopeo names them: oci:DIR[:REF] is an OCI image
+layout (REF a tag from org.opencontainers.image.ref.name or @sha256:...; it
+may be omitted when the index holds one image). Every blob is checked against
+its digest as it streams, every tar stream against the config's diff_ids.
+Plain layer files are applied in the order given.
+
 Examples:
+  layerx extract oci:./image:latest --ext4 rootfs.img --config config.json
+  layerx extract oci:./image:@sha256:... --platform linux/arm64 --rootfs ./rootfs
   layerx extract base.tar.gz app.tar.zst --rootfs ./rootfs
   layerx extract layer1.tar layer2.tar --rootfs out --manifest out.jsonl
   layerx extract base.tar.gz app.tar.gz --ext4 rootfs.img        # no root needed
@@ -57,9 +65,16 @@ int main(int argc, char** argv) {
   std::string rootfs, manifest;
   double timeout_s = 0;
   bool json = false;
-  extract->add_option("LAYER", layers, "layer files, lowest first")
-      ->required()
-      ->check(CLI::ExistingFile);
+  std::string platform, config;
+  extract
+      ->add_option("SOURCE", layers,
+                   "oci:DIR[:REF] (an OCI image layout; REF a tag or @sha256:...), or layer files "
+                   "lowest first")
+      ->required();
+  extract->add_option("--platform", platform,
+                      "os/arch[/variant] to pick from a multi-platform index (default: this "
+                      "machine's)");
+  extract->add_option("--config", config, "write the image's config JSON here (OCI sources)");
   extract->add_option("--rootfs", rootfs, "write the rootfs here (must not exist)");
   extract->add_option("--manifest", manifest, "write the JSON-lines manifest here");
   std::string ext4, label, uuid;
@@ -112,6 +127,15 @@ int main(int argc, char** argv) {
   request.layers = layers;
   if (!rootfs.empty()) request.rootfs = rootfs;
   if (!manifest.empty()) request.manifest = manifest;
+  if (!config.empty()) request.config = config;
+  if (!platform.empty()) {
+    auto parsed = broker::Platform::Parse(platform);
+    if (!parsed) {
+      std::fprintf(stderr, "layerx: %s\n", parsed.error().ToString().c_str());
+      return 2;
+    }
+    request.platform = *parsed;
+  }
   if (!ext4.empty()) request.ext4 = ext4;
   if (size > 0) request.ext4_options.size_bytes = size;
   request.ext4_options.block_size = block_size;
@@ -147,6 +171,7 @@ int main(int argc, char** argv) {
     nlohmann::ordered_json out;
     out["entries"] = report->final_entries;
     out["seconds"] = report->total_ns / 1e9;
+    if (!report->manifest_digest.empty()) out["manifest_digest"] = report->manifest_digest;
     if (report->ext4) {
       out["ext4"] = {{"size_bytes", report->ext4->plan.size_bytes},
                      {"content_bytes", report->ext4->plan.content_bytes},

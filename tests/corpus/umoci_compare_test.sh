@@ -32,20 +32,23 @@ PY
 tag=$(python3 -c "import json,sys; print(json.load(open('$oci/index.json'))['manifests'][0]['annotations']['org.opencontainers.image.ref.name'])")
 umoci unpack --image "$oci:$tag" "$work/umoci" >/dev/null
 
-# shellcheck disable=SC2086
-"$layerx" extract $layers --rootfs "$work/root" --manifest "$work/root.jsonl" -q
+# As root from the OCI layout (umoci-made, digests and diff_ids verified).
+"$layerx" extract "oci:$oci:$tag" --rootfs "$work/root" --manifest "$work/root.jsonl" -q
 python3 "$here/compare_with_umoci.py" "$work/umoci/rootfs" "$work/root" "$work/root.jsonl" --mode root
 
 mkdir "$work/rl" && chown 65534:65534 "$work/rl"
+# Rootless from the plain layer blobs, in order (no digests to check).
 # shellcheck disable=SC2086
 setpriv --reuid=65534 --regid=65534 --clear-groups \
   "$layerx" extract $layers --rootfs "$work/rl/rootfs" --manifest "$work/rl/m.jsonl" -q
 python3 "$here/compare_with_umoci.py" "$work/umoci/rootfs" "$work/rl/rootfs" "$work/rl/m.jsonl" --mode rootless
 
 if [ -n "$ext4_dump" ]; then
-  # shellcheck disable=SC2086
+  # Rootless to ext4 from the skopeo-made zstd layout when there is one.
+  src="oci:$oci:$tag"
+  [ -f "$corpus/images/$image/oci-zstd/index.json" ] && src="oci:$corpus/images/$image/oci-zstd"
   setpriv --reuid=65534 --regid=65534 --clear-groups \
-    "$layerx" extract $layers --ext4 "$work/rl/image.ext4" --manifest "$work/rl/m4.jsonl" -q
+    "$layerx" extract "$src" --ext4 "$work/rl/image.ext4" --manifest "$work/rl/m4.jsonl" -q
   e2fsck -fn "$work/rl/image.ext4" >"$work/fsck.log" 2>&1 || { cat "$work/fsck.log"; echo "e2fsck: image not clean"; exit 1; }
   "$ext4_dump" "$work/rl/image.ext4" > "$work/rl/dump.jsonl"
   python3 "$here/compare_with_umoci.py" "$work/umoci/rootfs" "$work/rl/dump.jsonl" "$work/rl/m4.jsonl" --mode ext4

@@ -1,0 +1,62 @@
+// Image sources, named the way skopeo names them, resolved to an ordered list
+// of layer blobs with what each must hash to:
+//   oci:DIR[:REF]   an OCI image layout; REF is a tag (org.opencontainers.image.ref.name)
+//                   or @sha256:...; with one manifest in index.json REF may be omitted
+//   FILE...         plain layer files, lowest first (no digests to check)
+// OCI documents are parsed with nlohmann::json under size limits; every blob is
+// opened by a digest that was validated first ("sha256:" + 64 hex), below the
+// layout dir (openat2 RESOLVE_BENEATH: a symlinked blob cannot lead out), and
+// the manifest and config are checked against their digests as they are read.
+// Layers are checked while they stream (broker/job.cc): compressed digest and
+// size against the manifest, the tar stream's digest against the config's
+// rootfs.diff_ids.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "policy/result.h"
+#include "sandbox/fd.h"
+
+namespace layerx::broker {
+
+struct Platform {
+  std::string os = "linux";
+  std::string arch;
+  std::string variant;
+  static Platform Host();
+  // "linux/arm64/v8"; kPolicy when malformed.
+  static Result<Platform> Parse(const std::string& text);
+  std::string ToString() const;
+};
+
+struct LayerSource {
+  std::string display;                 // names the layer in errors: short digest or file
+  int dir_fd = -1;                     // borrowed from the ResolvedImage; -1: `path` is plain
+  std::string path;                    // below dir_fd, or a plain file path
+  std::optional<std::string> digest;   // sha256 of the blob, from the manifest
+  std::optional<std::string> diff_id;  // sha256 of the tar stream, from the config
+  std::optional<uint64_t> size;        // blob size, from the manifest
+  std::string media_type;
+};
+
+struct ResolvedImage {
+  std::vector<LayerSource> layers;  // lowest first
+  std::string manifest_digest;      // empty for plain files
+  std::string config;               // the image config JSON, verified; empty for plain files
+  std::string config_digest;
+  sandbox::UniqueFd dir;  // the OCI layout, kept open for the layers
+};
+
+// Errors: kPolicy for a malformed source name or a platform not in the index;
+// kInvalidInput for documents that are malformed, missing, oversized, of an
+// unknown media type, or do not match their digests.
+Result<ResolvedImage> ResolveSources(const std::vector<std::string>& specs,
+                                     const Platform& platform);
+
+// True for "sha256:" followed by 64 lowercase hex digits.
+bool IsValidDigest(const std::string& digest);
+
+}  // namespace layerx::broker

@@ -1,0 +1,201 @@
+// OCI image layouts as sources, through the CLI (root and rootless): platform
+// choice, nested indexes, zstd, the config output, and every way a layout can
+// lie: tampered blob, wrong diff_id, traversal digest, missing blob, symlinked
+// blob leading out, truncated gzip, layer count mismatch, unknown media type.
+// Each refusal is exit 1 (2 for a usage problem), one line, nothing left.
+#include <gtest/gtest.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <fstream>
+
+#include "sandbox/sys.h"
+#include "tests/fixtures/layer_writer.h"
+#include "tests/fixtures/oci_layout.h"
+#include "tests/fixtures/test_util.h"
+
+namespace layerx {
+namespace {
+
+using nlohmann::json;
+using testing::LayerWriter;
+using testing::OciLayout;
+using testing::ReadFile;
+
+constexpr const char* kGzip = "application/vnd.oci.image.layer.v1.tar+gzip";
+
+class SourceTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/layerx-source-XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+    layout_ = std::make_unique<OciLayout>(dir_ + "/oci");
+    LayerWriter(dir_ + "/base.tar.gz", "gzip").File("etc/os-release", "base\n").Dir("usr/bin");
+    LayerWriter(dir_ + "/app.tar.gz", "gzip").File("usr/bin/app", "app\n", 0755);
+  }
+  void TearDown() override { (void)sandbox::RemoveTreeAt(AT_FDCWD, dir_); }
+
+  // A good two-layer image tagged "v1".
+  json GoodImage() {
+    return layout_->AddImage({layout_->AddLayer(dir_ + "/base.tar.gz", kGzip),
+                              layout_->AddLayer(dir_ + "/app.tar.gz", kGzip)});
+  }
+
+  int Extract(const std::string& source, const std::string& extra = "") {
+    std::string err_file = dir_ + ".err";
+    std::string cmd = std::string(LAYERX_BIN) + " extract '" + source + "' --rootfs " + dir_ +
+                      "/out " + extra + " -q 2>" + err_file;
+    int status = system(cmd.c_str());
+    err_ = ReadFile(err_file);
+    unlink(err_file.c_str());
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  }
+  void ExpectRefused(const std::string& source, const std::string& why, int code = 1) {
+    auto before = testing::Listing(dir_);
+    EXPECT_EQ(Extract(source), code) << err_;
+    EXPECT_EQ(std::count(err_.begin(), err_.end(), '\n'), 1) << err_;
+    EXPECT_NE(err_.find(why), std::string::npos) << err_;
+    EXPECT_EQ(testing::Listing(dir_), before) << "output or work dir left behind";
+  }
+
+  std::string dir_, err_;
+  std::unique_ptr<OciLayout> layout_;
+};
+
+TEST_F(SourceTest, ExtractsATaggedImageAndWritesItsConfig) {
+  layout_->WriteIndex({{GoodImage(), "v1"}});
+  ASSERT_EQ(Extract("oci:" + dir_ + "/oci:v1", "--config " + dir_ + "/config.json"), 0) << err_;
+  EXPECT_EQ(ReadFile(dir_ + "/out/usr/bin/app"), "app\n");
+  json config = json::parse(ReadFile(dir_ + "/config.json"));
+  EXPECT_EQ(config["config"]["Cmd"][0], "/bin/sh");
+}
+
+TEST_F(SourceTest, RefMayBeOmittedForASingleImageAndGivenByDigest) {
+  json image = GoodImage();
+  layout_->WriteIndex({{image, ""}});
+  ASSERT_EQ(Extract("oci:" + dir_ + "/oci"), 0) << err_;
+  (void)sandbox::RemoveTreeAt(AT_FDCWD, dir_ + "/out");
+  ASSERT_EQ(Extract("oci:" + dir_ + "/oci:@" + image["digest"].get<std::string>()), 0) << err_;
+}
+
+TEST_F(SourceTest, MultiPlatformIndexPicksThePlatform) {
+  LayerWriter(dir_ + "/amd.tar.gz", "gzip").File("arch", "amd64");
+  LayerWriter(dir_ + "/arm.tar.gz", "gzip").File("arch", "arm64");
+  json amd = layout_->AddImage({layout_->AddLayer(dir_ + "/amd.tar.gz", kGzip)},
+                               {{"os", "linux"}, {"architecture", "amd64"}});
+  json arm = layout_->AddImage({layout_->AddLayer(dir_ + "/arm.tar.gz", kGzip)},
+                               {{"os", "linux"}, {"architecture", "arm64"}, {"variant", "v8"}});
+  layout_->WriteIndex({{layout_->AddIndex({arm, amd}), "multi"}});
+  ASSERT_EQ(Extract("oci:" + dir_ + "/oci:multi", "--platform linux/arm64"), 0) << err_;
+  EXPECT_EQ(ReadFile(dir_ + "/out/arch"), "arm64");
+  (void)sandbox::RemoveTreeAt(AT_FDCWD, dir_ + "/out");
+  ASSERT_EQ(Extract("oci:" + dir_ + "/oci:multi", "--platform linux/amd64"), 0) << err_;
+  EXPECT_EQ(ReadFile(dir_ + "/out/arch"), "amd64");
+  (void)sandbox::RemoveTreeAt(AT_FDCWD, dir_ + "/out");
+  EXPECT_EQ(Extract("oci:" + dir_ + "/oci:multi", "--platform linux/s390x"), 2) << err_;
+  EXPECT_NE(err_.find("no manifest for linux/s390x"), std::string::npos) << err_;
+}
+
+TEST_F(SourceTest, NestedIndexIsFollowed) {
+  json image = layout_->AddImage({layout_->AddLayer(dir_ + "/base.tar.gz", kGzip)},
+                                 {{"os", "linux"}, {"architecture", "amd64"}});
+  json inner = layout_->AddIndex({image});
+  inner["platform"] = {{"os", "linux"}, {"architecture", "amd64"}};
+  layout_->WriteIndex({{layout_->AddIndex({inner}), "nested"}});
+  ASSERT_EQ(Extract("oci:" + dir_ + "/oci:nested", "--platform linux/amd64"), 0) << err_;
+  EXPECT_EQ(ReadFile(dir_ + "/out/etc/os-release"), "base\n");
+}
+
+TEST_F(SourceTest, ZstdLayers) {
+  LayerWriter(dir_ + "/z.tar.zst", "zstd").File("z", "zstd");
+  layout_->WriteIndex({{layout_->AddImage({layout_->AddLayer(
+                            dir_ + "/z.tar.zst", "application/vnd.oci.image.layer.v1.tar+zstd")}),
+                        "z"}});
+  ASSERT_EQ(Extract("oci:" + dir_ + "/oci:z"), 0) << err_;
+  EXPECT_EQ(ReadFile(dir_ + "/out/z"), "zstd");
+}
+
+TEST_F(SourceTest, RejectsTamperedBlob) {
+  json layer = layout_->AddLayer(dir_ + "/app.tar.gz", kGzip);
+  layout_->WriteIndex({{layout_->AddImage({layer}), "v1"}});
+  std::string path = layout_->BlobPath(layer["digest"]);
+  std::string bytes = ReadFile(path);
+  bytes[bytes.size() / 2] ^= 0x01;
+  std::ofstream(path, std::ios::binary) << bytes;
+  ExpectRefused("oci:" + dir_ + "/oci:v1", "layer 1");
+}
+
+TEST_F(SourceTest, RejectsWrongDiffId) {
+  json layer = layout_->AddLayer(dir_ + "/app.tar.gz", kGzip);
+  layout_->WriteIndex(
+      {{layout_->AddImage({layer}, nullptr, {std::string("sha256:") + std::string(64, 'a')}),
+        "v1"}});
+  ExpectRefused("oci:" + dir_ + "/oci:v1", "diff_id");
+}
+
+TEST_F(SourceTest, RejectsTraversalDigest) {
+  json layer = layout_->AddLayer(dir_ + "/app.tar.gz", kGzip);
+  layer["digest"] = "sha256:../../../../etc/passwd";
+  layout_->WriteIndex(
+      {{layout_->AddImage({layer}, nullptr, {std::string("sha256:") + std::string(64, 'a')}),
+        "v1"}});
+  ExpectRefused("oci:" + dir_ + "/oci:v1", "invalid digest");
+  layout_->WriteIndex({{json{{"mediaType", "application/vnd.oci.image.manifest.v1+json"},
+                             {"digest", "sha256:../../index.json"},
+                             {"size", 10}},
+                        "v1"}});
+  ExpectRefused("oci:" + dir_ + "/oci:v1", "invalid digest");
+}
+
+TEST_F(SourceTest, RejectsMissingBlob) {
+  json layer = layout_->AddLayer(dir_ + "/app.tar.gz", kGzip);
+  layout_->WriteIndex({{layout_->AddImage({layer}), "v1"}});
+  ASSERT_EQ(unlink(layout_->BlobPath(layer["digest"]).c_str()), 0);
+  ExpectRefused("oci:" + dir_ + "/oci:v1", "layer 1");
+}
+
+TEST_F(SourceTest, RejectsBlobSymlinkedOutOfTheLayout) {
+  json image = GoodImage();
+  layout_->WriteIndex({{image, "v1"}});
+  std::string manifest = layout_->BlobPath(image["digest"]);
+  std::string copy = dir_ + "/outside-manifest.json";
+  std::ofstream(copy) << ReadFile(manifest);
+  ASSERT_EQ(unlink(manifest.c_str()), 0);
+  ASSERT_EQ(symlink(copy.c_str(), manifest.c_str()), 0);
+  ExpectRefused("oci:" + dir_ + "/oci:v1", "is a symlink");
+}
+
+TEST_F(SourceTest, RejectsTruncatedGzipEvenWithMatchingDigests) {
+  std::string bytes = ReadFile(dir_ + "/app.tar.gz");
+  std::ofstream(dir_ + "/short.tar.gz", std::ios::binary) << bytes.substr(0, bytes.size() / 2);
+  layout_->WriteIndex(
+      {{layout_->AddImage({layout_->AddLayer(dir_ + "/short.tar.gz", kGzip)}), "v1"}});
+  ExpectRefused("oci:" + dir_ + "/oci:v1", "layer 1");
+}
+
+TEST_F(SourceTest, RejectsLayerCountMismatch) {
+  json layer = layout_->AddLayer(dir_ + "/app.tar.gz", kGzip);
+  layout_->WriteIndex({{layout_->AddImage({layer}, nullptr,
+                                          {OciLayout::DiffId(dir_ + "/app.tar.gz"),
+                                           OciLayout::DiffId(dir_ + "/base.tar.gz")}),
+                        "v1"}});
+  ExpectRefused("oci:" + dir_ + "/oci:v1", "diff_ids");
+}
+
+TEST_F(SourceTest, RejectsUnknownMediaType) {
+  json layer = layout_->AddLayer(dir_ + "/app.tar.gz", "application/x-evil");
+  layout_->WriteIndex({{layout_->AddImage({layer}), "v1"}});
+  ExpectRefused("oci:" + dir_ + "/oci:v1", "unsupported media type");
+}
+
+TEST_F(SourceTest, RejectsUnknownTagAndAmbiguousIndex) {
+  layout_->WriteIndex({{GoodImage(), "v1"}, {GoodImage(), "v2"}});
+  ExpectRefused("oci:" + dir_ + "/oci:v3", "no image", 2);
+  ExpectRefused("oci:" + dir_ + "/oci", "name one", 2);
+}
+
+}  // namespace
+}  // namespace layerx
