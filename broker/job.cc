@@ -61,6 +61,11 @@ class Workspace {
   }
 
   int rootfs_fd() const { return rootfs_fd_.get(); }
+  // Another dir beside the rootfs (O_PATH fd), removed with the work dir.
+  Result<UniqueFd> MakeDir(const std::string& name) {
+    LX_TRY(sandbox::MkdirAt(dir_fd_.get(), name, 0700));
+    return sandbox::OpenAt(dir_fd_.get(), name, O_PATH | O_DIRECTORY | O_NOFOLLOW);
+  }
   // The work rootfs by path, for tools that take one (mkfs.ext4 -d never follows links).
   std::string rootfs_path() const { return parent_ + "/" + name_ + "/rootfs"; }
   int dir_fd() const { return dir_fd_.get(); }
@@ -183,14 +188,23 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
   if (request.config) {
     LX_ASSIGN_OR_RETURN(config_out, SplitOutput(*request.config, "config"));
   }
-  LX_ASSIGN_OR_RETURN(ResolvedImage image, ResolveSources(request.layers, request.platform));
-  for (const LayerSource& layer : image.layers) {
-    if (layer.dir_fd < 0 && ::access(layer.path.c_str(), R_OK) != 0) {
-      return Fail(OsError(errno, "layer {:?}", layer.path));
+  std::optional<DockerArchiveSpec> docker = ParseDockerArchiveSpec(request.layers);
+  ResolvedImage image;
+  if (docker) {
+    if (::access(docker->file.c_str(), R_OK) != 0) {
+      return Fail(OsError(errno, "docker-archive {:?}", docker->file));
     }
-  }
-  if (config_out && image.config.empty()) {
-    return Fail(MakeError(ErrorKind::kPolicy, "--config needs an image source (oci:DIR[:REF])"));
+  } else {
+    LX_ASSIGN_OR_RETURN(image, ResolveSources(request.layers, request.platform));
+    for (const LayerSource& layer : image.layers) {
+      if (layer.dir_fd < 0 && ::access(layer.path.c_str(), R_OK) != 0) {
+        return Fail(OsError(errno, "layer {:?}", layer.path));
+      }
+    }
+    if (config_out && image.config.empty()) {
+      return Fail(MakeError(ErrorKind::kPolicy,
+                            "--config needs an image source (oci: or docker-archive:)"));
+    }
   }
 
   std::string extractor_path = request.extractor_path;
@@ -208,6 +222,21 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
                  .extractor_fd = extractor_fd.get(),
                  .cancel = request.cancel,
                  .extractor_args = request.extractor_args};
+  if (docker) {
+    // The archive's own tar is unpacked like a layer, by a jailed extractor,
+    // into a staging dir; only then are its manifest.json and config read.
+    LX_ASSIGN_OR_RETURN(UniqueFd staging, work.MakeDir("archive"));
+    ImageTree scratch(request.policy.limits);
+    RunContext staging_ctx = ctx;
+    staging_ctx.rootfs_fd = staging.get();
+    auto staged = RunLayer(staging_ctx, LayerInput{.index = 0, .path = docker->file}, scratch);
+    if (!staged) return Fail(std::move(staged).error().With("docker-archive {:?}", docker->file));
+    auto resolved = ResolveDockerArchive(std::move(staging), docker->ref);
+    if (!resolved) {
+      return Fail(std::move(resolved).error().With("docker-archive:{}", docker->file));
+    }
+    image = std::move(*resolved);
+  }
   JobReport report;
   report.manifest_digest = image.manifest_digest;
   for (size_t i = 0; i < image.layers.size(); ++i) {

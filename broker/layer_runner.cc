@@ -272,7 +272,7 @@ Error Session::ExitError(const sandbox::ExitStatus& status) {
 Status Session::Run(const LayerInput& layer) {
   sandbox::ScopedSigpipeBlock no_sigpipe;  // a dead extractor is EPIPE on its input
   if (layer.dir_fd >= 0) {
-    LX_ASSIGN_OR_RETURN(blob_, sandbox::OpenAt2(layer.dir_fd, layer.path, O_RDONLY | O_NOFOLLOW,
+    LX_ASSIGN_OR_RETURN(blob_, sandbox::OpenAt2(layer.dir_fd, layer.path, O_RDONLY,
                                                 RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS));
   } else {
     LX_ASSIGN_OR_RETURN(blob_, sandbox::OpenAt(AT_FDCWD, layer.path, O_RDONLY));

@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <sys/utsname.h>
 
+#include <cstring>
 #include <nlohmann/json.hpp>
 
 #include "extractor/digest.h"
@@ -85,13 +86,12 @@ Result<Descriptor> ParseDescriptor(const json& j, const char* what) {
 
 // Reads a regular file below `dir` (never out of it), at most `max` bytes.
 Result<std::string> ReadBounded(int dir, const std::string& path, uint64_t max) {
-  auto fd =
-      sandbox::OpenAt2(dir, path, O_RDONLY | O_NOFOLLOW, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS);
+  auto fd = sandbox::OpenAt2(dir, path, O_RDONLY,
+                             RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS);  // links stay inside
   if (!fd) {
     if (fd.error().err() == ENOENT) return Fail(Bad(fmt::format("{:?} is missing", path)));
     if (fd.error().err() == EXDEV)
       return Fail(Bad(fmt::format("{:?} leads out of the layout", path)));
-    if (fd.error().err() == ELOOP) return Fail(Bad(fmt::format("{:?} is a symlink", path)));
     return Fail(fd.error());
   }
   LX_ASSIGN_OR_RETURN(struct stat st, sandbox::Fstat(fd->get()));
@@ -137,6 +137,33 @@ Result<json> ParseJson(const std::string& text, const std::string& what) {
   if (j.is_discarded() || !j.is_object())
     return Fail(Bad(fmt::format("{}: not a JSON object", what)));
   return j;
+}
+
+Result<std::vector<std::string>> ParseDiffIds(const json& config) {
+  std::vector<std::string> diff_ids;
+  auto rootfs = config.find("rootfs");
+  if (rootfs == config.end() || !rootfs->is_object() || !rootfs->contains("diff_ids") ||
+      !(*rootfs)["diff_ids"].is_array()) {
+    return Fail(Bad("config has no rootfs.diff_ids"));
+  }
+  for (const json& id : (*rootfs)["diff_ids"]) {
+    if (!id.is_string() || !IsValidDigest(id.get<std::string>())) {
+      return Fail(Bad("config: invalid diff_id"));
+    }
+    diff_ids.push_back(id.get<std::string>());
+  }
+  return diff_ids;
+}
+
+// "sha256:<hex>" when a file name is a content address ("<hex>", "<hex>.json",
+// "<hex>.tar", "blobs/sha256/<hex>"), else empty.
+std::string DigestFromName(const std::string& path) {
+  std::string base = path.substr(path.rfind('/') == std::string::npos ? 0 : path.rfind('/') + 1);
+  for (const char* suffix : {".json", ".tar"}) {
+    if (base.size() > 5 && base.ends_with(suffix)) base.resize(base.size() - std::strlen(suffix));
+  }
+  std::string digest = "sha256:" + base;
+  return IsValidDigest(digest) ? digest : std::string();
 }
 
 bool Matches(const json& platform, const Platform& want) {
@@ -237,17 +264,7 @@ class OciResolver {
     LX_ASSIGN_OR_RETURN(out->config, ReadBlob(dir_, config_desc));
     out->config_digest = config_desc.digest;
     LX_ASSIGN_OR_RETURN(json config, ParseJson(out->config, "config"));
-    std::vector<std::string> diff_ids;
-    auto rootfs = config.find("rootfs");
-    if (rootfs == config.end() || !rootfs->is_object() || !rootfs->contains("diff_ids") ||
-        !(*rootfs)["diff_ids"].is_array()) {
-      return Fail(Bad("config has no rootfs.diff_ids"));
-    }
-    for (const json& id : (*rootfs)["diff_ids"]) {
-      if (!id.is_string() || !IsValidDigest(id.get<std::string>()))
-        return Fail(Bad("config: invalid diff_id"));
-      diff_ids.push_back(id.get<std::string>());
-    }
+    LX_ASSIGN_OR_RETURN(std::vector<std::string> diff_ids, ParseDiffIds(config));
     auto layers = manifest.find("layers");
     if (layers == manifest.end() || !layers->is_array()) return Fail(Bad("manifest has no layers"));
     if (layers->size() != diff_ids.size()) {
@@ -350,11 +367,89 @@ Result<ResolvedImage> ResolveSources(const std::vector<std::string>& specs,
       return Fail(Error(ErrorKind::kPolicy, 0,
                         spec.rfind("oci:", 0) == 0
                             ? "an oci: source names a whole image: give it alone"
-                            : "docker-archive: sources are not supported yet"));
+                            : "a docker-archive: source names a whole image: give it alone"));
     }
     std::string display =
         spec.substr(spec.rfind('/') == std::string::npos ? 0 : spec.rfind('/') + 1);
     image.layers.push_back(LayerSource{.display = display, .dir_fd = -1, .path = spec});
+  }
+  return image;
+}
+
+std::optional<DockerArchiveSpec> ParseDockerArchiveSpec(const std::vector<std::string>& specs) {
+  constexpr std::string_view kPrefix = "docker-archive:";
+  if (specs.size() != 1 || !specs[0].starts_with(kPrefix)) return std::nullopt;
+  std::string rest = specs[0].substr(kPrefix.size());
+  size_t colon = rest.find(':');
+  return DockerArchiveSpec{rest.substr(0, colon),
+                           colon == std::string::npos ? "" : rest.substr(colon + 1)};
+}
+
+Result<ResolvedImage> ResolveDockerArchive(UniqueFd staged, const std::string& ref) {
+  ResolvedImage image;
+  image.dir = std::move(staged);
+  int dir = image.dir.get();
+  LX_ASSIGN_OR_RETURN(std::string text, ReadBounded(dir, "manifest.json", kMaxDocumentBytes));
+  json manifest = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (manifest.is_discarded() || !manifest.is_array() || manifest.empty()) {
+    return Fail(
+        Bad("manifest.json: not a non-empty JSON array (older archives are not supported)"));
+  }
+  const json* chosen = nullptr;
+  if (ref.empty()) {
+    if (manifest.size() != 1) {
+      return Fail(Error(ErrorKind::kPolicy, 0,
+                        fmt::format("manifest.json lists {} images: name one as "
+                                    "docker-archive:FILE:REF",
+                                    manifest.size())));
+    }
+    chosen = &manifest[0];
+  } else {
+    for (const json& m : manifest) {
+      auto tags = m.is_object() ? m.find("RepoTags") : m.end();
+      if (!m.is_object() || tags == m.end() || !tags->is_array()) continue;
+      for (const json& t : *tags) {
+        if (t.is_string() && t.get<std::string>() == ref) chosen = &m;
+      }
+    }
+    if (chosen == nullptr) {
+      return Fail(Error(ErrorKind::kPolicy, 0, fmt::format("no image {:?} in the archive", ref)));
+    }
+  }
+  if (!chosen->is_object()) return Fail(Bad("manifest.json: entry is not an object"));
+  std::string config_path = Str(*chosen, "Config");
+  if (config_path.empty()) return Fail(Bad("manifest.json: no Config"));
+  LX_ASSIGN_OR_RETURN(image.config, ReadBounded(dir, config_path, kMaxDocumentBytes));
+  image.config_digest = [&] {
+    extractor::Sha256 sha;
+    sha.Update(image.config.data(), image.config.size());
+    return sha.Finish();
+  }();
+  if (std::string named = DigestFromName(config_path);
+      !named.empty() && named != image.config_digest) {
+    return Fail(Bad(fmt::format("config {:?} does not match its name (content is {})", config_path,
+                                image.config_digest)));
+  }
+  LX_ASSIGN_OR_RETURN(json config, ParseJson(image.config, "config"));
+  LX_ASSIGN_OR_RETURN(std::vector<std::string> diff_ids, ParseDiffIds(config));
+  auto layers = chosen->find("Layers");
+  if (layers == chosen->end() || !layers->is_array()) return Fail(Bad("manifest.json: no Layers"));
+  if (layers->size() != diff_ids.size()) {
+    return Fail(Bad(fmt::format("manifest.json has {} layers, config has {} diff_ids",
+                                layers->size(), diff_ids.size())));
+  }
+  for (size_t i = 0; i < layers->size(); ++i) {
+    const json& l = (*layers)[i];
+    if (!l.is_string() || l.get<std::string>().empty())
+      return Fail(Bad("manifest.json: bad layer"));
+    std::string path = l.get<std::string>();
+    LayerSource source{
+        .display = path.substr(0, 40), .dir_fd = dir, .path = path, .diff_id = diff_ids[i]};
+    // A content-addressed name is a promise about the blob too.
+    if (std::string named = DigestFromName(path); !named.empty() && path.starts_with("blobs/")) {
+      source.digest = named;
+    }
+    image.layers.push_back(std::move(source));
   }
   return image;
 }

@@ -56,6 +56,21 @@ struct ResolvedImage {
 Result<ResolvedImage> ResolveSources(const std::vector<std::string>& specs,
                                      const Platform& platform);
 
+// docker-archive:FILE[:REF] (REF a RepoTag such as "debian:test"). Its outer
+// tar is attacker-controlled like a layer, so the broker never parses it: the
+// job unpacks it with a jailed extractor into a staging dir first
+// (broker/job.cc), then ResolveDockerArchive reads manifest.json there.
+struct DockerArchiveSpec {
+  std::string file;
+  std::string ref;
+};
+std::optional<DockerArchiveSpec> ParseDockerArchiveSpec(const std::vector<std::string>& specs);
+
+// Resolves the unpacked archive in `staged` (taken): manifest.json (docker
+// save / skopeo format) -> config (checked against its file name's digest when
+// it has one) -> layers, each to be checked against the config's diff_ids.
+Result<ResolvedImage> ResolveDockerArchive(sandbox::UniqueFd staged, const std::string& ref);
+
 // True for "sha256:" followed by 64 lowercase hex digits.
 bool IsValidDigest(const std::string& digest);
 

@@ -165,7 +165,7 @@ TEST_F(SourceTest, RejectsBlobSymlinkedOutOfTheLayout) {
   std::ofstream(copy) << ReadFile(manifest);
   ASSERT_EQ(unlink(manifest.c_str()), 0);
   ASSERT_EQ(symlink(copy.c_str(), manifest.c_str()), 0);
-  ExpectRefused("oci:" + dir_ + "/oci:v1", "is a symlink");
+  ExpectRefused("oci:" + dir_ + "/oci:v1", "leads out of the layout");
 }
 
 TEST_F(SourceTest, RejectsTruncatedGzipEvenWithMatchingDigests) {
@@ -195,6 +195,66 @@ TEST_F(SourceTest, RejectsUnknownTagAndAmbiguousIndex) {
   layout_->WriteIndex({{GoodImage(), "v1"}, {GoodImage(), "v2"}});
   ExpectRefused("oci:" + dir_ + "/oci:v3", "no image", 2);
   ExpectRefused("oci:" + dir_ + "/oci", "name one", 2);
+}
+
+// docker-archive: an outer tar holding manifest.json, the config and the layer
+// tars, built here so each test can break one thing.
+class DockerArchiveTest : public SourceTest {
+ protected:
+  // layers: name in the archive -> layer file; manifest_layers: what manifest.json lists.
+  void Write(const std::vector<std::pair<std::string, std::string>>& layers,
+             const std::vector<std::string>& manifest_layers,
+             std::vector<std::string> diff_ids = {}) {
+    if (diff_ids.empty()) {
+      for (const auto& [name, file] : layers) diff_ids.push_back(OciLayout::DiffId(file));
+    }
+    json config = {{"os", "linux"},
+                   {"architecture", "amd64"},
+                   {"rootfs", {{"type", "layers"}, {"diff_ids", diff_ids}}}};
+    std::string config_bytes = config.dump();
+    std::string config_name = OciLayout::Sha256(config_bytes).substr(7) + ".json";
+    json manifest = json::array(
+        {{{"Config", config_name}, {"RepoTags", {"app:v1"}}, {"Layers", manifest_layers}}});
+    LayerWriter w(dir_ + "/image.tar");
+    w.File("manifest.json", manifest.dump()).File(config_name, config_bytes);
+    for (const auto& [name, file] : layers) w.File(name, ReadFile(file));
+  }
+};
+
+TEST_F(DockerArchiveTest, ExtractsByTagAndAlone) {
+  LayerWriter(dir_ + "/l1.tar").File("etc/os-release", "base\n");
+  LayerWriter(dir_ + "/l2.tar").File("usr/bin/app", "app\n", 0755);
+  Write({{"a/layer.tar", dir_ + "/l1.tar"}, {"b/layer.tar", dir_ + "/l2.tar"}},
+        {"a/layer.tar", "b/layer.tar"});
+  ASSERT_EQ(Extract("docker-archive:" + dir_ + "/image.tar:app:v1", "--config " + dir_ + "/c.json"),
+            0)
+      << err_;
+  EXPECT_EQ(ReadFile(dir_ + "/out/usr/bin/app"), "app\n");
+  EXPECT_EQ(json::parse(ReadFile(dir_ + "/c.json"))["os"], "linux");
+  (void)sandbox::RemoveTreeAt(AT_FDCWD, dir_ + "/out");
+  ASSERT_EQ(Extract("docker-archive:" + dir_ + "/image.tar"), 0) << err_;
+}
+
+TEST_F(DockerArchiveTest, RejectsLayerNotMatchingItsDiffId) {
+  LayerWriter(dir_ + "/l1.tar").File("etc/os-release", "base\n");
+  LayerWriter(dir_ + "/evil.tar").File("etc/os-release", "evil\n");
+  Write({{"a/layer.tar", dir_ + "/evil.tar"}}, {"a/layer.tar"},
+        {OciLayout::DiffId(dir_ + "/l1.tar")});
+  ExpectRefused("docker-archive:" + dir_ + "/image.tar", "diff_id");
+}
+
+TEST_F(DockerArchiveTest, RejectsTraversalAndMissingLayers) {
+  LayerWriter(dir_ + "/l1.tar").File("etc/os-release", "base\n");
+  Write({{"a/layer.tar", dir_ + "/l1.tar"}}, {"../../../../etc/passwd"});
+  ExpectRefused("docker-archive:" + dir_ + "/image.tar", "layer 1");
+  Write({{"a/layer.tar", dir_ + "/l1.tar"}}, {"missing/layer.tar"});
+  ExpectRefused("docker-archive:" + dir_ + "/image.tar", "layer 1");
+}
+
+TEST_F(DockerArchiveTest, RejectsUnknownTag) {
+  LayerWriter(dir_ + "/l1.tar").File("f", "x");
+  Write({{"a/layer.tar", dir_ + "/l1.tar"}}, {"a/layer.tar"});
+  ExpectRefused("docker-archive:" + dir_ + "/image.tar:other:v2", "no image", 2);
 }
 
 }  // namespace

@@ -35,6 +35,13 @@ umoci unpack --image "$oci:$tag" "$work/umoci" >/dev/null
 # As root from the OCI layout (umoci-made, digests and diff_ids verified).
 "$layerx" extract "oci:$oci:$tag" --rootfs "$work/root" --manifest "$work/root.jsonl" -q
 python3 "$here/compare_with_umoci.py" "$work/umoci/rootfs" "$work/root" "$work/root.jsonl" --mode root
+# As root from the skopeo-made docker-archive.
+if [ -f "$corpus/images/$image/docker-archive.tar" ]; then
+  rm -rf "$work/root" "$work/root.jsonl"
+  "$layerx" extract "docker-archive:$corpus/images/$image/docker-archive.tar" --rootfs "$work/root" \
+    --manifest "$work/root.jsonl" -q
+  python3 "$here/compare_with_umoci.py" "$work/umoci/rootfs" "$work/root" "$work/root.jsonl" --mode root
+fi
 
 mkdir "$work/rl" && chown 65534:65534 "$work/rl"
 # Rootless from the plain layer blobs, in order (no digests to check).
