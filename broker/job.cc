@@ -124,6 +124,21 @@ std::string ShortDigest(const std::string& digest) {
   return digest.substr(0, std::min<size_t>(digest.size(), 7 + 12));
 }
 
+// The archive's own tar is unpacked like a layer, by a jailed extractor, into a
+// staging dir beside the rootfs; only then are its manifest.json and config read.
+Result<ResolvedImage> StageDockerArchive(const DockerArchiveSpec& spec, Workspace& work,
+                                         const RunContext& ctx, const policy::Limits& limits) {
+  LX_ASSIGN_OR_RETURN(UniqueFd staging, work.MakeDir("archive"));
+  ImageTree scratch(limits);
+  RunContext staging_ctx = ctx;
+  staging_ctx.rootfs_fd = staging.get();
+  auto staged = RunLayer(staging_ctx, LayerInput{.index = 0, .path = spec.file}, scratch);
+  if (!staged) return Fail(std::move(staged).error().With("docker-archive {:?}", spec.file));
+  auto resolved = ResolveDockerArchive(std::move(staging), spec.ref);
+  if (!resolved) return Fail(std::move(resolved).error().With("docker-archive:{}", spec.file));
+  return resolved;
+}
+
 // What the manifest and config promise about a layer, against what streamed.
 Status VerifyLayer(const LayerSource& source, const LayerReport& got) {
   if (source.digest && got.compressed_digest != *source.digest) {
@@ -144,6 +159,43 @@ Status VerifyLayer(const LayerSource& source, const LayerReport& got) {
 }
 
 }  // namespace
+
+Result<ImageInfo> Inspect(const InspectRequest& request) {
+  ImageInfo info;
+  ResolvedImage image;
+  Workspace work;
+  if (auto docker = ParseDockerArchiveSpec(request.sources)) {
+    std::string extractor_path = request.extractor_path;
+    if (extractor_path.empty()) {
+      LX_ASSIGN_OR_RETURN(extractor_path, FindExtractor());
+    }
+    LX_ASSIGN_OR_RETURN(UniqueFd extractor_fd, sandbox::OpenAt(AT_FDCWD, extractor_path, O_PATH));
+    const char* tmp = ::getenv("TMPDIR");
+    LX_TRY(work.Create(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp"));
+    RunContext ctx{.policy = &request.policy,
+                   .rootfs_fd = work.rootfs_fd(),
+                   .extractor_fd = extractor_fd.get()};
+    LX_ASSIGN_OR_RETURN(image, StageDockerArchive(*docker, work, ctx, request.policy.limits));
+  } else {
+    LX_ASSIGN_OR_RETURN(image, ResolveSources(request.sources, request.platform));
+  }
+  info.manifest_digest = image.manifest_digest;
+  info.config_digest = image.config_digest;
+  info.config = image.config;
+  for (const LayerSource& l : image.layers) {
+    struct stat st;
+    int dir = l.dir_fd >= 0 ? l.dir_fd : AT_FDCWD;
+    std::optional<uint64_t> size = l.size;
+    if (!size && ::fstatat(dir, l.path.c_str(), &st, 0) == 0)
+      size = static_cast<uint64_t>(st.st_size);
+    info.layers.push_back(ImageInfo::Layer{.name = l.display,
+                                           .digest = l.digest.value_or(""),
+                                           .diff_id = l.diff_id.value_or(""),
+                                           .media_type = l.media_type,
+                                           .size = size.value_or(0)});
+  }
+  return info;
+}
 
 Result<std::string> FindExtractor() {
   if (const char* env = ::getenv("LAYERX_EXTRACTOR"); env != nullptr && *env != '\0') {
@@ -223,19 +275,7 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
                  .cancel = request.cancel,
                  .extractor_args = request.extractor_args};
   if (docker) {
-    // The archive's own tar is unpacked like a layer, by a jailed extractor,
-    // into a staging dir; only then are its manifest.json and config read.
-    LX_ASSIGN_OR_RETURN(UniqueFd staging, work.MakeDir("archive"));
-    ImageTree scratch(request.policy.limits);
-    RunContext staging_ctx = ctx;
-    staging_ctx.rootfs_fd = staging.get();
-    auto staged = RunLayer(staging_ctx, LayerInput{.index = 0, .path = docker->file}, scratch);
-    if (!staged) return Fail(std::move(staged).error().With("docker-archive {:?}", docker->file));
-    auto resolved = ResolveDockerArchive(std::move(staging), docker->ref);
-    if (!resolved) {
-      return Fail(std::move(resolved).error().With("docker-archive:{}", docker->file));
-    }
-    image = std::move(*resolved);
+    LX_ASSIGN_OR_RETURN(image, StageDockerArchive(*docker, work, ctx, request.policy.limits));
   }
   JobReport report;
   report.manifest_digest = image.manifest_digest;

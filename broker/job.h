@@ -41,6 +41,23 @@ struct JobReport {
 // and the reason.
 Result<JobReport> RunExtract(const ExtractRequest& request);
 
+// `layerx inspect`: the resolved layers and config of a source, nothing applied.
+struct InspectRequest {
+  std::vector<std::string> sources;
+  Platform platform = Platform::Host();
+  policy::Policy policy;
+  std::string extractor_path;  // docker-archive sources are unpacked by a jailed extractor
+};
+struct ImageInfo {
+  struct Layer {
+    std::string name, digest, diff_id, media_type;
+    uint64_t size = 0;  // compressed blob size
+  };
+  std::string manifest_digest, config_digest, config;
+  std::vector<Layer> layers;
+};
+Result<ImageInfo> Inspect(const InspectRequest& request);
+
 // Where the extractor helper lives: $LAYERX_EXTRACTOR, else `layerx-extractor`
 // beside this executable, else ../libexec/layerx/layerx-extractor from it.
 Result<std::string> FindExtractor();

@@ -47,6 +47,77 @@ Examples:
 
 Exit status: 0 ok, 1 refused or failed, 2 usage error.)";
 
+void PrintError(const layerx::Error& error) {
+  // One line, whatever the bytes of the names in it ({:?} escaped them).
+  std::string line = error.ToString();
+  for (char& c : line) {
+    if (c == '\n' || c == '\r') c = ' ';
+  }
+  std::fprintf(stderr, "layerx: %s\n", line.c_str());
+}
+
+int Inspect(const std::vector<std::string>& sources, const std::string& platform, bool as_json) {
+  using namespace layerx;
+  broker::InspectRequest request{.sources = sources, .policy = policy::DefaultPolicy()};
+  if (!platform.empty()) {
+    auto parsed = broker::Platform::Parse(platform);
+    if (!parsed) {
+      PrintError(parsed.error());
+      return 2;
+    }
+    request.platform = *parsed;
+  }
+  auto info = broker::Inspect(request);
+  if (!info) {
+    PrintError(info.error());
+    return info.error().kind() == ErrorKind::kPolicy ? 2 : 1;
+  }
+  nlohmann::ordered_json config = nlohmann::ordered_json::parse(info->config, nullptr, false);
+  nlohmann::ordered_json summary = nlohmann::ordered_json::object();
+  if (config.is_object()) {
+    for (const char* key : {"os", "architecture", "variant"}) {
+      if (config.contains(key)) summary[key] = config[key];
+    }
+    if (config.contains("config") && config["config"].is_object()) {
+      for (const char* key :
+           {"User", "Env", "Entrypoint", "Cmd", "WorkingDir", "ExposedPorts", "Labels"}) {
+        if (config["config"].contains(key)) summary[key] = config["config"][key];
+      }
+    }
+  }
+  if (as_json) {
+    nlohmann::ordered_json out;
+    if (!info->manifest_digest.empty()) out["manifest_digest"] = info->manifest_digest;
+    if (!info->config_digest.empty()) out["config_digest"] = info->config_digest;
+    out["layers"] = nlohmann::ordered_json::array();
+    for (size_t i = 0; i < info->layers.size(); ++i) {
+      const auto& l = info->layers[i];
+      out["layers"].push_back({{"index", i + 1},
+                               {"name", l.name},
+                               {"digest", l.digest},
+                               {"diff_id", l.diff_id},
+                               {"media_type", l.media_type},
+                               {"size", l.size}});
+    }
+    out["config"] = summary;
+    std::printf("%s\n", out.dump(2).c_str());
+    return 0;
+  }
+  if (!info->manifest_digest.empty()) std::printf("manifest  %s\n", info->manifest_digest.c_str());
+  if (!info->config_digest.empty()) std::printf("config    %s\n", info->config_digest.c_str());
+  for (size_t i = 0; i < info->layers.size(); ++i) {
+    const auto& l = info->layers[i];
+    std::printf("layer %-3zu %s  %12llu bytes  %s\n          diff_id %s\n", i + 1,
+                l.digest.empty() ? l.name.c_str() : l.digest.c_str(),
+                static_cast<unsigned long long>(l.size), l.media_type.c_str(),
+                l.diff_id.empty() ? "-" : l.diff_id.c_str());
+  }
+  for (auto it = summary.begin(); it != summary.end(); ++it) {
+    std::printf("%-10s %s\n", it.key().c_str(), it.value().dump().c_str());
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -105,6 +176,22 @@ int main(int argc, char** argv) {
   extract->add_flag("-v,--verbose", verbosity, "more logging (-vv for debug)");
   extract->add_flag("-q,--quiet", quiet, "errors only");
 
+  CLI::App* inspect =
+      app.add_subcommand("inspect", "show the layers and config of an image source");
+  inspect->footer(
+      "Resolves SOURCE as extract would (oci:DIR[:REF], docker-archive:FILE[:REF] or layer\n"
+      "files) and prints each layer's digest, diff_id, media type and size, and the config.\n"
+      "Manifest and config are checked against their digests; layers are not read.\n\n"
+      "Example:\n  layerx inspect oci:./image:latest --json");
+  std::vector<std::string> inspect_sources;
+  std::string inspect_platform;
+  bool inspect_json = false;
+  inspect->add_option("SOURCE", inspect_sources, "the image")->required();
+  inspect->add_option("--platform", inspect_platform, "os/arch[/variant]");
+  inspect->add_flag("--json", inspect_json, "print JSON");
+  inspect->add_flag("-v,--verbose", verbosity, "more logging");
+  inspect->add_flag("-q,--quiet", quiet, "errors only");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -122,6 +209,8 @@ int main(int argc, char** argv) {
   sa.sa_handler = OnSignal;
   sigaction(SIGINT, &sa, nullptr);
   sigaction(SIGTERM, &sa, nullptr);
+
+  if (inspect->parsed()) return Inspect(inspect_sources, inspect_platform, inspect_json);
 
   broker::ExtractRequest request;
   request.layers = layers;
@@ -159,12 +248,7 @@ int main(int argc, char** argv) {
 
   auto report = broker::RunExtract(request);
   if (!report) {
-    // One line, whatever the bytes of the names in it ({:?} escaped them).
-    std::string line = report.error().ToString();
-    for (char& c : line) {
-      if (c == '\n' || c == '\r') c = ' ';
-    }
-    std::fprintf(stderr, "layerx: %s\n", line.c_str());
+    PrintError(report.error());
     return report.error().kind() == ErrorKind::kPolicy ? 2 : 1;
   }
   if (json) {

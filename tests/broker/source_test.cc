@@ -73,6 +73,22 @@ TEST_F(SourceTest, ExtractsATaggedImageAndWritesItsConfig) {
   EXPECT_EQ(config["config"]["Cmd"][0], "/bin/sh");
 }
 
+TEST_F(SourceTest, InspectPrintsLayersAndConfig) {
+  json image = GoodImage();
+  layout_->WriteIndex({{image, "v1"}});
+  std::string out_file = dir_ + ".json";
+  std::string cmd =
+      std::string(LAYERX_BIN) + " inspect oci:" + dir_ + "/oci:v1 --json >" + out_file;
+  ASSERT_EQ(system(cmd.c_str()), 0);
+  json info = json::parse(ReadFile(out_file));
+  unlink(out_file.c_str());
+  EXPECT_EQ(info["manifest_digest"], image["digest"]);
+  ASSERT_EQ(info["layers"].size(), 2u);
+  EXPECT_EQ(info["layers"][1]["diff_id"], OciLayout::DiffId(dir_ + "/app.tar.gz"));
+  EXPECT_EQ(info["layers"][0]["media_type"], kGzip);
+  EXPECT_EQ(info["config"]["Cmd"][0], "/bin/sh");
+}
+
 TEST_F(SourceTest, RefMayBeOmittedForASingleImageAndGivenByDigest) {
   json image = GoodImage();
   layout_->WriteIndex({{image, ""}});
