@@ -385,15 +385,67 @@ std::optional<DockerArchiveSpec> ParseDockerArchiveSpec(const std::vector<std::s
                            colon == std::string::npos ? "" : rest.substr(colon + 1)};
 }
 
+namespace {
+
+bool IsLegacyId(const std::string& id) { return IsValidDigest("sha256:" + id); }
+
+// Archives from docker save before 1.10: no manifest.json, a `repositories`
+// file naming the top layer id, and each layer's `<id>/json` naming its parent.
+// They carry no digests: like plain layer files, nothing can be checked but
+// what the layers themselves are.
+Result<ResolvedImage> ResolveLegacyArchive(ResolvedImage image, const std::string& ref) {
+  int dir = image.dir.get();
+  LX_ASSIGN_OR_RETURN(std::string text, ReadBounded(dir, "repositories", kMaxDocumentBytes));
+  LX_ASSIGN_OR_RETURN(json repos, ParseJson(text, "repositories"));
+  std::string top;
+  size_t colon = ref.rfind(':');
+  for (auto repo = repos.begin(); repo != repos.end(); ++repo) {
+    if (!repo.value().is_object()) continue;
+    for (auto tag = repo.value().begin(); tag != repo.value().end(); ++tag) {
+      bool wanted =
+          ref.empty() || (colon != std::string::npos && repo.key() == ref.substr(0, colon) &&
+                          tag.key() == ref.substr(colon + 1));
+      if (!wanted || !tag.value().is_string()) continue;
+      if (!top.empty() && top != tag.value().get<std::string>()) {
+        return Fail(Error(ErrorKind::kPolicy, 0,
+                          "the archive holds several images: name one as docker-archive:FILE:REF"));
+      }
+      top = tag.value().get<std::string>();
+    }
+  }
+  if (top.empty())
+    return Fail(Error(ErrorKind::kPolicy, 0, fmt::format("no image {:?} in the archive", ref)));
+  std::vector<std::string> chain;
+  for (std::string id = top; !id.empty();) {
+    if (!IsLegacyId(id) || chain.size() > 256)
+      return Fail(Bad(fmt::format("bad layer id {:?}", id.substr(0, 80))));
+    LX_ASSIGN_OR_RETURN(std::string layer_json, ReadBounded(dir, id + "/json", kMaxDocumentBytes));
+    LX_ASSIGN_OR_RETURN(json meta, ParseJson(layer_json, id + "/json"));
+    if (chain.empty()) image.config = layer_json;
+    chain.push_back(id);
+    id = Str(meta, "parent");
+  }
+  for (auto it = chain.rbegin(); it != chain.rend(); ++it) {
+    image.layers.push_back(
+        LayerSource{.display = it->substr(0, 12), .dir_fd = dir, .path = *it + "/layer.tar"});
+  }
+  return image;
+}
+
+}  // namespace
+
 Result<ResolvedImage> ResolveDockerArchive(UniqueFd staged, const std::string& ref) {
   ResolvedImage image;
   image.dir = std::move(staged);
   int dir = image.dir.get();
+  struct stat st;
+  if (::fstatat(dir, "manifest.json", &st, AT_SYMLINK_NOFOLLOW) != 0 && errno == ENOENT) {
+    return ResolveLegacyArchive(std::move(image), ref);
+  }
   LX_ASSIGN_OR_RETURN(std::string text, ReadBounded(dir, "manifest.json", kMaxDocumentBytes));
   json manifest = json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (manifest.is_discarded() || !manifest.is_array() || manifest.empty()) {
-    return Fail(
-        Bad("manifest.json: not a non-empty JSON array (older archives are not supported)"));
+    return Fail(Bad("manifest.json: not a non-empty JSON array"));
   }
   const json* chosen = nullptr;
   if (ref.empty()) {

@@ -267,6 +267,22 @@ TEST_F(DockerArchiveTest, RejectsTraversalAndMissingLayers) {
   ExpectRefused("docker-archive:" + dir_ + "/image.tar", "layer 1");
 }
 
+TEST_F(DockerArchiveTest, ExtractsOlderArchivesWithoutManifest) {
+  // docker save before 1.10: repositories -> top layer id -> json "parent" chain.
+  LayerWriter(dir_ + "/l1.tar").File("etc/os-release", "base\n").File("f", "lower");
+  LayerWriter(dir_ + "/l2.tar").File("f", "upper");
+  std::string lower(64, 'a'), upper(64, 'b');
+  LayerWriter(dir_ + "/old.tar")
+      .File("repositories", json{{"app", {{"v1", upper}}}}.dump())
+      .File(lower + "/json", json{{"id", lower}}.dump())
+      .File(lower + "/layer.tar", ReadFile(dir_ + "/l1.tar"))
+      .File(upper + "/json", json{{"id", upper}, {"parent", lower}, {"os", "linux"}}.dump())
+      .File(upper + "/layer.tar", ReadFile(dir_ + "/l2.tar"));
+  ASSERT_EQ(Extract("docker-archive:" + dir_ + "/old.tar:app:v1"), 0) << err_;
+  EXPECT_EQ(ReadFile(dir_ + "/out/f"), "upper");
+  EXPECT_EQ(ReadFile(dir_ + "/out/etc/os-release"), "base\n");
+}
+
 TEST_F(DockerArchiveTest, RejectsUnknownTag) {
   LayerWriter(dir_ + "/l1.tar").File("f", "x");
   Write({{"a/layer.tar", dir_ + "/l1.tar"}}, {"a/layer.tar"});
