@@ -124,6 +124,13 @@ std::string ShortDigest(const std::string& digest) {
   return digest.substr(0, std::min<size_t>(digest.size(), 7 + 12));
 }
 
+Result<UniqueFd> OpenExtractor(std::string path) {
+  if (path.empty()) {
+    LX_ASSIGN_OR_RETURN(path, FindExtractor());
+  }
+  return sandbox::OpenAt(AT_FDCWD, path, O_PATH);
+}
+
 // The archive's own tar is unpacked like a layer, by a jailed extractor, into a
 // staging dir beside the rootfs; only then are its manifest.json and config read.
 Result<ResolvedImage> StageDockerArchive(const DockerArchiveSpec& spec, Workspace& work,
@@ -165,11 +172,7 @@ Result<ImageInfo> Inspect(const InspectRequest& request) {
   ResolvedImage image;
   Workspace work;
   if (auto docker = ParseDockerArchiveSpec(request.sources)) {
-    std::string extractor_path = request.extractor_path;
-    if (extractor_path.empty()) {
-      LX_ASSIGN_OR_RETURN(extractor_path, FindExtractor());
-    }
-    LX_ASSIGN_OR_RETURN(UniqueFd extractor_fd, sandbox::OpenAt(AT_FDCWD, extractor_path, O_PATH));
+    LX_ASSIGN_OR_RETURN(UniqueFd extractor_fd, OpenExtractor(request.extractor_path));
     const char* tmp = ::getenv("TMPDIR");
     LX_TRY(work.Create(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp"));
     RunContext ctx{.policy = &request.policy,
@@ -183,11 +186,16 @@ Result<ImageInfo> Inspect(const InspectRequest& request) {
   info.config_digest = image.config_digest;
   info.config = image.config;
   for (const LayerSource& l : image.layers) {
-    struct stat st;
-    int dir = l.dir_fd >= 0 ? l.dir_fd : AT_FDCWD;
     std::optional<uint64_t> size = l.size;
-    if (!size && ::fstatat(dir, l.path.c_str(), &st, 0) == 0)
-      size = static_cast<uint64_t>(st.st_size);
+    if (!size) {
+      // Below the staging dir only, like the job opens it (never a link out).
+      auto fd = l.dir_fd >= 0 ? sandbox::OpenAt2(l.dir_fd, l.path, O_PATH,
+                                                 RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)
+                              : sandbox::OpenAt(AT_FDCWD, l.path, O_PATH);
+      if (fd) {
+        if (auto st = sandbox::Fstat(fd->get())) size = static_cast<uint64_t>(st->st_size);
+      }
+    }
     info.layers.push_back(ImageInfo::Layer{.name = l.display,
                                            .digest = l.digest.value_or(""),
                                            .diff_id = l.diff_id.value_or(""),
@@ -259,11 +267,7 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
     }
   }
 
-  std::string extractor_path = request.extractor_path;
-  if (extractor_path.empty()) {
-    LX_ASSIGN_OR_RETURN(extractor_path, FindExtractor());
-  }
-  LX_ASSIGN_OR_RETURN(UniqueFd extractor_fd, sandbox::OpenAt(AT_FDCWD, extractor_path, O_PATH));
+  LX_ASSIGN_OR_RETURN(UniqueFd extractor_fd, OpenExtractor(request.extractor_path));
 
   Workspace work;
   LX_TRY(work.Create(rootfs_out ? rootfs_out->dir : ext4_out ? ext4_out->dir : manifest_out->dir));
