@@ -33,12 +33,14 @@ line naming the layer, the entry and the reason, exits 1, and leaves nothing.
 
 Sources are named the way skopeo names them: oci:DIR[:REF] is an OCI image
 layout (REF a tag from org.opencontainers.image.ref.name or @sha256:...; it
-may be omitted when the index holds one image). Every blob is checked against
+may be omitted when the index holds one image); docker-archive:FILE[:REF] is
+a docker save / skopeo tarball (REF a RepoTag). Every blob is checked against
 its digest as it streams, every tar stream against the config's diff_ids.
 Plain layer files are applied in the order given.
 
 Examples:
   layerx extract oci:./image:latest --ext4 rootfs.img --config config.json
+  layerx extract docker-archive:app.tar:app:v1 --rootfs ./rootfs
   layerx extract oci:./image:@sha256:... --platform linux/arm64 --rootfs ./rootfs
   layerx extract base.tar.gz app.tar.zst --rootfs ./rootfs
   layerx extract layer1.tar layer2.tar --rootfs out --manifest out.jsonl
@@ -130,7 +132,7 @@ int main(int argc, char** argv) {
   app.add_flag("-v,--verbose", verbosity, "more logging (-vv for debug)");
   app.add_flag("-q,--quiet", quiet, "errors only");
 
-  CLI::App* extract = app.add_subcommand("extract", "apply layers into a rootfs directory");
+  CLI::App* extract = app.add_subcommand("extract", "apply an image's layers into a rootfs dir and/or an ext4 image");
   extract->footer(kExtractHelp);
   std::vector<std::string> layers;
   std::string rootfs, manifest;
@@ -139,13 +141,13 @@ int main(int argc, char** argv) {
   std::string platform, config;
   extract
       ->add_option("SOURCE", layers,
-                   "oci:DIR[:REF] (an OCI image layout; REF a tag or @sha256:...), or layer files "
+                   "oci:DIR[:REF], docker-archive:FILE[:REF], or layer files "
                    "lowest first")
       ->required();
   extract->add_option("--platform", platform,
                       "os/arch[/variant] to pick from a multi-platform index (default: this "
                       "machine's)");
-  extract->add_option("--config", config, "write the image's config JSON here (OCI sources)");
+  extract->add_option("--config", config, "write the image's config JSON here (image sources)");
   extract->add_option("--rootfs", rootfs, "write the rootfs here (must not exist)");
   extract->add_option("--manifest", manifest, "write the JSON-lines manifest here");
   std::string ext4, label, uuid;
