@@ -80,6 +80,7 @@ void ImageTree::EraseSubtree(const std::string& path, bool include_self) {
 
 Status ImageTree::Add(EntryRecord r) {
   LX_TRY(Validate(r));
+  std::erase_if(r.xattrs, [](const auto& x) { return !policy::IsKeptXattr(x.first); });
   if (r.kind == Kind::kHardlink) {
     auto target = entries_.find(r.hardlink_target);
     if (target == entries_.end() || target->second->meta.kind == Kind::kDir) {

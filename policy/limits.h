@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string_view>
 
 namespace layerx::policy {
 
@@ -24,6 +25,15 @@ struct Limits {
   uint64_t layer_timeout_ms = 30 * 60 * 1000;
   uint64_t max_record_message_bytes = 64 * kMiB;  // one Cap'n Proto message
 };
+
+// Which xattrs from the layers are kept (in the manifest, the rootfs and the
+// ext4 image): the user namespace, file capabilities and POSIX ACLs. trusted.*,
+// security.selinux, security.ima and the like are dropped: a layer must not
+// label or sign files for the host that runs the image.
+inline bool IsKeptXattr(std::string_view name) {
+  return name.starts_with("user.") || name == "security.capability" ||
+         name == "system.posix_acl_access" || name == "system.posix_acl_default";
+}
 
 // Resource limits set on the jailed extractor before it reads input.
 struct JailRlimits {

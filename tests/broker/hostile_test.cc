@@ -437,6 +437,22 @@ TEST_F(HostileTest, OwnersModesAndSpecialFiles) {
   EXPECT_EQ(m["usr/bin/sudo"]["mode"], 04755);
 }
 
+TEST_F(HostileTest, HostLabelsAreDroppedCapabilitiesKept) {
+  // A layer must not label files for the host (trusted.*, security.selinux).
+  LayerWriter(Layer(1)).File(
+      "f", "x", 0755, 0, 0,
+      {{"trusted.overlay.opaque", "y"},
+       {"security.selinux", "system_u:object_r:shadow_t:s0"},
+       {"security.capability", std::string("\x01\x00\x00\x02", 4) + std::string(16, '\0')},
+       {"user.keep", "1"}});
+  ASSERT_EQ(Extract(1), 0) << err_;
+  auto m = Manifest();
+  EXPECT_TRUE(m["f"]["xattrs"].contains("user.keep"));
+  EXPECT_TRUE(m["f"]["xattrs"].contains("security.capability"));
+  EXPECT_FALSE(m["f"]["xattrs"].contains("trusted.overlay.opaque"));
+  EXPECT_FALSE(m["f"]["xattrs"].contains("security.selinux"));
+}
+
 TEST_F(HostileTest, EveryCompressionFromTheBytes) {
   const char* filters[] = {"", "gzip", "zstd", "xz", "bzip2"};
   for (int i = 0; i < 5; ++i) {
