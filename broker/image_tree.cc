@@ -81,6 +81,12 @@ void ImageTree::EraseSubtree(const std::string& path, bool include_self) {
 Status ImageTree::Add(EntryRecord r) {
   LX_TRY(Validate(r));
   std::erase_if(r.xattrs, [](const auto& x) { return !policy::IsKeptXattr(x.first); });
+  // The total is the broker's own count: no extractor can talk it down.
+  file_bytes_ += r.data_bytes;
+  if (file_bytes_ > limits_.max_image_bytes) {
+    return Fail(MakeError(ErrorKind::kLimitExceeded, "image data over max_image_bytes={}",
+                          limits_.max_image_bytes));
+  }
   if (r.kind == Kind::kHardlink) {
     auto target = entries_.find(r.hardlink_target);
     if (target == entries_.end() || target->second->meta.kind == Kind::kDir) {

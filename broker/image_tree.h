@@ -38,6 +38,7 @@ class ImageTree : public extractor::RecordSink {
   void EraseSubtree(const std::string& path, bool include_self);
 
   policy::Limits limits_;
+  uint64_t file_bytes_ = 0;  // all layers: against max_image_bytes
   std::map<std::string, std::shared_ptr<Inode>> entries_;
 };
 

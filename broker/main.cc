@@ -10,6 +10,7 @@
 
 #include "broker/job.h"
 #include "broker/logging.h"
+#include "policy/policy_file.h"
 
 namespace {
 
@@ -58,9 +59,21 @@ void PrintError(const layerx::Error& error) {
   std::fprintf(stderr, "layerx: %s\n", line.c_str());
 }
 
-int Inspect(const std::vector<std::string>& sources, const std::string& platform, bool as_json) {
+// The default policy, or the one in `path` read over it.
+layerx::Result<layerx::policy::Policy> LoadPolicy(const std::string& path) {
+  if (path.empty()) return layerx::policy::DefaultPolicy();
+  return layerx::policy::LoadPolicyFile(path);
+}
+
+int Inspect(const std::vector<std::string>& sources, const std::string& platform, bool as_json,
+            const std::string& policy_file) {
   using namespace layerx;
-  broker::InspectRequest request{.sources = sources, .policy = policy::DefaultPolicy()};
+  auto policy = LoadPolicy(policy_file);
+  if (!policy) {
+    PrintError(policy.error());
+    return 2;
+  }
+  broker::InspectRequest request{.sources = sources, .policy = *policy};
   if (!platform.empty()) {
     auto parsed = broker::Platform::Parse(platform);
     if (!parsed) {
@@ -132,7 +145,8 @@ int main(int argc, char** argv) {
   app.add_flag("-v,--verbose", verbosity, "more logging (-vv for debug)");
   app.add_flag("-q,--quiet", quiet, "errors only");
 
-  CLI::App* extract = app.add_subcommand("extract", "apply an image's layers into a rootfs dir and/or an ext4 image");
+  CLI::App* extract = app.add_subcommand(
+      "extract", "apply an image's layers into a rootfs dir and/or an ext4 image");
   extract->footer(kExtractHelp);
   std::vector<std::string> layers;
   std::string rootfs, manifest;
@@ -191,6 +205,16 @@ int main(int argc, char** argv) {
   inspect->add_option("SOURCE", inspect_sources, "the image")->required();
   inspect->add_option("--platform", inspect_platform, "os/arch[/variant]");
   inspect->add_flag("--json", inspect_json, "print JSON");
+  std::string policy_file;
+  inspect->add_option("--policy", policy_file, "policy TOML file (see layerx policy show)");
+  extract->add_option("--policy", policy_file,
+                      "policy TOML file: limits, jail rlimits, seccomp action (see layerx policy "
+                      "show)");
+  CLI::App* policy_cmd = app.add_subcommand("policy", "the effective policy");
+  CLI::App* policy_show =
+      policy_cmd->add_subcommand("show", "print the effective policy as TOML (a policy file)");
+  policy_show->add_option("--policy", policy_file, "read this policy file over the defaults");
+  policy_cmd->require_subcommand(1);
   inspect->add_flag("-v,--verbose", verbosity, "more logging");
   inspect->add_flag("-q,--quiet", quiet, "errors only");
 
@@ -212,7 +236,18 @@ int main(int argc, char** argv) {
   sigaction(SIGINT, &sa, nullptr);
   sigaction(SIGTERM, &sa, nullptr);
 
-  if (inspect->parsed()) return Inspect(inspect_sources, inspect_platform, inspect_json);
+  if (inspect->parsed()) {
+    return Inspect(inspect_sources, inspect_platform, inspect_json, policy_file);
+  }
+  if (policy_show->parsed()) {
+    auto shown = LoadPolicy(policy_file);
+    if (!shown) {
+      PrintError(shown.error());
+      return 2;
+    }
+    std::printf("%s", policy::FormatPolicyToml(*shown).c_str());
+    return 0;
+  }
 
   broker::ExtractRequest request;
   request.layers = layers;
@@ -238,11 +273,16 @@ int main(int argc, char** argv) {
     request.ext4_options.source_date_epoch = std::strtoll(epoch, nullptr, 10);
   }
   request.ext4_options.reproducible |= reproducible;
-  policy::PolicyBuilder builder;
+  auto base = LoadPolicy(policy_file);
+  if (!base) {
+    PrintError(base.error());
+    return 2;
+  }
+  policy::PolicyBuilder builder(*base);
   if (timeout_s > 0) builder.LayerTimeoutMs(static_cast<uint64_t>(timeout_s * 1000));
   auto policy = builder.Build();
   if (!policy) {
-    std::fprintf(stderr, "layerx: %s\n", policy.error().ToString().c_str());
+    PrintError(policy.error());
     return 2;
   }
   request.policy = *policy;

@@ -453,6 +453,22 @@ TEST_F(HostileTest, HostLabelsAreDroppedCapabilitiesKept) {
   EXPECT_FALSE(m["f"]["xattrs"].contains("security.selinux"));
 }
 
+TEST_F(HostileTest, PolicyLimitsStopALayerWithOneLine) {
+  // A policy file that allows three entries per layer; the layer has five.
+  std::ofstream(dir_ + "/policy.toml") << "[limits]\nmax_entries = 3\n";
+  LayerWriter(Layer(1)).File("a", "1").File("b", "2").File("c", "3").File("d", "4").File("e", "5");
+  EXPECT_EQ(Extract(1, "--policy " + dir_ + "/policy.toml"), 1) << err_;
+  EXPECT_NE(err_.find("max_entries=3"), std::string::npos) << err_;
+  EXPECT_NE(err_.find("entry \"d\""), std::string::npos) << err_;
+  EXPECT_EQ(std::count(err_.begin(), err_.end(), '\n'), 1) << err_;
+  std::ofstream(dir_ + "/policy.toml") << "[limits]\nmax_image_bytes = 4\n";
+  EXPECT_EQ(Extract(1, "--policy " + dir_ + "/policy.toml"), 1) << err_;
+  EXPECT_NE(err_.find("max_image_bytes=4"), std::string::npos) << err_;
+  std::ofstream(dir_ + "/policy.toml") << "[limits]\nmax_entrys = 3\n";
+  EXPECT_EQ(Extract(1, "--policy " + dir_ + "/policy.toml"), 2) << err_;
+  EXPECT_NE(err_.find("unknown key limits.max_entrys"), std::string::npos) << err_;
+}
+
 TEST_F(HostileTest, EveryCompressionFromTheBytes) {
   const char* filters[] = {"", "gzip", "zstd", "xz", "bzip2"};
   for (int i = 0; i < 5; ++i) {
