@@ -187,6 +187,7 @@ class OciResolver {
     LX_ASSIGN_OR_RETURN(json index, ParseJson(index_text, "index.json"));
     LX_ASSIGN_OR_RETURN(std::vector<Descriptor> all, Manifests(index, "index.json"));
     std::vector<Descriptor> chosen;
+    if (all.empty()) return Fail(Bad("index.json lists no manifests"));
     if (ref.empty()) {
       if (all.size() != 1) {
         return Fail(Error(
