@@ -40,6 +40,8 @@ class Session {
  private:
   Status Feed();
   Status DrainBlob();
+  Result<std::optional<size_t>> ReadBlob();
+  Error TimeoutError() const;
   Status ReadChannel();
   Status HandleMessage(kj::ArrayPtr<const capnp::word> words);
   void ReadStderr(bool flush);
@@ -68,6 +70,7 @@ class Session {
   std::string last_stderr_;
   size_t stderr_bytes_ = 0;
   pid_t pid_ = 0;
+  int64_t deadline_ = 0;
 };
 
 Status Session::Feed() {
@@ -77,16 +80,9 @@ Status Session::Feed() {
         feed_.reset();  // EOF for the extractor
         return {};
       }
-      feed_buf_.resize(kFeedChunk);
-      LX_ASSIGN_OR_RETURN(size_t n, sandbox::ReadSome(blob_.get(), feed_buf_));
-      feed_buf_.resize(n);
-      feed_off_ = 0;
-      sha_.Update(feed_buf_.data(), n);
-      report_.compressed_bytes += n;
-      if (n == 0) {
-        blob_eof_ = true;
-        continue;
-      }
+      LX_ASSIGN_OR_RETURN(std::optional<size_t> n, ReadBlob());
+      if (!n) return {};  // a stream with nothing yet: poll waits for it
+      if (*n == 0) continue;
     }
     ssize_t w = ::write(feed_.get(), feed_buf_.data() + feed_off_, feed_buf_.size() - feed_off_);
     if (w < 0) {
@@ -109,14 +105,44 @@ Status Session::Feed() {
 // Reads and hashes the rest of the blob, so the digest always covers all of it.
 Status Session::DrainBlob() {
   while (!blob_eof_) {
-    feed_buf_.resize(kFeedChunk);
-    LX_ASSIGN_OR_RETURN(size_t n, sandbox::ReadSome(blob_.get(), feed_buf_));
-    sha_.Update(feed_buf_.data(), n);
-    report_.compressed_bytes += n;
-    blob_eof_ = n == 0;
+    LX_ASSIGN_OR_RETURN(std::optional<size_t> n, ReadBlob());
+    if (n) continue;
+    // A stream that is slow to end: wait for it, within the clock.
+    if (ctx_.cancel && ctx_.cancel->load()) return Fail(MakeError(ErrorKind::kOs, "interrupted"));
+    if (sandbox::MonotonicNs() >= deadline_) return Fail(TimeoutError());
+    struct pollfd pfd = {blob_.get(), POLLIN, 0};
+    (void)::poll(&pfd, 1, 100);
   }
   feed_buf_.clear();
+  feed_off_ = 0;
   return {};
+}
+
+// The next chunk of the blob into feed_buf_, hashed and counted; 0 at its end;
+// nullopt when the blob is a stream with nothing to read yet.
+Result<std::optional<size_t>> Session::ReadBlob() {
+  feed_buf_.resize(kFeedChunk);
+  ssize_t n;
+  do {
+    n = ::read(blob_.get(), feed_buf_.data(), feed_buf_.size());
+  } while (n < 0 && errno == EINTR);
+  if (n < 0 && errno == EAGAIN) {
+    feed_buf_.clear();
+    feed_off_ = 0;
+    return std::optional<size_t>();
+  }
+  if (n < 0) return Fail(OsError(errno, "read layer"));
+  feed_buf_.resize(static_cast<size_t>(n));
+  feed_off_ = 0;
+  sha_.Update(feed_buf_.data(), static_cast<size_t>(n));
+  report_.compressed_bytes += static_cast<uint64_t>(n);
+  blob_eof_ = n == 0;
+  return std::optional<size_t>(static_cast<size_t>(n));
+}
+
+Error Session::TimeoutError() const {
+  return MakeError(ErrorKind::kLimitExceeded, "layer took longer than layer_timeout_ms={}",
+                   ctx_.policy->limits.layer_timeout_ms);
 }
 
 Status Session::HandleMessage(kj::ArrayPtr<const capnp::word> words) {
@@ -272,10 +298,12 @@ Error Session::ExitError(const sandbox::ExitStatus& status) {
 Status Session::Run(const LayerInput& layer) {
   sandbox::ScopedSigpipeBlock no_sigpipe;  // a dead extractor is EPIPE on its input
   if (layer.dir_fd >= 0) {
-    LX_ASSIGN_OR_RETURN(blob_, sandbox::OpenAt2(layer.dir_fd, layer.path, O_RDONLY,
+    LX_ASSIGN_OR_RETURN(blob_, sandbox::OpenAt2(layer.dir_fd, layer.path, O_RDONLY | O_NONBLOCK,
                                                 RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS));
   } else {
-    LX_ASSIGN_OR_RETURN(blob_, sandbox::OpenAt(AT_FDCWD, layer.path, O_RDONLY));
+    // O_NONBLOCK: a layer may be a stream (a fifo); it must never wedge the
+    // broker past its clock or a cancel. Regular files ignore the flag.
+    LX_ASSIGN_OR_RETURN(blob_, sandbox::OpenAt(AT_FDCWD, layer.path, O_RDONLY | O_NONBLOCK));
   }
   LX_ASSIGN_OR_RETURN(struct stat st, sandbox::Fstat(blob_.get()));
   if (S_ISDIR(st.st_mode)) return Fail(MakeError(ErrorKind::kInvalidInput, "is a directory"));
@@ -307,26 +335,28 @@ Status Session::Run(const LayerInput& layer) {
   log_->debug("spawned: layer={} pid={} spawn_ms={:.2f}", layer.index, child.pid(),
               (sandbox::MonotonicNs() - start) / 1e6);
 
-  const int64_t deadline =
-      start + static_cast<int64_t>(ctx_.policy->limits.layer_timeout_ms) * 1'000'000;
+  deadline_ = start + static_cast<int64_t>(ctx_.policy->limits.layer_timeout_ms) * 1'000'000;
   bool exited = false;
   while (!exited || !channel_eof_ || stderr_.valid()) {
     if (ctx_.cancel && ctx_.cancel->load()) {
       return Fail(MakeError(ErrorKind::kOs, "interrupted"));  // ~Child kills and reaps
     }
     int64_t now = sandbox::MonotonicNs();
-    if (now >= deadline) {
-      return Fail(MakeError(ErrorKind::kLimitExceeded, "layer took longer than layer_timeout_ms={}",
-                            ctx_.policy->limits.layer_timeout_ms));
-    }
+    if (now >= deadline_) return Fail(TimeoutError());
     struct pollfd fds[4];
     int n = 0;
     int feed_idx = -1, chan_idx = -1, err_idx = -1, pid_idx = -1;
-    if (feed_.valid()) fds[feed_idx = n++] = {feed_.get(), POLLOUT, 0};
+    if (feed_.valid()) {
+      // With nothing buffered, wait for the blob (a stream may be slow);
+      // otherwise for room in the extractor's pipe.
+      bool need_input = feed_off_ == feed_buf_.size() && !blob_eof_;
+      fds[feed_idx = n++] =
+          need_input ? pollfd{blob_.get(), POLLIN, 0} : pollfd{feed_.get(), POLLOUT, 0};
+    }
     if (!channel_eof_) fds[chan_idx = n++] = {channel_.get(), POLLIN, 0};
     if (stderr_.valid()) fds[err_idx = n++] = {stderr_.get(), POLLIN, 0};
     if (!exited) fds[pid_idx = n++] = {child.pidfd(), POLLIN, 0};
-    int timeout_ms = static_cast<int>(std::min<int64_t>((deadline - now) / 1'000'000 + 1, 100));
+    int timeout_ms = static_cast<int>(std::min<int64_t>((deadline_ - now) / 1'000'000 + 1, 100));
     int rc = ::poll(fds, static_cast<nfds_t>(n), timeout_ms);
     if (rc < 0) {
       if (errno == EINTR) continue;

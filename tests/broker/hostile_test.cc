@@ -3,7 +3,9 @@
 // and proves afterwards that nothing in it changed; ctest runs the whole file
 // as root and as uid 65534 (tests/CMakeLists.txt), so each case holds both ways.
 #include <dirent.h>
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -503,6 +505,32 @@ TEST_F(HostileTest, BadInputIsOneLineAndLeavesNothing) {
     SCOPED_TRACE(bad.what);
     ExpectRefused(2, 2);
   }
+}
+
+TEST_F(HostileTest, SigtermStopsTheJobAndLeavesNothing) {
+  // The layer is a fifo nobody finishes writing: the job is mid-layer when
+  // SIGTERM arrives; layerx exits 1, its extractor is reaped, nothing is left.
+  std::string fifo = dir_ + "/slow.tar";
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0666), 0);
+  // The writer end is open before layerx starts (O_RDWR never blocks on a fifo).
+  int writer = open(fifo.c_str(), O_RDWR);
+  ASSERT_GE(writer, 0);
+  auto before = Listing();
+  pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    int devnull = open("/dev/null", O_WRONLY);
+    dup2(devnull, 2);
+    execl(LAYERX_BIN, "layerx", "extract", fifo.c_str(), "--rootfs", Out().c_str(), "-q", nullptr);
+    _exit(127);
+  }
+  usleep(300 * 1000);
+  ASSERT_EQ(kill(pid, SIGTERM), 0);
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  close(writer);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 1) << status;
+  EXPECT_EQ(Listing(), before) << "output or work dir left behind";
 }
 
 TEST_F(HostileTest, ExistingRootfsIsNotTouched) {
