@@ -278,6 +278,13 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
                  .extractor_fd = extractor_fd.get(),
                  .cancel = request.cancel,
                  .extractor_args = request.extractor_args};
+  if (request.progress) {
+    ctx.progress = [&request, &image](const LayerProgress& p) {
+      LayerProgress with_total = p;
+      with_total.layers = image.layers.size();
+      request.progress(with_total);
+    };
+  }
   if (docker) {
     LX_ASSIGN_OR_RETURN(image, StageDockerArchive(*docker, work, ctx, request.policy.limits));
   }

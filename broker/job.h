@@ -26,7 +26,8 @@ struct ExtractRequest {
   policy::Policy policy;
   std::string extractor_path;  // empty: FindExtractor()
   const std::atomic<bool>* cancel = nullptr;
-  std::vector<std::string> extractor_args;  // extra argv for the extractor (tests)
+  std::vector<std::string> extractor_args;             // extra argv for the extractor (tests)
+  std::function<void(const LayerProgress&)> progress;  // optional, on the calling thread
 };
 
 struct JobReport {

@@ -70,6 +70,20 @@ class Session {
   std::string last_stderr_;
   size_t stderr_bytes_ = 0;
   pid_t pid_ = 0;
+  uint64_t records_ = 0;
+  uint64_t blob_bytes_ = 0;
+  int64_t last_progress_ns_ = 0;
+  void Report(size_t index, bool done) {
+    if (!ctx_.progress) return;
+    int64_t now = sandbox::MonotonicNs();
+    if (!done && now - last_progress_ns_ < 100'000'000) return;
+    last_progress_ns_ = now;
+    ctx_.progress(LayerProgress{.index = index,
+                                .bytes_fed = report_.compressed_bytes,
+                                .blob_bytes = blob_bytes_,
+                                .records = records_,
+                                .done = done});
+  }
   int64_t deadline_ = 0;
 };
 
@@ -161,6 +175,7 @@ Status Session::HandleMessage(kj::ArrayPtr<const capnp::word> words) {
               auto entry = wire::FromWire(record.getEntry());
               if (!entry) return Fail(MakeError(ErrorKind::kPeer, "bad record: unknown kind"));
               LX_TRY(tree_.Add(std::move(*entry)));
+              ++records_;
               break;
             }
             case wire::Record::REMOVAL:
@@ -307,6 +322,7 @@ Status Session::Run(const LayerInput& layer) {
   }
   LX_ASSIGN_OR_RETURN(struct stat st, sandbox::Fstat(blob_.get()));
   if (S_ISDIR(st.st_mode)) return Fail(MakeError(ErrorKind::kInvalidInput, "is a directory"));
+  if (S_ISREG(st.st_mode)) blob_bytes_ = static_cast<uint64_t>(st.st_size);
   LX_ASSIGN_OR_RETURN(sandbox::Pipe input, sandbox::MakePipe(0));
   LX_ASSIGN_OR_RETURN(sandbox::Pipe errpipe, sandbox::MakePipe(0));
   LX_ASSIGN_OR_RETURN(auto sockets, sandbox::MakeSocketPair());
@@ -364,6 +380,7 @@ Status Session::Run(const LayerInput& layer) {
     }
     if (feed_idx >= 0 && fds[feed_idx].revents) LX_TRY(Feed());
     if (chan_idx >= 0 && fds[chan_idx].revents) LX_TRY(ReadChannel());
+    Report(layer.index, false);
     if (err_idx >= 0 && fds[err_idx].revents) ReadStderr(false);
     if (pid_idx >= 0 && fds[pid_idx].revents) {
       exited = true;
@@ -380,6 +397,7 @@ Status Session::Run(const LayerInput& layer) {
   if (!status.exited || status.code != 0) return Fail(ExitError(status));
   if (!got_summary_) return Fail(MakeError(ErrorKind::kPeer, "extractor ended without a summary"));
   report_.setup_ns -= start;
+  Report(layer.index, true);
   return {};
 }
 

@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -35,12 +36,24 @@ struct LayerReport {
   int64_t total_ns = 0;    // spawn start to child reaped
 };
 
+// Where a layer stands, for a progress display; reported about ten times a
+// second and once at the end.
+struct LayerProgress {
+  size_t index = 0;         // 1-based
+  size_t layers = 0;        // in the job
+  uint64_t bytes_fed = 0;   // of the blob, so far
+  uint64_t blob_bytes = 0;  // 0 when unknown (a stream)
+  uint64_t records = 0;     // entries merged so far
+  bool done = false;
+};
+
 struct RunContext {
   const policy::Policy* policy = nullptr;
   int rootfs_fd = -1;                         // borrowed: the work rootfs dir
   int extractor_fd = -1;                      // borrowed: the extractor binary (O_PATH)
   const std::atomic<bool>* cancel = nullptr;  // set from a signal handler or another thread
   std::vector<std::string> extractor_args;    // extra argv (tests run probe programs)
+  std::function<void(const LayerProgress&)> progress;  // optional; called on the job's thread
 };
 
 // Errors carry the entry and reason; the caller adds the layer context.

@@ -287,9 +287,29 @@ int main(int argc, char** argv) {
   }
   request.policy = *policy;
   request.cancel = &g_cancel;
+  // A progress line on a terminal: the layer, how much of its blob went in,
+  // how many entries came back.
+  bool progress_shown = false;
+  if (::isatty(STDERR_FILENO) && level != spdlog::level::err) {
+    request.progress = [&progress_shown](const broker::LayerProgress& p) {
+      std::string line = fmt::format("layer {}/{}", p.index, p.layers);
+      if (p.blob_bytes > 0) {
+        int filled =
+            static_cast<int>(24 * std::min<uint64_t>(p.bytes_fed, p.blob_bytes) / p.blob_bytes);
+        line += fmt::format(" [{}{}] {:.1f}/{:.1f} MB", std::string(filled, '#'),
+                            std::string(24 - filled, '.'), p.bytes_fed / 1e6, p.blob_bytes / 1e6);
+      } else {
+        line += fmt::format(" {:.1f} MB", p.bytes_fed / 1e6);
+      }
+      line += fmt::format("  {} entries", p.records);
+      std::fprintf(stderr, "\r\033[K%s%s", line.c_str(), p.done ? "\n" : "");
+      progress_shown = !p.done;
+    };
+  }
 
   auto report = broker::RunExtract(request);
   if (!report) {
+    if (progress_shown) std::fputs("\r\033[K", stderr);
     PrintError(report.error());
     return report.error().kind() == ErrorKind::kPolicy ? 2 : 1;
   }
