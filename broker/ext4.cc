@@ -4,6 +4,8 @@
 #include <ext2fs/ext2_fs.h>
 #include <ext2fs/ext2fs.h>
 #include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
 #include <spawn.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -56,36 +58,57 @@ std::string FindTool(const char* name) {
 }
 
 // Runs argv with `env`, stdout and stderr into a pipe; returns the exit status
-// and the output's last line for the error.
+// and the output's last line for the error. The tool runs in its own process
+// group, killed and reaped when `stop` is set or the deadline passes.
 Result<int> RunTool(const std::vector<std::string>& argv, const std::vector<std::string>& env,
-                    std::string* output) {
+                    const ToolControl& control, std::string* output) {
   LX_ASSIGN_OR_RETURN(sandbox::Pipe out, sandbox::MakePipe(0));
   posix_spawn_file_actions_t actions;
   posix_spawn_file_actions_init(&actions);
   posix_spawn_file_actions_adddup2(&actions, out.write.get(), 1);
   posix_spawn_file_actions_adddup2(&actions, out.write.get(), 2);
   posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
+  posix_spawnattr_t attr;
+  posix_spawnattr_init(&attr);
+  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP);
+  posix_spawnattr_setpgroup(&attr, 0);
   std::vector<char*> args, envp;
   for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
   args.push_back(nullptr);
   for (const std::string& e : env) envp.push_back(const_cast<char*>(e.c_str()));
   envp.push_back(nullptr);
   pid_t pid;
-  int rc = posix_spawn(&pid, args[0], &actions, nullptr, args.data(), envp.data());
+  int rc = posix_spawn(&pid, args[0], &actions, &attr, args.data(), envp.data());
   posix_spawn_file_actions_destroy(&actions);
+  posix_spawnattr_destroy(&attr);
   out.write.reset();
   if (rc != 0) return Fail(OsError(rc, "spawn {}", argv[0]));
+  std::optional<Error> stopped;
   char buf[4096];
-  ssize_t n;
-  while ((n = ::read(out.read.get(), buf, sizeof(buf))) != 0) {
+  while (true) {
+    if (control.cancel != nullptr && control.cancel->load()) {
+      stopped = MakeError(ErrorKind::kOs, "interrupted");
+    } else if (control.deadline_ns > 0 && sandbox::MonotonicNs() >= control.deadline_ns) {
+      stopped = MakeError(ErrorKind::kLimitExceeded, "{} took past job_timeout_ms", argv[0]);
+    }
+    if (stopped) {
+      ::kill(-pid, SIGKILL);
+      break;
+    }
+    struct pollfd pfd = {out.read.get(), POLLIN, 0};
+    int ready = ::poll(&pfd, 1, 100);
+    if (ready < 0 && errno != EINTR) break;
+    if (ready <= 0) continue;
+    ssize_t n = ::read(out.read.get(), buf, sizeof(buf));
     if (n < 0 && errno == EINTR) continue;
-    if (n < 0) break;
+    if (n <= 0) break;
     if (output->size() < 64 * 1024) output->append(buf, static_cast<size_t>(n));
   }
   int status;
   while (::waitpid(pid, &status, 0) < 0) {
     if (errno != EINTR) return Fail(OsError(errno, "waitpid {}", argv[0]));
   }
+  if (stopped) return Fail(*stopped);
   return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
 
@@ -391,7 +414,7 @@ Result<Ext4Plan> PlanExt4(const ImageTree& tree, const Ext4Options& options) {
 
 Result<Ext4Report> BuildExt4(const std::string& rootfs_path, const ImageTree& tree,
                              const Ext4Plan& plan, const Ext4Options& options,
-                             const std::string& image_path) {
+                             const std::string& image_path, const ToolControl& control) {
   auto log = Logger("ext4");
   Ext4Report report{.plan = plan};
   int64_t start = sandbox::MonotonicNs();
@@ -441,7 +464,7 @@ Result<Ext4Report> BuildExt4(const std::string& rootfs_path, const ImageTree& tr
   }
   if (epoch) env.push_back(fmt::format("E2FSPROGS_FAKE_TIME={}", *epoch));
   std::string output;
-  LX_ASSIGN_OR_RETURN(int rc, RunTool(argv, env, &output));
+  LX_ASSIGN_OR_RETURN(int rc, RunTool(argv, env, control, &output));
   if (rc != 0) {
     return Fail(
         MakeError(ErrorKind::kOs, "mkfs.ext4 -d failed (status {}): {}", rc, LastLine(output)));

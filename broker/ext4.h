@@ -6,6 +6,7 @@
 // make. Names are bytes throughout; nothing goes through a text command language.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -47,12 +48,18 @@ struct Ext4Report {
   int64_t pass_ns = 0;
 };
 
+// Stops a tool the build runs (mkfs): a cancel flag and a monotonic deadline.
+struct ToolControl {
+  const std::atomic<bool>* cancel = nullptr;
+  int64_t deadline_ns = 0;  // 0: none
+};
+
 // Builds `image_path` (which must not exist; the caller renames it into place)
 // from the tree on disk at `rootfs_path` (the work rootfs, as the extractors
 // left it) and the metadata in `tree`. Rootless, mkfs runs in a user namespace
 // where the caller is root over its own files, so modes like 0000 copy too.
 Result<Ext4Report> BuildExt4(const std::string& rootfs_path, const ImageTree& tree,
                              const Ext4Plan& plan, const Ext4Options& options,
-                             const std::string& image_path);
+                             const std::string& image_path, const ToolControl& control = {});
 
 }  // namespace layerx::broker

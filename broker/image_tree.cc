@@ -1,6 +1,7 @@
 #include "broker/image_tree.h"
 
 #include "extractor/entry_name.h"
+#include "extractor/entry_rules.h"
 
 namespace layerx::broker {
 
@@ -19,7 +20,8 @@ std::string ParentOf(const std::string& path) {
 
 }  // namespace
 
-ImageTree::ImageTree(const policy::Limits& limits) : limits_(limits) {
+ImageTree::ImageTree(const policy::Limits& limits, const policy::EntryRules& rules)
+    : limits_(limits), rules_(rules) {
   auto root = std::make_shared<Inode>();
   root->meta.kind = Kind::kDir;
   root->meta.mode = 0755;
@@ -80,7 +82,8 @@ void ImageTree::EraseSubtree(const std::string& path, bool include_self) {
 
 Status ImageTree::Add(EntryRecord r) {
   LX_TRY(Validate(r));
-  std::erase_if(r.xattrs, [](const auto& x) { return !policy::IsKeptXattr(x.first); });
+  LX_ASSIGN_OR_RETURN(bool admitted, extractor::ApplyEntryRules(rules_, r));
+  if (!admitted) return {};
   // The total is the broker's own count: no extractor can talk it down.
   file_bytes_ += r.data_bytes;
   if (file_bytes_ > limits_.max_image_bytes) {

@@ -21,9 +21,10 @@ struct Inode {
 
 class ImageTree : public extractor::RecordSink {
  public:
-  explicit ImageTree(const policy::Limits& limits);
+  explicit ImageTree(const policy::Limits& limits, const policy::EntryRules& rules = {});
 
-  // RecordSink: validate, then merge. A removal drops the path and everything
+  // RecordSink: validate, apply the policy's entry rules (left out, stripped,
+  // or kLimitExceeded), then merge. A removal drops the path and everything
   // below it; an entry replaces what its path held (a non-dir over a dir drops
   // the subtree); a hardlink shares its target's inode.
   Status Add(extractor::EntryRecord record) override;
@@ -38,6 +39,7 @@ class ImageTree : public extractor::RecordSink {
   void EraseSubtree(const std::string& path, bool include_self);
 
   policy::Limits limits_;
+  policy::EntryRules rules_;
   uint64_t file_bytes_ = 0;  // all layers: against max_image_bytes
   std::map<std::string, std::shared_ptr<Inode>> entries_;
 };

@@ -134,9 +134,9 @@ Result<UniqueFd> OpenExtractor(std::string path) {
 // The archive's own tar is unpacked like a layer, by a jailed extractor, into a
 // staging dir beside the rootfs; only then are its manifest.json and config read.
 Result<ResolvedImage> StageDockerArchive(const DockerArchiveSpec& spec, Workspace& work,
-                                         const RunContext& ctx, const policy::Limits& limits) {
+                                         const RunContext& ctx) {
   LX_ASSIGN_OR_RETURN(UniqueFd staging, work.MakeDir("archive"));
-  ImageTree scratch(limits);
+  ImageTree scratch(ctx.policy->limits, ctx.policy->rules);
   RunContext staging_ctx = ctx;
   staging_ctx.rootfs_fd = staging.get();
   auto staged = RunLayer(staging_ctx, LayerInput{.index = 0, .path = spec.file}, scratch);
@@ -178,7 +178,7 @@ Result<ImageInfo> Inspect(const InspectRequest& request) {
     RunContext ctx{.policy = &request.policy,
                    .rootfs_fd = work.rootfs_fd(),
                    .extractor_fd = extractor_fd.get()};
-    LX_ASSIGN_OR_RETURN(image, StageDockerArchive(*docker, work, ctx, request.policy.limits));
+    LX_ASSIGN_OR_RETURN(image, StageDockerArchive(*docker, work, ctx));
   } else {
     LX_ASSIGN_OR_RETURN(image, ResolveSources(request.sources, request.platform));
   }
@@ -272,12 +272,27 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
   Workspace work;
   LX_TRY(work.Create(rootfs_out ? rootfs_out->dir : ext4_out ? ext4_out->dir : manifest_out->dir));
 
-  ImageTree tree(request.policy.limits);
+  ImageTree tree(request.policy.limits, request.policy.rules);
+  const int64_t deadline =
+      start + static_cast<int64_t>(request.policy.limits.job_timeout_ms) * 1'000'000;
   RunContext ctx{.policy = &request.policy,
                  .rootfs_fd = work.rootfs_fd(),
                  .extractor_fd = extractor_fd.get(),
                  .cancel = request.cancel,
-                 .extractor_args = request.extractor_args};
+                 .extractor_args = request.extractor_args,
+                 .job_deadline_ns = deadline};
+  // Between the stages: a cancel or the job's clock stops the job before the
+  // next one starts (the layers and mkfs also watch both while they run).
+  auto check_stop = [&]() -> Status {
+    if (request.cancel != nullptr && request.cancel->load()) {
+      return Fail(MakeError(ErrorKind::kOs, "interrupted"));
+    }
+    if (sandbox::MonotonicNs() >= deadline) {
+      return Fail(MakeError(ErrorKind::kLimitExceeded, "job took longer than job_timeout_ms={}",
+                            request.policy.limits.job_timeout_ms));
+    }
+    return {};
+  };
   if (request.progress) {
     ctx.progress = [&request, &image](const LayerProgress& p) {
       LayerProgress with_total = p;
@@ -286,7 +301,7 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
     };
   }
   if (docker) {
-    LX_ASSIGN_OR_RETURN(image, StageDockerArchive(*docker, work, ctx, request.policy.limits));
+    LX_ASSIGN_OR_RETURN(image, StageDockerArchive(*docker, work, ctx));
   }
   JobReport report;
   report.manifest_digest = image.manifest_digest;
@@ -324,7 +339,9 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
     if (options.seed.empty()) {
       for (const LayerReport& l : report.layers) options.seed += l.compressed_digest;
     }
-    auto built = BuildExt4(work.rootfs_path(), tree, plan, options, ext4_file.temp_path());
+    LX_TRY(check_stop());
+    auto built = BuildExt4(work.rootfs_path(), tree, plan, options, ext4_file.temp_path(),
+                           ToolControl{.cancel = request.cancel, .deadline_ns = deadline});
     if (!built) return Fail(std::move(built).error().With("ext4 {:?}", *request.ext4));
     report.ext4 = *built;
   }
@@ -341,6 +358,8 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
     Status written = sandbox::WriteAll(fd.get(), std::as_bytes(std::span(image.config)));
     if (!written) return Fail(std::move(written).error().With("config {:?}", *request.config));
   }
+  // The last moment a stop can still leave nothing behind.
+  LX_TRY(check_stop());
   if (rootfs_out) {
     LX_ASSIGN_OR_RETURN(UniqueFd parent,
                         sandbox::OpenAt(AT_FDCWD, rootfs_out->dir, O_PATH | O_DIRECTORY));

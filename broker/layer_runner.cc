@@ -44,6 +44,7 @@ class Session {
   Error TimeoutError() const;
   Status ReadChannel();
   Status HandleMessage(kj::ArrayPtr<const capnp::word> words);
+  Status CheckInflation(uint64_t data_bytes);
   void ReadStderr(bool flush);
   Error ExitError(const sandbox::ExitStatus& status);
 
@@ -61,7 +62,9 @@ class Session {
   bool blob_eof_ = false;
   extractor::Sha256 sha_;
 
-  std::vector<capnp::word> msg_buf_;  // word-aligned for capnp
+  // Word-aligned for capnp. Not a std::vector: capnp::word cannot be copied or
+  // moved, which libstdc++ refuses to grow under clang.
+  kj::Array<capnp::word> msg_buf_;
   size_t msg_bytes_ = 0;
   bool channel_eof_ = false;
   bool got_summary_ = false;
@@ -71,6 +74,7 @@ class Session {
   size_t stderr_bytes_ = 0;
   pid_t pid_ = 0;
   uint64_t records_ = 0;
+  uint64_t layer_data_bytes_ = 0;
   uint64_t blob_bytes_ = 0;
   int64_t last_progress_ns_ = 0;
   void Report(size_t index, bool done) {
@@ -85,6 +89,7 @@ class Session {
                                 .done = done});
   }
   int64_t deadline_ = 0;
+  bool job_clock_ = false;  // the job's deadline comes before the layer's
 };
 
 Status Session::Feed() {
@@ -155,8 +160,33 @@ Result<std::optional<size_t>> Session::ReadBlob() {
 }
 
 Error Session::TimeoutError() const {
+  if (job_clock_) {
+    return MakeError(ErrorKind::kLimitExceeded, "job took longer than job_timeout_ms={}",
+                     ctx_.policy->limits.job_timeout_ms);
+  }
   return MakeError(ErrorKind::kLimitExceeded, "layer took longer than layer_timeout_ms={}",
                    ctx_.policy->limits.layer_timeout_ms);
+}
+
+// The layer's limits on the broker's own counts (file data from the records,
+// compressed bytes it fed), so an extractor that ignores them is stopped too.
+// The feed runs ahead of what the extractor consumed, so this is the looser
+// check; the extractor's own, on the tar stream, stops an honest one first.
+Status Session::CheckInflation(uint64_t data_bytes) {
+  const policy::Limits& limits = ctx_.policy->limits;
+  layer_data_bytes_ += data_bytes;
+  if (layer_data_bytes_ > limits.max_layer_bytes) {
+    return Fail(MakeError(ErrorKind::kLimitExceeded, "layer data over max_layer_bytes={}",
+                          limits.max_layer_bytes));
+  }
+  uint64_t fed = std::max<uint64_t>(report_.compressed_bytes, 1);
+  if (limits.max_compression_ratio != 0 && layer_data_bytes_ > policy::kRatioGraceBytes &&
+      layer_data_bytes_ / fed >= limits.max_compression_ratio) {
+    return Fail(MakeError(ErrorKind::kLimitExceeded,
+                          "layer data {} bytes from {}: over max_compression_ratio={}",
+                          layer_data_bytes_, fed, limits.max_compression_ratio));
+  }
+  return {};
 }
 
 Status Session::HandleMessage(kj::ArrayPtr<const capnp::word> words) {
@@ -174,8 +204,10 @@ Status Session::HandleMessage(kj::ArrayPtr<const capnp::word> words) {
             case wire::Record::ENTRY: {
               auto entry = wire::FromWire(record.getEntry());
               if (!entry) return Fail(MakeError(ErrorKind::kPeer, "bad record: unknown kind"));
+              uint64_t data_bytes = entry->data_bytes;
               LX_TRY(tree_.Add(std::move(*entry)));
               ++records_;
+              LX_TRY(CheckInflation(data_bytes));
               break;
             }
             case wire::Record::REMOVAL:
@@ -193,6 +225,10 @@ Status Session::HandleMessage(kj::ArrayPtr<const capnp::word> words) {
         report_.file_bytes = s.getFileBytes();
         report_.uncompressed_bytes = s.getUncompressedBytes();
         report_.uncompressed_digest = std::string(s.getUncompressedDigest().cStr());
+        if (report_.uncompressed_bytes > ctx_.policy->limits.max_layer_bytes) {
+          return Fail(MakeError(ErrorKind::kLimitExceeded, "layer inflates past max_layer_bytes={}",
+                                ctx_.policy->limits.max_layer_bytes));
+        }
         report_.setup_ns = s.getReadyMonotonicNs();  // made relative by the caller
         report_.extract_ns = s.getDoneMonotonicNs() - s.getReadyMonotonicNs();
         return {};
@@ -230,9 +266,11 @@ Status Session::ReadChannel() {
   const size_t max_bytes = ctx_.policy->limits.max_record_message_bytes;
   while (true) {
     if (msg_buf_.size() * sizeof(capnp::word) - msg_bytes_ < 64 * 1024) {
-      msg_buf_.resize(std::max<size_t>(msg_buf_.size() * 2, 16 * 1024));
+      auto bigger = kj::heapArray<capnp::word>(std::max<size_t>(msg_buf_.size() * 2, 16 * 1024));
+      std::memcpy(bigger.asBytes().begin(), msg_buf_.asBytes().begin(), msg_bytes_);
+      msg_buf_ = kj::mv(bigger);
     }
-    auto* base = reinterpret_cast<std::byte*>(msg_buf_.data());
+    auto* base = reinterpret_cast<std::byte*>(msg_buf_.begin());
     ssize_t n = ::read(channel_.get(), base + msg_bytes_,
                        msg_buf_.size() * sizeof(capnp::word) - msg_bytes_);
     if (n < 0) {
@@ -250,7 +288,7 @@ Status Session::ReadChannel() {
     while (true) {
       size_t avail_words = (msg_bytes_ - consumed) / sizeof(capnp::word);
       if (avail_words == 0) break;
-      kj::ArrayPtr<const capnp::word> prefix(msg_buf_.data() + consumed / sizeof(capnp::word),
+      kj::ArrayPtr<const capnp::word> prefix(msg_buf_.begin() + consumed / sizeof(capnp::word),
                                              avail_words);
       size_t need = capnp::expectedSizeInWordsFromPrefix(prefix);
       if (need * sizeof(capnp::word) > max_bytes) {
@@ -352,6 +390,10 @@ Status Session::Run(const LayerInput& layer) {
               (sandbox::MonotonicNs() - start) / 1e6);
 
   deadline_ = start + static_cast<int64_t>(ctx_.policy->limits.layer_timeout_ms) * 1'000'000;
+  if (ctx_.job_deadline_ns > 0 && ctx_.job_deadline_ns < deadline_) {
+    deadline_ = ctx_.job_deadline_ns;
+    job_clock_ = true;
+  }
   bool exited = false;
   while (!exited || !channel_eof_ || stderr_.valid()) {
     if (ctx_.cancel && ctx_.cancel->load()) {

@@ -54,6 +54,7 @@ struct RunContext {
   const std::atomic<bool>* cancel = nullptr;  // set from a signal handler or another thread
   std::vector<std::string> extractor_args;    // extra argv (tests run probe programs)
   std::function<void(const LayerProgress&)> progress;  // optional; called on the job's thread
+  int64_t job_deadline_ns = 0;  // monotonic (sandbox::MonotonicNs); 0: only the layer's clock
 };
 
 // Errors carry the entry and reason; the caller adds the layer context.

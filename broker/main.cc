@@ -188,6 +188,11 @@ int main(int argc, char** argv) {
       "same input, byte-identical ext4 image (also on when SOURCE_DATE_EPOCH is set)");
   extract->add_option("--layer-timeout", timeout_s, "seconds one layer may take (default 1800)")
       ->check(CLI::PositiveNumber);
+  double job_timeout_s = 0;
+  extract
+      ->add_option("--job-timeout", job_timeout_s,
+                   "seconds the whole job may take, ext4 build included (default 7200)")
+      ->check(CLI::PositiveNumber);
   extract->add_flag("--json", json, "print a JSON summary on stdout");
   extract->add_flag("-v,--verbose", verbosity, "more logging (-vv for debug)");
   extract->add_flag("-q,--quiet", quiet, "errors only");
@@ -208,8 +213,8 @@ int main(int argc, char** argv) {
   std::string policy_file;
   inspect->add_option("--policy", policy_file, "policy TOML file (see layerx policy show)");
   extract->add_option("--policy", policy_file,
-                      "policy TOML file: limits, jail rlimits, seccomp action (see layerx policy "
-                      "show)");
+                      "policy TOML file: limits, allowed entries and xattrs, jail rlimits, seccomp "
+                      "action (see layerx policy show)");
   CLI::App* policy_cmd = app.add_subcommand("policy", "the effective policy");
   CLI::App* policy_show =
       policy_cmd->add_subcommand("show", "print the effective policy as TOML (a policy file)");
@@ -280,6 +285,7 @@ int main(int argc, char** argv) {
   }
   policy::PolicyBuilder builder(*base);
   if (timeout_s > 0) builder.LayerTimeoutMs(static_cast<uint64_t>(timeout_s * 1000));
+  if (job_timeout_s > 0) builder.JobTimeoutMs(static_cast<uint64_t>(job_timeout_s * 1000));
   auto policy = builder.Build();
   if (!policy) {
     PrintError(policy.error());

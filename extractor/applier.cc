@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <deque>
 
+#include "extractor/entry_rules.h"
 #include "sandbox/sys.h"
 
 namespace layerx::extractor {
@@ -250,8 +251,11 @@ Status Applier::RemoveLower(const Dir& dir, const std::string& name, bool opaque
   struct stat st;
   if (WithWritable(
           dir, [&] { return ::fstatat(dir.fd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW); }) != 0) {
-    if (errno == ENOENT) return {};
-    return Fail(Os(errno, fmt::format("fstatat {:?}", name)));
+    if (errno != ENOENT) return Fail(Os(errno, fmt::format("fstatat {:?}", name)));
+    // Nothing on disk, yet a lower layer's device node may stand there: it
+    // lives in the metadata only (the jail cannot mknod). The broker drops it.
+    if (touched_.contains(path)) return {};
+    return sink_.Add(RemovalRecord{path, opaque});
   }
   if (!touched_.contains(path)) {
     LX_TRY(RemoveTree(dir, name));
@@ -319,10 +323,7 @@ EntryRecord Applier::MakeRecord(const TarEntry& e, std::string path) const {
     r.rdev_major = e.rdev_major;
     r.rdev_minor = e.rdev_minor;
   }
-  for (const auto& x : e.xattrs) {
-    // Our own ownership channel is never taken from a layer.
-    if (x.first != kRootlessXattr) r.xattrs.push_back(x);
-  }
+  r.xattrs = e.xattrs;  // as Admit() left them
   return r;
 }
 
@@ -446,15 +447,26 @@ Status Applier::ApplyHardlink(const TarEntry& e, const EntryName& name, bool fin
   return sink_.Add(std::move(r));
 }
 
-Status Applier::Apply(const TarEntry& e, const DataFeed& data) {
-  LX_ASSIGN_OR_RETURN(EntryName name, EntryName::Parse(e.untrusted_name, limits_));
-  if (name.is_root()) return ApplyRoot(e);
-  const std::string& leaf = name.leaf();
-  if (leaf.starts_with(".wh.")) {
+Result<std::optional<TarEntry>> Applier::Admit(const TarEntry& e) const {
+  TarEntry out = e;
+  LX_ASSIGN_OR_RETURN(bool admitted, ApplyEntryRules(options_.rules, out));
+  if (!admitted) return std::optional<TarEntry>();
+  return std::optional<TarEntry>(std::move(out));
+}
+
+Status Applier::Apply(const TarEntry& untrusted, const DataFeed& data) {
+  LX_ASSIGN_OR_RETURN(EntryName name, EntryName::Parse(untrusted.untrusted_name, limits_));
+  if (!name.is_root() && name.leaf().starts_with(".wh.")) {
+    const std::string& leaf = name.leaf();
     if (leaf == ".wh..wh..opq") return Opaque(name.Parent());
     if (leaf.starts_with(".wh..wh.")) return {};  // aufs bookkeeping (.wh..wh.plnk)
     return Whiteout(name.Parent(), leaf.substr(4));
   }
+  LX_ASSIGN_OR_RETURN(std::optional<TarEntry> admitted, Admit(untrusted));
+  if (!admitted) return {};  // left out by the policy
+  const TarEntry& e = *admitted;
+  if (name.is_root()) return ApplyRoot(e);
+  const std::string& leaf = name.leaf();
   if (e.kind == Kind::kHardlink) {
     bool deferred = false;
     LX_TRY(ApplyHardlink(e, name, /*final_attempt=*/false, &deferred));

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "extractor/entry_name.h"
+#include "extractor/entry_rules.h"
 #include "extractor/layer_reader.h"
 #include "extractor/records.h"
 #include "policy/limits.h"
@@ -32,6 +33,8 @@ struct ApplyOptions {
   // A full id range is mapped: chown to the true owners on disk. Otherwise every
   // inode stays the caller's and non-zero owners go to user.rootlesscontainers.
   bool chown = false;
+  // Which kinds, bits and xattrs the policy admits (policy/limits.h).
+  policy::EntryRules rules;
 };
 
 // Delivers the current entry's file data block by block.
@@ -87,6 +90,10 @@ class Applier {
   Result<uint64_t> WriteFile(int fd, const TarEntry& entry, const DataFeed& data);
   Status SetXattrs(int fd, const TarEntry& entry);
   EntryRecord MakeRecord(const TarEntry& entry, std::string path) const;
+  // The policy's entry rules: nullopt when the entry is left out, the entry as
+  // it will be applied (bits or xattrs stripped) otherwise; kLimitExceeded when
+  // the policy refuses it.
+  Result<std::optional<TarEntry>> Admit(const TarEntry& entry) const;
 
   int root_fd_;
   policy::Limits limits_;
@@ -109,6 +116,5 @@ class Applier {
 // The value of user.rootlesscontainers for an owner (umoci's convention: the
 // protobuf message `Resource { uint32 uid = 1; uint32 gid = 2; }`).
 std::string RootlessOwnerXattr(uint32_t uid, uint32_t gid);
-inline constexpr const char* kRootlessXattr = "user.rootlesscontainers";
 
 }  // namespace layerx::extractor

@@ -13,8 +13,13 @@ std::expected<LayerTotals, ExtractFailure> ExtractLayer(LayerReader& reader, App
   while (true) {
     auto next = reader.Next();
     if (!next) {
-      // The header that failed has no trustworthy name: point at the last good one.
+      // A header refused for what it holds names its entry; one that could not
+      // be parsed has no trustworthy name: point at the last good one.
       Error error = std::move(next).error();
+      if (!reader.failed_name().empty()) {
+        current = reader.failed_name();
+        return fail(std::move(error));
+      }
       if (!current.empty()) error = std::move(error).With("after entry {:?}", current);
       current.clear();
       return fail(std::move(error));
@@ -31,7 +36,9 @@ std::expected<LayerTotals, ExtractFailure> ExtractLayer(LayerReader& reader, App
   current.clear();
   if (Status status = applier.Finish(); !status) return fail(std::move(status).error());
   totals.file_bytes = applier.file_bytes();
-  totals.uncompressed_digest = reader.UncompressedDigest();
+  auto digest = reader.UncompressedDigest();
+  if (!digest) return fail(std::move(digest).error().With("after the last entry"));
+  totals.uncompressed_digest = std::move(*digest);
   totals.uncompressed_bytes = reader.uncompressed_bytes();
   return totals;
 }

@@ -40,11 +40,36 @@ struct LayerReaderCallbacks {
       return -1;
     }
     self->uncompressed_bytes_ += static_cast<uint64_t>(n);
+    if (Status within = self->CheckInflation(); !within) {
+      self->outer_error_ = std::move(within).error();
+      archive_set_error(inner, EFBIG, "layer over a limit");
+      return -1;
+    }
     self->sha_->Update(self->buffer_.data(), static_cast<size_t>(n));
     *out = self->buffer_.data();
     return n;
   }
 };
+
+// Where the bytes are: every byte out of the decompressor counts against the
+// layer's limit, and past the grace the ratio of out to in is checked, so a
+// bomb stops within a few MiB of crossing it, with memory never above one block.
+Status LayerReader::CheckInflation() const {
+  if (uncompressed_bytes_ > limits_.max_layer_bytes) {
+    return Fail(MakeError(ErrorKind::kLimitExceeded, "layer inflates past max_layer_bytes={}",
+                          limits_.max_layer_bytes));
+  }
+  uint64_t ratio = limits_.max_compression_ratio;
+  if (ratio == 0 || uncompressed_bytes_ <= policy::kRatioGraceBytes) return {};
+  // Compressed bytes the outer reader has taken from the fd so far.
+  la_int64_t in = archive_filter_bytes(outer_, -1);
+  if (in > 0 && uncompressed_bytes_ / static_cast<uint64_t>(in) >= ratio) {
+    return Fail(MakeError(ErrorKind::kLimitExceeded,
+                          "layer inflates {} bytes from {}: over max_compression_ratio={}",
+                          uncompressed_bytes_, in, ratio));
+  }
+  return {};
+}
 
 Result<std::unique_ptr<LayerReader>> LayerReader::Create(const policy::Limits& limits) {
   std::unique_ptr<LayerReader> r(new LayerReader(limits));
@@ -99,6 +124,7 @@ Status LayerReader::Open(int fd) {
 }
 
 Result<std::optional<TarEntry>> LayerReader::Next() {
+  failed_name_.clear();
   struct archive_entry* ae;
   int rc = archive_read_next_header(inner_, &ae);
   if (rc == ARCHIVE_EOF) {
@@ -117,6 +143,7 @@ Result<std::optional<TarEntry>> LayerReader::Next() {
   const char* name = archive_entry_pathname(ae);
   if (name == nullptr) return Fail(MakeError(ErrorKind::kInvalidInput, "entry without a name"));
   e.untrusted_name = name;
+  failed_name_ = name;  // an error from here on is this entry's
   e.uid = static_cast<uint32_t>(archive_entry_uid(ae));
   e.gid = static_cast<uint32_t>(archive_entry_gid(ae));
   if (archive_entry_uid(ae) < 0 || archive_entry_uid(ae) > 0xfffffffe ||
@@ -178,13 +205,17 @@ Result<std::optional<TarEntry>> LayerReader::Next() {
   size_t xsize;
   while (archive_entry_xattr_next(ae, &xname, &xvalue, &xsize) == ARCHIVE_OK) {
     xattr_bytes += std::strlen(xname) + xsize;
-    if (e.xattrs.size() >= limits_.max_xattrs_per_entry || xattr_bytes > limits_.max_xattr_bytes) {
-      return Fail(MakeError(ErrorKind::kLimitExceeded,
-                            "xattrs over max_xattrs_per_entry={} or max_xattr_bytes={}",
-                            limits_.max_xattrs_per_entry, limits_.max_xattr_bytes));
+    if (e.xattrs.size() >= limits_.max_xattrs_per_entry) {
+      return Fail(MakeError(ErrorKind::kLimitExceeded, "more than max_xattrs_per_entry={} xattrs",
+                            limits_.max_xattrs_per_entry));
+    }
+    if (xattr_bytes > limits_.max_xattr_bytes) {
+      return Fail(MakeError(ErrorKind::kLimitExceeded, "xattrs over max_xattr_bytes={}",
+                            limits_.max_xattr_bytes));
     }
     e.xattrs.emplace_back(xname, std::string(static_cast<const char*>(xvalue), xsize));
   }
+  failed_name_.clear();
   return e;
 }
 
@@ -206,12 +237,14 @@ Result<uint64_t> LayerReader::ReadData(
   }
 }
 
-std::string LayerReader::UncompressedDigest() {
+Result<std::string> LayerReader::UncompressedDigest() {
   // Drain what the tar reader left unread (trailing blocks) so the digest covers
-  // the whole stream, as the diff_id does.
+  // the whole stream, as the diff_id does. What fails there fails the layer: a
+  // gzip cut before its trailer, or a bomb hiding after the end of the archive.
   const void* out;
   while (LayerReaderCallbacks::Read(inner_, this, &out) > 0) {
   }
+  if (outer_error_) return Fail(*outer_error_);
   return sha_->Finish();
 }
 

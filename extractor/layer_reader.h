@@ -54,18 +54,24 @@ class LayerReader {
   Status Open(int fd);
   // The next entry, or nullopt at the end of the archive.
   Result<std::optional<TarEntry>> Next();
+  // After Next() failed: the name of the entry whose header was refused, when
+  // the header got as far as a name ("" when it did not).
+  const std::string& failed_name() const { return failed_name_; }
   // Feeds the current entry's data to `sink` block by block (sparse files come
   // as blocks at offsets). Returns the bytes delivered.
   Result<uint64_t> ReadData(
       const std::function<Status(int64_t offset, std::span<const std::byte>)>& sink);
 
   // After the end: "sha256:<hex>" and the size of the decompressed stream.
-  std::string UncompressedDigest();
+  // kInvalidInput or kLimitExceeded when the rest of the stream is bad.
+  Result<std::string> UncompressedDigest();
   uint64_t uncompressed_bytes() const { return uncompressed_bytes_; }
 
  private:
   LayerReader(const policy::Limits& limits) : limits_(limits) {}
   Error ArchiveError(struct archive* a, ErrorKind kind, std::string_view what);
+  // kLimitExceeded past max_layer_bytes or max_compression_ratio.
+  Status CheckInflation() const;
 
   policy::Limits limits_;
   struct archive* outer_ = nullptr;
@@ -74,6 +80,7 @@ class LayerReader {
   uint64_t uncompressed_bytes_ = 0;
   std::vector<std::byte> buffer_;
   std::optional<Error> outer_error_;
+  std::string failed_name_;
   friend struct LayerReaderCallbacks;
 };
 

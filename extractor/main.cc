@@ -40,8 +40,9 @@ int Run() {
   auto root = sandbox::OpenAt(AT_FDCWD, "/", O_PATH | O_DIRECTORY);
   if (!root) return report(root.error(), "");
   extractor::Applier applier(
-      root->get(), config.limits, extractor::ApplyOptions{.chown = config.keep_fs_caps != 0},
-      writer, [](std::string_view warning) {
+      root->get(), config.limits,
+      extractor::ApplyOptions{.chown = config.keep_fs_caps != 0, .rules = config.rules}, writer,
+      [](std::string_view warning) {
         std::fprintf(stderr, "warning: %.*s\n", static_cast<int>(warning.size()), warning.data());
       });
   auto totals = extractor::ExtractLayer(**reader, applier, config.limits);

@@ -2,11 +2,29 @@
 
 #include <unistd.h>
 
+#include <fstream>
+
 namespace layerx::policy {
+
+namespace {
+
+// Whether this process's user namespace maps every id (the initial namespace,
+// or a container that maps the full range). Root of a namespace that maps only
+// a few ids (a rootless container, `unshare -r`) cannot hand a full range on.
+bool MapsEveryId(const char* map_file) {
+  std::ifstream in(map_file);
+  uint64_t inside = 0, outside = 0, count = 0;
+  while (in >> inside >> outside >> count) {
+    if (inside == 0 && count == 4294967295u) return true;
+  }
+  return false;
+}
+
+}  // namespace
 
 Policy DefaultPolicy() {
   Policy policy;
-  if (geteuid() == 0) {
+  if (geteuid() == 0 && MapsEveryId("/proc/self/uid_map") && MapsEveryId("/proc/self/gid_map")) {
     // uid 4294967295 is (uid_t)-1 and can never be mapped.
     policy.ids = IdMapping{.host_uid = 0, .host_gid = 0, .count = 4294967295u};
   } else {
@@ -22,6 +40,12 @@ void PolicyBuilder::Record(Error error) {
 PolicyBuilder& PolicyBuilder::LayerTimeoutMs(uint64_t ms) {
   if (ms == 0) Record(MakeError(ErrorKind::kPolicy, "layer_timeout_ms must be positive"));
   policy_.limits.layer_timeout_ms = ms;
+  return *this;
+}
+
+PolicyBuilder& PolicyBuilder::JobTimeoutMs(uint64_t ms) {
+  if (ms == 0) Record(MakeError(ErrorKind::kPolicy, "job_timeout_ms must be positive"));
+  policy_.limits.job_timeout_ms = ms;
   return *this;
 }
 

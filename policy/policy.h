@@ -30,6 +30,7 @@ struct IdMapping {
 
 struct Policy {
   Limits limits;
+  EntryRules rules;
   JailRlimits rlimits;
   SeccompAction seccomp_action = SeccompAction::kKillProcess;
   IdMapping ids;
@@ -46,6 +47,7 @@ class PolicyBuilder {
   explicit PolicyBuilder(Policy base) : policy_(std::move(base)) {}
 
   PolicyBuilder& LayerTimeoutMs(uint64_t ms);
+  PolicyBuilder& JobTimeoutMs(uint64_t ms);
   PolicyBuilder& MaxEntries(uint64_t n);
   PolicyBuilder& MaxLayerBytes(uint64_t n);
   PolicyBuilder& SeccompOnViolation(SeccompAction action);

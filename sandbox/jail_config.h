@@ -11,13 +11,14 @@
 
 namespace layerx::sandbox {
 
-inline constexpr uint32_t kJailConfigMagic = 0x6c786a31;  // "lxj1"
+inline constexpr uint32_t kJailConfigMagic = 0x6c786a32;  // "lxj2"
 
 struct JailConfigHeader {
   uint32_t magic = kJailConfigMagic;
   uint32_t header_size = sizeof(JailConfigHeader);
   policy::JailRlimits rlimits;
   policy::Limits limits;      // the extractor's per-layer limits
+  policy::EntryRules rules;   // kinds, bits and xattrs a layer may bring
   uint32_t keep_fs_caps = 0;  // 1: keep CHOWN, DAC_OVERRIDE, FOWNER, FSETID (full id range)
   uint32_t bpf_instructions = 0;
   // followed by bpf_instructions * sizeof(sock_filter)

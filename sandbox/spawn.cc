@@ -90,6 +90,7 @@ Result<UniqueFd> MakeJailConfig(const policy::Policy& policy) {
   JailConfigHeader header;
   header.rlimits = policy.rlimits;
   header.limits = policy.limits;
+  header.rules = policy.rules;
   header.keep_fs_caps = policy.ids.full_range() ? 1 : 0;
   header.bpf_instructions = static_cast<uint32_t>(program.size());
   LX_ASSIGN_OR_RETURN(UniqueFd memfd, MemfdCreate("layerx-jail"));

@@ -148,5 +148,74 @@ TEST_F(JobTest, FailureKeepsAnOldManifestAndASecondRunSucceeds) {
   ASSERT_TRUE(report) << report.error().ToString();
 }
 
+// Open fds of this process, by number.
+std::vector<std::string> OpenFds() { return testing::Listing("/proc/self/fd"); }
+
+// An extractor taken over by a layer halfway (it wrote a file and sent a
+// record) that then crashes, or tries a forbidden syscall and is killed by
+// seccomp: the job fails as kPeer, nothing is left, no fd, no mount, no child.
+class JobCrashTest : public JobTest, public ::testing::WithParamInterface<const char*> {};
+
+TEST_P(JobCrashTest, ExtractorDyingMidLayerLeavesNothing) {
+  request_.layers = {dir_ + "/good.tar.gz"};
+  request_.extractor_path = LAYERX_JAIL_PROBE;
+  request_.extractor_args = {GetParam()};
+  auto before = Listing();
+  auto fds = OpenFds();
+  std::string mounts = testing::ReadFile("/proc/self/mountinfo");
+  auto report = RunExtract(request_);
+  ASSERT_FALSE(report);
+  EXPECT_EQ(report.error().kind(), ErrorKind::kPeer) << report.error().ToString();
+  EXPECT_NE(report.error().ToString().find("layer 1"), std::string::npos);
+  EXPECT_EQ(Listing(), before);
+  EXPECT_EQ(OpenFds(), fds);
+  EXPECT_EQ(testing::ReadFile("/proc/self/mountinfo"), mounts);
+  EXPECT_EQ(Children(), 0);
+  // And the next job runs as if nothing happened.
+  request_.extractor_path.clear();
+  request_.extractor_args.clear();
+  ASSERT_TRUE(RunExtract(request_));
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, JobCrashTest,
+                         ::testing::Values("crash-mid-layer", "syscall-mid-layer"),
+                         [](const auto& info) {
+                           return std::string(info.param) == "crash-mid-layer" ? "Crash"
+                                                                               : "ForbiddenSyscall";
+                         });
+
+TEST_F(JobTest, SeccompKillIsNamedInTheError) {
+  request_.layers = {dir_ + "/good.tar.gz"};
+  request_.extractor_path = LAYERX_JAIL_PROBE;
+  request_.extractor_args = {"syscall-mid-layer"};
+  auto report = RunExtract(request_);
+  ASSERT_FALSE(report);
+#ifndef LAYERX_SANITIZE
+  EXPECT_NE(report.error().ToString().find("SIGSYS"), std::string::npos)
+      << report.error().ToString();
+#endif
+}
+
+TEST_F(JobTest, TimeoutLeavesNoFdOrMount) {
+  std::string fifo = dir_ + "/slow.tar";
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  auto fds = OpenFds();  // before the writer opens its end
+  std::string mounts = testing::ReadFile("/proc/self/mountinfo");
+  std::thread writer([&] {
+    std::ofstream out(fifo);
+    std::this_thread::sleep_for(std::chrono::milliseconds(1000));
+  });
+  request_.layers = {fifo};
+  request_.policy.limits.job_timeout_ms = 300;
+  auto report = RunExtract(request_);
+  writer.join();
+  ASSERT_FALSE(report);
+  EXPECT_NE(report.error().ToString().find("job_timeout_ms=300"), std::string::npos)
+      << report.error().ToString();
+  EXPECT_EQ(OpenFds(), fds);
+  EXPECT_EQ(testing::ReadFile("/proc/self/mountinfo"), mounts);
+  EXPECT_EQ(Children(), 0);
+}
+
 }  // namespace
 }  // namespace layerx::broker

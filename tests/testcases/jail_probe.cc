@@ -133,6 +133,22 @@ int main(int argc, char** argv) {
     return Check(fd >= 0 && write(fd, "ok", 2) == 2, "write inside rootfs");
   }
   if (mode.rfind("lie-", 0) == 0) return Lie(mode);
+  if (mode == "crash-mid-layer" || mode == "syscall-mid-layer") {
+    // An extractor a layer has taken over halfway: it has read some of the
+    // layer, written into the rootfs and sent records, then it crashes or
+    // tries a forbidden syscall. The broker must leave nothing of it.
+    char buf[4096];
+    (void)!read(sandbox::kInputFd, buf, sizeof(buf));
+    int fd = open("/half-written", O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd >= 0) (void)!write(fd, "half", 4);
+    wire::ChannelWriter writer(sandbox::kChannelFd);
+    (void)writer.Add(extractor::EntryRecord{
+        .path = "half-written", .kind = extractor::Kind::kFile, .mode = 0644, .size = 4});
+    (void)writer.Flush();
+    if (mode == "syscall-mid-layer") syscall(SYS_socket, AF_INET, SOCK_STREAM, 0);
+    *static_cast<volatile int*>(nullptr) = 1;  // SIGSEGV
+    return 0;
+  }
 
   // Each of these must be killed by seccomp before it returns.
   if (mode == "socket") syscall(SYS_socket, AF_INET, SOCK_STREAM, 0);
