@@ -32,7 +32,18 @@ struct LayerReaderCallbacks {
   // The inner (tar) reader pulls decompressed bytes from the outer one here.
   static la_ssize_t Read(struct archive* inner, void* self_ptr, const void** out) {
     auto* self = static_cast<LayerReader*>(self_ptr);
-    la_ssize_t n = archive_read_data(self->outer_, self->buffer_.data(), self->buffer_.size());
+    la_ssize_t n;
+    if (self->gzip_) {
+      auto got = self->gzip_->Read(std::span(self->buffer_));
+      if (!got) {
+        self->outer_error_ = std::move(got).error();
+        archive_set_error(inner, EIO, "decompression failed");
+        return -1;
+      }
+      n = static_cast<la_ssize_t>(*got);
+    } else {
+      n = archive_read_data(self->outer_, self->buffer_.data(), self->buffer_.size());
+    }
     if (n < 0) {
       self->outer_error_ =
           self->ArchiveError(self->outer_, ErrorKind::kInvalidInput, "decompress layer");
@@ -61,8 +72,9 @@ Status LayerReader::CheckInflation() const {
   }
   uint64_t ratio = limits_.max_compression_ratio;
   if (ratio == 0 || uncompressed_bytes_ <= policy::kRatioGraceBytes) return {};
-  // Compressed bytes the outer reader has taken from the fd so far.
-  la_int64_t in = archive_filter_bytes(outer_, -1);
+  // Compressed bytes taken from the fd so far.
+  la_int64_t in =
+      gzip_ ? static_cast<la_int64_t>(gzip_->compressed_bytes()) : archive_filter_bytes(outer_, -1);
   if (in > 0 && uncompressed_bytes_ / static_cast<uint64_t>(in) >= ratio) {
     return Fail(MakeError(ErrorKind::kLimitExceeded,
                           "layer inflates {} bytes from {}: over max_compression_ratio={}",
@@ -107,19 +119,59 @@ Error LayerReader::ArchiveError(struct archive* a, ErrorKind kind, std::string_v
   return Error(kind, 0, fmt::format("{}: {}", what, msg ? msg : "unknown libarchive error"));
 }
 
-Status LayerReader::Open(int fd) {
-  if (archive_read_open_fd(outer_, fd, kBlock) != ARCHIVE_OK) {
-    return Fail(ArchiveError(outer_, ErrorKind::kInvalidInput, "read layer"));
+// The outer reader's input: what Open() read to sniff the format, then the fd.
+la_ssize_t LayerReader::OuterRead(struct archive*, void* self_ptr, const void** out) {
+  auto* self = static_cast<LayerReader*>(self_ptr);
+  *out = self->input_.data();
+  if (!self->prefix_.empty()) {
+    size_t n = self->prefix_.size();
+    std::memcpy(self->input_.data(), self->prefix_.data(), n);
+    self->prefix_.clear();
+    return static_cast<la_ssize_t>(n);
   }
-  struct archive_entry* raw;
-  int rc = archive_read_next_header(outer_, &raw);
-  if (rc == ARCHIVE_EOF) return Fail(MakeError(ErrorKind::kInvalidInput, "layer is empty"));
-  if (rc != ARCHIVE_OK) return Fail(ArchiveError(outer_, ErrorKind::kInvalidInput, "read layer"));
+  while (true) {
+    ssize_t n = ::read(self->input_fd_, self->input_.data(), self->input_.size());
+    if (n >= 0 || errno != EINTR) return n;
+  }
+}
+
+Status LayerReader::Open(int fd) {
+  // Sniff: gzip (most layers) goes to ISA-L; everything else to libarchive's
+  // built-in filters, which detect the format from the same bytes.
+  input_fd_ = fd;
+  std::byte magic[2];
+  size_t got = 0;
+  while (got < sizeof(magic)) {
+    ssize_t n = ::read(fd, magic + got, sizeof(magic) - got);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return Fail(Error(ErrorKind::kOs, errno, "read layer"));
+    if (n == 0) break;
+    got += static_cast<size_t>(n);
+  }
+  if (got == 0) return Fail(MakeError(ErrorKind::kInvalidInput, "layer is empty"));
+  if (got == 2 && magic[0] == std::byte{0x1f} && magic[1] == std::byte{0x8b}) {
+    gzip_ = std::make_unique<GzipInflater>(fd, std::span(magic, got));
+  } else {
+    prefix_.assign(magic, magic + got);
+    input_.resize(kBlock);
+    if (archive_read_open(outer_, this, nullptr, &LayerReader::OuterRead, nullptr) != ARCHIVE_OK) {
+      return Fail(ArchiveError(outer_, ErrorKind::kInvalidInput, "read layer"));
+    }
+    LX_TRY(OpenOuterEntry());
+  }
   if (archive_read_open2(inner_, this, nullptr, &LayerReaderCallbacks::Read, nullptr, nullptr) !=
       ARCHIVE_OK) {
     if (outer_error_) return Fail(*outer_error_);
     return Fail(ArchiveError(inner_, ErrorKind::kInvalidInput, "read tar"));
   }
+  return {};
+}
+
+Status LayerReader::OpenOuterEntry() {
+  struct archive_entry* raw;
+  int rc = archive_read_next_header(outer_, &raw);
+  if (rc == ARCHIVE_EOF) return Fail(MakeError(ErrorKind::kInvalidInput, "layer is empty"));
+  if (rc != ARCHIVE_OK) return Fail(ArchiveError(outer_, ErrorKind::kInvalidInput, "read layer"));
   return {};
 }
 

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <openssl/evp.h>
+#include <sys/types.h>
 
 #include <cstdint>
 #include <functional>
@@ -16,6 +17,7 @@
 #include <vector>
 
 #include "extractor/digest.h"
+#include "extractor/gzip_inflater.h"
 #include "extractor/records.h"
 #include "policy/limits.h"
 #include "policy/result.h"
@@ -72,11 +74,17 @@ class LayerReader {
   Error ArchiveError(struct archive* a, ErrorKind kind, std::string_view what);
   // kLimitExceeded past max_layer_bytes or max_compression_ratio.
   Status CheckInflation() const;
+  Status OpenOuterEntry();
+  static ssize_t OuterRead(struct archive*, void* self, const void** out);
 
   policy::Limits limits_;
   struct archive* outer_ = nullptr;
   struct archive* inner_ = nullptr;
   std::unique_ptr<Sha256> sha_;
+  std::unique_ptr<GzipInflater> gzip_;  // gzip layers; otherwise outer_ decompresses
+  int input_fd_ = -1;
+  std::vector<std::byte> prefix_;  // sniffed bytes the outer reader has yet to see
+  std::vector<std::byte> input_;   // the outer reader's input block
   uint64_t uncompressed_bytes_ = 0;
   std::vector<std::byte> buffer_;
   std::optional<Error> outer_error_;
