@@ -3,7 +3,8 @@
 # alternating, several runs each; medians, min-max, ratios, peak RSS and
 # layerx's own time split (sandbox setup, extraction, mkfs, ownership pass).
 #
-#   bench/run.sh [--quick] [--runs N] [IMAGE...]     IMAGE: debian node (../shared/corpus)
+#   bench/run.sh [--quick] [--scaling] [--runs N] [IMAGE...]
+#                IMAGE: debian node (../shared/corpus), or scale-K (generated, below)
 #
 # Pipelines (each run in a fresh dir; removal is not timed):
 #   floor       tar -x of each layer in order + mkfs.ext4 -d (no sandbox, no
@@ -14,6 +15,9 @@
 #   layerx      --rootfs as root; --ext4 rootless (uid 65534); --ext4 as root
 # --quick: a small generated image (the example image plus 2,000 small files),
 # 2 runs, no peers: keeps the harness working in CI; no figure is asserted.
+# --scaling: the images scale-1 scale-4 scale-16: one gzip layer of 2,500 x K
+# files of 1 KiB in 50 x K dirs (entries and bytes both K times), to show the
+# cost is linear in both: prints seconds per 1,000 entries for each K.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 layerx=${LAYERX:-$here/build/layerx}
@@ -23,6 +27,7 @@ runs=3 quick=0 images=()
 while [ $# -gt 0 ]; do
   case $1 in
     --quick) quick=1; runs=2 ;;
+    --scaling) images+=(scale-1 scale-4 scale-16) ;;
     --runs) runs=$2; shift ;;
     *) images+=("$1") ;;
   esac
@@ -53,7 +58,21 @@ record() { T[$1]+="$2 "; }
 median() { printf '%s\n' $1 | sort -n | awk '{a[NR]=$1} END {if (NR==0) {print "- - -"; exit} m=(NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2; printf "%.3f %.3f %.3f", m, a[1], a[NR]}'; }
 
 for image in "${images[@]}"; do
-  if [ "$image" = quick ]; then
+  oci=""
+  if [[ $image == scale-* ]]; then
+    k=${image#scale-}; src=$work/$image; mkdir -p "$src" "$work/gen-$k"
+    python3 - "$work/gen-$k" "$k" <<'PY'
+import os, sys
+root, k = sys.argv[1], int(sys.argv[2])
+for d in range(50 * k):
+    os.makedirs(f"{root}/d{d}", exist_ok=True)
+    for f in range(50):
+        with open(f"{root}/d{d}/f{f}", "wb") as out:
+            out.write((f"{d}:{f}:" * 200)[:1024].encode())
+PY
+    tar -C "$work/gen-$k" -czf "$src/layer.tar.gz" . && rm -rf "$work/gen-$k"
+    layers=("$src/layer.tar.gz"); source_spec=("${layers[@]}")
+  elif [ "$image" = quick ]; then
     src=$work/quick; mkdir -p "$src"
     "$here/examples/make-example-image.sh" "$src" >/dev/null
     mkdir -p "$work/gen/many"
@@ -68,7 +87,8 @@ for image in "${images[@]}"; do
     source_spec=("oci:$oci")
   fi
   peers=0
-  [ $quick = 0 ] && command -v umoci >/dev/null && [ -x "$peer_steps" ] && peers=1
+  # The peers run on the corpus images only (peer-steps.sh knows those).
+  [ -n "${oci:-}" ] && command -v umoci >/dev/null && [ -x "$peer_steps" ] && peers=1
   T=() RSS=()
   for ((r = 0; r < runs; r++)); do
     d=$work/run; rm -rf "$d"; mkdir -p "$d"; chmod 0777 "$d"; sync
@@ -99,7 +119,10 @@ for image in "${images[@]}"; do
 import json, sys
 root, rl = (json.load(open(p)) for p in sys.argv[1:])
 print("setup_ms " + " ".join("%.1f" % l["setup_ms"] for l in root["layers"]))
-print("extract_ms " + " ".join("%.0f" % l["extract_ms"] for l in root["layers"]))
+print("extract_ms " + " ".join("%.0f" % l["extract_ms"] for l in root["layers"]) +
+      "  records_send_ms " + " ".join("%.1f" % l["records_send_ms"] for l in root["layers"]) +
+      "  merge_ms " + " ".join("%.1f" % l["merge_ms"] for l in root["layers"]) +
+      "  extractor_rss_mib " + " ".join("%.1f" % (l["extractor_peak_rss_kib"] / 1024) for l in root["layers"]))
 print("mkfs_ms %.0f pass_ms %.1f size_mib %.0f content_mib %.0f" % (rl["ext4"]["mkfs_ms"], rl["ext4"]["ownership_pass_ms"], rl["ext4"]["size_bytes"] / 2**20, rl["ext4"]["content_bytes"] / 2**20))
 PY
   done
@@ -122,4 +145,17 @@ PY
   fi
   echo "layerx time split per run (rootfs as root; ext4 rootless):"
   sed 's/^/  /' "$work/split-$image"
+  if [[ $image == scale-* ]]; then
+    read -r lr _ _ <<<"$(median "${T[layerx_ext4_rootless]}")"
+    echo "scale ${image#scale-} $((2550 * ${image#scale-})) $lr $floor_m" >> "$work/scaling"
+  fi
 done
+if [ -f "$work/scaling" ]; then
+  echo
+  echo "== scaling: layerx --ext4 rootless and the floor per 1,000 entries (1 KiB each)"
+  printf '%-6s %9s %12s %14s %12s %14s\n' K entries "layerx s" "ms/1k entries" "floor s" "ms/1k entries"
+  while read -r _ k n lr fl; do
+    printf '%-6s %9s %12.3f %14.2f %12.3f %14.2f\n' "$k" "$n" "$lr" "$(echo "$lr * 1000000 / $n" | bc -l)" \
+      "$fl" "$(echo "$fl * 1000000 / $n" | bc -l)"
+  done < "$work/scaling"
+fi

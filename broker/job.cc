@@ -2,12 +2,15 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/magic.h>
 #include <stdlib.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <filesystem>
+#include <fstream>
 
 #include "broker/logging.h"
 #include "broker/manifest.h"
@@ -222,6 +225,80 @@ Result<std::string> FindExtractor() {
                         self.string()));
 }
 
+namespace {
+
+Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest& request,
+                           ResolvedImage& image, const std::optional<DockerArchiveSpec>& docker,
+                           int64_t start, int extractor_fd,
+                           const std::optional<OutputPath>& rootfs_out,
+                           const std::optional<OutputPath>& manifest_out,
+                           const std::optional<OutputPath>& ext4_out,
+                           const std::optional<OutputPath>& config_out);
+
+// Bytes of input the job reads: the blobs, or the docker-archive.
+uint64_t InputBytes(const ResolvedImage& image, const std::optional<DockerArchiveSpec>& docker) {
+  struct stat st;
+  if (docker) return ::stat(docker->file.c_str(), &st) == 0 ? static_cast<uint64_t>(st.st_size) : 0;
+  uint64_t total = 0;
+  for (const LayerSource& l : image.layers) {
+    if (l.size) {
+      total += *l.size;
+    } else if (l.dir_fd < 0 && ::stat(l.path.c_str(), &st) == 0) {
+      total += static_cast<uint64_t>(st.st_size);
+    }
+  }
+  return total;
+}
+
+// Whether every layer can be read a second time (files, not streams).
+bool Rereadable(const ExtractRequest& request, const ResolvedImage& image,
+                const std::optional<DockerArchiveSpec>& docker) {
+  (void)request;
+  struct stat st;
+  if (docker) return ::stat(docker->file.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+  for (const LayerSource& l : image.layers) {
+    if (l.dir_fd < 0 && (::stat(l.path.c_str(), &st) != 0 || !S_ISREG(st.st_mode))) return false;
+  }
+  return true;
+}
+
+// The scratch dir for a job that writes no rootfs: the caller's choice, or
+// /dev/shm when it is a tmpfs with room for about four times the input (what
+// gzip layers inflate to, with margin; a docker-archive is staged there too)
+// and that is at most half the memory available. Making and removing
+// thousands of inodes on a disk filesystem costs far more than in RAM (on a
+// journal-less ext4 each create scans past recently deleted inodes), and the
+// tree is thrown away after mkfs anyway. nullopt: beside the output.
+std::optional<std::string> ChooseScratch(const ExtractRequest& request, const ResolvedImage& image,
+                                         const std::optional<DockerArchiveSpec>& docker) {
+  if (!request.scratch_dir.empty()) return request.scratch_dir;
+  const char* candidate = "/dev/shm";
+  struct statfs fs;
+  if (::statfs(candidate, &fs) != 0 || fs.f_type != TMPFS_MAGIC || ::access(candidate, W_OK) != 0) {
+    return std::nullopt;
+  }
+  uint64_t need = InputBytes(image, docker) * (docker ? 5 : 4) + 16 * policy::kMiB;
+  uint64_t free_bytes = static_cast<uint64_t>(fs.f_bavail) * static_cast<uint64_t>(fs.f_bsize);
+  uint64_t available = 0;
+  std::ifstream meminfo("/proc/meminfo");
+  std::string key;
+  uint64_t kib = 0;
+  while (meminfo >> key >> kib) {
+    if (key == "MemAvailable:") available = kib * 1024;
+    meminfo.ignore(64, '\n');
+  }
+  if (need > free_bytes || need > available / 2) {
+    Logger("broker")->debug("scratch: beside the output (need {} MiB, {} has {} MiB free)",
+                            need >> 20, candidate, free_bytes >> 20);
+    return std::nullopt;
+  }
+  Logger("broker")->debug("scratch: {} (need {} MiB of {} MiB free)", candidate, need >> 20,
+                          free_bytes >> 20);
+  return std::string(candidate);
+}
+
+}  // namespace
+
 Result<JobReport> RunExtract(const ExtractRequest& request) {
   auto log = Logger("broker");
   int64_t start = sandbox::MonotonicNs();
@@ -269,15 +346,46 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
 
   LX_ASSIGN_OR_RETURN(UniqueFd extractor_fd, OpenExtractor(request.extractor_path));
 
+  // The work tree goes beside the rootfs (renamed into place at the end), or,
+  // when only an image or a manifest is wanted, where it is cheapest to make
+  // and remove (ChooseScratch); a tmpfs that fills up is retried on disk once.
+  const std::string beside = rootfs_out ? rootfs_out->dir
+                             : ext4_out ? ext4_out->dir
+                                        : manifest_out->dir;
+  std::optional<std::string> scratch;
+  if (!rootfs_out) scratch = ChooseScratch(request, image, docker);
+  if (scratch) {
+    auto report = RunJobIn(*scratch, request, image, docker, start, extractor_fd.get(), rootfs_out,
+                           manifest_out, ext4_out, config_out);
+    if (report || report.error().err() != ENOSPC || !request.scratch_dir.empty() ||
+        !Rereadable(request, image, docker)) {
+      return report;
+    }
+    log->warn("scratch: {} is full; extracting again beside the output", *scratch);
+  }
+  return RunJobIn(beside, request, image, docker, start, extractor_fd.get(), rootfs_out,
+                  manifest_out, ext4_out, config_out);
+}
+
+namespace {
+
+Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest& request,
+                           ResolvedImage& image, const std::optional<DockerArchiveSpec>& docker,
+                           int64_t start, int extractor_fd,
+                           const std::optional<OutputPath>& rootfs_out,
+                           const std::optional<OutputPath>& manifest_out,
+                           const std::optional<OutputPath>& ext4_out,
+                           const std::optional<OutputPath>& config_out) {
+  auto log = Logger("broker");
   Workspace work;
-  LX_TRY(work.Create(rootfs_out ? rootfs_out->dir : ext4_out ? ext4_out->dir : manifest_out->dir));
+  LX_TRY(work.Create(work_parent));
 
   ImageTree tree(request.policy.limits, request.policy.rules);
   const int64_t deadline =
       start + static_cast<int64_t>(request.policy.limits.job_timeout_ms) * 1'000'000;
   RunContext ctx{.policy = &request.policy,
                  .rootfs_fd = work.rootfs_fd(),
-                 .extractor_fd = extractor_fd.get(),
+                 .extractor_fd = extractor_fd,
                  .cancel = request.cancel,
                  .extractor_args = request.extractor_args,
                  .job_deadline_ns = deadline};
@@ -373,5 +481,7 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
   report.total_ns = sandbox::MonotonicNs() - start;
   return report;
 }
+
+}  // namespace
 
 }  // namespace layerx::broker

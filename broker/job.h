@@ -28,6 +28,10 @@ struct ExtractRequest {
   const std::atomic<bool>* cancel = nullptr;
   std::vector<std::string> extractor_args;             // extra argv for the extractor (tests)
   std::function<void(const LayerProgress&)> progress;  // optional, on the calling thread
+  // Where the work tree goes when no rootfs is written (an ext4 image or a
+  // manifest only). Empty: /dev/shm when it is a tmpfs with room, else beside
+  // the output (also the fallback when the tmpfs fills up).
+  std::string scratch_dir;
 };
 
 struct JobReport {

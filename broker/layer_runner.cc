@@ -231,6 +231,8 @@ Status Session::HandleMessage(kj::ArrayPtr<const capnp::word> words) {
         }
         report_.setup_ns = s.getReadyMonotonicNs();  // made relative by the caller
         report_.extract_ns = s.getDoneMonotonicNs() - s.getReadyMonotonicNs();
+        report_.send_ns = s.getSendNs();
+        report_.extractor_peak_rss_kib = s.getPeakRssKib();
         return {};
       }
       case wire::Message::FAILURE: {
@@ -238,7 +240,15 @@ Status Session::HandleMessage(kj::ArrayPtr<const capnp::word> words) {
         uint16_t kind = f.getKind();
         if (kind > static_cast<uint16_t>(ErrorKind::kInternal))
           kind = static_cast<uint16_t>(ErrorKind::kPeer);
-        Error error(static_cast<ErrorKind>(kind), 0, std::string(f.getMessage().cStr()));
+        // The errno is the extractor's word, used only to tell a full disk
+        // (a scratch tmpfs is retried on disk), never trusted for more.
+        int err = f.getErrno() > 0 && f.getErrno() < 4096 ? f.getErrno() : 0;
+        std::string message(f.getMessage().cStr());
+        std::string suffix = err != 0 ? ": " + ErrnoName(err) : std::string();
+        if (err != 0 && message.ends_with(suffix)) {
+          message.resize(message.size() - suffix.size());  // ToString() adds it back
+        }
+        Error error(static_cast<ErrorKind>(kind), err, std::move(message));
         auto entry = f.getEntry();
         if (entry.size() > 0) {
           // Untrusted and possibly huge: escaped by {:?}, and cut to keep one readable line.
@@ -267,7 +277,7 @@ Status Session::ReadChannel() {
   while (true) {
     if (msg_buf_.size() * sizeof(capnp::word) - msg_bytes_ < 64 * 1024) {
       auto bigger = kj::heapArray<capnp::word>(std::max<size_t>(msg_buf_.size() * 2, 16 * 1024));
-      std::memcpy(bigger.asBytes().begin(), msg_buf_.asBytes().begin(), msg_bytes_);
+      if (msg_bytes_ > 0) std::memcpy(bigger.asBytes().begin(), msg_buf_.begin(), msg_bytes_);
       msg_buf_ = kj::mv(bigger);
     }
     auto* base = reinterpret_cast<std::byte*>(msg_buf_.begin());
@@ -295,7 +305,9 @@ Status Session::ReadChannel() {
         return Fail(MakeError(ErrorKind::kPeer, "record message over {} bytes", max_bytes));
       }
       if (need > avail_words) break;
+      int64_t merge_start = sandbox::MonotonicNs();
       LX_TRY(HandleMessage(prefix.slice(0, need)));
+      report_.merge_ns += sandbox::MonotonicNs() - merge_start;
       consumed += need * sizeof(capnp::word);
     }
     if (consumed > 0) {

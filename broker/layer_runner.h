@@ -34,6 +34,9 @@ struct LayerReport {
   int64_t setup_ns = 0;    // spawn start to jail locked down
   int64_t extract_ns = 0;  // jail locked down to last entry applied
   int64_t total_ns = 0;    // spawn start to child reaped
+  int64_t send_ns = 0;     // the extractor encoding and writing records
+  int64_t merge_ns = 0;    // the broker decoding, validating and merging them
+  uint64_t extractor_peak_rss_kib = 0;
 };
 
 // Where a layer stands, for a progress display; reported about ten times a

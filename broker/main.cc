@@ -193,6 +193,10 @@ int main(int argc, char** argv) {
       ->add_option("--job-timeout", job_timeout_s,
                    "seconds the whole job may take, ext4 build included (default 7200)")
       ->check(CLI::PositiveNumber);
+  std::string scratch;
+  extract->add_option("--scratch", scratch,
+                      "where the work tree goes when no --rootfs is written (default: /dev/shm "
+                      "when it is a tmpfs with room, else beside the output)");
   extract->add_flag("--json", json, "print a JSON summary on stdout");
   extract->add_flag("-v,--verbose", verbosity, "more logging (-vv for debug)");
   extract->add_flag("-q,--quiet", quiet, "errors only");
@@ -268,6 +272,7 @@ int main(int argc, char** argv) {
     request.platform = *parsed;
   }
   if (!ext4.empty()) request.ext4 = ext4;
+  request.scratch_dir = scratch;
   if (size > 0) request.ext4_options.size_bytes = size;
   request.ext4_options.block_size = block_size;
   if (inode_ratio > 0) request.ext4_options.inode_ratio = inode_ratio;
@@ -342,6 +347,9 @@ int main(int argc, char** argv) {
                                {"file_bytes", l.file_bytes},
                                {"setup_ms", l.setup_ns / 1e6},
                                {"extract_ms", l.extract_ns / 1e6},
+                               {"records_send_ms", l.send_ns / 1e6},
+                               {"merge_ms", l.merge_ns / 1e6},
+                               {"extractor_peak_rss_kib", l.extractor_peak_rss_kib},
                                {"total_ms", l.total_ns / 1e6}});
     }
     std::printf("%s\n", out.dump(2).c_str());

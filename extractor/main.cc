@@ -4,6 +4,7 @@
 //
 //   fd 0  the layer stream        fd 3  the record socket (Cap'n Proto)
 //   fd 1,2  a pipe to the broker's log
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -54,6 +55,9 @@ int Run() {
     s.setUncompressedDigest(totals->uncompressed_digest);
     s.setReadyMonotonicNs(ready_ns);
     s.setDoneMonotonicNs(sandbox::MonotonicNs());
+    s.setSendNs(writer.send_ns());
+    struct rusage ru;
+    if (::getrusage(RUSAGE_SELF, &ru) == 0) s.setPeakRssKib(static_cast<uint64_t>(ru.ru_maxrss));
   });
   return sent ? 0 : 1;
 }

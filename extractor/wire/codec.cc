@@ -121,10 +121,13 @@ Status ChannelWriter::SendFailure(const Error& error, std::string_view entry) {
 }
 
 Status ChannelWriter::Send(capnp::MessageBuilder& message) {
+  int64_t start = sandbox::MonotonicNs();
   kj::Array<capnp::word> words = capnp::messageToFlatArray(message);
   kj::ArrayPtr<const kj::byte> bytes = words.asBytes();
-  return sandbox::WriteAll(
+  Status sent = sandbox::WriteAll(
       fd_, std::span(reinterpret_cast<const std::byte*>(bytes.begin()), bytes.size()));
+  send_ns_ += sandbox::MonotonicNs() - start;
+  return sent;
 }
 
 }  // namespace layerx::wire

@@ -33,6 +33,8 @@ class ChannelWriter : public extractor::RecordSink {
   Status Flush();
   Status SendSummary(const std::function<void(Summary::Builder)>& fill);
   Status SendFailure(const Error& error, std::string_view entry);
+  // Time spent in Send so far: encoding plus writing (the broker's back-pressure).
+  int64_t send_ns() const { return send_ns_; }
 
  private:
   Status Send(capnp::MessageBuilder& message);
@@ -40,6 +42,7 @@ class ChannelWriter : public extractor::RecordSink {
   size_t batch_;
   std::vector<std::variant<extractor::EntryRecord, extractor::RemovalRecord>> pending_;
   size_t pending_bytes_ = 0;
+  int64_t send_ns_ = 0;
 };
 
 }  // namespace layerx::wire

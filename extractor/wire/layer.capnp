@@ -56,6 +56,8 @@ struct Summary {
   uncompressedDigest @3 :Text;    # "sha256:<hex>" of the decompressed tar stream
   readyMonotonicNs @4 :Int64;     # CLOCK_MONOTONIC when the jail was locked down
   doneMonotonicNs @5 :Int64;      # CLOCK_MONOTONIC after the last entry
+  sendNs @6 :Int64;               # time spent encoding and writing record batches
+  peakRssKib @7 :UInt64;          # the extractor's peak resident set (getrusage)
 }
 
 struct Failure {

@@ -392,6 +392,33 @@ TEST_F(LimitsTest, FailingMkfsLeavesNothing) {
   EXPECT_EQ(testing::Listing(dir_), (std::vector<std::string>{".", "..", "l.tar.gz"}));
 }
 
+TEST_F(LimitsTest, FullScratchTmpfsIsRetriedOnDisk) {
+  // --ext4 alone puts the work tree on /dev/shm when it looks big enough. Here
+  // /dev/shm is a 32 MiB tmpfs (in a mount namespace) and the layer, 80 KiB of
+  // gzip, inflates to 80 MiB: the tmpfs fills, and the job runs again beside
+  // the output, once, and succeeds. Nothing is left on either.
+  LayerWriter(Path("z.tar.gz"), "gzip").File("zeros", std::string(80 << 20, '\0'));
+  WritePolicy("[limits]\nmax_compression_ratio = 0\n");
+  std::string sh = Path("shm.sh");
+  std::ofstream(sh) << "mount -t tmpfs -o size=32m tmpfs /dev/shm || { echo nomount; exit 0; }\n"
+                    << LAYERX_BIN << " extract " << Path("z.tar.gz") << " --ext4 " << Path("z.img")
+                    << " --policy " << Path("policy.toml") << " 2>" << Path("shm.err")
+                    << "; echo rc=$?; echo listing:; ls -A /dev/shm\n";
+  std::string cmd = "unshare --user --map-root-user --mount sh " + sh + " >" + Path("shm.out");
+  ASSERT_EQ(system(cmd.c_str()), 0);
+  std::string out = ReadFile(Path("shm.out")), err = ReadFile(Path("shm.err"));
+  if (out.find("nomount") != std::string::npos) GTEST_SKIP() << "no tmpfs in a user namespace";
+  EXPECT_NE(out.find("rc=0\n"), std::string::npos) << out << err;
+  EXPECT_NE(err.find("is full; extracting again beside the output"), std::string::npos) << err;
+  EXPECT_EQ(out.substr(out.find("listing:\n") + 9), "") << out;
+  struct stat st;
+  ASSERT_EQ(stat(Path("z.img").c_str(), &st), 0);
+  EXPECT_GT(st.st_size, 80 << 20);
+  for (const std::string& name : testing::Listing(dir_)) {
+    EXPECT_EQ(name.find(".layerx-"), std::string::npos) << name << " left behind";
+  }
+}
+
 // --- entry rules ------------------------------------------------------------
 
 // dev (char 1:3), fifo, a setuid and a setgid binary, a setgid dir, a file
