@@ -23,6 +23,7 @@
 #include "extractor/layer_reader.h"
 #include "extractor/wire/codec.h"
 #include "sandbox/sys.h"
+#include "tests/fixtures/gzip.h"
 
 namespace layerx {
 namespace {
@@ -39,19 +40,7 @@ std::string LayerLikeData(size_t n) {
   return s;
 }
 
-std::string Gzip(const std::string& data) {
-  z_stream z = {};
-  deflateInit2(&z, 6, Z_DEFLATED, 31, 8, Z_DEFAULT_STRATEGY);
-  std::string out(deflateBound(&z, data.size()), '\0');
-  z.next_in = reinterpret_cast<Bytef*>(const_cast<char*>(data.data()));
-  z.avail_in = static_cast<uInt>(data.size());
-  z.next_out = reinterpret_cast<Bytef*>(out.data());
-  z.avail_out = static_cast<uInt>(out.size());
-  deflate(&z, Z_FINISH);
-  out.resize(z.total_out);
-  deflateEnd(&z);
-  return out;
-}
+std::string Gzip(const std::string& data) { return testing::GzipMember(data); }
 
 int MemfdWith(const std::string& bytes) {
   int fd = memfd_create("bench", MFD_CLOEXEC);

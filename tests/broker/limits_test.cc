@@ -25,6 +25,7 @@
 
 #include "broker/image_tree.h"
 #include "sandbox/sys.h"
+#include "tests/fixtures/gzip.h"
 #include "tests/fixtures/layer_writer.h"
 #include "tests/fixtures/test_util.h"
 
@@ -34,21 +35,8 @@ namespace {
 using testing::LayerWriter;
 using testing::ReadFile;
 
-// One gzip member holding `data` (gzip streams may be concatenated members,
-// which is how a bomb grows cheaply: one 16 MiB-of-zeros member, repeated).
-std::string GzipMember(const std::string& data) {
-  z_stream z = {};
-  EXPECT_EQ(deflateInit2(&z, 9, Z_DEFLATED, 31, 9, Z_DEFAULT_STRATEGY), Z_OK);
-  std::string out(deflateBound(&z, data.size()), '\0');
-  z.next_in = reinterpret_cast<Bytef*>(const_cast<char*>(data.data()));
-  z.avail_in = static_cast<uInt>(data.size());
-  z.next_out = reinterpret_cast<Bytef*>(out.data());
-  z.avail_out = static_cast<uInt>(out.size());
-  EXPECT_EQ(deflate(&z, Z_FINISH), Z_STREAM_END);
-  out.resize(z.total_out);
-  deflateEnd(&z);
-  return out;
-}
+using testing::GzipMember;  // gzip streams may be concatenated members: a bomb is one
+                            // 16 MiB-of-zeros member, repeated
 
 // A ustar header (512 bytes) for a regular file `name` of `size` bytes.
 std::string TarHeader(const std::string& name, uint64_t size) {
@@ -145,7 +133,7 @@ class LimitsTest : public ::testing::Test {
     std::string path = Path("bomb.tar.gz");
     std::ofstream out(path, std::ios::binary);
     std::string zeros(16 << 20, '\0');
-    std::string member = GzipMember(zeros);
+    std::string member = GzipMember(zeros, 9);
     if (after_end) {
       // A good little archive, its end marker, then the bomb as "padding".
       out << GzipMember(TarHeader("small", 5) + "hello" + std::string(507, '\0') +

@@ -12,21 +12,13 @@
 #include <string>
 #include <thread>
 
+#include "tests/fixtures/gzip.h"
+
 namespace layerx::extractor {
 namespace {
 
 std::string Gzip(const std::string& data, int level = 6) {
-  z_stream z = {};
-  EXPECT_EQ(deflateInit2(&z, level, Z_DEFLATED, 31, 8, Z_DEFAULT_STRATEGY), Z_OK);
-  std::string out(deflateBound(&z, data.size()) + 64, '\0');
-  z.next_in = reinterpret_cast<Bytef*>(const_cast<char*>(data.data()));
-  z.avail_in = static_cast<uInt>(data.size());
-  z.next_out = reinterpret_cast<Bytef*>(out.data());
-  z.avail_out = static_cast<uInt>(out.size());
-  EXPECT_EQ(deflate(&z, Z_FINISH), Z_STREAM_END);
-  out.resize(z.total_out);
-  deflateEnd(&z);
-  return out;
+  return testing::GzipMember(data, level);
 }
 
 std::string Mixed(size_t n, unsigned seed) {
