@@ -233,7 +233,112 @@ Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest&
                            const std::optional<OutputPath>& rootfs_out,
                            const std::optional<OutputPath>& manifest_out,
                            const std::optional<OutputPath>& ext4_out,
-                           const std::optional<OutputPath>& config_out);
+                           const std::optional<OutputPath>& config_out) {
+  auto log = Logger("broker");
+  Workspace work;
+  LX_TRY(work.Create(work_parent));
+
+  ImageTree tree(request.policy.limits, request.policy.rules);
+  const int64_t deadline =
+      start + static_cast<int64_t>(request.policy.limits.job_timeout_ms) * 1'000'000;
+  RunContext ctx{.policy = &request.policy,
+                 .rootfs_fd = work.rootfs_fd(),
+                 .extractor_fd = extractor_fd,
+                 .cancel = request.cancel,
+                 .extractor_args = request.extractor_args,
+                 .job_deadline_ns = deadline};
+  // Between the stages: a cancel or the job's clock stops the job before the
+  // next one starts (the layers and mkfs also watch both while they run).
+  auto check_stop = [&]() -> Status {
+    if (request.cancel != nullptr && request.cancel->load()) {
+      return Fail(MakeError(ErrorKind::kOs, "interrupted"));
+    }
+    if (sandbox::MonotonicNs() >= deadline) {
+      return Fail(MakeError(ErrorKind::kLimitExceeded, "job took longer than job_timeout_ms={}",
+                            request.policy.limits.job_timeout_ms));
+    }
+    return {};
+  };
+  if (request.progress) {
+    ctx.progress = [&request, &image](const LayerProgress& p) {
+      LayerProgress with_total = p;
+      with_total.layers = image.layers.size();
+      request.progress(with_total);
+    };
+  }
+  if (docker) {
+    LX_ASSIGN_OR_RETURN(image, StageDockerArchive(*docker, work, ctx));
+  }
+  JobReport report;
+  report.manifest_digest = image.manifest_digest;
+  for (size_t i = 0; i < image.layers.size(); ++i) {
+    const LayerSource& source = image.layers[i];
+    LayerInput input{.index = i + 1, .dir_fd = source.dir_fd, .path = source.path};
+    auto layer = RunLayer(ctx, input, tree);
+    if (layer) {
+      Status verified = VerifyLayer(source, *layer);
+      if (!verified) layer = Fail(std::move(verified).error());
+    }
+    if (!layer) {
+      return Fail(std::move(layer).error().With("layer {} ({})", input.index, source.display));
+    }
+    log->info(
+        "layer done: layer={} digest={} entries={} bytes={} setup_ms={:.2f} extract_ms={:.1f}",
+        input.index, ShortDigest(layer->compressed_digest), layer->entries, layer->file_bytes,
+        layer->setup_ns / 1e6, layer->extract_ns / 1e6);
+    report.layers.push_back(std::move(*layer));
+  }
+  report.final_entries = tree.size();
+  if (request.rootfs && ::geteuid() == 0 && request.policy.ids.full_range()) {
+    if (Status s = FinishRootfsAsRoot(work.rootfs_fd(), tree); !s) {
+      return Fail(std::move(s).error().With("rootfs"));
+    }
+  }
+
+  // Every output is written beside its place under a temp name and renamed
+  // into place only when all of them are ready; a failure removes the temps.
+  PendingOutput ext4_file, manifest_file, config_file;
+  if (ext4_out) {
+    LX_ASSIGN_OR_RETURN(Ext4Plan plan, PlanExt4(tree, request.ext4_options));
+    LX_TRY(ext4_file.Reserve(*ext4_out));
+    Ext4Options options = request.ext4_options;
+    if (options.seed.empty()) {
+      for (const LayerReport& l : report.layers) options.seed += l.compressed_digest;
+    }
+    LX_TRY(check_stop());
+    auto built = BuildExt4(work.rootfs_path(), tree, plan, options, ext4_file.temp_path(),
+                           ToolControl{.cancel = request.cancel, .deadline_ns = deadline});
+    if (!built) return Fail(std::move(built).error().With("ext4 {:?}", *request.ext4));
+    report.ext4 = *built;
+  }
+  if (manifest_out) {
+    LX_TRY(manifest_file.Reserve(*manifest_out));
+    LX_ASSIGN_OR_RETURN(UniqueFd fd, manifest_file.Create());
+    Status written = WriteManifest(tree, fd.get());
+    if (written && ::fsync(fd.get()) != 0) written = Fail(OsError(errno, "fsync"));
+    if (!written) return Fail(std::move(written).error().With("manifest {:?}", *request.manifest));
+  }
+  if (config_out) {
+    LX_TRY(config_file.Reserve(*config_out));
+    LX_ASSIGN_OR_RETURN(UniqueFd fd, config_file.Create());
+    Status written = sandbox::WriteAll(fd.get(), std::as_bytes(std::span(image.config)));
+    if (!written) return Fail(std::move(written).error().With("config {:?}", *request.config));
+  }
+  // The last moment a stop can still leave nothing behind.
+  LX_TRY(check_stop());
+  if (rootfs_out) {
+    LX_ASSIGN_OR_RETURN(UniqueFd parent,
+                        sandbox::OpenAt(AT_FDCWD, rootfs_out->dir, O_PATH | O_DIRECTORY));
+    if (::renameat2(work.dir_fd(), "rootfs", parent.get(), rootfs_out->name.c_str(),
+                    RENAME_NOREPLACE) != 0) {
+      return Fail(OsError(errno, "rename rootfs into {:?}", *request.rootfs));
+    }
+  }
+  for (PendingOutput* file : {&ext4_file, &config_file, &manifest_file}) LX_TRY(file->Commit());
+  work.Cleanup();
+  report.total_ns = sandbox::MonotonicNs() - start;
+  return report;
+}
 
 // Bytes of input the job reads: the blobs, or the docker-archive.
 uint64_t InputBytes(const ResolvedImage& image, const std::optional<DockerArchiveSpec>& docker) {
@@ -366,122 +471,5 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
   return RunJobIn(beside, request, image, docker, start, extractor_fd.get(), rootfs_out,
                   manifest_out, ext4_out, config_out);
 }
-
-namespace {
-
-Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest& request,
-                           ResolvedImage& image, const std::optional<DockerArchiveSpec>& docker,
-                           int64_t start, int extractor_fd,
-                           const std::optional<OutputPath>& rootfs_out,
-                           const std::optional<OutputPath>& manifest_out,
-                           const std::optional<OutputPath>& ext4_out,
-                           const std::optional<OutputPath>& config_out) {
-  auto log = Logger("broker");
-  Workspace work;
-  LX_TRY(work.Create(work_parent));
-
-  ImageTree tree(request.policy.limits, request.policy.rules);
-  const int64_t deadline =
-      start + static_cast<int64_t>(request.policy.limits.job_timeout_ms) * 1'000'000;
-  RunContext ctx{.policy = &request.policy,
-                 .rootfs_fd = work.rootfs_fd(),
-                 .extractor_fd = extractor_fd,
-                 .cancel = request.cancel,
-                 .extractor_args = request.extractor_args,
-                 .job_deadline_ns = deadline};
-  // Between the stages: a cancel or the job's clock stops the job before the
-  // next one starts (the layers and mkfs also watch both while they run).
-  auto check_stop = [&]() -> Status {
-    if (request.cancel != nullptr && request.cancel->load()) {
-      return Fail(MakeError(ErrorKind::kOs, "interrupted"));
-    }
-    if (sandbox::MonotonicNs() >= deadline) {
-      return Fail(MakeError(ErrorKind::kLimitExceeded, "job took longer than job_timeout_ms={}",
-                            request.policy.limits.job_timeout_ms));
-    }
-    return {};
-  };
-  if (request.progress) {
-    ctx.progress = [&request, &image](const LayerProgress& p) {
-      LayerProgress with_total = p;
-      with_total.layers = image.layers.size();
-      request.progress(with_total);
-    };
-  }
-  if (docker) {
-    LX_ASSIGN_OR_RETURN(image, StageDockerArchive(*docker, work, ctx));
-  }
-  JobReport report;
-  report.manifest_digest = image.manifest_digest;
-  for (size_t i = 0; i < image.layers.size(); ++i) {
-    const LayerSource& source = image.layers[i];
-    LayerInput input{.index = i + 1, .dir_fd = source.dir_fd, .path = source.path};
-    auto layer = RunLayer(ctx, input, tree);
-    if (layer) {
-      Status verified = VerifyLayer(source, *layer);
-      if (!verified) layer = Fail(std::move(verified).error());
-    }
-    if (!layer) {
-      return Fail(std::move(layer).error().With("layer {} ({})", input.index, source.display));
-    }
-    log->info(
-        "layer done: layer={} digest={} entries={} bytes={} setup_ms={:.2f} extract_ms={:.1f}",
-        input.index, ShortDigest(layer->compressed_digest), layer->entries, layer->file_bytes,
-        layer->setup_ns / 1e6, layer->extract_ns / 1e6);
-    report.layers.push_back(std::move(*layer));
-  }
-  report.final_entries = tree.size();
-  if (request.rootfs && ::geteuid() == 0 && request.policy.ids.full_range()) {
-    if (Status s = FinishRootfsAsRoot(work.rootfs_fd(), tree); !s) {
-      return Fail(std::move(s).error().With("rootfs"));
-    }
-  }
-
-  // Every output is written beside its place under a temp name and renamed
-  // into place only when all of them are ready; a failure removes the temps.
-  PendingOutput ext4_file, manifest_file, config_file;
-  if (ext4_out) {
-    LX_ASSIGN_OR_RETURN(Ext4Plan plan, PlanExt4(tree, request.ext4_options));
-    LX_TRY(ext4_file.Reserve(*ext4_out));
-    Ext4Options options = request.ext4_options;
-    if (options.seed.empty()) {
-      for (const LayerReport& l : report.layers) options.seed += l.compressed_digest;
-    }
-    LX_TRY(check_stop());
-    auto built = BuildExt4(work.rootfs_path(), tree, plan, options, ext4_file.temp_path(),
-                           ToolControl{.cancel = request.cancel, .deadline_ns = deadline});
-    if (!built) return Fail(std::move(built).error().With("ext4 {:?}", *request.ext4));
-    report.ext4 = *built;
-  }
-  if (manifest_out) {
-    LX_TRY(manifest_file.Reserve(*manifest_out));
-    LX_ASSIGN_OR_RETURN(UniqueFd fd, manifest_file.Create());
-    Status written = WriteManifest(tree, fd.get());
-    if (written && ::fsync(fd.get()) != 0) written = Fail(OsError(errno, "fsync"));
-    if (!written) return Fail(std::move(written).error().With("manifest {:?}", *request.manifest));
-  }
-  if (config_out) {
-    LX_TRY(config_file.Reserve(*config_out));
-    LX_ASSIGN_OR_RETURN(UniqueFd fd, config_file.Create());
-    Status written = sandbox::WriteAll(fd.get(), std::as_bytes(std::span(image.config)));
-    if (!written) return Fail(std::move(written).error().With("config {:?}", *request.config));
-  }
-  // The last moment a stop can still leave nothing behind.
-  LX_TRY(check_stop());
-  if (rootfs_out) {
-    LX_ASSIGN_OR_RETURN(UniqueFd parent,
-                        sandbox::OpenAt(AT_FDCWD, rootfs_out->dir, O_PATH | O_DIRECTORY));
-    if (::renameat2(work.dir_fd(), "rootfs", parent.get(), rootfs_out->name.c_str(),
-                    RENAME_NOREPLACE) != 0) {
-      return Fail(OsError(errno, "rename rootfs into {:?}", *request.rootfs));
-    }
-  }
-  for (PendingOutput* file : {&ext4_file, &config_file, &manifest_file}) LX_TRY(file->Commit());
-  work.Cleanup();
-  report.total_ns = sandbox::MonotonicNs() - start;
-  return report;
-}
-
-}  // namespace
 
 }  // namespace layerx::broker
