@@ -37,7 +37,7 @@ GzipInflater::GzipInflater(int fd, std::span<const std::byte> prefix)
     : fd_(fd), state_(std::make_unique<inflate_state>()), in_(kInputBlock) {
   isal_inflate_init(state_.get());
   state_->crc_flag = ISAL_GZIP;  // parse the header, check CRC-32 and size at the end
-  std::memcpy(in_.data(), prefix.data(), prefix.size());
+  if (!prefix.empty()) std::memcpy(in_.data(), prefix.data(), prefix.size());
   in_len_ = prefix.size();
   compressed_bytes_ = prefix.size();
 }

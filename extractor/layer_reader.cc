@@ -203,8 +203,14 @@ Result<std::optional<TarEntry>> LayerReader::Next() {
     return Fail(MakeError(ErrorKind::kInvalidInput, "uid/gid out of range"));
   }
   e.mode = archive_entry_perm(ae) & 07777;
-  e.mtime_ns =
-      static_cast<int64_t>(archive_entry_mtime(ae)) * 1'000'000'000 + archive_entry_mtime_nsec(ae);
+  // Nanoseconds since the epoch fit an int64 from 1678 to 2262; a pax or
+  // base-256 header can name any second (the product would overflow).
+  constexpr int64_t kMaxMtimeSeconds = INT64_MAX / 1'000'000'000 - 1;
+  int64_t mtime = archive_entry_mtime(ae);
+  if (mtime < -kMaxMtimeSeconds || mtime > kMaxMtimeSeconds) {
+    return Fail(MakeError(ErrorKind::kInvalidInput, "mtime {} out of range", mtime));
+  }
+  e.mtime_ns = mtime * 1'000'000'000 + archive_entry_mtime_nsec(ae);
   if (const char* hardlink = archive_entry_hardlink(ae)) {
     e.kind = Kind::kHardlink;
     e.untrusted_link_target = hardlink;

@@ -15,6 +15,16 @@
 
 #include <vector>
 
+#ifdef LAYERX_SANITIZE
+#include <sanitizer/common_interface_defs.h>
+
+// UBSan reads its options lazily, at its first report: inside the jail, where
+// /proc/self/environ is gone, so UBSAN_OPTIONS cannot reach it. Colour would
+// cost an ioctl(TCGETS) on stderr, which the jail forbids. (Linked into every
+// program that links this file; the environment still overrides it.)
+extern "C" const char* __ubsan_default_options() { return "color=never"; }
+#endif
+
 namespace layerx::sandbox {
 
 const char* SetupStepName(SetupStep step) {
@@ -147,6 +157,12 @@ bool SetRlimits(const policy::JailRlimits& limits) {
       {RLIMIT_CORE, 0},
   };
   for (const Item& item : items) {
+#ifdef LAYERX_SANITIZE
+    // ASan reserves its shadow memory (~20 TiB of virtual address space on
+    // x86_64) at startup, and every later mmap by its allocator fails under a
+    // 4 GiB RLIMIT_AS. Sanitizer builds are for tests only; the others still apply.
+    if (item.resource == RLIMIT_AS) continue;
+#endif
     struct rlimit rl = {item.value, item.value};
     if (::setrlimit(item.resource, &rl) != 0) return false;
   }
@@ -188,6 +204,11 @@ bool DropCapabilities(bool keep_fs_caps) {
 JailSetupResult EnterJail(JailConfigHeader* config) {
   errno = 0;
   if (!ReadConfig(config)) return Failed(SetupStep::kReadConfig);
+#ifdef LAYERX_SANITIZE
+  // While /proc is still there: the sanitizer runtime caches the memory map,
+  // so that a report from inside the jail names modules and offsets.
+  __sanitizer_sandbox_on_notify(nullptr);
+#endif
   if (SetupStep step = PivotIntoRootfs(); step != SetupStep::kOk) return Failed(step);
   // fd 4 (the rootfs dir) still points into the detached host tree: ".." from
   // it would reach the host. It, the config and anything else goes now.

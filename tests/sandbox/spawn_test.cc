@@ -172,6 +172,34 @@ INSTANTIATE_TEST_SUITE_P(Attempts, ForbiddenSyscallTest,
                            return name;
                          });
 
+#ifdef LAYERX_SANITIZE
+// In a sanitizer build the jail still leaves the runtime what it needs to
+// report a bug found inside it: a report on stderr and a plain exit, not SIGSYS
+// halfway through.
+class SanitizerInJailTest : public SpawnTest,
+                            public ::testing::WithParamInterface<std::pair<const char*, const char*>> {
+};
+
+TEST_P(SanitizerInJailTest, ReportLeavesTheJail) {
+  std::string err;
+  ExitStatus s = Run(GetParam().first, &err);
+  EXPECT_TRUE(s.exited) << "signal " << s.signal << ": " << err;
+  EXPECT_NE(s.code, 0) << err;
+  EXPECT_NE(err.find(GetParam().second), std::string::npos) << err;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Bugs, SanitizerInJailTest,
+    ::testing::Values(std::pair{"asan-heap-overflow", "AddressSanitizer: heap-buffer-overflow"},
+                      std::pair{"asan-segv", "AddressSanitizer: SEGV"},
+                      std::pair{"ubsan-overflow", "runtime error: signed integer overflow"}),
+    [](const auto& info) {
+      std::string name = info.param.first;
+      std::replace(name.begin(), name.end(), '-', '_');
+      return name;
+    });
+#endif
+
 TEST_F(SpawnTest, FailedSetupIsReportedWithItsStep) {
   auto program = OpenAt(AT_FDCWD, LAYERX_JAIL_PROBE, O_PATH);
   ASSERT_TRUE(program);

@@ -150,6 +150,21 @@ int main(int argc, char** argv) {
     return 0;
   }
 
+#ifdef LAYERX_SANITIZE
+  // A bug inside the jail, in a sanitizer build: the report must get out.
+  if (mode == "asan-heap-overflow") {
+    char* p = new char[argc];  // argc == 2
+    static_cast<volatile char*>(p)[argc + 14] = 'x';  // 16 bytes past the end
+    delete[] p;
+  }
+  if (mode == "ubsan-overflow") {
+    int big = __INT_MAX__ - 1;
+    big += argc;  // signed overflow
+    return big == 0;
+  }
+  if (mode == "asan-segv") *reinterpret_cast<volatile int*>(uintptr_t(argc) * 8) = argc;  // 0x10
+#endif
+
   // Each of these must be killed by seccomp before it returns.
   if (mode == "socket") syscall(SYS_socket, AF_INET, SOCK_STREAM, 0);
   if (mode == "socket-unix") syscall(SYS_socket, AF_UNIX, SOCK_STREAM, 0);
