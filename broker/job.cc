@@ -356,9 +356,7 @@ uint64_t InputBytes(const ResolvedImage& image, const std::optional<DockerArchiv
 }
 
 // Whether every layer can be read a second time (files, not streams).
-bool Rereadable(const ExtractRequest& request, const ResolvedImage& image,
-                const std::optional<DockerArchiveSpec>& docker) {
-  (void)request;
+bool Rereadable(const ResolvedImage& image, const std::optional<DockerArchiveSpec>& docker) {
   struct stat st;
   if (docker) return ::stat(docker->file.c_str(), &st) == 0 && S_ISREG(st.st_mode);
   for (const LayerSource& l : image.layers) {
@@ -463,7 +461,7 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
     auto report = RunJobIn(*scratch, request, image, docker, start, extractor_fd.get(), rootfs_out,
                            manifest_out, ext4_out, config_out);
     if (report || report.error().err() != ENOSPC || !request.scratch_dir.empty() ||
-        !Rereadable(request, image, docker)) {
+        !Rereadable(image, docker)) {
       return report;
     }
     log->warn("scratch: {} is full; extracting again beside the output", *scratch);

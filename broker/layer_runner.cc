@@ -199,25 +199,10 @@ Status Session::HandleMessage(kj::ArrayPtr<const capnp::word> words) {
     auto message = reader.getRoot<wire::Message>();
     switch (message.which()) {
       case wire::Message::BATCH:
-        for (auto record : message.getBatch()) {
-          switch (record.which()) {
-            case wire::Record::ENTRY: {
-              auto entry = wire::FromWire(record.getEntry());
-              if (!entry) return Fail(MakeError(ErrorKind::kPeer, "bad record: unknown kind"));
-              uint64_t data_bytes = entry->data_bytes;
-              LX_TRY(tree_.Add(std::move(*entry)));
-              ++records_;
-              LX_TRY(CheckInflation(data_bytes));
-              break;
-            }
-            case wire::Record::REMOVAL:
-              LX_TRY(tree_.Add(wire::FromWire(record.getRemoval())));
-              break;
-            default:
-              return Fail(MakeError(ErrorKind::kPeer, "bad record: unknown union member"));
-          }
-        }
-        return {};
+        return MergeBatch(message.getBatch(), tree_, [this](uint64_t data_bytes) {
+          ++records_;
+          return CheckInflation(data_bytes);
+        });
       case wire::Message::SUMMARY: {
         auto s = message.getSummary();
         got_summary_ = true;
@@ -456,6 +441,28 @@ Status Session::Run(const LayerInput& layer) {
 }
 
 }  // namespace
+
+Status MergeBatch(capnp::List<wire::Record>::Reader batch, ImageTree& tree,
+                  const std::function<Status(uint64_t data_bytes)>& on_entry) {
+  for (auto record : batch) {
+    switch (record.which()) {
+      case wire::Record::ENTRY: {
+        auto entry = wire::FromWire(record.getEntry());
+        if (!entry) return Fail(MakeError(ErrorKind::kPeer, "bad record: unknown kind"));
+        uint64_t data_bytes = entry->data_bytes;
+        LX_TRY(tree.Add(std::move(*entry)));
+        LX_TRY(on_entry(data_bytes));
+        break;
+      }
+      case wire::Record::REMOVAL:
+        LX_TRY(tree.Add(wire::FromWire(record.getRemoval())));
+        break;
+      default:
+        return Fail(MakeError(ErrorKind::kPeer, "bad record: unknown union member"));
+    }
+  }
+  return {};
+}
 
 Result<LayerReport> RunLayer(const RunContext& ctx, const LayerInput& layer, ImageTree& tree) {
   LayerReport report;

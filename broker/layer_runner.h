@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "broker/image_tree.h"
+#include "extractor/wire/layer.capnp.h"
 #include "policy/policy.h"
 #include "policy/result.h"
 
@@ -59,6 +60,13 @@ struct RunContext {
   std::function<void(const LayerProgress&)> progress;  // optional; called on the job's thread
   int64_t job_deadline_ns = 0;  // monotonic (sandbox::MonotonicNs); 0: only the layer's clock
 };
+
+// Merges one batch of records into `tree`, in order, calling `on_entry` with
+// each entry's data bytes after it merged. kPeer for a record of an unknown
+// kind; what the tree refuses comes back as it said. capnp may throw
+// kj::Exception on a malformed message: the caller catches it.
+Status MergeBatch(capnp::List<wire::Record>::Reader batch, ImageTree& tree,
+                  const std::function<Status(uint64_t data_bytes)>& on_entry);
 
 // Errors carry the entry and reason; the caller adds the layer context.
 Result<LayerReport> RunLayer(const RunContext& ctx, const LayerInput& layer, ImageTree& tree);

@@ -13,17 +13,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 
-scripts/install-deps.sh
-missing=""
-for p in clang-16 libclang-rt-16-dev; do
-  dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing="$missing $p"
-done
-if [ -n "$missing" ]; then
-  [ "$(id -u)" = 0 ] || { echo "fuzz: need root to apt-get install:$missing" >&2; exit 1; }
-  echo "fuzz: apt-get install$missing"
-  apt-get update -q >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing >/dev/null
-fi
+scripts/install-deps.sh clang-16 libclang-rt-16-dev
 
 build=build-fuzz
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "broker/image_tree.h"
+#include "broker/layer_runner.h"
 #include "broker/manifest.h"
 #include "extractor/entry_name.h"
 #include "extractor/wire/codec.h"
@@ -47,7 +48,8 @@ policy::Limits FuzzLimits() {
   return limits;
 }
 
-// Session::HandleMessage without the layer report: a batch is merged, a summary
+// Session::HandleMessage without the layer report: a batch is merged (by the
+// broker's MergeBatch), a summary
 // or a failure ends the stream.
 Status HandleMessage(kj::ArrayPtr<const capnp::word> words, const policy::Limits& limits,
                      broker::ImageTree& tree, bool* ended) {
@@ -59,23 +61,8 @@ Status HandleMessage(kj::ArrayPtr<const capnp::word> words, const policy::Limits
     capnp::FlatArrayMessageReader reader(words, options);
     auto message = reader.getRoot<wire::Message>();
     switch (message.which()) {
-      case wire::Message::BATCH:
-        for (auto record : message.getBatch()) {
-          switch (record.which()) {
-            case wire::Record::ENTRY: {
-              auto entry = wire::FromWire(record.getEntry());
-              if (!entry) return Fail(MakeError(ErrorKind::kPeer, "bad record: unknown kind"));
-              LX_TRY(tree.Add(std::move(*entry)));
-              break;
-            }
-            case wire::Record::REMOVAL:
-              LX_TRY(tree.Add(wire::FromWire(record.getRemoval())));
-              break;
-            default:
-              return Fail(MakeError(ErrorKind::kPeer, "bad record: unknown union member"));
-          }
-        }
-        return {};
+      case wire::Message::BATCH:  // the broker's own merge
+        return broker::MergeBatch(message.getBatch(), tree, [](uint64_t) { return Status{}; });
       case wire::Message::SUMMARY: {
         auto s = message.getSummary();
         (void)s.getEntries();
