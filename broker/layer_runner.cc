@@ -3,7 +3,6 @@
 #include <capnp/serialize.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <openssl/evp.h>
 #include <poll.h>
 #include <signal.h>
 #include <spdlog/spdlog.h>

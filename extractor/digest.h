@@ -2,17 +2,15 @@
 // Used by the extractor (the tar stream: diff_id) and the broker (the blob).
 #pragma once
 
-#include <openssl/evp.h>
-
 #include <cstddef>
+#include <memory>
 #include <string>
 
 namespace layerx::extractor {
 
 class Sha256 {
  public:
-  // In the jail, pass the digest fetched before the pivot.
-  explicit Sha256(const EVP_MD* md = EVP_sha256());
+  Sha256();
   ~Sha256();
   Sha256(const Sha256&) = delete;
   Sha256& operator=(const Sha256&) = delete;
@@ -22,7 +20,8 @@ class Sha256 {
   std::string Finish();
 
  private:
-  EVP_MD_CTX* ctx_;
+  struct State;
+  std::unique_ptr<State> state_;
 };
 
 }  // namespace layerx::extractor

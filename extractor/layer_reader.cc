@@ -12,7 +12,6 @@ namespace layerx::extractor {
 
 namespace {
 
-EVP_MD* g_sha256 = nullptr;
 constexpr size_t kBlock = 256 * 1024;
 
 }  // namespace
@@ -24,8 +23,10 @@ void PrepareLibrariesBeforeJail() {
   // The locale's files are read now, from the host.
   if (setlocale(LC_CTYPE, "C.UTF-8") == nullptr) setlocale(LC_CTYPE, "C.utf8");
   // OpenSSL must not read openssl.cnf (it can load providers) after the pivot.
-  OPENSSL_init_crypto(OPENSSL_INIT_NO_LOAD_CONFIG, nullptr);
-  g_sha256 = EVP_MD_fetch(nullptr, "SHA256", nullptr);
+  // The digest (extractor/digest.cc) needs no provider: none is registered.
+  OPENSSL_init_crypto(OPENSSL_INIT_NO_LOAD_CONFIG | OPENSSL_INIT_NO_ADD_ALL_CIPHERS |
+                          OPENSSL_INIT_NO_ADD_ALL_DIGESTS,
+                      nullptr);
 }
 
 struct LayerReaderCallbacks {
@@ -88,10 +89,10 @@ Result<std::unique_ptr<LayerReader>> LayerReader::Create(const policy::Limits& l
   r->buffer_.resize(kBlock);
   r->outer_ = archive_read_new();
   r->inner_ = archive_read_new();
-  if (!r->outer_ || !r->inner_ || !g_sha256) {
+  if (!r->outer_ || !r->inner_) {
     return Fail(MakeError(ErrorKind::kInternal, "layer reader setup failed"));
   }
-  r->sha_ = std::make_unique<Sha256>(g_sha256);
+  r->sha_ = std::make_unique<Sha256>();
   // Each filter must be built in: ARCHIVE_WARN means libarchive would fork an
   // external program for it, which the jail forbids and we refuse.
   using Enable = int (*)(struct archive*);

@@ -5,7 +5,6 @@
 // which passes through a SHA-256 on the way: the layer's diff_id.
 #pragma once
 
-#include <openssl/evp.h>
 #include <sys/types.h>
 
 #include <cstdint>
