@@ -87,7 +87,7 @@ Result<int> RunTool(const std::vector<std::string>& argv, const std::vector<std:
   char buf[4096];
   while (true) {
     if (control.cancel != nullptr && control.cancel->load()) {
-      stopped = MakeError(ErrorKind::kOs, "interrupted");
+      stopped = MakeError(ErrorKind::kCancelled, "interrupted");
     } else if (control.deadline_ns > 0 && sandbox::MonotonicNs() >= control.deadline_ns) {
       stopped = MakeError(ErrorKind::kLimitExceeded, "{} took past job_timeout_ms", argv[0]);
     }

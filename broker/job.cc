@@ -1,5 +1,6 @@
 #include "broker/job.h"
 
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/magic.h>
@@ -152,16 +153,16 @@ Result<ResolvedImage> StageDockerArchive(const DockerArchiveSpec& spec, Workspac
 // What the manifest and config promise about a layer, against what streamed.
 Status VerifyLayer(const LayerSource& source, const LayerReport& got) {
   if (source.digest && got.compressed_digest != *source.digest) {
-    return Fail(MakeError(ErrorKind::kInvalidInput,
+    return Fail(MakeError(ErrorKind::kIntegrity,
                           "blob does not match its digest: manifest says {}, content is {}",
                           *source.digest, got.compressed_digest));
   }
   if (source.size && got.compressed_bytes != *source.size) {
-    return Fail(MakeError(ErrorKind::kInvalidInput, "blob is {} bytes, manifest says {}",
+    return Fail(MakeError(ErrorKind::kIntegrity, "blob is {} bytes, manifest says {}",
                           got.compressed_bytes, *source.size));
   }
   if (source.diff_id && got.uncompressed_digest != *source.diff_id) {
-    return Fail(MakeError(ErrorKind::kInvalidInput,
+    return Fail(MakeError(ErrorKind::kIntegrity,
                           "tar stream does not match its diff_id: config says {}, content is {}",
                           *source.diff_id, got.uncompressed_digest));
   }
@@ -212,16 +213,30 @@ Result<std::string> FindExtractor() {
   if (const char* env = ::getenv("LAYERX_EXTRACTOR"); env != nullptr && *env != '\0') {
     return std::string(env);
   }
+  std::vector<std::filesystem::path> candidates;
   std::error_code ec;
   std::filesystem::path self = std::filesystem::read_symlink("/proc/self/exe", ec);
-  if (ec) return Fail(OsError(ec.value(), "readlink /proc/self/exe"));
-  for (const auto& candidate :
-       {self.parent_path() / "layerx-extractor",
-        self.parent_path() / ".." / "libexec" / "layerx" / "layerx-extractor"}) {
+  if (!ec) {
+    candidates.push_back(self.parent_path() / "layerx-extractor");
+    candidates.push_back(self.parent_path() / ".." / "libexec" / "layerx" / "layerx-extractor");
+  }
+#ifdef LAYERX_LIBDIR_TO_LIBEXEC
+  // A program that loads liblayerx (python3, a Go binary) lives elsewhere:
+  // look beside the library too, then where the install put the helper.
+  Dl_info info;
+  if (::dladdr(reinterpret_cast<void*>(&FindExtractor), &info) != 0 && info.dli_fname != nullptr) {
+    std::filesystem::path lib = std::filesystem::canonical(info.dli_fname, ec);
+    if (!ec) candidates.push_back(lib.parent_path() / LAYERX_LIBDIR_TO_LIBEXEC / "layerx-extractor");
+  }
+#endif
+#ifdef LAYERX_INSTALL_LIBEXECDIR
+  candidates.push_back(std::filesystem::path(LAYERX_INSTALL_LIBEXECDIR) / "layerx-extractor");
+#endif
+  for (const auto& candidate : candidates) {
     if (::access(candidate.c_str(), X_OK) == 0) return candidate.string();
   }
   return Fail(MakeError(ErrorKind::kPolicy,
-                        "layerx-extractor not found beside {:?} (set LAYERX_EXTRACTOR)",
+                        "layerx-extractor not found beside {:?} or liblayerx (set LAYERX_EXTRACTOR)",
                         self.string()));
 }
 
@@ -251,7 +266,7 @@ Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest&
   // next one starts (the layers and mkfs also watch both while they run).
   auto check_stop = [&]() -> Status {
     if (request.cancel != nullptr && request.cancel->load()) {
-      return Fail(MakeError(ErrorKind::kOs, "interrupted"));
+      return Fail(MakeError(ErrorKind::kCancelled, "interrupted"));
     }
     if (sandbox::MonotonicNs() >= deadline) {
       return Fail(MakeError(ErrorKind::kLimitExceeded, "job took longer than job_timeout_ms={}",
@@ -280,7 +295,7 @@ Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest&
       if (!verified) layer = Fail(std::move(verified).error());
     }
     if (!layer) {
-      return Fail(std::move(layer).error().With("layer {} ({})", input.index, source.display));
+      return Fail(std::move(layer).error().WithLayer(input.index, source.display));
     }
     log->info(
         "layer done: layer={} digest={} entries={} bytes={} setup_ms={:.2f} extract_ms={:.1f}",

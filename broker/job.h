@@ -64,7 +64,9 @@ struct ImageInfo {
 Result<ImageInfo> Inspect(const InspectRequest& request);
 
 // Where the extractor helper lives: $LAYERX_EXTRACTOR, else `layerx-extractor`
-// beside this executable, else ../libexec/layerx/layerx-extractor from it.
+// beside this executable, else ../libexec/layerx/layerx-extractor from it, else
+// the libexec dir relative to the loaded liblayerx, else the configured install
+// path (include/layerx/layerx.hpp documents the order for library users).
 Result<std::string> FindExtractor();
 
 }  // namespace layerx::broker

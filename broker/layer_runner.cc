@@ -26,7 +26,6 @@ namespace {
 
 constexpr size_t kFeedChunk = 1 << 20;
 constexpr size_t kMaxStderrBytes = 64 * 1024;
-constexpr size_t kMaxNameInError = 160;
 
 // The broker's side of one extractor: the fds it polls and what came back.
 class Session {
@@ -126,7 +125,7 @@ Status Session::DrainBlob() {
     LX_ASSIGN_OR_RETURN(std::optional<size_t> n, ReadBlob());
     if (n) continue;
     // A stream that is slow to end: wait for it, within the clock.
-    if (ctx_.cancel && ctx_.cancel->load()) return Fail(MakeError(ErrorKind::kOs, "interrupted"));
+    if (ctx_.cancel && ctx_.cancel->load()) return Fail(MakeError(ErrorKind::kCancelled, "interrupted"));
     if (sandbox::MonotonicNs() >= deadline_) return Fail(TimeoutError());
     struct pollfd pfd = {blob_.get(), POLLIN, 0};
     (void)::poll(&pfd, 1, 100);
@@ -235,14 +234,8 @@ Status Session::HandleMessage(kj::ArrayPtr<const capnp::word> words) {
         Error error(static_cast<ErrorKind>(kind), err, std::move(message));
         auto entry = f.getEntry();
         if (entry.size() > 0) {
-          // Untrusted and possibly huge: escaped by {:?}, and cut to keep one readable line.
-          std::string name(reinterpret_cast<const char*>(entry.begin()), entry.size());
-          if (name.size() > kMaxNameInError) {
-            error = std::move(error).With("entry {:?}... ({} bytes)",
-                                          name.substr(0, kMaxNameInError), name.size());
-          } else {
-            error = std::move(error).With("entry {:?}", name);
-          }
+          error = std::move(error).WithEntry(
+              std::string(reinterpret_cast<const char*>(entry.begin()), entry.size()));
         }
         failure_ = std::move(error);
         return {};
@@ -393,7 +386,7 @@ Status Session::Run(const LayerInput& layer) {
   bool exited = false;
   while (!exited || !channel_eof_ || stderr_.valid()) {
     if (ctx_.cancel && ctx_.cancel->load()) {
-      return Fail(MakeError(ErrorKind::kOs, "interrupted"));  // ~Child kills and reaps
+      return Fail(MakeError(ErrorKind::kCancelled, "interrupted"));  // ~Child kills and reaps
     }
     int64_t now = sandbox::MonotonicNs();
     if (now >= deadline_) return Fail(TimeoutError());

@@ -1,22 +1,23 @@
-// `layerx`: the command line. A thin user of the broker's job API.
+// `layerx`: the command line. A thin user of the public API
+// (include/layerx/layerx.hpp), linked against liblayerx like any other user.
 #include <signal.h>
 #include <unistd.h>
 
+#include <fmt/format.h>
+
 #include <CLI/CLI.hpp>
-#include <atomic>
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <nlohmann/json.hpp>
 
-#include "broker/job.h"
-#include "broker/logging.h"
-#include "policy/policy_file.h"
+#include "layerx/layerx.hpp"
 
 namespace {
 
-std::atomic<bool> g_cancel{false};
+layerx::CancelToken g_cancel;
 
-void OnSignal(int) { g_cancel.store(true); }
+void OnSignal(int) { g_cancel.Cancel(); }
 
 constexpr const char* kExtractHelp =
     R"(Apply container image layers, lowest first, each in its own jail.
@@ -50,83 +51,38 @@ Examples:
 
 Exit status: 0 ok, 1 refused or failed, 2 usage error.)";
 
-void PrintError(const layerx::Error& error) {
-  // One line, whatever the bytes of the names in it ({:?} escaped them).
-  std::string line = error.ToString();
-  for (char& c : line) {
-    if (c == '\n' || c == '\r') c = ' ';
-  }
-  std::fprintf(stderr, "layerx: %s\n", line.c_str());
+void PrintError(const layerx::ExtractError& error) {
+  std::fprintf(stderr, "layerx: %s\n", error.message.c_str());
 }
 
-// The default policy, or the one in `path` read over it.
-layerx::Result<layerx::policy::Policy> LoadPolicy(const std::string& path) {
-  if (path.empty()) return layerx::policy::DefaultPolicy();
-  return layerx::policy::LoadPolicyFile(path);
+// Exit status: 2 for a usage error (a bad request, source name or policy
+// file), 1 for everything the input or the system caused.
+int ExitStatus(const layerx::ExtractError& error) {
+  return error.kind == layerx::FailureKind::kUsage ? 2 : 1;
 }
 
-int Inspect(const std::vector<std::string>& sources, const std::string& platform, bool as_json,
-            const std::string& policy_file) {
-  using namespace layerx;
-  auto policy = LoadPolicy(policy_file);
-  if (!policy) {
-    PrintError(policy.error());
-    return 2;
+int Inspect(const layerx::InspectRequest& request, bool as_json) {
+  layerx::ImageInfo info;
+  layerx::ExtractError error;
+  if (!layerx::Inspect(request, &info, &error)) {
+    PrintError(error);
+    return ExitStatus(error);
   }
-  broker::InspectRequest request{.sources = sources, .policy = *policy};
-  if (!platform.empty()) {
-    auto parsed = broker::Platform::Parse(platform);
-    if (!parsed) {
-      PrintError(parsed.error());
-      return 2;
-    }
-    request.platform = *parsed;
-  }
-  auto info = broker::Inspect(request);
-  if (!info) {
-    PrintError(info.error());
-    return info.error().kind() == ErrorKind::kPolicy ? 2 : 1;
-  }
-  nlohmann::ordered_json config = nlohmann::ordered_json::parse(info->config, nullptr, false);
-  nlohmann::ordered_json summary = nlohmann::ordered_json::object();
-  if (config.is_object()) {
-    for (const char* key : {"os", "architecture", "variant"}) {
-      if (config.contains(key)) summary[key] = config[key];
-    }
-    if (config.contains("config") && config["config"].is_object()) {
-      for (const char* key :
-           {"User", "Env", "Entrypoint", "Cmd", "WorkingDir", "ExposedPorts", "Labels"}) {
-        if (config["config"].contains(key)) summary[key] = config["config"][key];
-      }
-    }
-  }
+  std::string json = layerx::ToJson(info);
   if (as_json) {
-    nlohmann::ordered_json out;
-    if (!info->manifest_digest.empty()) out["manifest_digest"] = info->manifest_digest;
-    if (!info->config_digest.empty()) out["config_digest"] = info->config_digest;
-    out["layers"] = nlohmann::ordered_json::array();
-    for (size_t i = 0; i < info->layers.size(); ++i) {
-      const auto& l = info->layers[i];
-      out["layers"].push_back({{"index", i + 1},
-                               {"name", l.name},
-                               {"digest", l.digest},
-                               {"diff_id", l.diff_id},
-                               {"media_type", l.media_type},
-                               {"size", l.size}});
-    }
-    out["config"] = summary;
-    std::printf("%s\n", out.dump(2).c_str());
+    std::printf("%s\n", json.c_str());
     return 0;
   }
-  if (!info->manifest_digest.empty()) std::printf("manifest  %s\n", info->manifest_digest.c_str());
-  if (!info->config_digest.empty()) std::printf("config    %s\n", info->config_digest.c_str());
-  for (size_t i = 0; i < info->layers.size(); ++i) {
-    const auto& l = info->layers[i];
+  if (!info.manifest_digest.empty()) std::printf("manifest  %s\n", info.manifest_digest.c_str());
+  if (!info.config_digest.empty()) std::printf("config    %s\n", info.config_digest.c_str());
+  for (size_t i = 0; i < info.layers.size(); ++i) {
+    const auto& l = info.layers[i];
     std::printf("layer %-3zu %s  %12llu bytes  %s\n          diff_id %s\n", i + 1,
                 l.digest.empty() ? l.name.c_str() : l.digest.c_str(),
                 static_cast<unsigned long long>(l.size), l.media_type.c_str(),
                 l.diff_id.empty() ? "-" : l.diff_id.c_str());
   }
+  nlohmann::ordered_json summary = nlohmann::ordered_json::parse(json)["config"];
   for (auto it = summary.begin(); it != summary.end(); ++it) {
     std::printf("%-10s %s\n", it.key().c_str(), it.value().dump().c_str());
   }
@@ -138,7 +94,7 @@ int Inspect(const std::vector<std::string>& sources, const std::string& platform
 int main(int argc, char** argv) {
   using namespace layerx;
   CLI::App app{"layerx: extract untrusted container image layers in a jail"};
-  app.set_version_flag("--version", std::string("layerx ") + LAYERX_VERSION);
+  app.set_version_flag("--version", std::string("layerx ") + layerx::Version());
   app.require_subcommand(1);
   int verbosity = 0;
   bool quiet = false;
@@ -234,76 +190,79 @@ int main(int argc, char** argv) {
     return rc == 0 ? 0 : 2;
   }
 
-  auto level = quiet            ? spdlog::level::err
-               : verbosity >= 2 ? spdlog::level::debug
-               : verbosity == 1 ? spdlog::level::info
-                                : spdlog::level::warn;
-  broker::SetUpLogging(level);
-  ::signal(SIGPIPE, SIG_IGN);  // a dead extractor is EPIPE on its input pipe
+  using layerx::LogLevel;
+  LogLevel level = quiet            ? LogLevel::kError
+                   : verbosity >= 2 ? LogLevel::kDebug
+                   : verbosity == 1 ? LogLevel::kInfo
+                                    : LogLevel::kWarn;
+  bool tty = ::isatty(STDERR_FILENO) != 0;
+  // "warning broker: ..." as spdlog's pattern "%l %n: %v" had it; the level
+  // coloured on a terminal.
+  auto log = [tty](LogLevel l, std::string_view component, std::string_view message) {
+    static constexpr const char* kNames[] = {"", "debug", "info", "warning", "error"};
+    static constexpr const char* kColours[] = {"", "\033[36m", "\033[32m", "\033[33;1m",
+                                               "\033[31;1m"};
+    int i = std::clamp(static_cast<int>(l), 1, 4);
+    std::fprintf(stderr, "%s%s%s %.*s: %.*s\n", tty ? kColours[i] : "", kNames[i],
+                 tty ? "\033[m" : "", static_cast<int>(component.size()), component.data(),
+                 static_cast<int>(message.size()), message.data());
+  };
+  // The library blocks SIGPIPE on its thread; a CLI may as well ignore it.
+  ::signal(SIGPIPE, SIG_IGN);
   struct sigaction sa = {};
   sa.sa_handler = OnSignal;
   sigaction(SIGINT, &sa, nullptr);
   sigaction(SIGTERM, &sa, nullptr);
 
   if (inspect->parsed()) {
-    return Inspect(inspect_sources, inspect_platform, inspect_json, policy_file);
+    return Inspect(layerx::InspectRequest{.sources = inspect_sources,
+                                          .platform = inspect_platform,
+                                          .policy_file = policy_file,
+                                          .extractor_path = {}},
+                   inspect_json);
   }
   if (policy_show->parsed()) {
-    auto shown = LoadPolicy(policy_file);
-    if (!shown) {
-      PrintError(shown.error());
+    std::string toml;
+    layerx::ExtractError error;
+    if (!layerx::ShowPolicy(policy_file, "", &toml, &error)) {
+      PrintError(error);
       return 2;
     }
-    std::printf("%s", policy::FormatPolicyToml(*shown).c_str());
+    std::printf("%s", toml.c_str());
     return 0;
   }
 
-  broker::ExtractRequest request;
-  request.layers = layers;
-  if (!rootfs.empty()) request.rootfs = rootfs;
-  if (!manifest.empty()) request.manifest = manifest;
-  if (!config.empty()) request.config = config;
-  if (!platform.empty()) {
-    auto parsed = broker::Platform::Parse(platform);
-    if (!parsed) {
-      std::fprintf(stderr, "layerx: %s\n", parsed.error().ToString().c_str());
-      return 2;
-    }
-    request.platform = *parsed;
-  }
-  if (!ext4.empty()) request.ext4 = ext4;
+  layerx::ExtractRequest request;
+  request.sources = layers;
+  request.platform = platform;
+  request.rootfs = rootfs;
+  request.manifest = manifest;
+  request.config = config;
+  request.ext4 = ext4;
   request.scratch_dir = scratch;
-  if (size > 0) request.ext4_options.size_bytes = size;
-  request.ext4_options.block_size = block_size;
-  if (inode_ratio > 0) request.ext4_options.inode_ratio = inode_ratio;
-  request.ext4_options.label = label;
-  if (!uuid.empty()) request.ext4_options.uuid = uuid;
+  layerx::Ext4Settings& e = request.ext4_settings;
+  e.size_bytes = size;
+  e.block_size = block_size;
+  e.inode_ratio = inode_ratio;
+  e.label = label;
+  e.uuid = uuid;
   if (const char* epoch = std::getenv("SOURCE_DATE_EPOCH"); epoch != nullptr && *epoch != '\0') {
-    request.ext4_options.reproducible = true;
-    request.ext4_options.source_date_epoch = std::strtoll(epoch, nullptr, 10);
+    e.reproducible = true;
+    e.source_date_epoch = std::strtoll(epoch, nullptr, 10);
   }
-  request.ext4_options.reproducible |= reproducible;
-  auto base = LoadPolicy(policy_file);
-  if (!base) {
-    PrintError(base.error());
-    return 2;
-  }
-  policy::PolicyBuilder builder(*base);
-  if (timeout_s > 0) builder.LayerTimeoutMs(static_cast<uint64_t>(timeout_s * 1000));
-  if (job_timeout_s > 0) builder.JobTimeoutMs(static_cast<uint64_t>(job_timeout_s * 1000));
-  auto policy = builder.Build();
-  if (!policy) {
-    PrintError(policy.error());
-    return 2;
-  }
-  request.policy = *policy;
+  e.reproducible |= reproducible;
+  request.policy_file = policy_file;
+  if (timeout_s > 0) request.layer_timeout_ms = static_cast<uint64_t>(timeout_s * 1000);
+  if (job_timeout_s > 0) request.job_timeout_ms = static_cast<uint64_t>(job_timeout_s * 1000);
   request.cancel = &g_cancel;
+  request.log = log;
+  request.min_log_level = level;
   // A progress line on a terminal: the layer, how much of its blob went in,
   // how many entries came back.
   bool progress_shown = false;
-  if (::isatty(STDERR_FILENO) && level != spdlog::level::err) {
-    request.progress = [&progress_shown](const broker::LayerProgress& p) {
-      std::string line = fmt::format("layer {}/{}", p.index, p.layers);
+  if (tty && level != LogLevel::kError) {
+    request.progress = [&progress_shown](const layerx::Progress& p) {
+      std::string line = fmt::format("layer {}/{}", p.layer, p.layers);
       if (p.blob_bytes > 0) {
         int filled =
             static_cast<int>(24 * std::min<uint64_t>(p.bytes_fed, p.blob_bytes) / p.blob_bytes);
@@ -312,47 +271,18 @@ int main(int argc, char** argv) {
       } else {
         line += fmt::format(" {:.1f} MB", p.bytes_fed / 1e6);
       }
-      line += fmt::format("  {} entries", p.records);
+      line += fmt::format("  {} entries", p.entries);
       std::fprintf(stderr, "\r\033[K%s%s", line.c_str(), p.done ? "\n" : "");
       progress_shown = !p.done;
     };
   }
 
-  auto report = broker::RunExtract(request);
-  if (!report) {
+  layerx::ExtractResult result = layerx::Extract(request);
+  if (!result.ok()) {
     if (progress_shown) std::fputs("\r\033[K", stderr);
-    PrintError(report.error());
-    return report.error().kind() == ErrorKind::kPolicy ? 2 : 1;
+    PrintError(result.error());
+    return ExitStatus(result.error());
   }
-  if (json) {
-    nlohmann::ordered_json out;
-    out["entries"] = report->final_entries;
-    out["seconds"] = report->total_ns / 1e9;
-    if (!report->manifest_digest.empty()) out["manifest_digest"] = report->manifest_digest;
-    if (report->ext4) {
-      out["ext4"] = {{"size_bytes", report->ext4->plan.size_bytes},
-                     {"content_bytes", report->ext4->plan.content_bytes},
-                     {"inodes", report->ext4->plan.inodes},
-                     {"mkfs_ms", report->ext4->mkfs_ns / 1e6},
-                     {"ownership_pass_ms", report->ext4->pass_ns / 1e6}};
-    }
-    for (const auto& l : report->layers) {
-      out["layers"].push_back({{"index", l.index},
-                               {"path", l.path},
-                               {"digest", l.compressed_digest},
-                               {"diff_id", l.uncompressed_digest},
-                               {"compressed_bytes", l.compressed_bytes},
-                               {"uncompressed_bytes", l.uncompressed_bytes},
-                               {"entries", l.entries},
-                               {"file_bytes", l.file_bytes},
-                               {"setup_ms", l.setup_ns / 1e6},
-                               {"extract_ms", l.extract_ns / 1e6},
-                               {"records_send_ms", l.send_ns / 1e6},
-                               {"merge_ms", l.merge_ns / 1e6},
-                               {"extractor_peak_rss_kib", l.extractor_peak_rss_kib},
-                               {"total_ms", l.total_ns / 1e6}});
-    }
-    std::printf("%s\n", out.dump(2).c_str());
-  }
+  if (json) std::printf("%s\n", layerx::ToJson(result.report()).c_str());
   return 0;
 }

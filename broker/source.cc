@@ -122,12 +122,12 @@ Result<std::string> ReadBlob(int dir, const Descriptor& d) {
   sha.Update(bytes.data(), bytes.size());
   std::string got = sha.Finish();
   if (got != d.digest) {
-    return Fail(
-        Bad(fmt::format("blob {} does not match its digest (content is {})", d.digest, got)));
+    return Fail(MakeError(ErrorKind::kIntegrity, "blob {} does not match its digest (content is {})",
+                          d.digest, got));
   }
   if (d.size && *d.size != bytes.size()) {
-    return Fail(Bad(
-        fmt::format("blob {} is {} bytes, descriptor says {}", d.digest, bytes.size(), *d.size)));
+    return Fail(MakeError(ErrorKind::kIntegrity, "blob {} is {} bytes, descriptor says {}",
+                          d.digest, bytes.size(), *d.size));
   }
   return bytes;
 }

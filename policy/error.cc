@@ -20,6 +20,10 @@ const char* ErrorKindName(ErrorKind kind) {
       return "extractor failure";
     case ErrorKind::kInternal:
       return "internal";
+    case ErrorKind::kIntegrity:
+      return "integrity";
+    case ErrorKind::kCancelled:
+      return "cancelled";
   }
   return "unknown";
 }
@@ -28,6 +32,23 @@ std::string ErrnoName(int err) {
   const char* name = strerrorname_np(err);
   if (name != nullptr) return name;
   return fmt::format("errno {}", err);
+}
+
+Error Error::WithLayer(size_t index, const std::string& name) && {
+  layer_index_ = index;
+  layer_name_ = name;
+  return std::move(*this).With("layer {} ({})", index, name);
+}
+
+Error Error::WithEntry(const std::string& untrusted_name) && {
+  entry_ = untrusted_name;
+  // Untrusted and possibly huge: escaped by {:?}, and cut to keep one readable line.
+  constexpr size_t kMaxNameInError = 160;
+  if (untrusted_name.size() > kMaxNameInError) {
+    return std::move(*this).With("entry {:?}... ({} bytes)",
+                                 untrusted_name.substr(0, kMaxNameInError), untrusted_name.size());
+  }
+  return std::move(*this).With("entry {:?}", untrusted_name);
 }
 
 std::string Error::ToString() const {

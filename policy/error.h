@@ -18,6 +18,9 @@ enum class ErrorKind {
   kPolicy,           // bad configuration or usage
   kPeer,             // the extractor died or broke the protocol
   kInternal,         // our bug
+  // Appended: the extractor's Failure record may only claim the kinds above.
+  kIntegrity,  // content does not match its digest, size or diff_id
+  kCancelled,  // the caller cancelled (a signal, a cancel token)
 };
 
 const char* ErrorKindName(ErrorKind kind);
@@ -45,6 +48,14 @@ class Error {
     return std::move(copy).With(format, std::forward<Args>(args)...);
   }
 
+  // The same, recorded for callers that want it structured (the library's
+  // ExtractError) as well as in the context.
+  Error WithLayer(size_t index, const std::string& name) &&;
+  Error WithEntry(const std::string& untrusted_name) &&;
+  size_t layer_index() const { return layer_index_; }  // 1-based; 0: none
+  const std::string& layer_name() const { return layer_name_; }
+  const std::string& entry() const { return entry_; }  // bytes, as named in the layer
+
   // "layer 2 (sha256:ab12...): entry \"usr/x\": openat2: ELOOP"
   std::string ToString() const;
 
@@ -53,6 +64,9 @@ class Error {
   int errno_;
   std::string message_;
   std::vector<std::string> context_;  // innermost first
+  size_t layer_index_ = 0;
+  std::string layer_name_;
+  std::string entry_;
 };
 
 template <typename... Args>

@@ -170,6 +170,15 @@ Result<Child> Spawn(const SpawnRequest& r) {
   args.pidfd = reinterpret_cast<uint64_t>(&pidfd);
   args.exit_signal = SIGCHLD;
   long pid = ::syscall(SYS_clone3, &args, sizeof(args));
+  if (pid < 0 && errno == ENOSYS) {
+    // systemd's RestrictNamespaces= (packaging/systemd/layerx.service) makes
+    // clone3 fail with ENOSYS because a seccomp filter cannot look into its
+    // argument struct; clone(2) carries the flags in a register, where the
+    // filter checks them against the allowed namespaces. Same child, same
+    // pidfd (returned through parent_tid); x86_64 order: flags, stack,
+    // parent_tid, child_tid, tls.
+    pid = ::syscall(SYS_clone, args.flags | SIGCHLD, nullptr, &pidfd, nullptr, nullptr);
+  }
   if (pid < 0) return Fail(OsError(errno, "clone3 into new namespaces"));
   if (pid == 0) ChildExec(plan);
 
@@ -193,7 +202,7 @@ Result<Child> Spawn(const SpawnRequest& r) {
   } while (n < 0 && errno == EINTR);
   if (n == sizeof(report)) {
     (void)child.Wait();
-    return Fail(Error(ErrorKind::kOs, report.err,
+    return Fail(Error(ErrorKind::kPeer, report.err,
                       fmt::format("sandbox setup: {}", SetupStepName(report.step))));
   }
   return child;

@@ -55,7 +55,7 @@ class Child {
 
 // Clones the child, writes setgroups=deny and the uid/gid maps from
 // policy.ids, and returns once the program was exec'd. A failure in the
-// child before exec comes back as kOs naming the setup step.
+// child before exec comes back as kPeer (the jail could not be made) naming the setup step.
 Result<Child> Spawn(const SpawnRequest& request);
 
 }  // namespace layerx::sandbox

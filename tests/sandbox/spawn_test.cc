@@ -5,7 +5,11 @@
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <seccomp.h>
 #include <signal.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
 #include <stdlib.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -199,6 +203,29 @@ INSTANTIATE_TEST_SUITE_P(
       return name;
     });
 #endif
+
+// systemd's RestrictNamespaces= makes clone3 fail with ENOSYS (a filter cannot
+// read its flags); Spawn must fall back to clone(2) and build the same jail.
+TEST_F(SpawnTest, FallsBackToCloneWhenClone3IsFiltered) {
+  pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    scmp_filter_ctx ctx = seccomp_init(SCMP_ACT_ALLOW);
+    if (ctx == nullptr || seccomp_rule_add(ctx, SCMP_ACT_ERRNO(ENOSYS), SCMP_SYS(clone3), 0) != 0 ||
+        prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 || seccomp_load(ctx) != 0) {
+      _exit(3);
+    }
+    if (syscall(SYS_clone3, nullptr, 0) != -1 || errno != ENOSYS) _exit(4);
+    std::string err;
+    ExitStatus s = Run("write-rootfs", &err);
+    _exit(s.exited && s.code == 0 && access((dir_ + "/rootfs/written").c_str(), F_OK) == 0 ? 0
+                                                                                           : 1);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status)) << "signal " << WTERMSIG(status);
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "3: no filter, 4: clone3 not filtered, 1: jail failed";
+}
 
 TEST_F(SpawnTest, FailedSetupIsReportedWithItsStep) {
   auto program = OpenAt(AT_FDCWD, LAYERX_JAIL_PROBE, O_PATH);

@@ -1,0 +1,358 @@
+// The public C++ API (include/layerx/layerx.hpp) over the broker's job API:
+// requests in, reports or structured errors out. Nothing here decides anything
+// about layers; it translates.
+#include "layerx/layerx.hpp"
+
+#include <signal.h>
+#include <time.h>
+
+#include <nlohmann/json.hpp>
+
+#include "broker/job.h"
+#include "broker/logging.h"
+#include "policy/policy_file.h"
+
+#ifndef LAYERX_VERSION
+#error "LAYERX_VERSION must be defined by the build"
+#endif
+
+namespace layerx {
+
+namespace {
+
+FailureKind PublicKind(ErrorKind kind) {
+  switch (kind) {
+    case ErrorKind::kOs:
+      return FailureKind::kIo;
+    case ErrorKind::kInvalidInput:
+      return FailureKind::kInvalidInput;
+    case ErrorKind::kSafetyViolation:
+    case ErrorKind::kLimitExceeded:
+      return FailureKind::kRefused;
+    case ErrorKind::kPolicy:
+      return FailureKind::kUsage;
+    case ErrorKind::kPeer:
+      return FailureKind::kSandbox;
+    case ErrorKind::kIntegrity:
+      return FailureKind::kIntegrity;
+    case ErrorKind::kCancelled:
+      return FailureKind::kCancelled;
+    case ErrorKind::kInternal:
+      break;
+  }
+  return FailureKind::kInternal;
+}
+
+ExtractError PublicError(const Error& error) {
+  ExtractError out;
+  out.kind = PublicKind(error.kind());
+  out.sys_errno = error.err();
+  out.layer_index = error.layer_index();
+  out.layer = error.layer_name();
+  out.entry = error.entry();
+  out.reason = error.message();
+  // One line, whatever the bytes of the names in it ({:?} escaped them).
+  out.message = error.ToString();
+  for (char& c : out.message) {
+    if (c == '\n' || c == '\r') c = ' ';
+  }
+  return out;
+}
+
+// Writing to the pipe of an extractor that died raises SIGPIPE in the writing
+// thread. A library may not change the process's disposition, so the signal
+// is blocked on this thread for the call, and one left pending by it is taken
+// before the mask is restored (the write itself failed with EPIPE).
+class SigpipeBlock {
+ public:
+  SigpipeBlock() {
+    sigemptyset(&pipe_);
+    sigaddset(&pipe_, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &pipe_, &old_);
+  }
+  ~SigpipeBlock() {
+    if (!sigismember(&old_, SIGPIPE)) {
+      sigset_t pending;
+      struct timespec zero = {0, 0};
+      while (sigpending(&pending) == 0 && sigismember(&pending, SIGPIPE) &&
+             sigtimedwait(&pipe_, nullptr, &zero) == SIGPIPE) {
+      }
+    }
+    pthread_sigmask(SIG_SETMASK, &old_, nullptr);
+  }
+
+ private:
+  sigset_t pipe_, old_;
+};
+
+LogLevel PublicLevel(spdlog::level::level_enum level) {
+  switch (level) {
+    case spdlog::level::trace:
+    case spdlog::level::debug:
+      return LogLevel::kDebug;
+    case spdlog::level::info:
+      return LogLevel::kInfo;
+    case spdlog::level::warn:
+      return LogLevel::kWarn;
+    default:
+      return LogLevel::kError;
+  }
+}
+
+spdlog::level::level_enum InternalLevel(LogLevel level) {
+  switch (level) {
+    case LogLevel::kDebug:
+      return spdlog::level::debug;
+    case LogLevel::kInfo:
+      return spdlog::level::info;
+    case LogLevel::kWarn:
+      return spdlog::level::warn;
+    case LogLevel::kError:
+      break;
+  }
+  return spdlog::level::err;
+}
+
+broker::LogFunction InternalLog(const ExtractRequest& request) {
+  if (!request.log) return {};
+  return [&fn = request.log](spdlog::level::level_enum level, std::string_view component,
+                             std::string_view message) {
+    fn(PublicLevel(level), component, message);
+  };
+}
+
+Result<policy::Policy> LoadPolicy(const std::string& file, const std::string& toml) {
+  policy::Policy policy = policy::DefaultPolicy();
+  if (!file.empty()) {
+    LX_ASSIGN_OR_RETURN(policy, policy::LoadPolicyFile(file));
+  }
+  if (!toml.empty()) {
+    LX_ASSIGN_OR_RETURN(policy, policy::ParsePolicyToml(toml, "policy text", std::move(policy)));
+  }
+  return policy;
+}
+
+Result<broker::Platform> ParsePlatform(const std::string& text) {
+  if (text.empty()) return broker::Platform::Host();
+  return broker::Platform::Parse(text);
+}
+
+Result<broker::ExtractRequest> InternalRequest(const ExtractRequest& r) {
+  broker::ExtractRequest out;
+  out.layers = r.sources;
+  LX_ASSIGN_OR_RETURN(out.platform, ParsePlatform(r.platform));
+  if (!r.rootfs.empty()) out.rootfs = r.rootfs;
+  if (!r.ext4.empty()) out.ext4 = r.ext4;
+  if (!r.manifest.empty()) out.manifest = r.manifest;
+  if (!r.config.empty()) out.config = r.config;
+  const Ext4Settings& e = r.ext4_settings;
+  if (e.block_size != 1024 && e.block_size != 2048 && e.block_size != 4096) {
+    return Fail(MakeError(ErrorKind::kPolicy, "ext4 block size {}: 1024, 2048 or 4096", e.block_size));
+  }
+  if (e.label.size() > 16) {
+    return Fail(MakeError(ErrorKind::kPolicy, "ext4 label {:?}: at most 16 bytes", e.label));
+  }
+  if (e.size_bytes > 0) out.ext4_options.size_bytes = e.size_bytes;
+  out.ext4_options.block_size = e.block_size;
+  if (e.inode_ratio > 0) out.ext4_options.inode_ratio = e.inode_ratio;
+  out.ext4_options.label = e.label;
+  if (!e.uuid.empty()) out.ext4_options.uuid = e.uuid;
+  out.ext4_options.reproducible = e.reproducible;
+  if (e.source_date_epoch >= 0) out.ext4_options.source_date_epoch = e.source_date_epoch;
+
+  LX_ASSIGN_OR_RETURN(policy::Policy base, LoadPolicy(r.policy_file, r.policy_toml));
+  policy::PolicyBuilder builder(std::move(base));
+  if (r.layer_timeout_ms > 0) builder.LayerTimeoutMs(r.layer_timeout_ms);
+  if (r.job_timeout_ms > 0) builder.JobTimeoutMs(r.job_timeout_ms);
+  LX_ASSIGN_OR_RETURN(out.policy, builder.Build());
+  out.scratch_dir = r.scratch_dir;
+  out.extractor_path = r.extractor_path;
+  if (r.cancel != nullptr) out.cancel = r.cancel->flag();
+  if (r.progress) {
+    out.progress = [&fn = r.progress](const broker::LayerProgress& p) {
+      fn(Progress{.layer = p.index,
+                  .layers = p.layers,
+                  .bytes_fed = p.bytes_fed,
+                  .blob_bytes = p.blob_bytes,
+                  .entries = p.records,
+                  .done = p.done});
+    };
+  }
+  return out;
+}
+
+ExtractReport PublicReport(const broker::JobReport& job) {
+  ExtractReport out;
+  out.entries = job.final_entries;
+  out.seconds = job.total_ns / 1e9;
+  out.manifest_digest = job.manifest_digest;
+  for (const broker::LayerReport& l : job.layers) {
+    out.layers.push_back(LayerSummary{.index = l.index,
+                                      .name = l.path,
+                                      .digest = l.compressed_digest,
+                                      .diff_id = l.uncompressed_digest,
+                                      .compressed_bytes = l.compressed_bytes,
+                                      .uncompressed_bytes = l.uncompressed_bytes,
+                                      .entries = l.entries,
+                                      .file_bytes = l.file_bytes,
+                                      .setup_ms = l.setup_ns / 1e6,
+                                      .extract_ms = l.extract_ns / 1e6,
+                                      .send_ms = l.send_ns / 1e6,
+                                      .merge_ms = l.merge_ns / 1e6,
+                                      .total_ms = l.total_ns / 1e6,
+                                      .extractor_peak_rss_kib = l.extractor_peak_rss_kib});
+  }
+  if (job.ext4) {
+    out.ext4 = Ext4Summary{.size_bytes = job.ext4->plan.size_bytes,
+                           .content_bytes = job.ext4->plan.content_bytes,
+                           .inodes = job.ext4->plan.inodes,
+                           .mkfs_ms = job.ext4->mkfs_ns / 1e6,
+                           .ownership_pass_ms = job.ext4->pass_ns / 1e6};
+  }
+  return out;
+}
+
+}  // namespace
+
+const char* Version() { return LAYERX_VERSION; }
+
+const char* FailureKindName(FailureKind kind) {
+  switch (kind) {
+    case FailureKind::kRefused:
+      return "refused";
+    case FailureKind::kInvalidInput:
+      return "invalid input";
+    case FailureKind::kIntegrity:
+      return "integrity";
+    case FailureKind::kSandbox:
+      return "sandbox";
+    case FailureKind::kIo:
+      return "i/o";
+    case FailureKind::kUsage:
+      return "usage";
+    case FailureKind::kCancelled:
+      return "cancelled";
+    case FailureKind::kInternal:
+      break;
+  }
+  return "internal";
+}
+
+ExtractResult Extract(const ExtractRequest& request) {
+  broker::LogTarget target(InternalLog(request), InternalLevel(request.min_log_level));
+  SigpipeBlock sigpipe;
+  auto internal = InternalRequest(request);
+  if (!internal) return ExtractResult(PublicError(internal.error()));
+  auto report = broker::RunExtract(*internal);
+  if (!report) {
+    broker::Logger("broker")->debug("extract failed: {}", report.error().ToString());
+    return ExtractResult(PublicError(report.error()));
+  }
+  return ExtractResult(PublicReport(*report));
+}
+
+bool Inspect(const InspectRequest& request, ImageInfo* info, ExtractError* error) {
+  broker::LogTarget target({}, spdlog::level::off);
+  SigpipeBlock sigpipe;
+  auto fail = [error](const Error& e) {
+    if (error != nullptr) *error = PublicError(e);
+    return false;
+  };
+  auto policy = LoadPolicy(request.policy_file, "");
+  if (!policy) return fail(policy.error());
+  auto platform = ParsePlatform(request.platform);
+  if (!platform) return fail(platform.error());
+  auto got = broker::Inspect(broker::InspectRequest{.sources = request.sources,
+                                                    .platform = *platform,
+                                                    .policy = *policy,
+                                                    .extractor_path = request.extractor_path});
+  if (!got) return fail(got.error());
+  if (info == nullptr) return true;
+  *info = ImageInfo{.manifest_digest = got->manifest_digest,
+                    .config_digest = got->config_digest,
+                    .config = got->config,
+                    .layers = {}};
+  for (const auto& l : got->layers) {
+    info->layers.push_back(ImageInfo::Layer{
+        .name = l.name, .digest = l.digest, .diff_id = l.diff_id, .media_type = l.media_type,
+        .size = l.size});
+  }
+  return true;
+}
+
+bool ShowPolicy(const std::string& policy_file, const std::string& policy_toml, std::string* toml,
+                ExtractError* error) {
+  auto policy = LoadPolicy(policy_file, policy_toml);
+  if (!policy) {
+    if (error != nullptr) *error = PublicError(policy.error());
+    return false;
+  }
+  if (toml != nullptr) *toml = policy::FormatPolicyToml(*policy);
+  return true;
+}
+
+std::string ToJson(const ExtractReport& report) {
+  nlohmann::ordered_json out;
+  out["entries"] = report.entries;
+  out["seconds"] = report.seconds;
+  if (!report.manifest_digest.empty()) out["manifest_digest"] = report.manifest_digest;
+  if (report.ext4) {
+    out["ext4"] = {{"size_bytes", report.ext4->size_bytes},
+                   {"content_bytes", report.ext4->content_bytes},
+                   {"inodes", report.ext4->inodes},
+                   {"mkfs_ms", report.ext4->mkfs_ms},
+                   {"ownership_pass_ms", report.ext4->ownership_pass_ms}};
+  }
+  out["layers"] = nlohmann::ordered_json::array();
+  for (const LayerSummary& l : report.layers) {
+    out["layers"].push_back({{"index", l.index},
+                             {"path", l.name},
+                             {"digest", l.digest},
+                             {"diff_id", l.diff_id},
+                             {"compressed_bytes", l.compressed_bytes},
+                             {"uncompressed_bytes", l.uncompressed_bytes},
+                             {"entries", l.entries},
+                             {"file_bytes", l.file_bytes},
+                             {"setup_ms", l.setup_ms},
+                             {"extract_ms", l.extract_ms},
+                             {"records_send_ms", l.send_ms},
+                             {"merge_ms", l.merge_ms},
+                             {"extractor_peak_rss_kib", l.extractor_peak_rss_kib},
+                             {"total_ms", l.total_ms}});
+  }
+  // Names are bytes: replace what is not UTF-8 rather than throw.
+  return out.dump(2, ' ', false, nlohmann::ordered_json::error_handler_t::replace);
+}
+
+std::string ToJson(const ImageInfo& info) {
+  nlohmann::ordered_json config = nlohmann::ordered_json::parse(info.config, nullptr, false);
+  nlohmann::ordered_json summary = nlohmann::ordered_json::object();
+  if (config.is_object()) {
+    for (const char* key : {"os", "architecture", "variant"}) {
+      if (config.contains(key)) summary[key] = config[key];
+    }
+    if (config.contains("config") && config["config"].is_object()) {
+      for (const char* key :
+           {"User", "Env", "Entrypoint", "Cmd", "WorkingDir", "ExposedPorts", "Labels"}) {
+        if (config["config"].contains(key)) summary[key] = config["config"][key];
+      }
+    }
+  }
+  nlohmann::ordered_json out;
+  if (!info.manifest_digest.empty()) out["manifest_digest"] = info.manifest_digest;
+  if (!info.config_digest.empty()) out["config_digest"] = info.config_digest;
+  out["layers"] = nlohmann::ordered_json::array();
+  for (size_t i = 0; i < info.layers.size(); ++i) {
+    const auto& l = info.layers[i];
+    out["layers"].push_back({{"index", i + 1},
+                             {"name", l.name},
+                             {"digest", l.digest},
+                             {"diff_id", l.diff_id},
+                             {"media_type", l.media_type},
+                             {"size", l.size}});
+  }
+  out["config"] = summary;
+  return out.dump(2, ' ', false, nlohmann::ordered_json::error_handler_t::replace);
+}
+
+}  // namespace layerx
