@@ -31,6 +31,8 @@ namespace {
 
 uint64_t RoundUp(uint64_t v, uint64_t to) { return (v + to - 1) / to * to; }
 
+constexpr uint16_t kMaxLinks = 65000;  // EXT4_LINK_MAX
+
 Error Ext2Error(errcode_t code, std::string what) {
   return Error(ErrorKind::kOs, 0, fmt::format("{}: {}", what, error_message(code)));
 }
@@ -160,14 +162,22 @@ class OwnershipPass {
       fs_->now = static_cast<time_t>(std::max<int64_t>(*epoch_, 1));
       ext2fs_mark_super_dirty(fs_);
     }
-    // What the tree has and the copy could not: device nodes (rootless).
+    // What the tree has and the copy could not: device nodes (on no disk). The
+    // names of one hardlinked device are one inode: made at the first name,
+    // linked at the others.
+    std::unordered_map<const Inode*, ext2_ino_t> made;
     for (const auto& [path, inode] : tree_.entries()) {
       if (ino_of_.contains(path)) continue;
       const EntryRecord& m = inode->meta;
       if (m.kind != Kind::kChar && m.kind != Kind::kBlock && m.kind != Kind::kFifo) {
         return Fail(MakeError(ErrorKind::kInternal, "ext4: {:?} missing from the copy", path));
       }
-      LX_TRY(MakeSpecial(path, m));
+      if (auto it = made.find(inode.get()); it != made.end()) {
+        LX_TRY(LinkSpecial(path, it->second, m));
+        continue;
+      }
+      LX_ASSIGN_OR_RETURN(ext2_ino_t ino, MakeSpecial(path, m));
+      made.emplace(inode.get(), ino);
     }
     return {};
   }
@@ -294,29 +304,64 @@ class OwnershipPass {
     return {};
   }
 
-  // A device node or fifo the copy lacks: a new inode linked into its parent.
-  Status MakeSpecial(const std::string& path, const EntryRecord& m) {
+  static int FileType(Kind kind) {
+    return kind == Kind::kChar    ? EXT2_FT_CHRDEV
+           : kind == Kind::kBlock ? EXT2_FT_BLKDEV
+                                  : EXT2_FT_FIFO;
+  }
+
+  // Enters `ino` in the directory that holds `path`, under its last component.
+  Status LinkInto(const std::string& path, ext2_ino_t ino, int filetype) {
     size_t slash = path.rfind('/');
     std::string parent = slash == std::string::npos ? "" : path.substr(0, slash);
     std::string name = slash == std::string::npos ? path : path.substr(slash + 1);
     auto pit = ino_of_.find(parent);
     if (pit == ino_of_.end())
       return Fail(MakeError(ErrorKind::kInternal, "ext4: no parent for {:?}", path));
-    mode_t type = m.kind == Kind::kChar    ? LINUX_S_IFCHR
-                  : m.kind == Kind::kBlock ? LINUX_S_IFBLK
-                                           : LINUX_S_IFIFO;
-    int filetype = m.kind == Kind::kChar    ? EXT2_FT_CHRDEV
-                   : m.kind == Kind::kBlock ? EXT2_FT_BLKDEV
-                                            : EXT2_FT_FIFO;
-    ext2_ino_t ino;
-    errcode_t rc = ext2fs_new_inode(fs_, pit->second, static_cast<int>(type), nullptr, &ino);
-    if (rc) return Fail(Ext2Error(rc, fmt::format("ext4: new inode for {:?}", path)));
-    rc = ext2fs_link(fs_, pit->second, name.c_str(), ino, filetype);
+    errcode_t rc = ext2fs_link(fs_, pit->second, name.c_str(), ino, filetype);
     if (rc == EXT2_ET_DIR_NO_SPACE) {
       rc = ext2fs_expand_dir(fs_, pit->second);
       if (!rc) rc = ext2fs_link(fs_, pit->second, name.c_str(), ino, filetype);
     }
     if (rc) return Fail(Ext2Error(rc, fmt::format("ext4: link {:?}", path)));
+    ino_of_[path] = ino;
+    return {};
+  }
+
+  // Another name of a device node made by MakeSpecial: a directory entry and
+  // one more link on the inode.
+  Status LinkSpecial(const std::string& path, ext2_ino_t ino, const EntryRecord& m) {
+    LX_TRY(LinkInto(path, ino, FileType(m.kind)));
+    struct ext2_inode_large inode;
+    errcode_t rc =
+        ext2fs_read_inode_full(fs_, ino, reinterpret_cast<ext2_inode*>(&inode), sizeof(inode));
+    if (rc) return Fail(Ext2Error(rc, fmt::format("ext4: read inode for {:?}", path)));
+    // 16 bits on disk, and the kernel's EXT4_LINK_MAX: a layer may name one
+    // device more often than that, which must not wrap the count.
+    if (inode.i_links_count >= kMaxLinks) {
+      return Fail(MakeError(ErrorKind::kLimitExceeded, "ext4: {:?}: over {} links to one inode",
+                            path, kMaxLinks));
+    }
+    ++inode.i_links_count;
+    rc = ext2fs_write_inode_full(fs_, ino, reinterpret_cast<ext2_inode*>(&inode), sizeof(inode));
+    if (rc) return Fail(Ext2Error(rc, fmt::format("ext4: write inode for {:?}", path)));
+    return {};
+  }
+
+  // A device node or fifo the copy lacks: a new inode linked into its parent.
+  Result<ext2_ino_t> MakeSpecial(const std::string& path, const EntryRecord& m) {
+    size_t slash = path.rfind('/');
+    std::string parent = slash == std::string::npos ? "" : path.substr(0, slash);
+    auto pit = ino_of_.find(parent);
+    if (pit == ino_of_.end())
+      return Fail(MakeError(ErrorKind::kInternal, "ext4: no parent for {:?}", path));
+    mode_t type = m.kind == Kind::kChar    ? LINUX_S_IFCHR
+                  : m.kind == Kind::kBlock ? LINUX_S_IFBLK
+                                           : LINUX_S_IFIFO;
+    ext2_ino_t ino;
+    errcode_t rc = ext2fs_new_inode(fs_, pit->second, static_cast<int>(type), nullptr, &ino);
+    if (rc) return Fail(Ext2Error(rc, fmt::format("ext4: new inode for {:?}", path)));
+    LX_TRY(LinkInto(path, ino, FileType(m.kind)));
     ext2fs_inode_alloc_stats2(fs_, ino, +1, 0);
     struct ext2_inode_large inode;
     std::memset(&inode, 0, sizeof(inode));
@@ -336,8 +381,8 @@ class OwnershipPass {
     }
     rc = ext2fs_write_new_inode(fs_, ino, reinterpret_cast<ext2_inode*>(&inode));
     if (rc) return Fail(Ext2Error(rc, fmt::format("ext4: write inode {:?}", path)));
-    ino_of_[path] = ino;
-    return SetXattrs(ino, m, false);
+    LX_TRY(SetXattrs(ino, m, false));
+    return ino;
   }
 
   ext2_filsys fs_;

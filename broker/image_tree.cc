@@ -1,5 +1,8 @@
 #include "broker/image_tree.h"
 
+#include <iterator>
+#include <vector>
+
 #include "extractor/entry_name.h"
 #include "extractor/entry_rules.h"
 
@@ -80,6 +83,8 @@ void ImageTree::EraseSubtree(const std::string& path, bool include_self) {
   if (include_self) entries_.erase(path);
 }
 
+void ImageTree::BeginLayer() { this_layer_.clear(); }
+
 Status ImageTree::Add(EntryRecord r) {
   LX_TRY(Validate(r));
   LX_ASSIGN_OR_RETURN(bool admitted, extractor::ApplyEntryRules(rules_, r));
@@ -92,17 +97,29 @@ Status ImageTree::Add(EntryRecord r) {
   }
   if (r.kind == Kind::kHardlink) {
     auto target = entries_.find(r.hardlink_target);
-    if (target == entries_.end() || target->second->meta.kind == Kind::kDir) {
-      return Fail(Bad(fmt::format("hardlink target {:?} unknown", r.hardlink_target)));
+    if (target == entries_.end()) {
+      // The extractor sends a link whose target is on no disk when the
+      // target's directory exists: a device node may stand there, which only
+      // this tree has. None does: the layer's fault, not the extractor's.
+      return Fail(
+          MakeError(ErrorKind::kInvalidInput, "hardlink target {:?} not found", r.hardlink_target)
+              .WithEntry(r.path));
     }
+    // Directories are always on disk, where the extractor refuses them.
+    if (target->second->meta.kind == Kind::kDir) {
+      return Fail(Bad(fmt::format("hardlink to the directory {:?}", r.hardlink_target)));
+    }
+    if (r.path == r.hardlink_target) return {};  // asked only whether it exists
     std::shared_ptr<Inode> inode = target->second;
     EraseSubtree(r.path, /*include_self=*/false);
+    this_layer_.insert(r.path);
     entries_[r.path] = std::move(inode);
     return {};
   }
+  this_layer_.insert(r.path);
   auto it = entries_.find(r.path);
   if (it != entries_.end() && it->second->meta.kind == Kind::kDir && r.kind == Kind::kDir) {
-    // Dir on dir merges: new metadata, children stay.
+    // Dir on dir merges: new metadata, children stay (and stay their layers').
     it->second = std::make_shared<Inode>(Inode{std::move(r)});
     return {};
   }
@@ -113,10 +130,46 @@ Status ImageTree::Add(EntryRecord r) {
 }
 
 Status ImageTree::Add(RemovalRecord r) {
+  if (r.opaque_dir) return HideLower(r.path);
   if (r.path.empty() || !extractor::IsCanonicalPath(r.path)) {
     return Fail(Bad(fmt::format("removal of {:?}", r.path)));
   }
   EraseSubtree(r.path, /*include_self=*/true);
+  return {};
+}
+
+// SECURITY: an opaqueDir record only ever hides what LOWER layers put below a
+// directory; the same extractor could hide each of those names with a plain
+// removal record anyway, so a lying one gains nothing by it. Like every other
+// record, it must name a directory the tree has, by a canonical path (the
+// root, "", is allowed: an opaque marker at the top of a layer).
+Status ImageTree::HideLower(const std::string& dir) {
+  if (!dir.empty() && !extractor::IsCanonicalPath(dir)) {
+    return Fail(Bad(fmt::format("opaque dir {:?}", dir)));
+  }
+  auto at = entries_.find(dir);
+  if (at == entries_.end() || at->second->meta.kind != Kind::kDir) {
+    return Fail(Bad(fmt::format("opaque dir {:?} is no directory in the tree", dir)));
+  }
+  // Below "p": from "p/" to "p0" ('0' follows '/'); below the root: all but "".
+  auto first = dir.empty() ? std::next(at) : entries_.lower_bound(dir + "/");
+  auto last = dir.empty() ? entries_.end() : entries_.lower_bound(dir + "0");
+  // Backwards, so that every name is seen after all the names below it (they
+  // sort after it): a lower layer's directory stays when something of this
+  // layer stays below it, as the applier keeps it on disk (its touched_).
+  std::unordered_set<std::string> holds_this_layer;
+  std::vector<std::map<std::string, std::shared_ptr<Inode>>::iterator> hidden;
+  for (auto it = last; it != first;) {
+    --it;
+    const std::string& path = it->first;
+    if (this_layer_.contains(path) || holds_this_layer.contains(path)) {
+      std::string parent = ParentOf(path);
+      if (parent != dir) holds_this_layer.insert(std::move(parent));
+    } else {
+      hidden.push_back(it);
+    }
+  }
+  for (auto it : hidden) entries_.erase(it);
   return {};
 }
 

@@ -8,6 +8,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <unordered_set>
 
 #include "extractor/records.h"
 #include "policy/limits.h"
@@ -23,10 +24,18 @@ class ImageTree : public extractor::RecordSink {
  public:
   explicit ImageTree(const policy::Limits& limits, const policy::EntryRules& rules = {});
 
+  // The records that follow are the next layer's (the job calls it before each
+  // layer's extractor starts). What came before is "lower" to them.
+  void BeginLayer();
+
   // RecordSink: validate, apply the policy's entry rules (left out, stripped,
   // or kLimitExceeded), then merge. A removal drops the path and everything
   // below it; an entry replaces what its path held (a non-dir over a dir drops
-  // the subtree); a hardlink shares its target's inode.
+  // the subtree); a hardlink shares its target's inode. A hardlink whose target
+  // is not in the tree is kInvalidInput (the extractor cannot see device nodes,
+  // so a link to a missing one is bad input, not a lie); one to a directory
+  // is kPeer. An opaqueDir removal hides, below its directory, every entry of a
+  // lower layer except the directories leading to an entry of this layer.
   Status Add(extractor::EntryRecord record) override;
   Status Add(extractor::RemovalRecord record) override;
 
@@ -37,11 +46,18 @@ class ImageTree : public extractor::RecordSink {
  private:
   Status Validate(const extractor::EntryRecord& r) const;
   void EraseSubtree(const std::string& path, bool include_self);
+  Status HideLower(const std::string& dir);
 
   policy::Limits limits_;
   policy::EntryRules rules_;
   uint64_t file_bytes_ = 0;  // all layers: against max_image_bytes
   std::map<std::string, std::shared_ptr<Inode>> entries_;
+  // The names the current layer's records made (per name, not per inode: a
+  // link made now to a lower layer's inode is this layer's, its target is
+  // not). Only one layer's worth is kept: a name in the tree and not in here
+  // is a lower layer's. A name erased since stays in here harmlessly: it can
+  // only come back through a record of this layer.
+  std::unordered_set<std::string> this_layer_;
 };
 
 }  // namespace layerx::broker

@@ -460,6 +460,9 @@ Result<LayerReport> RunLayer(const RunContext& ctx, const LayerInput& layer, Ima
   LayerReport report;
   report.index = layer.index;
   report.path = layer.path;
+  // What the tree holds so far is lower to this layer's records (whiteouts and
+  // opaque markers hide lower entries only).
+  tree.BeginLayer();
   Session session(ctx, tree, report);
   LX_TRY(session.Run(layer));
   return report;

@@ -6,6 +6,9 @@
 #include <sys/sysmacros.h>
 #include <sys/xattr.h>
 
+#include <string>
+#include <unordered_map>
+
 #include "sandbox/sys.h"
 
 namespace layerx::broker {
@@ -48,6 +51,18 @@ Status MakeDevice(int rootfs_fd, const std::string& path, const extractor::Entry
   return {};
 }
 
+// Another name of the device node made at `first`: a hardlink, as in the
+// image, not a second node. linkat without AT_SYMLINK_FOLLOW never follows.
+Status LinkDevice(int rootfs_fd, const std::string& first, const std::string& path) {
+  std::string first_leaf, leaf;
+  LX_ASSIGN_OR_RETURN(UniqueFd first_parent, OpenParent(rootfs_fd, first, &first_leaf));
+  LX_ASSIGN_OR_RETURN(UniqueFd parent, OpenParent(rootfs_fd, path, &leaf));
+  if (::linkat(first_parent.get(), first_leaf.c_str(), parent.get(), leaf.c_str(), 0) != 0) {
+    return Fail(OsError(errno, "link {:?} to {:?}", path, first));
+  }
+  return {};
+}
+
 Status SetCapability(int rootfs_fd, const std::string& path, const std::string& value) {
   LX_ASSIGN_OR_RETURN(
       UniqueFd fd, sandbox::OpenAt2(rootfs_fd, path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK, kInRoot));
@@ -62,10 +77,13 @@ Status SetCapability(int rootfs_fd, const std::string& path, const std::string& 
 }  // namespace
 
 Status FinishRootfsAsRoot(int rootfs_fd, const ImageTree& tree) {
+  // The first name of each device inode, for the names after it.
+  std::unordered_map<const Inode*, std::string> made;
   for (const auto& [path, inode] : tree.entries()) {
     const extractor::EntryRecord& m = inode->meta;
     if (m.kind == Kind::kChar || m.kind == Kind::kBlock) {
-      LX_TRY(MakeDevice(rootfs_fd, path, m));
+      auto [first, fresh] = made.emplace(inode.get(), path);
+      LX_TRY(fresh ? MakeDevice(rootfs_fd, path, m) : LinkDevice(rootfs_fd, first->second, path));
       continue;
     }
     if (m.kind != Kind::kFile) continue;

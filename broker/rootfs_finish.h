@@ -1,5 +1,6 @@
 // What the jail cannot do, done by the broker on the finished rootfs when it
-// runs as root: create the device nodes (a user namespace cannot mknod) and
+// runs as root: create the device nodes (a user namespace cannot mknod; the
+// names of one hardlinked device become hardlinks of one node) and
 // write security.capability (the jail holds no CAP_SETFCAP), so that a root
 // extraction matches `umoci unpack` entry for entry.
 //

@@ -237,7 +237,7 @@ Status Applier::RemoveExisting(const Dir& dir, const std::string& leaf, const st
   std::string path = JoinPath(dir.path, leaf);
   if (S_ISDIR(st.st_mode)) {
     LX_TRY(RemoveTree(dir, leaf));
-    return sink_.Add(RemovalRecord{path, false});
+    return sink_.Add(RemovalRecord{.path = path});
   }
   if (WithWritable(dir, [&] { return ::unlinkat(dir.fd, leaf.c_str(), 0); }) != 0) {
     return Fail(Os(errno, fmt::format("unlinkat {:?}", leaf)));
@@ -246,7 +246,7 @@ Status Applier::RemoveExisting(const Dir& dir, const std::string& leaf, const st
   return {};
 }
 
-Status Applier::RemoveLower(const Dir& dir, const std::string& name, bool opaque) {
+Status Applier::RemoveLower(const Dir& dir, const std::string& name) {
   std::string path = JoinPath(dir.path, name);
   struct stat st;
   if (WithWritable(
@@ -255,19 +255,43 @@ Status Applier::RemoveLower(const Dir& dir, const std::string& name, bool opaque
     // Nothing on disk, yet a lower layer's device node may stand there: it
     // lives in the metadata only (the jail cannot mknod). The broker drops it.
     if (touched_.contains(path)) return {};
-    return sink_.Add(RemovalRecord{path, opaque});
+    return sink_.Add(RemovalRecord{.path = path});
   }
   if (!touched_.contains(path)) {
     LX_TRY(RemoveTree(dir, name));
-    return sink_.Add(RemovalRecord{path, opaque});
+    return sink_.Add(RemovalRecord{.path = path});
   }
   // This layer made it (or something below it): keep that, hide the rest.
   if (!S_ISDIR(st.st_mode)) return {};
   LX_ASSIGN_OR_RETURN(UniqueFd child,
                       sandbox::OpenAt(dir.fd, name, O_PATH | O_DIRECTORY | O_NOFOLLOW));
-  Dir sub{path, child.get()};
-  LX_ASSIGN_OR_RETURN(std::vector<std::string> names, ListDir(sub));
-  for (const std::string& n : names) LX_TRY(RemoveLower(sub, n, opaque));
+  return HideLower(Dir{path, child.get()});
+}
+
+Status Applier::HideLower(const Dir& dir) {
+  LX_TRY(RemoveLowerBelow(dir));
+  // One record for the whole directory rather than one per name removed: a
+  // lower layer's device node below `dir` is on no disk, so no listing here
+  // finds it; the broker applies the same rule to its tree, where it is.
+  return sink_.Add(RemovalRecord{.path = dir.path, .opaque_dir = true});
+}
+
+Status Applier::RemoveLowerBelow(const Dir& dir) {
+  LX_ASSIGN_OR_RETURN(std::vector<std::string> names, ListDir(dir));
+  for (const std::string& n : names) {
+    std::string path = JoinPath(dir.path, n);
+    if (!touched_.contains(path)) {
+      LX_TRY(RemoveTree(dir, n));
+      continue;
+    }
+    struct stat st;
+    auto stat_child = [&] { return ::fstatat(dir.fd, n.c_str(), &st, AT_SYMLINK_NOFOLLOW); };
+    if (WithWritable(dir, stat_child) != 0) return Fail(Os(errno, fmt::format("fstatat {:?}", n)));
+    if (!S_ISDIR(st.st_mode)) continue;
+    LX_ASSIGN_OR_RETURN(UniqueFd child,
+                        sandbox::OpenAt(dir.fd, n, O_PATH | O_DIRECTORY | O_NOFOLLOW));
+    LX_TRY(RemoveLowerBelow(Dir{path, child.get()}));
+  }
   return {};
 }
 
@@ -296,18 +320,17 @@ Status Applier::Whiteout(const EntryName& dir_name, const std::string& victim) {
   LX_ASSIGN_OR_RETURN(std::optional<Dir> dir, ResolveExistingDir(dir_name));
   if (!dir) return {};
   Dir copy = *dir;
-  return RemoveLower(copy, victim, false);
+  return RemoveLower(copy, victim);
 }
 
 Status Applier::Opaque(const EntryName& dir_name) {
+  // A marker at the top of the layer (`.wh..wh..opq` in the root) names the
+  // root: everything of the lower layers is hidden.
   LX_ASSIGN_OR_RETURN(std::optional<Dir> dir, ResolveExistingDir(dir_name));
   if (!dir) return {};
   // Hold our own fd: removals below invalidate the resolver's cache.
   LX_ASSIGN_OR_RETURN(UniqueFd fd, sandbox::OpenAt(dir->fd, ".", O_PATH | O_DIRECTORY));
-  Dir d{dir->path, fd.get()};
-  LX_ASSIGN_OR_RETURN(std::vector<std::string> names, ListDir(d));
-  for (const std::string& n : names) LX_TRY(RemoveLower(d, n, true));
-  return {};
+  return HideLower(Dir{dir->path, fd.get()});
 }
 
 EntryRecord Applier::MakeRecord(const TarEntry& e, std::string path) const {
@@ -416,18 +439,30 @@ Status Applier::ApplyHardlink(const TarEntry& e, const EntryName& name, bool fin
   std::string tpath = JoinPath(tdir->path, target.leaf());
   struct stat tst;
   Dir tdir_own{tdir->path, tfd.get()};
+  // The target is on no disk at the end of the layer, yet its directory is:
+  // a device node (a lower layer's, or this layer's) may stand there, which
+  // lives in the metadata only (the jail cannot mknod) and which only the
+  // broker knows. The link is recorded without a linkat, and the broker
+  // judges: "not found" when its tree has no such non-directory either.
+  bool metadata_only = false;
   if (WithWritable(tdir_own, [&] {
         return ::fstatat(tfd.get(), target.leaf().c_str(), &tst, AT_SYMLINK_NOFOLLOW);
       }) != 0) {
-    if (errno == ENOENT) return missing();
-    return Fail(Os(errno, "fstatat hardlink target"));
-  }
-  if (S_ISDIR(tst.st_mode)) {
+    if (errno != ENOENT) return Fail(Os(errno, "fstatat hardlink target"));
+    if (!final_attempt) return missing();  // it may still come in this layer
+    metadata_only = true;
+  } else if (S_ISDIR(tst.st_mode)) {
     return Fail(MakeError(ErrorKind::kInvalidInput, "hardlink to a directory {:?}", tpath));
   }
   LX_ASSIGN_OR_RETURN(Dir dir, ResolveDir(name.Parent(), true, e.mtime_ns));
   std::string path = JoinPath(dir.path, name.leaf());
-  if (path == tpath) return {};  // a link to itself changes nothing
+  EntryRecord r = MakeRecord(e, path);
+  r.hardlink_target = tpath;
+  if (path == tpath) {
+    // A link to itself changes nothing; to a name on no disk, the broker
+    // still says whether there is such a name at all.
+    return metadata_only ? sink_.Add(std::move(r)) : Status{};
+  }
   struct stat st;
   if (WithWritable(dir, [&] {
         return ::fstatat(dir.fd, name.leaf().c_str(), &st, AT_SYMLINK_NOFOLLOW);
@@ -436,14 +471,13 @@ Status Applier::ApplyHardlink(const TarEntry& e, const EntryName& name, bool fin
     LX_ASSIGN_OR_RETURN(dir, ResolveDir(name.Parent(), true, e.mtime_ns));
   }
   // linkat without AT_SYMLINK_FOLLOW: a link to a symlink links the symlink.
-  if (WithWritable(dir, [&] {
-        return ::linkat(tfd.get(), target.leaf().c_str(), dir.fd, name.leaf().c_str(), 0);
-      }) != 0) {
+  auto link = [&] {
+    return ::linkat(tfd.get(), target.leaf().c_str(), dir.fd, name.leaf().c_str(), 0);
+  };
+  if (!metadata_only && WithWritable(dir, link) != 0) {
     return Fail(Os(errno, fmt::format("linkat {:?}", tpath)));
   }
   Touch(path);
-  EntryRecord r = MakeRecord(e, path);
-  r.hardlink_target = tpath;
   return sink_.Add(std::move(r));
 }
 

@@ -8,7 +8,9 @@
 //  - the leaf is never followed: an existing leaf is replaced (unlink, then
 //    create with O_EXCL|O_NOFOLLOW), except dir-on-dir, which merges;
 //  - whiteouts (.wh.NAME, .wh..wh..opq) remove only what lower layers made;
-//  - a hardlink whose target is missing waits for the end of the layer.
+//  - a hardlink whose target is missing waits for the end of the layer; then,
+//    if the target's directory exists, it is recorded for the broker to judge
+//    (a device node lives in the metadata only).
 #pragma once
 
 #include <sys/stat.h>
@@ -81,7 +83,15 @@ class Applier {
   Result<std::vector<std::string>> ListDir(const Dir& dir);  // names but . and ..
   Status RemoveTree(const Dir& dir, const std::string& name);
   Status RemoveExisting(const Dir& dir, const std::string& leaf, const struct stat& st);
-  Status RemoveLower(const Dir& dir, const std::string& name, bool opaque);
+  // A whiteout of `name` in `dir`: removes what lower layers made there; a
+  // directory this layer also wrote into stays, with only its lower content
+  // hidden (HideLower).
+  Status RemoveLower(const Dir& dir, const std::string& name);
+  // Hides what lower layers put below `dir`: on disk (RemoveLowerBelow) and, by
+  // one opaqueDir record, in the broker's metadata, device nodes included.
+  // Both keep what this layer made (touched_) and the directories leading to it.
+  Status HideLower(const Dir& dir);
+  Status RemoveLowerBelow(const Dir& dir);
   Status Whiteout(const EntryName& dir, const std::string& victim);
   Status Opaque(const EntryName& dir);
   Status ApplyRoot(const TarEntry& entry);

@@ -32,8 +32,13 @@ struct EntryRecord {
 };
 
 struct RemovalRecord {
-  std::string path;
-  bool opaque = false;
+  std::string path;     // canonical, relative; "" (the root) only with opaque_dir
+  bool opaque = false;  // informational (the applier sends opaque_dir instead)
+  // Not a removal of `path` itself: every entry a LOWER layer put below the
+  // directory `path` is hidden (an opaque marker in it, or a whiteout of a
+  // directory this layer also wrote into). Only the broker can do this in
+  // full: it alone knows the device nodes, which are on no disk.
+  bool opaque_dir = false;
 };
 
 class RecordSink {

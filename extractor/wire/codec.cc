@@ -43,6 +43,7 @@ void ToWire(const extractor::EntryRecord& in, Entry::Builder out) {
 void ToWire(const extractor::RemovalRecord& in, Removal::Builder out) {
   out.setPath(Bytes(in.path));
   out.setOpaque(in.opaque);
+  out.setOpaqueDir(in.opaque_dir);
 }
 
 std::optional<extractor::EntryRecord> FromWire(Entry::Reader in) {
@@ -66,7 +67,8 @@ std::optional<extractor::EntryRecord> FromWire(Entry::Reader in) {
 }
 
 extractor::RemovalRecord FromWire(Removal::Reader in) {
-  return extractor::RemovalRecord{String(in.getPath()), in.getOpaque()};
+  return extractor::RemovalRecord{
+      .path = String(in.getPath()), .opaque = in.getOpaque(), .opaque_dir = in.getOpaqueDir()};
 }
 
 Status ChannelWriter::Add(extractor::EntryRecord record) {

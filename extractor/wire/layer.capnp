@@ -40,6 +40,10 @@ struct Entry {
 struct Removal {
   path @0 :Data;            # resolved path removed with everything below it
   opaque @1 :Bool;          # removed because of an opaque marker in its parent
+                            # (informational; opaque markers now send opaqueDir)
+  opaqueDir @2 :Bool;       # instead of removing path: hide every lower-layer entry
+                            # below the directory path ("" is the root); device
+                            # nodes, on no disk, are hidden only by this
 }
 
 struct Record {

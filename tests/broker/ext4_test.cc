@@ -11,6 +11,8 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <string>
+#include <vector>
 
 #include "sandbox/sys.h"
 #include "tests/fixtures/layer_writer.h"
@@ -129,6 +131,17 @@ class Ext4Test : public ::testing::Test {
     }
     return rc;
   }
+  // Only the given layer files (names in dir_), not the fixture's.
+  int ExtractOnly(const std::vector<std::string>& layers, const std::string& image,
+                  std::string* err) {
+    std::string cmd = std::string(LAYERX_BIN) + " extract";
+    for (const std::string& l : layers) cmd += " " + dir_ + "/" + l;
+    cmd += " --ext4 " + dir_ + "/" + image + " -q 2>" + dir_ + "/err";
+    int rc = Shell(cmd);
+    std::ifstream in(dir_ + "/err");
+    err->assign(std::istreambuf_iterator<char>(in), {});
+    return rc;
+  }
   std::string dir_;
   std::string layers_;
 };
@@ -195,6 +208,63 @@ TEST_F(Ext4Test, ImageCarriesTrueMetadataAndIsClean) {
   EXPECT_FALSE(d.contains("opq/lower"));
   EXPECT_TRUE(d.contains("opq/upper"));
   EXPECT_FALSE(d.contains("opq/.wh..wh..opq"));
+}
+
+// Device nodes live in the metadata only (no user namespace can mknod), so
+// the copy mkfs makes has none: the opaque marker must hide a lower one all
+// the same, and a hardlink to one must give one inode with two names.
+TEST_F(Ext4Test, OpaqueMarkerHidesLowerDevices) {
+  // Layer 1: d/ with a char device and a file, e/ with a block device.
+  // Layer 2: d/new before (or after) d's opaque marker.
+  LayerWriter(dir_ + "/dev1.tar")
+      .Dir("d/")
+      .Device("d/null", false, 1, 3)
+      .File("d/keep", "lower")
+      .Dir("e/")
+      .Device("e/blk", true, 8, 0);
+  LayerWriter(dir_ + "/dev2-before.tar").File("d/new", "upper").Opaque("d");
+  LayerWriter(dir_ + "/dev2-after.tar").Opaque("d").File("d/new", "upper");
+  for (const char* upper : {"dev2-before.tar", "dev2-after.tar"}) {
+    SCOPED_TRACE(upper);
+    std::string err;
+    std::string image = std::string(upper) + ".img";
+    ASSERT_EQ(ExtractOnly({"dev1.tar", upper}, image, &err), 0) << err;
+    EXPECT_EQ(Shell("e2fsck -fn " + dir_ + "/" + image + " >/dev/null 2>&1"), 0)
+        << "e2fsck found problems";
+    auto d = Dump(dir_ + "/" + image);
+    EXPECT_TRUE(d.contains("d/new"));
+    EXPECT_FALSE(d.contains("d/null"));
+    EXPECT_FALSE(d.contains("d/keep"));
+    EXPECT_EQ(d["e/blk"]["kind"], "block");
+    EXPECT_EQ(d["e/blk"]["rdev_major"], 8);
+  }
+}
+
+TEST_F(Ext4Test, HardlinkedDeviceIsOneInodeWithTwoNames) {
+  // Layer 1: char device dev/tty0. Layer 2: dev/console, a hardlink to it;
+  // and in one layer, dev/null with a link to it after and before it.
+  LayerWriter(dir_ + "/dev1.tar").Dir("dev/").Device("dev/tty0", false, 4, 0, 0620);
+  LayerWriter(dir_ + "/dev2.tar")
+      .Hardlink("dev/console", "dev/tty0")
+      .Hardlink("dev/early", "dev/null")
+      .Device("dev/null", false, 1, 3)
+      .Hardlink("dev/null2", "dev/null");
+  std::string err;
+  ASSERT_EQ(ExtractOnly({"dev1.tar", "dev2.tar"}, "links.img", &err), 0) << err;
+  EXPECT_EQ(Shell("e2fsck -fn " + dir_ + "/links.img >/dev/null 2>&1"), 0)
+      << "e2fsck found problems (link counts?)";
+  auto d = Dump(dir_ + "/links.img");
+  EXPECT_EQ(d["dev/console"]["kind"], "char");
+  EXPECT_EQ(d["dev/console"]["ino"], d["dev/tty0"]["ino"]);
+  EXPECT_EQ(d["dev/console"]["nlink"], 2);
+  EXPECT_EQ(d["dev/console"]["rdev_major"], 4);
+  EXPECT_EQ(d["dev/console"]["rdev_minor"], 0);
+  EXPECT_EQ(d["dev/console"]["mode"], 0620);
+  EXPECT_EQ(d["dev/null"]["kind"], "char");
+  EXPECT_EQ(d["dev/null"]["ino"], d["dev/null2"]["ino"]);
+  EXPECT_EQ(d["dev/null"]["ino"], d["dev/early"]["ino"]);
+  EXPECT_EQ(d["dev/null"]["nlink"], 3);
+  EXPECT_EQ(d["dev/early"]["rdev_minor"], 3);
 }
 
 TEST_F(Ext4Test, ReproducibleModeIsByteIdentical) {

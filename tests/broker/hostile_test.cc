@@ -386,6 +386,181 @@ TEST_F(HostileTest, RejectsHardlinkWhoseTargetNeverComes) {
   ExpectRefused(1, 1);
 }
 
+// --- device nodes: in the metadata only (a user namespace cannot mknod) -----
+
+// Rootless the jail cannot make devices and the rootfs has none; as root the
+// broker makes them after the last layer.
+static bool IsCharDevice(const std::string& p) {
+  struct stat st;
+  return lstat(p.c_str(), &st) == 0 && S_ISCHR(st.st_mode);
+}
+
+TEST_F(HostileTest, OpaqueMarkerHidesLowerDevices) {
+  // Layer 1: d/ with a char device, a file; e/ with a block device.
+  // Layer 2: an opaque marker in d/ and a new file d/new, once before the
+  // marker in the tar and once after it. The marker hides d/null (which is on
+  // no disk) like d/keep; e/blk stays.
+  for (bool new_first : {true, false}) {
+    SCOPED_TRACE(new_first ? "d/new before the marker" : "d/new after the marker");
+    LayerWriter(Layer(1))
+        .Dir("d")
+        .Device("d/null", false, 1, 3)
+        .File("d/keep", "lower")
+        .Dir("e")
+        .Device("e/blk", true, 8, 0);
+    {
+      LayerWriter l2(Layer(2));
+      if (new_first) l2.File("d/new", "upper");
+      l2.Opaque("d");
+      if (!new_first) l2.File("d/new", "upper");
+    }
+    ASSERT_EQ(Extract(2), 0) << err_;
+    auto m = Manifest();
+    EXPECT_TRUE(m.contains("d/new"));
+    EXPECT_FALSE(m.contains("d/null"));
+    EXPECT_FALSE(m.contains("d/keep"));
+    EXPECT_EQ(m["e/blk"]["kind"], "block");
+    EXPECT_EQ(ReadFile(Out("d/new")), "upper");
+    EXPECT_FALSE(IsFile(Out("d/keep")));
+    EXPECT_FALSE(IsCharDevice(Out("d/null")));
+    struct stat st;
+    EXPECT_EQ(lstat(Out("e/blk").c_str(), &st) == 0 && S_ISBLK(st.st_mode), geteuid() == 0);
+    (void)sandbox::RemoveTreeAt(AT_FDCWD, Out());
+  }
+}
+
+TEST_F(HostileTest, OpaqueMarkerHidesLowerDevicesDeeperDown) {
+  // Layer 1: d/sub/null, d/sub/zero (devices) and the root-level tty.
+  // Layer 2 writes d/sub/mine, so d/sub stays (it holds this layer's file),
+  // then opaque markers in d/ and at the image root: every lower device goes.
+  LayerWriter(Layer(1))
+      .Dir("d")
+      .Dir("d/sub")
+      .Device("d/sub/null", false, 1, 3)
+      .Device("d/sub/zero", false, 1, 5)
+      .Device("tty", false, 5, 0);
+  LayerWriter(Layer(2)).File("d/sub/mine", "m").Opaque("d").Opaque("");
+  ASSERT_EQ(Extract(2), 0) << err_;
+  auto m = Manifest();
+  EXPECT_TRUE(m.contains("d/sub/mine"));
+  EXPECT_EQ(m["d/sub"]["kind"], "dir");
+  EXPECT_FALSE(m.contains("d/sub/null"));
+  EXPECT_FALSE(m.contains("d/sub/zero"));
+  EXPECT_FALSE(m.contains("tty"));
+  EXPECT_EQ(ReadFile(Out("d/sub/mine")), "m");
+  EXPECT_FALSE(IsCharDevice(Out("d/sub/null")));
+  EXPECT_FALSE(IsCharDevice(Out("tty")));
+}
+
+TEST_F(HostileTest, WhiteoutOfADirThisLayerWroteIntoHidesLowerDevices) {
+  // Layer 2 adds d/new, then whites out d: d stays for d/new, and what layer 1
+  // put in d goes, the device too.
+  LayerWriter(Layer(1)).Dir("d").Device("d/null", false, 1, 3).File("d/keep", "lower");
+  LayerWriter(Layer(2)).File("d/new", "upper").Whiteout("", "d");
+  ASSERT_EQ(Extract(2), 0) << err_;
+  auto m = Manifest();
+  EXPECT_TRUE(m.contains("d/new"));
+  EXPECT_FALSE(m.contains("d/null"));
+  EXPECT_FALSE(m.contains("d/keep"));
+  EXPECT_FALSE(IsCharDevice(Out("d/null")));
+}
+
+// Both names of one device inode: one inode in the manifest, a real hardlink
+// on a root-made rootfs, nothing on a rootless one.
+void ExpectLinkedDevices(const std::map<std::string, nlohmann::json>& m, const std::string& a,
+                         const std::string& b, const std::string& out_a, const std::string& out_b) {
+  ASSERT_TRUE(m.contains(a)) << a;
+  ASSERT_TRUE(m.contains(b)) << b;
+  EXPECT_EQ(m.at(a)["kind"], "char");
+  EXPECT_EQ(m.at(b)["kind"], "char");
+  EXPECT_EQ(m.at(a)["inode"], m.at(b)["inode"]);
+  EXPECT_EQ(m.at(a)["nlink"], 2);
+  EXPECT_EQ(m.at(b)["nlink"], 2);
+  EXPECT_EQ(m.at(b)["rdev_major"], m.at(a)["rdev_major"]);
+  EXPECT_EQ(m.at(b)["rdev_minor"], m.at(a)["rdev_minor"]);
+  struct stat sa, sb;
+  bool has_a = lstat(out_a.c_str(), &sa) == 0;
+  bool has_b = lstat(out_b.c_str(), &sb) == 0;
+  EXPECT_EQ(has_a, geteuid() == 0);
+  EXPECT_EQ(has_b, geteuid() == 0);
+  if (has_a && has_b) {
+    EXPECT_TRUE(S_ISCHR(sa.st_mode));
+    EXPECT_TRUE(S_ISCHR(sb.st_mode));
+    EXPECT_EQ(sa.st_ino, sb.st_ino);
+    EXPECT_EQ(sa.st_nlink, 2u);
+  }
+}
+
+TEST_F(HostileTest, HardlinkToLowerLayerDevice) {
+  // Layer 1: char device dev/tty0. Layer 2: dev/console, a hardlink to it.
+  LayerWriter(Layer(1)).Dir("dev").Device("dev/tty0", false, 4, 0);
+  LayerWriter(Layer(2)).Hardlink("dev/console", "dev/tty0");
+  ASSERT_EQ(Extract(2), 0) << err_;
+  auto m = Manifest();
+  ExpectLinkedDevices(m, "dev/tty0", "dev/console", Out("dev/tty0"), Out("dev/console"));
+  EXPECT_EQ(m["dev/console"]["rdev_major"], 4);
+}
+
+TEST_F(HostileTest, HardlinkToDeviceOfTheSameLayer) {
+  // One layer: a device and a link to it after it; a link before its target
+  // (waits for the end of the layer); a link over a lower layer's file.
+  LayerWriter(Layer(1)).Dir("dev").File("dev/was-a-file", "f");
+  LayerWriter(Layer(2))
+      .Device("dev/null", false, 1, 3)
+      .Hardlink("dev/null2", "dev/null")
+      .Hardlink("dev/early", "dev/zero")
+      .Device("dev/zero", false, 1, 5)
+      .Hardlink("dev/was-a-file", "dev/null");
+  ASSERT_EQ(Extract(2), 0) << err_;
+  auto m = Manifest();
+  ExpectLinkedDevices(m, "dev/zero", "dev/early", Out("dev/zero"), Out("dev/early"));
+  EXPECT_EQ(m["dev/null"]["inode"], m["dev/null2"]["inode"]);
+  EXPECT_EQ(m["dev/null"]["inode"], m["dev/was-a-file"]["inode"]);
+  EXPECT_EQ(m["dev/null"]["nlink"], 3);
+  EXPECT_FALSE(IsFile(Out("dev/was-a-file")));
+  struct stat a, b;
+  if (geteuid() == 0) {
+    ASSERT_EQ(lstat(Out("dev/null").c_str(), &a), 0);
+    ASSERT_EQ(lstat(Out("dev/was-a-file").c_str(), &b), 0);
+    EXPECT_TRUE(S_ISCHR(b.st_mode));
+    EXPECT_EQ(a.st_ino, b.st_ino);
+    EXPECT_EQ(a.st_nlink, 3u);
+  }
+}
+
+TEST_F(HostileTest, RejectsHardlinkToATargetThatIsNowhere) {
+  // The target is on no disk and in no layer's metadata: refused, whichever
+  // side finds out (the target's dir missing on disk, or the broker's tree
+  // without it, or the device whited out / hidden earlier in the same layer).
+  struct Case {
+    const char* what;
+    std::function<void()> layers;
+    int n;
+  } cases[] = {
+      {"no such name", [&] { LayerWriter(Layer(1)).Dir("dev").Hardlink("dev/h", "dev/none"); }, 1},
+      {"no such dir", [&] { LayerWriter(Layer(1)).Hardlink("h", "nodir/none"); }, 1},
+      {"device whited out",
+       [&] {
+         LayerWriter(Layer(1)).Dir("dev").Device("dev/tty0", false, 4, 0);
+         LayerWriter(Layer(2)).Whiteout("dev", "tty0").Hardlink("dev/console", "dev/tty0");
+       },
+       2},
+      {"device behind an opaque marker",
+       [&] {
+         LayerWriter(Layer(1)).Dir("dev").Device("dev/tty0", false, 4, 0);
+         LayerWriter(Layer(2)).Opaque("dev").Hardlink("dev/console", "dev/tty0");
+       },
+       2},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.what);
+    c.layers();
+    ExpectRefused(c.n, c.n);
+    EXPECT_NE(err_.find("not found"), std::string::npos) << err_;
+    EXPECT_NE(err_.find("entry \""), std::string::npos) << err_;
+  }
+}
+
 TEST_F(HostileTest, NamesAreBytes) {
   const std::vector<std::string> names = {
       "sp ace", "quo\"te", "new\nline", "back\\slash", std::string("bin\xff\xfe"), "tab\there"};

@@ -14,7 +14,8 @@
 //  - after a layer applied, the rootfs and the tree disagree: every name on
 //    disk is in the tree with the same kind (size, link target, shared inode),
 //    and every name in the tree is on disk, but device nodes, which the jail
-//    cannot make and which live in the metadata only.
+//    cannot make and which live in the metadata only (every name of one: a
+//    hardlink to a device is recorded without a linkat), and are on no disk.
 // Run as root, the applier works rootless-style (no chown), like a user's job.
 #include <dirent.h>
 #include <fcntl.h>
@@ -341,6 +342,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     broker::ImageTree tree(limits, rules);
     CheckingSink sink(tree);
     for (std::string_view layer : SplitLayers(input)) {
+      tree.BeginLayer();  // as RunLayer does
       bool applied = ApplyLayer(layer, root->get(), limits, rules, sink);
       CheckOutside(rootfs);
       if (!applied) break;

@@ -3,7 +3,10 @@
 // framed Cap'n Proto messages and dispatched the way broker/layer_runner.cc
 // does (Session::ReadChannel and HandleMessage: the same reader options, the
 // same dispatch, kj::Exception caught as kPeer) into a broker::ImageTree; the
-// stream stops at the first refusal, as the broker does.
+// stream stops at the first refusal, as the broker does. A summary ends one
+// layer's stream; up to kMaxLayers streams merge into the one tree, each after
+// ImageTree::BeginLayer, as a job's layers do (so that whiteouts and opaque
+// markers have lower layers to hide).
 //
 // After each input the target traps when a tree invariant is broken (the root
 // is a directory; every other path is canonical and its parent is a directory
@@ -48,12 +51,15 @@ policy::Limits FuzzLimits() {
   return limits;
 }
 
+constexpr size_t kMaxLayers = 3;
+
+enum class End { kNone, kSummary, kFailure };
+
 // Session::HandleMessage without the layer report: a batch is merged (by the
-// broker's MergeBatch), a summary
-// or a failure ends the stream.
+// broker's MergeBatch), a summary or a failure ends the stream.
 Status HandleMessage(kj::ArrayPtr<const capnp::word> words, const policy::Limits& limits,
-                     broker::ImageTree& tree, bool* ended) {
-  if (*ended) return Fail(MakeError(ErrorKind::kPeer, "message after the end"));
+                     broker::ImageTree& tree, End* ended) {
+  if (*ended != End::kNone) return Fail(MakeError(ErrorKind::kPeer, "message after the end"));
   capnp::ReaderOptions options;
   options.traversalLimitInWords = limits.max_record_message_bytes / 8;
   options.nestingLimit = 8;
@@ -67,14 +73,14 @@ Status HandleMessage(kj::ArrayPtr<const capnp::word> words, const policy::Limits
         auto s = message.getSummary();
         (void)s.getEntries();
         (void)std::string(s.getUncompressedDigest().cStr());
-        *ended = true;
+        *ended = End::kSummary;
         return {};
       }
       case wire::Message::FAILURE: {
         auto f = message.getFailure();
         (void)std::string(f.getMessage().cStr());
         (void)f.getEntry().size();
-        *ended = true;
+        *ended = End::kFailure;
         return {};
       }
       default:
@@ -166,7 +172,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   kj::ArrayPtr<const capnp::word> stream(words.data(), words.size());
 
   broker::ImageTree tree(limits);
-  bool ended = false;
+  tree.BeginLayer();
+  size_t layers = 1;
+  End ended = End::kNone;
   size_t at = 0;
   while (at < stream.size()) {
     kj::ArrayPtr<const capnp::word> prefix = stream.slice(at, stream.size());
@@ -176,6 +184,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (need > prefix.size()) break;
     if (!HandleMessage(prefix.slice(0, need), limits, tree, &ended)) break;
     at += need;
+    if (ended == End::kSummary && layers < kMaxLayers) {
+      // The next layer's extractor, streaming into the same tree.
+      tree.BeginLayer();
+      ++layers;
+      ended = End::kNone;
+    }
   }
   CheckTree(tree);
   CheckManifest(tree);

@@ -198,6 +198,25 @@ void ApplySeeds() {
   });
   Save("fuzz_apply", "layers-whiteout", Layers({lower, upper}));
   Save("fuzz_apply", "layers-three", Layers({lower, upper, top}));
+  // Device nodes live in the metadata only: an opaque marker and a whiteout of
+  // a dir this layer wrote into must hide lower ones; hardlinks to a lower
+  // layer's device and to one of the same layer (before and after it).
+  std::string devices = Layer("", [](LayerWriter& w) {
+    w.Dir("d").Device("d/null", false, 1, 3).File("d/keep", "k").Dir("d/sub");
+    w.Device("d/sub/zero", false, 1, 5).Dir("w").Device("w/tty", false, 4, 0);
+    w.Device("dev-tty0", false, 4, 0).Dir("e").Device("e/blk", true, 8, 0);
+  });
+  std::string device_links = Layer("", [](LayerWriter& w) {
+    w.File("d/sub/mine", "m")
+        .Opaque("d")
+        .File("w/new", "n")
+        .Whiteout("", "w")
+        .Hardlink("console", "dev-tty0")
+        .Hardlink("early", "e/late")
+        .Device("e/late", false, 1, 7)
+        .Hardlink("e/blk2", "e/blk");
+  });
+  Save("fuzz_apply", "layers-devices", Layers({devices, device_links}));
   Save("fuzz_apply", "layers-replace", Layers({Layer("", [](LayerWriter& w) {
                                                  w.Dir("ro", 0555).File("ro/f", "f").Dir("x");
                                                }),
@@ -264,6 +283,26 @@ void RecordSeeds() {
     (void)w.Add(RemovalRecord{"etc/passwd", false});
     (void)w.Add(EntryRecord{.path = "etc/\xff\n name", .kind = Kind::kDir, .mode = 0700});
     (void)w.Add(RemovalRecord{"etc", true});
+    (void)w.SendSummary(summary);
+  }
+  {
+    // Two layers' streams: devices below, then a hardlink to one and opaque
+    // dirs (one of them the root) hiding the rest.
+    StreamFile f(dir + "/two-layers");
+    wire::ChannelWriter w(f.fd(), 2);
+    (void)w.Add(EntryRecord{.path = "dev", .kind = Kind::kDir, .mode = 0755});
+    (void)w.Add(EntryRecord{
+        .path = "dev/tty0", .kind = Kind::kChar, .mode = 0620, .rdev_major = 4, .rdev_minor = 0});
+    (void)w.Add(EntryRecord{.path = "d", .kind = Kind::kDir, .mode = 0755});
+    (void)w.Add(EntryRecord{
+        .path = "d/null", .kind = Kind::kChar, .mode = 0666, .rdev_major = 1, .rdev_minor = 3});
+    (void)w.Add(EntryRecord{.path = "d/keep", .kind = Kind::kFile, .mode = 0644});
+    (void)w.SendSummary(summary);
+    (void)w.Add(
+        EntryRecord{.path = "dev/console", .kind = Kind::kHardlink, .hardlink_target = "dev/tty0"});
+    (void)w.Add(EntryRecord{.path = "d/new", .kind = Kind::kFile, .mode = 0644});
+    (void)w.Add(RemovalRecord{.path = "d", .opaque_dir = true});
+    (void)w.Add(RemovalRecord{.path = "", .opaque_dir = true});
     (void)w.SendSummary(summary);
   }
   {
