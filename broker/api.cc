@@ -1,8 +1,6 @@
 // The public C++ API (include/layerx/layerx.hpp) over the broker's job API:
 // requests in, reports or structured errors out. Nothing here decides anything
 // about layers; it translates.
-#include "layerx/layerx.hpp"
-
 #include <signal.h>
 #include <time.h>
 
@@ -10,6 +8,7 @@
 
 #include "broker/job.h"
 #include "broker/logging.h"
+#include "layerx/layerx.hpp"
 #include "policy/policy_file.h"
 
 #ifndef LAYERX_VERSION
@@ -115,10 +114,9 @@ spdlog::level::level_enum InternalLevel(LogLevel level) {
 
 broker::LogFunction InternalLog(const ExtractRequest& request) {
   if (!request.log) return {};
-  return [&fn = request.log](spdlog::level::level_enum level, std::string_view component,
-                             std::string_view message) {
-    fn(PublicLevel(level), component, message);
-  };
+  return
+      [&fn = request.log](spdlog::level::level_enum level, std::string_view component,
+                          std::string_view message) { fn(PublicLevel(level), component, message); };
 }
 
 Result<policy::Policy> LoadPolicy(const std::string& file, const std::string& toml) {
@@ -147,7 +145,8 @@ Result<broker::ExtractRequest> InternalRequest(const ExtractRequest& r) {
   if (!r.config.empty()) out.config = r.config;
   const Ext4Settings& e = r.ext4_settings;
   if (e.block_size != 1024 && e.block_size != 2048 && e.block_size != 4096) {
-    return Fail(MakeError(ErrorKind::kPolicy, "ext4 block size {}: 1024, 2048 or 4096", e.block_size));
+    return Fail(
+        MakeError(ErrorKind::kPolicy, "ext4 block size {}: 1024, 2048 or 4096", e.block_size));
   }
   if (e.label.size() > 16) {
     return Fail(MakeError(ErrorKind::kPolicy, "ext4 label {:?}: at most 16 bytes", e.label));
@@ -273,9 +272,11 @@ bool Inspect(const InspectRequest& request, ImageInfo* info, ExtractError* error
                     .config = got->config,
                     .layers = {}};
   for (const auto& l : got->layers) {
-    info->layers.push_back(ImageInfo::Layer{
-        .name = l.name, .digest = l.digest, .diff_id = l.diff_id, .media_type = l.media_type,
-        .size = l.size});
+    info->layers.push_back(ImageInfo::Layer{.name = l.name,
+                                            .digest = l.digest,
+                                            .diff_id = l.diff_id,
+                                            .media_type = l.media_type,
+                                            .size = l.size});
   }
   return true;
 }

@@ -1,11 +1,10 @@
 // The C ABI (include/layerx/layerx.h): opaque handles over the C++ API. No
 // exception crosses it: allocation failure is LAYERX_E_NOMEM, anything else
 // unexpected LAYERX_E_INTERNAL.
-#include "layerx/layerx.h"
-
 #include <new>
 #include <string>
 
+#include "layerx/layerx.h"
 #include "layerx/layerx.hpp"
 
 struct layerx_request {
@@ -175,8 +174,7 @@ layerx_status layerx_request_set_string(layerx_request* request, layerx_option o
   }
 }
 
-layerx_status layerx_request_set_int(layerx_request* request, layerx_option option,
-                                     int64_t value) {
+layerx_status layerx_request_set_int(layerx_request* request, layerx_option option, int64_t value) {
   if (request == nullptr) return LAYERX_E_USAGE;
   layerx::ExtractRequest& r = request->request;
   bool negative = value < 0;
@@ -256,10 +254,11 @@ layerx_status layerx_extract(const layerx_request* request, layerx_result** out)
       };
     }
     if (request->progress_fn != nullptr) {
-      r.progress = [fn = request->progress_fn, user = request->progress_user](
-                       const layerx::Progress& p) {
-        layerx_progress c = {sizeof(layerx_progress), p.layer, p.layers, p.bytes_fed,
-                             p.blob_bytes,            p.entries, p.done ? 1 : 0};
+      r.progress = [fn = request->progress_fn,
+                    user = request->progress_user](const layerx::Progress& p) {
+        layerx_progress c = {
+            sizeof(layerx_progress), p.layer, p.layers, p.bytes_fed, p.blob_bytes, p.entries,
+            p.done ? 1 : 0};
         fn(user, &c);
       };
     }

@@ -226,7 +226,8 @@ Result<std::string> FindExtractor() {
   Dl_info info;
   if (::dladdr(reinterpret_cast<void*>(&FindExtractor), &info) != 0 && info.dli_fname != nullptr) {
     std::filesystem::path lib = std::filesystem::canonical(info.dli_fname, ec);
-    if (!ec) candidates.push_back(lib.parent_path() / LAYERX_LIBDIR_TO_LIBEXEC / "layerx-extractor");
+    if (!ec)
+      candidates.push_back(lib.parent_path() / LAYERX_LIBDIR_TO_LIBEXEC / "layerx-extractor");
   }
 #endif
 #ifdef LAYERX_INSTALL_LIBEXECDIR
@@ -235,9 +236,9 @@ Result<std::string> FindExtractor() {
   for (const auto& candidate : candidates) {
     if (::access(candidate.c_str(), X_OK) == 0) return candidate.string();
   }
-  return Fail(MakeError(ErrorKind::kPolicy,
-                        "layerx-extractor not found beside {:?} or liblayerx (set LAYERX_EXTRACTOR)",
-                        self.string()));
+  return Fail(MakeError(
+      ErrorKind::kPolicy,
+      "layerx-extractor not found beside {:?} or liblayerx (set LAYERX_EXTRACTOR)", self.string()));
 }
 
 namespace {

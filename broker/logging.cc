@@ -19,7 +19,8 @@ class DispatchSink final : public spdlog::sinks::base_sink<spdlog::details::null
     std::string_view component(msg.logger_name.data(), msg.logger_name.size());
     std::string_view text(msg.payload.data(), msg.payload.size());
     if (t_target != nullptr) {
-      if (t_target->fn() && msg.level >= t_target->level()) t_target->fn()(msg.level, component, text);
+      if (t_target->fn() && msg.level >= t_target->level())
+        t_target->fn()(msg.level, component, text);
       return;
     }
     if (msg.level >= spdlog::level::warn) {

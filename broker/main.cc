@@ -1,9 +1,8 @@
 // `layerx`: the command line. A thin user of the public API
 // (include/layerx/layerx.hpp), linked against liblayerx like any other user.
+#include <fmt/format.h>
 #include <signal.h>
 #include <unistd.h>
-
-#include <fmt/format.h>
 
 #include <CLI/CLI.hpp>
 #include <algorithm>

@@ -8,9 +8,8 @@
 // provider and read no file, so they are also safe after the pivot. They are
 // deprecated in 3.0 but kept through the 3.x series.
 #define OPENSSL_SUPPRESS_DEPRECATED
-#include <openssl/sha.h>
-
 #include <fmt/format.h>
+#include <openssl/sha.h>
 
 namespace layerx::extractor {
 

@@ -78,12 +78,12 @@ LAYERX_API const char* FailureKindName(FailureKind kind);  // "refused", "integr
 // are absent (or untouched if they existed) whenever there is an error.
 struct ExtractError {
   FailureKind kind = FailureKind::kInternal;
-  int sys_errno = 0;        // the errno, when the system said no; else 0
-  size_t layer_index = 0;   // 1-based, lowest first; 0 when no layer is involved
-  std::string layer;        // names that layer: "sha256:0123456789ab" or its file
-  std::string entry;        // the tar entry as named in the layer (bytes); may be empty
-  std::string reason;       // the innermost cause, e.g. "entries over max_entries=1000"
-  std::string message;      // the whole line: layer, entry and reason, one line
+  int sys_errno = 0;       // the errno, when the system said no; else 0
+  size_t layer_index = 0;  // 1-based, lowest first; 0 when no layer is involved
+  std::string layer;       // names that layer: "sha256:0123456789ab" or its file
+  std::string entry;       // the tar entry as named in the layer (bytes); may be empty
+  std::string reason;      // the innermost cause, e.g. "entries over max_entries=1000"
+  std::string message;     // the whole line: layer, entry and reason, one line
 };
 
 enum class LogLevel { kDebug = 1, kInfo = 2, kWarn = 3, kError = 4 };
@@ -113,11 +113,11 @@ class CancelToken {
 };
 
 struct Ext4Settings {
-  uint64_t size_bytes = 0;   // 0: computed from the content
+  uint64_t size_bytes = 0;     // 0: computed from the content
   uint32_t block_size = 4096;  // 1024, 2048 or 4096
-  uint32_t inode_ratio = 0;  // bytes per inode; 0: from the entry count
-  std::string label;         // at most 16 bytes
-  std::string uuid;          // empty: random (or derived from the layers when reproducible)
+  uint32_t inode_ratio = 0;    // bytes per inode; 0: from the entry count
+  std::string label;           // at most 16 bytes
+  std::string uuid;            // empty: random (or derived from the layers when reproducible)
   // Same input, byte-identical image. source_date_epoch stamps what no layer
   // dated (-1: the newest mtime in the image).
   bool reproducible = false;
@@ -159,8 +159,8 @@ struct ExtractRequest {
 };
 
 struct LayerSummary {
-  size_t index = 0;  // 1-based, lowest first
-  std::string name;  // the blob's path
+  size_t index = 0;     // 1-based, lowest first
+  std::string name;     // the blob's path
   std::string digest;   // sha256 of the compressed blob as fed in
   std::string diff_id;  // sha256 of the tar stream
   uint64_t compressed_bytes = 0;

@@ -8,12 +8,12 @@
 // 3. a cancelled extraction ends with kind "cancelled" and no output;
 // 4. Inspect and ShowPolicy answer.
 // Prints "consumer: ok" and exits 0, or names the first broken promise.
-#include <layerx/layerx.hpp>
 #include <sys/stat.h>
 
 #include <cstdio>
 #include <fstream>
 #include <iterator>
+#include <layerx/layerx.hpp>
 #include <string>
 #include <thread>
 #include <vector>

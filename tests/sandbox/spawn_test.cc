@@ -7,11 +7,11 @@
 #include <gtest/gtest.h>
 #include <seccomp.h>
 #include <signal.h>
+#include <stdlib.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
-#include <stdlib.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <fstream>
@@ -180,9 +180,9 @@ INSTANTIATE_TEST_SUITE_P(Attempts, ForbiddenSyscallTest,
 // In a sanitizer build the jail still leaves the runtime what it needs to
 // report a bug found inside it: a report on stderr and a plain exit, not SIGSYS
 // halfway through.
-class SanitizerInJailTest : public SpawnTest,
-                            public ::testing::WithParamInterface<std::pair<const char*, const char*>> {
-};
+class SanitizerInJailTest
+    : public SpawnTest,
+      public ::testing::WithParamInterface<std::pair<const char*, const char*>> {};
 
 TEST_P(SanitizerInJailTest, ReportLeavesTheJail) {
   std::string err;
@@ -218,8 +218,7 @@ TEST_F(SpawnTest, FallsBackToCloneWhenClone3IsFiltered) {
     if (syscall(SYS_clone3, nullptr, 0) != -1 || errno != ENOSYS) _exit(4);
     std::string err;
     ExitStatus s = Run("write-rootfs", &err);
-    _exit(s.exited && s.code == 0 && access((dir_ + "/rootfs/written").c_str(), F_OK) == 0 ? 0
-                                                                                           : 1);
+    _exit(s.exited && s.code == 0 && access((dir_ + "/rootfs/written").c_str(), F_OK) == 0 ? 0 : 1);
   }
   int status = 0;
   ASSERT_EQ(waitpid(pid, &status, 0), pid);
