@@ -125,7 +125,8 @@ Status Session::DrainBlob() {
     LX_ASSIGN_OR_RETURN(std::optional<size_t> n, ReadBlob());
     if (n) continue;
     // A stream that is slow to end: wait for it, within the clock.
-    if (ctx_.cancel && ctx_.cancel->load()) return Fail(MakeError(ErrorKind::kCancelled, "interrupted"));
+    if (ctx_.cancel && ctx_.cancel->load())
+      return Fail(MakeError(ErrorKind::kCancelled, "interrupted"));
     if (sandbox::MonotonicNs() >= deadline_) return Fail(TimeoutError());
     struct pollfd pfd = {blob_.get(), POLLIN, 0};
     (void)::poll(&pfd, 1, 100);

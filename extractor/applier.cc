@@ -606,8 +606,11 @@ Status Applier::Finish() {
   for (const PendingLink& link : pending) {
     bool deferred = false;
     Status status = ApplyHardlink(link.entry, link.name, /*final_attempt=*/true, &deferred);
-    if (!status)
-      return Fail(std::move(status).error().With("entry {:?}", link.entry.untrusted_name));
+    if (!status) {
+      // Named by the caller, like any entry (structured, escaped and cut).
+      failed_entry_ = link.entry.untrusted_name;
+      return status;
+    }
   }
   std::vector<std::pair<std::string, Fixup>> fixups(fixups_.begin(), fixups_.end());
   fixups_.clear();

@@ -52,7 +52,9 @@ class Applier {
   Status Apply(const TarEntry& entry, const DataFeed& data);
   // End of the layer: pending hardlinks, then directory modes and mtimes
   // (deepest first, so a 0555 or 0000 dir is closed only after its children).
+  // When a pending hardlink fails, failed_entry() names it.
   Status Finish();
+  const std::string& failed_entry() const { return failed_entry_; }
 
   uint64_t file_bytes() const { return file_bytes_; }
 
@@ -121,6 +123,7 @@ class Applier {
   std::unordered_map<std::string, Fixup> fixups_;
   std::vector<PendingLink> pending_links_;
   uint64_t file_bytes_ = 0;
+  std::string failed_entry_;  // the pending hardlink Finish() failed on
 };
 
 // The value of user.rootlesscontainers for an owner (umoci's convention: the

@@ -34,7 +34,10 @@ std::expected<LayerTotals, ExtractFailure> ExtractLayer(LayerReader& reader, App
     if (Status status = applier.Apply(entry, feed); !status) return fail(std::move(status).error());
   }
   current.clear();
-  if (Status status = applier.Finish(); !status) return fail(std::move(status).error());
+  if (Status status = applier.Finish(); !status) {
+    current = applier.failed_entry();
+    return fail(std::move(status).error());
+  }
   totals.file_bytes = applier.file_bytes();
   auto digest = reader.UncompressedDigest();
   if (!digest) return fail(std::move(digest).error().With("after the last entry"));
