@@ -6,6 +6,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "broker/api_internal.h"
 #include "broker/job.h"
 #include "broker/logging.h"
 #include "layerx/layerx.hpp"
@@ -17,7 +18,7 @@
 
 namespace layerx {
 
-namespace {
+namespace detail {
 
 FailureKind PublicKind(ErrorKind kind) {
   switch (kind) {
@@ -62,27 +63,34 @@ ExtractError PublicError(const Error& error) {
 // thread. A library may not change the process's disposition, so the signal
 // is blocked on this thread for the call, and one left pending by it is taken
 // before the mask is restored (the write itself failed with EPIPE).
-class SigpipeBlock {
- public:
-  SigpipeBlock() {
-    sigemptyset(&pipe_);
-    sigaddset(&pipe_, SIGPIPE);
-    pthread_sigmask(SIG_BLOCK, &pipe_, &old_);
-  }
-  ~SigpipeBlock() {
-    if (!sigismember(&old_, SIGPIPE)) {
-      sigset_t pending;
-      struct timespec zero = {0, 0};
-      while (sigpending(&pending) == 0 && sigismember(&pending, SIGPIPE) &&
-             sigtimedwait(&pipe_, nullptr, &zero) == SIGPIPE) {
-      }
-    }
-    pthread_sigmask(SIG_SETMASK, &old_, nullptr);
-  }
+SigpipeBlock::SigpipeBlock() {
+  sigemptyset(&pipe_);
+  sigaddset(&pipe_, SIGPIPE);
+  pthread_sigmask(SIG_BLOCK, &pipe_, &old_);
+}
 
- private:
-  sigset_t pipe_, old_;
-};
+SigpipeBlock::~SigpipeBlock() {
+  if (!sigismember(&old_, SIGPIPE)) {
+    sigset_t pending;
+    struct timespec zero = {0, 0};
+    while (sigpending(&pending) == 0 && sigismember(&pending, SIGPIPE) &&
+           sigtimedwait(&pipe_, nullptr, &zero) == SIGPIPE) {
+    }
+  }
+  pthread_sigmask(SIG_SETMASK, &old_, nullptr);
+}
+
+ExtractError MakePublicError(FailureKind kind, std::string reason, int sys_errno) {
+  ExtractError out;
+  out.kind = kind;
+  out.sys_errno = sys_errno;
+  out.reason = std::move(reason);
+  out.message = out.reason;
+  for (char& c : out.message) {
+    if (c == '\n' || c == '\r') c = ' ';
+  }
+  return out;
+}
 
 LogLevel PublicLevel(spdlog::level::level_enum level) {
   switch (level) {
@@ -135,6 +143,26 @@ Result<broker::Platform> ParsePlatform(const std::string& text) {
   return broker::Platform::Parse(text);
 }
 
+Result<broker::Ext4Options> InternalExt4(const Ext4Settings& e) {
+  broker::Ext4Options out;
+  if (e.block_size != 1024 && e.block_size != 2048 && e.block_size != 4096) {
+    return Fail(
+        MakeError(ErrorKind::kPolicy, "ext4 block size {}: 1024, 2048 or 4096", e.block_size));
+  }
+  if (e.label.size() > 16) {
+    return Fail(MakeError(ErrorKind::kPolicy, "ext4 label {:?}: at most 16 bytes", e.label));
+  }
+  if (e.size_bytes > 0) out.size_bytes = e.size_bytes;
+  out.block_size = e.block_size;
+  if (e.inode_ratio > 0) out.inode_ratio = e.inode_ratio;
+  out.label = e.label;
+  if (!e.uuid.empty()) out.uuid = e.uuid;
+  out.reproducible = e.reproducible;
+  if (e.source_date_epoch >= 0) out.source_date_epoch = e.source_date_epoch;
+
+  return out;
+}
+
 Result<broker::ExtractRequest> InternalRequest(const ExtractRequest& r) {
   broker::ExtractRequest out;
   out.layers = r.sources;
@@ -143,21 +171,7 @@ Result<broker::ExtractRequest> InternalRequest(const ExtractRequest& r) {
   if (!r.ext4.empty()) out.ext4 = r.ext4;
   if (!r.manifest.empty()) out.manifest = r.manifest;
   if (!r.config.empty()) out.config = r.config;
-  const Ext4Settings& e = r.ext4_settings;
-  if (e.block_size != 1024 && e.block_size != 2048 && e.block_size != 4096) {
-    return Fail(
-        MakeError(ErrorKind::kPolicy, "ext4 block size {}: 1024, 2048 or 4096", e.block_size));
-  }
-  if (e.label.size() > 16) {
-    return Fail(MakeError(ErrorKind::kPolicy, "ext4 label {:?}: at most 16 bytes", e.label));
-  }
-  if (e.size_bytes > 0) out.ext4_options.size_bytes = e.size_bytes;
-  out.ext4_options.block_size = e.block_size;
-  if (e.inode_ratio > 0) out.ext4_options.inode_ratio = e.inode_ratio;
-  out.ext4_options.label = e.label;
-  if (!e.uuid.empty()) out.ext4_options.uuid = e.uuid;
-  out.ext4_options.reproducible = e.reproducible;
-  if (e.source_date_epoch >= 0) out.ext4_options.source_date_epoch = e.source_date_epoch;
+  LX_ASSIGN_OR_RETURN(out.ext4_options, InternalExt4(r.ext4_settings));
 
   LX_ASSIGN_OR_RETURN(policy::Policy base, LoadPolicy(r.policy_file, r.policy_toml));
   policy::PolicyBuilder builder(std::move(base));
@@ -211,7 +225,9 @@ ExtractReport PublicReport(const broker::JobReport& job) {
   return out;
 }
 
-}  // namespace
+}  // namespace detail
+
+using namespace detail;
 
 const char* Version() { return LAYERX_VERSION; }
 
@@ -231,6 +247,10 @@ const char* FailureKindName(FailureKind kind) {
       return "usage";
     case FailureKind::kCancelled:
       return "cancelled";
+    case FailureKind::kBusy:
+      return "busy";
+    case FailureKind::kUnauthorized:
+      return "unauthorized";
     case FailureKind::kInternal:
       break;
   }
@@ -238,6 +258,7 @@ const char* FailureKindName(FailureKind kind) {
 }
 
 ExtractResult Extract(const ExtractRequest& request) {
+  if (!request.connect.empty()) return RemoteExtract(request);
   broker::LogTarget target(InternalLog(request), InternalLevel(request.min_log_level));
   SigpipeBlock sigpipe;
   auto internal = InternalRequest(request);

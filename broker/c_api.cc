@@ -45,6 +45,10 @@ layerx_status StatusOf(layerx::FailureKind kind) {
       return LAYERX_E_USAGE;
     case layerx::FailureKind::kCancelled:
       return LAYERX_E_CANCELLED;
+    case layerx::FailureKind::kBusy:
+      return LAYERX_E_BUSY;
+    case layerx::FailureKind::kUnauthorized:
+      return LAYERX_E_UNAUTHORIZED;
     case layerx::FailureKind::kInternal:
       break;
   }
@@ -115,6 +119,10 @@ const char* layerx_status_name(layerx_status status) {
       return "internal";
     case LAYERX_E_NOMEM:
       return "out of memory";
+    case LAYERX_E_BUSY:
+      return "busy";
+    case LAYERX_E_UNAUTHORIZED:
+      return "unauthorized";
   }
   return "unknown";
 }
@@ -169,6 +177,8 @@ layerx_status layerx_request_set_string(layerx_request* request, layerx_option o
       return SetString(r.ext4_settings.label, value);
     case LAYERX_OPT_EXT4_UUID:
       return SetString(r.ext4_settings.uuid, value);
+    case LAYERX_OPT_CONNECT:
+      return SetString(r.connect, value);
     default:
       return LAYERX_E_USAGE;
   }

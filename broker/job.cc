@@ -73,6 +73,7 @@ class Workspace {
   // The work rootfs by path, for tools that take one (mkfs.ext4 -d never follows links).
   std::string rootfs_path() const { return parent_ + "/" + name_ + "/rootfs"; }
   int dir_fd() const { return dir_fd_.get(); }
+  std::string path() const { return parent_ + "/" + name_; }
 
   void Cleanup() {
     if (name_.empty()) return;
@@ -108,20 +109,41 @@ class PendingOutput {
     (void)::unlinkat(dir_.get(), temp_.c_str(), 0);  // a leftover of a killed run of ours
     return {};
   }
+  // An output the caller passed as an open fd (the service): the temp goes in
+  // the work dir, and Commit() copies it into `fd` (holes kept).
+  Status ReserveFd(int fd, const Workspace& work, const std::string& name) {
+    LX_ASSIGN_OR_RETURN(dir_, sandbox::OpenAt(work.dir_fd(), ".", O_PATH | O_DIRECTORY));
+    dir_path_ = work.path();
+    temp_ = name;
+    out_fd_ = fd;
+    return {};
+  }
   Result<UniqueFd> Create() {
     return sandbox::OpenAt(dir_.get(), temp_, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0644);
   }
   std::string temp_path() const { return dir_path_ + "/" + temp_; }
   Status Commit() {
     if (temp_.empty()) return {};
+    if (out_fd_ >= 0) {
+      LX_ASSIGN_OR_RETURN(UniqueFd from, sandbox::OpenAt(dir_.get(), temp_, O_RDONLY | O_NOFOLLOW));
+      LX_TRY(sandbox::CopySparse(from.get(), out_fd_));
+      (void)::unlinkat(dir_.get(), temp_.c_str(), 0);
+      temp_.clear();
+      return {};
+    }
     LX_TRY(sandbox::RenameAt(dir_.get(), temp_, dir_.get(), name_));
     temp_.clear();
     return {};
+  }
+  // Undoes a Commit() into an fd: the caller's file is left empty, as given.
+  void Revert() {
+    if (out_fd_ >= 0) (void)::ftruncate(out_fd_, 0);
   }
 
  private:
   UniqueFd dir_;
   std::string dir_path_, name_, temp_;
+  int out_fd_ = -1;
 };
 
 std::string ShortDigest(const std::string& digest) {
@@ -143,7 +165,7 @@ Result<ResolvedImage> StageDockerArchive(const DockerArchiveSpec& spec, Workspac
   ImageTree scratch(ctx.policy->limits, ctx.policy->rules);
   RunContext staging_ctx = ctx;
   staging_ctx.rootfs_fd = staging.get();
-  auto staged = RunLayer(staging_ctx, LayerInput{.index = 0, .path = spec.file}, scratch);
+  auto staged = RunLayer(staging_ctx, LayerInput{.index = 0, .path = spec.file, .fd = spec.fd}, scratch);
   if (!staged) return Fail(std::move(staged).error().With("docker-archive {:?}", spec.file));
   auto resolved = ResolveDockerArchive(std::move(staging), spec.ref);
   if (!resolved) return Fail(std::move(resolved).error().With("docker-archive:{}", spec.file));
@@ -289,7 +311,8 @@ Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest&
   report.manifest_digest = image.manifest_digest;
   for (size_t i = 0; i < image.layers.size(); ++i) {
     const LayerSource& source = image.layers[i];
-    LayerInput input{.index = i + 1, .dir_fd = source.dir_fd, .path = source.path};
+    LayerInput input{
+        .index = i + 1, .dir_fd = source.dir_fd, .path = source.path, .fd = source.fd};
     auto layer = RunLayer(ctx, input, tree);
     if (layer) {
       Status verified = VerifyLayer(source, *layer);
@@ -314,9 +337,17 @@ Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest&
   // Every output is written beside its place under a temp name and renamed
   // into place only when all of them are ready; a failure removes the temps.
   PendingOutput ext4_file, manifest_file, config_file;
-  if (ext4_out) {
+  auto reserve = [&work](PendingOutput& file, const std::optional<OutputPath>& path, int fd,
+                         const char* name) -> Status {
+    if (fd >= 0) return file.ReserveFd(fd, work, name);
+    return file.Reserve(*path);
+  };
+  const std::string ext4_name = request.ext4 ? *request.ext4 : "(fd)";
+  const std::string manifest_name = request.manifest ? *request.manifest : "(fd)";
+  const std::string config_name = request.config ? *request.config : "(fd)";
+  if (ext4_out || request.ext4_fd >= 0) {
     LX_ASSIGN_OR_RETURN(Ext4Plan plan, PlanExt4(tree, request.ext4_options));
-    LX_TRY(ext4_file.Reserve(*ext4_out));
+    LX_TRY(reserve(ext4_file, ext4_out, request.ext4_fd, "out.ext4"));
     Ext4Options options = request.ext4_options;
     if (options.seed.empty()) {
       for (const LayerReport& l : report.layers) options.seed += l.compressed_digest;
@@ -324,21 +355,21 @@ Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest&
     LX_TRY(check_stop());
     auto built = BuildExt4(work.rootfs_path(), tree, plan, options, ext4_file.temp_path(),
                            ToolControl{.cancel = request.cancel, .deadline_ns = deadline});
-    if (!built) return Fail(std::move(built).error().With("ext4 {:?}", *request.ext4));
+    if (!built) return Fail(std::move(built).error().With("ext4 {:?}", ext4_name));
     report.ext4 = *built;
   }
-  if (manifest_out) {
-    LX_TRY(manifest_file.Reserve(*manifest_out));
+  if (manifest_out || request.manifest_fd >= 0) {
+    LX_TRY(reserve(manifest_file, manifest_out, request.manifest_fd, "out.manifest"));
     LX_ASSIGN_OR_RETURN(UniqueFd fd, manifest_file.Create());
     Status written = WriteManifest(tree, fd.get());
     if (written && ::fsync(fd.get()) != 0) written = Fail(OsError(errno, "fsync"));
-    if (!written) return Fail(std::move(written).error().With("manifest {:?}", *request.manifest));
+    if (!written) return Fail(std::move(written).error().With("manifest {:?}", manifest_name));
   }
-  if (config_out) {
-    LX_TRY(config_file.Reserve(*config_out));
+  if (config_out || request.config_fd >= 0) {
+    LX_TRY(reserve(config_file, config_out, request.config_fd, "out.config"));
     LX_ASSIGN_OR_RETURN(UniqueFd fd, config_file.Create());
     Status written = sandbox::WriteAll(fd.get(), std::as_bytes(std::span(image.config)));
-    if (!written) return Fail(std::move(written).error().With("config {:?}", *request.config));
+    if (!written) return Fail(std::move(written).error().With("config {:?}", config_name));
   }
   // The last moment a stop can still leave nothing behind.
   LX_TRY(check_stop());
@@ -350,7 +381,12 @@ Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest&
       return Fail(OsError(errno, "rename rootfs into {:?}", *request.rootfs));
     }
   }
-  for (PendingOutput* file : {&ext4_file, &config_file, &manifest_file}) LX_TRY(file->Commit());
+  for (PendingOutput* file : {&ext4_file, &config_file, &manifest_file}) {
+    if (Status s = file->Commit(); !s) {
+      for (PendingOutput* f : {&ext4_file, &config_file, &manifest_file}) f->Revert();
+      return Fail(std::move(s).error());
+    }
+  }
   work.Cleanup();
   report.total_ns = sandbox::MonotonicNs() - start;
   return report;
@@ -359,12 +395,17 @@ Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest&
 // Bytes of input the job reads: the blobs, or the docker-archive.
 uint64_t InputBytes(const ResolvedImage& image, const std::optional<DockerArchiveSpec>& docker) {
   struct stat st;
-  if (docker) return ::stat(docker->file.c_str(), &st) == 0 ? static_cast<uint64_t>(st.st_size) : 0;
+  if (docker) {
+    int r = docker->fd >= 0 ? ::fstat(docker->fd, &st) : ::stat(docker->file.c_str(), &st);
+    return r == 0 ? static_cast<uint64_t>(st.st_size) : 0;
+  }
   uint64_t total = 0;
   for (const LayerSource& l : image.layers) {
     if (l.size) {
       total += *l.size;
-    } else if (l.dir_fd < 0 && ::stat(l.path.c_str(), &st) == 0) {
+    } else if (l.fd >= 0 && ::fstat(l.fd, &st) == 0) {
+      total += static_cast<uint64_t>(st.st_size);
+    } else if (l.fd < 0 && l.dir_fd < 0 && ::stat(l.path.c_str(), &st) == 0) {
       total += static_cast<uint64_t>(st.st_size);
     }
   }
@@ -374,9 +415,16 @@ uint64_t InputBytes(const ResolvedImage& image, const std::optional<DockerArchiv
 // Whether every layer can be read a second time (files, not streams).
 bool Rereadable(const ResolvedImage& image, const std::optional<DockerArchiveSpec>& docker) {
   struct stat st;
-  if (docker) return ::stat(docker->file.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+  if (docker) {
+    int r = docker->fd >= 0 ? ::fstat(docker->fd, &st) : ::stat(docker->file.c_str(), &st);
+    return r == 0 && S_ISREG(st.st_mode);
+  }
   for (const LayerSource& l : image.layers) {
-    if (l.dir_fd < 0 && (::stat(l.path.c_str(), &st) != 0 || !S_ISREG(st.st_mode))) return false;
+    if (l.fd >= 0) {
+      if (::fstat(l.fd, &st) != 0 || !S_ISREG(st.st_mode)) return false;
+    } else if (l.dir_fd < 0 && (::stat(l.path.c_str(), &st) != 0 || !S_ISREG(st.st_mode))) {
+      return false;
+    }
   }
   return true;
 }
@@ -421,8 +469,13 @@ std::optional<std::string> ChooseScratch(const ExtractRequest& request, const Re
 Result<JobReport> RunExtract(const ExtractRequest& request) {
   auto log = Logger("broker");
   int64_t start = sandbox::MonotonicNs();
-  if (request.layers.empty()) return Fail(MakeError(ErrorKind::kPolicy, "no layers given"));
-  if (!request.rootfs && !request.manifest && !request.ext4) {
+  const bool from_fds = request.resolved != nullptr || request.docker.has_value();
+  if (request.layers.empty() && !from_fds) {
+    return Fail(MakeError(ErrorKind::kPolicy, "no layers given"));
+  }
+  const bool fd_outputs =
+      request.ext4_fd >= 0 || request.manifest_fd >= 0 || request.config_fd >= 0;
+  if (!request.rootfs && !request.manifest && !request.ext4 && !fd_outputs) {
     return Fail(
         MakeError(ErrorKind::kPolicy, "nothing to write: give --rootfs, --ext4 or --manifest"));
   }
@@ -444,9 +497,20 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
   if (request.config) {
     LX_ASSIGN_OR_RETURN(config_out, SplitOutput(*request.config, "config"));
   }
-  std::optional<DockerArchiveSpec> docker = ParseDockerArchiveSpec(request.layers);
+  std::optional<DockerArchiveSpec> docker =
+      from_fds ? request.docker : ParseDockerArchiveSpec(request.layers);
   ResolvedImage image;
-  if (docker) {
+  if (request.resolved != nullptr) {
+    image.layers = request.resolved->layers;
+    image.manifest_digest = request.resolved->manifest_digest;
+    image.config = request.resolved->config;
+    image.config_digest = request.resolved->config_digest;
+    if (request.config_fd >= 0 && image.config.empty()) {
+      return Fail(MakeError(ErrorKind::kPolicy, "a config was asked for, and the source has none"));
+    }
+  } else if (docker && docker->fd >= 0) {
+    // An open fd: readable by construction.
+  } else if (docker) {
     if (::access(docker->file.c_str(), R_OK) != 0) {
       return Fail(OsError(errno, "docker-archive {:?}", docker->file));
     }
@@ -468,9 +532,11 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
   // The work tree goes beside the rootfs (renamed into place at the end), or,
   // when only an image or a manifest is wanted, where it is cheapest to make
   // and remove (ChooseScratch); a tmpfs that fills up is retried on disk once.
-  const std::string beside = rootfs_out ? rootfs_out->dir
-                             : ext4_out ? ext4_out->dir
-                                        : manifest_out->dir;
+  const std::string beside = rootfs_out     ? rootfs_out->dir
+                             : ext4_out     ? ext4_out->dir
+                             : manifest_out ? manifest_out->dir
+                             : !request.scratch_dir.empty() ? request.scratch_dir
+                                                            : "/var/tmp";
   std::optional<std::string> scratch;
   if (!rootfs_out) scratch = ChooseScratch(request, image, docker);
   if (scratch) {

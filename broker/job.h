@@ -32,6 +32,17 @@ struct ExtractRequest {
   // manifest only). Empty: /dev/shm when it is a tmpfs with room, else beside
   // the output (also the fallback when the tmpfs fills up).
   std::string scratch_dir;
+
+  // The service (layerx serve) never opens a tenant's path: its client sends
+  // open descriptors. Then `layers` is unused and the image is `resolved`
+  // (each LayerSource::fd set; borrowed) or the docker-archive `docker` (its
+  // fd set), and outputs may be fds: regular files open for writing, written
+  // from offset 0 only when the whole job succeeded, left empty otherwise.
+  const ResolvedImage* resolved = nullptr;
+  std::optional<DockerArchiveSpec> docker;
+  int ext4_fd = -1;
+  int manifest_fd = -1;
+  int config_fd = -1;
 };
 
 struct JobReport {

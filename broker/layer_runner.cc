@@ -340,7 +340,16 @@ Error Session::ExitError(const sandbox::ExitStatus& status) {
 
 Status Session::Run(const LayerInput& layer) {
   sandbox::ScopedSigpipeBlock no_sigpipe;  // a dead extractor is EPIPE on its input
-  if (layer.dir_fd >= 0) {
+  if (layer.fd >= 0) {
+    // A descriptor a client passed (layerx serve): read from its start, never
+    // blocking (a stream must not wedge the job past its clock or a cancel).
+    LX_ASSIGN_OR_RETURN(blob_, sandbox::Dup(layer.fd));
+    int flags = ::fcntl(blob_.get(), F_GETFL);
+    if (flags < 0 || ::fcntl(blob_.get(), F_SETFL, flags | O_NONBLOCK) != 0) {
+      return Fail(OsError(errno, "fcntl"));
+    }
+    (void)::lseek(blob_.get(), 0, SEEK_SET);  // ESPIPE for a stream
+  } else if (layer.dir_fd >= 0) {
     LX_ASSIGN_OR_RETURN(blob_, sandbox::OpenAt2(layer.dir_fd, layer.path, O_RDONLY | O_NONBLOCK,
                                                 RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS));
   } else {

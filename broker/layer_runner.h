@@ -21,6 +21,7 @@ struct LayerInput {
   size_t index = 0;  // 1-based, lowest layer first
   int dir_fd = -1;   // borrowed; when set, `path` is opened below it (RESOLVE_BENEATH)
   std::string path;  // the blob file
+  int fd = -1;       // borrowed; when set, the blob is read from this open fd (the service)
 };
 
 struct LayerReport {

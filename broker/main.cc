@@ -56,9 +56,35 @@ void PrintError(const layerx::ExtractError& error) {
 
 // Exit status: 2 for a usage error (a bad request, source name or policy
 // file), 1 for everything the input or the system caused.
+// 75 (EX_TEMPFAIL) when the service is busy: try again later.
 int ExitStatus(const layerx::ExtractError& error) {
+  if (error.kind == layerx::FailureKind::kBusy) return 75;
   return error.kind == layerx::FailureKind::kUsage ? 2 : 1;
 }
+
+constexpr const char* kServeHelp =
+    R"(Run the extraction service for a multi-tenant build farm.
+
+Clients (layerx extract --connect SOCKET, or the library with
+ExtractRequest::connect) send open file descriptors, never paths: the layer
+blobs or the docker-archive, and the output files. The service never opens a
+client's path, so it cannot be made to read or write what the client could
+not. Who a client is comes from the kernel (SO_PEERCRED); --config maps uids
+and gids to tenants, each with its own policy, concurrency and queue limits,
+and byte and time budgets. A peer of no tenant is refused. Jobs wait in one
+queue per tenant and are started round-robin across tenants; beyond the
+limits the answer is "busy" (exit status 75 for the client), never a hang.
+A client that disconnects or is interrupted stops its job at once.
+
+SIGTERM or SIGINT: stop accepting, cancel queued jobs, give running ones
+shutdown_grace_seconds, then cancel them; exit 0 once all are cleaned up.
+Without --socket, the socket comes from systemd (LISTEN_FDS; see
+layerx.socket).
+
+Examples:
+  layerx serve --socket /run/layerx/layerx.sock --config /etc/layerx/serve.toml
+  layerx status --socket /run/layerx/layerx.sock
+  layerx status --socket /run/layerx/layerx.sock --metrics   # Prometheus text)";
 
 int Inspect(const layerx::InspectRequest& request, bool as_json) {
   layerx::ImageInfo info;
@@ -153,6 +179,11 @@ int main(int argc, char** argv) {
                       "where the work tree goes when no --rootfs is written (default: /dev/shm "
                       "when it is a tmpfs with room, else beside the output)");
   extract->add_flag("--json", json, "print a JSON summary on stdout");
+  std::string connect;
+  extract->add_option("--connect", connect,
+                      "run the job on the layerx service at this unix socket (layerx serve); "
+                      "sources and outputs are passed as open files, the service's policy for "
+                      "your tenant applies; not with --rootfs or --policy");
   extract->add_flag("-v,--verbose", verbosity, "more logging (-vv for debug)");
   extract->add_flag("-q,--quiet", quiet, "errors only");
 
@@ -179,6 +210,27 @@ int main(int argc, char** argv) {
       policy_cmd->add_subcommand("show", "print the effective policy as TOML (a policy file)");
   policy_show->add_option("--policy", policy_file, "read this policy file over the defaults");
   policy_cmd->require_subcommand(1);
+  CLI::App* serve = app.add_subcommand("serve", "run the extraction service on a unix socket");
+  serve->footer(kServeHelp);
+  std::string serve_socket, serve_config, log_format;
+  serve->add_option("--socket", serve_socket,
+                    "listen on this unix socket path (default: the socket systemd passes)");
+  serve->add_option("--config", serve_config,
+                    "tenants and limits, TOML (/usr/share/doc/layerx/serve.example.toml)");
+  serve->add_option("--log-format", log_format, "text or json (default: the config's)")
+      ->check(CLI::IsMember({"text", "json"}));
+  serve->add_flag("-v,--verbose", verbosity, "more logging (-vv for debug)");
+  serve->add_flag("-q,--quiet", quiet, "errors only");
+  CLI::App* status = app.add_subcommand("status", "show the service's jobs and tenants");
+  status->footer(
+      "Operators (root, or the service's own user) see every tenant; a tenant sees its own\n"
+      "jobs. --metrics prints the service's counters in Prometheus text format (operators).\n\n"
+      "Example:\n  layerx status --socket /run/layerx/layerx.sock --json");
+  std::string status_socket = "/run/layerx/layerx.sock";
+  bool status_metrics = false, status_json = false;
+  status->add_option("--socket", status_socket, "the service's socket")->capture_default_str();
+  status->add_flag("--metrics", status_metrics, "print counters in Prometheus text format");
+  status->add_flag("--json", status_json, "print JSON");
   inspect->add_flag("-v,--verbose", verbosity, "more logging");
   inspect->add_flag("-q,--quiet", quiet, "errors only");
 
@@ -220,6 +272,45 @@ int main(int argc, char** argv) {
                                           .extractor_path = {}},
                    inspect_json);
   }
+  if (status->parsed()) {
+    std::string text;
+    layerx::ExtractError error;
+    auto query = status_metrics ? layerx::ServiceQuery::kMetrics
+                 : status_json  ? layerx::ServiceQuery::kStatusJson
+                                : layerx::ServiceQuery::kStatus;
+    if (!layerx::QueryService(status_socket, query, &text, &error)) {
+      PrintError(error);
+      return ExitStatus(error);
+    }
+    std::fputs(text.c_str(), stdout);
+    return 0;
+  }
+  if (serve->parsed()) {
+    layerx::ServeOptions options;
+    options.socket = serve_socket;
+    options.config_file = serve_config;
+    options.log_format = log_format;
+    options.min_log_level = quiet ? LogLevel::kError
+                            : verbosity >= 1 ? LogLevel::kDebug
+                                             : LogLevel::kInfo;
+    options.log = [log](LogLevel l, std::string_view component,
+                                                    std::string_view message) {
+      if (!message.empty() && message.front() == '{') {  // --log-format json: a JSON object
+        std::fprintf(stderr, "%.*s\n", static_cast<int>(message.size()), message.data());
+        return;
+      }
+      log(l, component, message);
+    };
+    // The service takes SIGTERM and SIGINT itself (a signalfd).
+    ::signal(SIGINT, SIG_DFL);
+    ::signal(SIGTERM, SIG_DFL);
+    layerx::ExtractError error;
+    if (!layerx::Serve(options, &error)) {
+      PrintError(error);
+      return ExitStatus(error) == 2 ? 2 : 1;
+    }
+    return 0;
+  }
   if (policy_show->parsed()) {
     std::string toml;
     layerx::ExtractError error;
@@ -253,6 +344,7 @@ int main(int argc, char** argv) {
   request.policy_file = policy_file;
   if (timeout_s > 0) request.layer_timeout_ms = static_cast<uint64_t>(timeout_s * 1000);
   if (job_timeout_s > 0) request.job_timeout_ms = static_cast<uint64_t>(job_timeout_s * 1000);
+  request.connect = connect;
   request.cancel = &g_cancel;
   request.log = log;
   request.min_log_level = level;

@@ -1,6 +1,6 @@
 # `layerx serve`: the extraction service's RPC interface (Cap'n Proto RPC over a
-# unix socket; issue 8). DRAFT: the schema the service and `layerx extract
-# --connect` will speak; not built yet. Ordinals are append-only.
+# unix socket). What `layerx serve` and `layerx extract --connect` speak
+# (broker/service.cc, broker/service_client.cc). Ordinals are append-only.
 #
 # No confused deputy: a client hands the service open file descriptors (an Fd
 # capability travels with its descriptor, SCM_RIGHTS, and the service reads it
@@ -16,21 +16,36 @@ $Cxx.namespace("layerx::service");
 # A file descriptor the client passes. Its server side does nothing but carry it.
 interface Fd {}
 
-struct OciLayout {
-  dir @0 :Fd;    # the layout directory, opened O_RDONLY|O_DIRECTORY
-  ref @1 :Text;  # a tag or "@sha256:..."; empty when the index holds one image
+# One layer blob, opened by the client (O_RDONLY; a regular file or a stream).
+# For an image, the client resolved the layout with its own credentials and
+# sends what the manifest says the blob is; the service checks the blob
+# against digest and size as it streams, and the tar stream against diffId,
+# which must equal the config's rootfs.diff_ids entry for this layer.
+struct Layer {
+  blob @0 :Fd;
+  name @1 :Text;       # names the layer in errors: short digest or file name
+  digest @2 :Text;     # "sha256:..." or empty (a plain file)
+  diffId @3 :Text;     # "sha256:..." or empty
+  size @4 :UInt64;     # 0 with no digest: unknown
+  mediaType @5 :Text;
+}
+
+struct Image {
+  layers @0 :List(Layer);   # lowest first
+  config @1 :Data;          # the image config JSON; empty for plain layer files
+  manifestDigest @2 :Text;
 }
 
 struct DockerArchive {
-  file @0 :Fd;   # the archive, opened O_RDONLY
-  ref @1 :Text;  # a RepoTag; may be empty
+  file @0 :Fd;   # the archive, O_RDONLY; unpacked by a jailed extractor like a layer
+  name @1 :Text; # names it in errors
+  ref @2 :Text;  # a RepoTag; may be empty
 }
 
 struct Source {
   union {
-    ociLayout @0 :OciLayout;
+    image @0 :Image;
     dockerArchive @1 :DockerArchive;
-    layerFiles @2 :List(Fd);  # plain layer blobs, lowest first, each O_RDONLY
   }
 }
 
@@ -46,17 +61,17 @@ struct Ext4Settings {
 
 struct ExtractRequest {
   source @0 :Source;
-  platform @1 :Text;           # "os/arch[/variant]"; empty: the service's
-  # Outputs, each written only when the whole job succeeded; on failure an
-  # output fd is left as it was given (the client removes what it created).
-  ext4 @2 :Fd;                 # a regular file opened O_WRONLY (empty)
-  manifest @3 :Fd;             # a regular file opened O_WRONLY (empty)
-  config @4 :Fd;               # a regular file opened O_WRONLY (empty)
-  rootfsParent @5 :Fd;         # a directory opened O_RDONLY|O_DIRECTORY ...
-  rootfsName @6 :Text;         # ... in which the service creates this (must not exist)
-  ext4Settings @7 :Ext4Settings;
-  layerTimeoutMs @8 :UInt64;   # 0: the tenant's policy; never above it
-  jobTimeoutMs @9 :UInt64;     # 0: the tenant's policy; never above it
+  platform @1 :Text;           # "os/arch[/variant]" (docker-archive only); empty: the service's
+  # Outputs: regular files opened for writing (not O_APPEND), written from
+  # offset 0 only when the whole job succeeded and left empty otherwise. At
+  # least one. A client makes them O_TMPFILE and links them into place on
+  # success, so that nothing is left if it dies.
+  ext4 @2 :Fd;
+  manifest @3 :Fd;
+  config @4 :Fd;
+  ext4Settings @5 :Ext4Settings;
+  layerTimeoutMs @6 :UInt64;   # 0: the tenant's policy; never above it
+  jobTimeoutMs @7 :UInt64;     # 0: the tenant's policy; never above it
 }
 
 enum FailureKind {
@@ -82,15 +97,30 @@ struct Failure {
   errno @6 :Int32;
 }
 
+# layerx::ExtractReport (include/layerx/layerx.hpp), field for field.
 struct LayerSummary {
   index @0 :UInt32;
-  digest @1 :Text;
-  diffId @2 :Text;
-  compressedBytes @3 :UInt64;
-  uncompressedBytes @4 :UInt64;
-  entries @5 :UInt64;
-  setupMs @6 :Float64;
-  extractMs @7 :Float64;
+  name @1 :Text;
+  digest @2 :Text;
+  diffId @3 :Text;
+  compressedBytes @4 :UInt64;
+  uncompressedBytes @5 :UInt64;
+  entries @6 :UInt64;
+  fileBytes @7 :UInt64;
+  setupMs @8 :Float64;
+  extractMs @9 :Float64;
+  sendMs @10 :Float64;
+  mergeMs @11 :Float64;
+  totalMs @12 :Float64;
+  extractorPeakRssKib @13 :UInt64;
+}
+
+struct Ext4Summary {
+  sizeBytes @0 :UInt64;
+  contentBytes @1 :UInt64;
+  inodes @2 :UInt64;
+  mkfsMs @3 :Float64;
+  ownershipPassMs @4 :Float64;
 }
 
 struct Report {
@@ -98,7 +128,9 @@ struct Report {
   seconds @1 :Float64;
   manifestDigest @2 :Text;
   layers @3 :List(LayerSummary);
-  json @4 :Text;      # what `layerx extract --json` prints
+  hasExt4 @4 :Bool;
+  ext4 @5 :Ext4Summary;
+  queuedSeconds @6 :Float64;  # waiting for a slot, before `seconds` began
 }
 
 struct Result {
@@ -128,14 +160,30 @@ struct JobStatus {
   tenant @0 :Text;
   id @1 :UInt64;
   state @2 :Text;        # "queued", "running"
-  layer @3 :UInt32;
-  seconds @4 :Float64;   # since it was accepted
+  layer @3 :UInt32;      # running: the layer being applied (0: not started)
+  layers @4 :UInt32;
+  seconds @5 :Float64;   # since it was accepted
 }
 
+struct TenantStatus {
+  name @0 :Text;
+  running @1 :UInt32;
+  queued @2 :UInt32;
+  maxConcurrent @3 :UInt32;
+  maxQueued @4 :UInt32;
+}
+
+# An operator (uid 0 or the service's own uid) sees every tenant; a tenant
+# sees itself only.
 struct ServiceStatus {
-  running @0 :List(JobStatus);
-  queued @1 :List(JobStatus);
+  jobs @0 :List(JobStatus);
+  tenants @1 :List(TenantStatus);
   maxConcurrent @2 :UInt32;
+  running @3 :UInt32;
+  queued @4 :UInt32;
+  draining @5 :Bool;     # SIGTERM came: no new jobs
+  version @6 :Text;
+  uptimeSeconds @7 :Float64;
 }
 
 # The bootstrap capability of the socket.
@@ -145,6 +193,7 @@ interface Service {
   # extractor is killed, no output is written, the slot is freed.
   extract @0 (request :ExtractRequest, progress :ProgressSink) -> (result :Result);
   status @1 () -> (status :ServiceStatus);
-  # Counters in Prometheus text format (jobs by tenant and outcome, bytes, seconds).
+  # Counters in Prometheus text format (jobs by tenant and outcome, bytes,
+  # seconds); operators only.
   metrics @2 () -> (text :Text);
 }

@@ -36,6 +36,7 @@ struct LayerSource {
   std::string display;                 // names the layer in errors: short digest or file
   int dir_fd = -1;                     // borrowed from the ResolvedImage; -1: `path` is plain
   std::string path;                    // below dir_fd, or a plain file path
+  int fd = -1;                         // borrowed; when set, the blob is this open fd (the service)
   std::optional<std::string> digest;   // sha256 of the blob, from the manifest
   std::optional<std::string> diff_id;  // sha256 of the tar stream, from the config
   std::optional<uint64_t> size;        // blob size, from the manifest
@@ -61,8 +62,9 @@ Result<ResolvedImage> ResolveSources(const std::vector<std::string>& specs,
 // job unpacks it with a jailed extractor into a staging dir first
 // (broker/job.cc), then ResolveDockerArchive reads manifest.json there.
 struct DockerArchiveSpec {
-  std::string file;
+  std::string file;  // names it in errors
   std::string ref;
+  int fd = -1;       // borrowed; when set, the archive is read from this open fd (the service)
 };
 std::optional<DockerArchiveSpec> ParseDockerArchiveSpec(const std::vector<std::string>& specs);
 

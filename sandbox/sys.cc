@@ -9,6 +9,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace layerx::sandbox {
@@ -117,6 +118,73 @@ Result<UniqueFd> MemfdCreate(const char* name) {
   int fd = ::memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
   if (fd < 0) return Fail(OsError(errno, "memfd_create"));
   return UniqueFd(fd);
+}
+
+Result<UniqueFd> Dup(int fd) {
+  int copy = ::fcntl(fd, F_DUPFD_CLOEXEC, 3);
+  if (copy < 0) return Fail(OsError(errno, "dup"));
+  return UniqueFd(copy);
+}
+
+namespace {
+
+// Copies [offset, offset+length) at the same offset; copy_file_range first,
+// pread/pwrite when the kernel refuses it between these two files.
+Status CopyRange(int from, int to, off_t offset, off_t length) {
+  bool plain = false;
+  std::vector<std::byte> buf;
+  while (length > 0) {
+    if (!plain) {
+      loff_t in = offset, out = offset;
+      ssize_t n = ::copy_file_range(from, &in, to, &out, static_cast<size_t>(length), 0);
+      if (n > 0) {
+        offset += n;
+        length -= n;
+        continue;
+      }
+      if (n == 0) return Fail(OsError(EIO, "copy: source shrank"));
+      if (errno == EINTR) continue;
+      if (errno != EXDEV && errno != EINVAL && errno != ENOSYS && errno != EOPNOTSUPP) {
+        return Fail(OsError(errno, "copy_file_range"));
+      }
+      plain = true;
+      buf.resize(1 << 20);
+    }
+    size_t want = std::min<size_t>(buf.size(), static_cast<size_t>(length));
+    ssize_t n = ::pread(from, buf.data(), want, offset);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return Fail(OsError(errno, "pread"));
+    if (n == 0) return Fail(OsError(EIO, "copy: source shrank"));
+    for (ssize_t done = 0; done < n;) {
+      ssize_t w = ::pwrite(to, buf.data() + done, static_cast<size_t>(n - done), offset + done);
+      if (w < 0 && errno == EINTR) continue;
+      if (w < 0) return Fail(OsError(errno, "write"));
+      done += w;
+    }
+    offset += n;
+    length -= n;
+  }
+  return {};
+}
+
+}  // namespace
+
+Status CopySparse(int from, int to) {
+  LX_ASSIGN_OR_RETURN(struct stat st, Fstat(from));
+  const off_t size = st.st_size;
+  if (::ftruncate(to, 0) != 0) return Fail(OsError(errno, "ftruncate"));
+  off_t at = 0;
+  while (at < size) {
+    off_t data = ::lseek(from, at, SEEK_DATA);
+    if (data < 0 && errno == ENXIO) break;  // only a hole is left
+    if (data < 0) return Fail(OsError(errno, "lseek"));
+    off_t hole = ::lseek(from, data, SEEK_HOLE);
+    if (hole < 0) return Fail(OsError(errno, "lseek"));
+    LX_TRY(CopyRange(from, to, data, hole - data));
+    at = hole;
+  }
+  if (::ftruncate(to, size) != 0) return Fail(OsError(errno, "ftruncate"));
+  return {};
 }
 
 int64_t MonotonicNs() {

@@ -42,6 +42,13 @@ struct Pipe {
 Result<Pipe> MakePipe(int flags);                        // pipe2; O_CLOEXEC always added
 Result<std::pair<UniqueFd, UniqueFd>> MakeSocketPair();  // AF_UNIX stream, cloexec
 Result<UniqueFd> MemfdCreate(const char* name);
+Result<UniqueFd> Dup(int fd);  // F_DUPFD_CLOEXEC
+
+// Copies the whole of regular file `from` into `to` (a regular file open for
+// writing, from its offset 0), keeping holes: only the data ranges are copied
+// (SEEK_DATA, copy_file_range, read/write where that is refused), then `to` is
+// cut to `from`'s size. A sparse ext4 image stays sparse.
+Status CopySparse(int from, int to);
 
 // CLOCK_MONOTONIC in nanoseconds; one clock for the whole machine, so the
 // broker and a jailed child can compare their readings.

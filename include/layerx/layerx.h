@@ -52,7 +52,9 @@ typedef enum layerx_status {
   LAYERX_E_USAGE = 6,         /* a bad request or policy file */
   LAYERX_E_CANCELLED = 7,     /* cancelled, or out of time */
   LAYERX_E_INTERNAL = 8,      /* a bug in layerx */
-  LAYERX_E_NOMEM = 9          /* an allocation failed */
+  LAYERX_E_NOMEM = 9,         /* an allocation failed */
+  LAYERX_E_BUSY = 10,         /* the service or the tenant is at its limit: try later */
+  LAYERX_E_UNAUTHORIZED = 11  /* the service maps the caller to no tenant */
 } layerx_status;
 
 /* "0.1.0", the same as `layerx --version`. */
@@ -89,6 +91,7 @@ typedef enum layerx_option {
   LAYERX_OPT_EXTRACTOR_PATH = 5, /* string: the layerx-extractor helper */
   LAYERX_OPT_EXT4_LABEL = 6,     /* string: at most 16 bytes */
   LAYERX_OPT_EXT4_UUID = 7,      /* string */
+  LAYERX_OPT_CONNECT = 8,        /* string: run on the layerx service at this socket */
   LAYERX_OPT_EXT4_SIZE = 100,    /* integer: bytes; 0 computes it */
   LAYERX_OPT_EXT4_BLOCK_SIZE = 101,   /* integer: 1024, 2048, 4096 */
   LAYERX_OPT_EXT4_INODE_RATIO = 102,  /* integer: bytes per inode; 0 computes it */

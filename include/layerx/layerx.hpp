@@ -71,6 +71,8 @@ enum class FailureKind {
   kUsage,         // a bad request: bad source name, output exists, bad policy file
   kCancelled,     // the cancel token was set, or the job ran out of time
   kInternal,      // a bug in layerx
+  kBusy,          // the service (ExtractRequest::connect) or the tenant is at its limit: try later
+  kUnauthorized,  // the service maps the caller's uid/gid to no tenant, or it is not an operator
 };
 LAYERX_API const char* FailureKindName(FailureKind kind);  // "refused", "integrity", ...
 
@@ -156,6 +158,18 @@ struct ExtractRequest {
   LogLevel min_log_level = LogLevel::kWarn;
   std::function<void(const Progress&)> progress;
   const CancelToken* cancel = nullptr;  // borrowed; must outlive the call
+
+  // Non-empty: the job runs on the layerx service listening on this unix
+  // socket (`layerx serve`, e.g. /run/layerx/layerx.sock) instead of in this
+  // process. The sources are opened and resolved here, with the caller's
+  // credentials, and handed over as open file descriptors; the outputs too
+  // (ext4, manifest, config; not rootfs). The service applies its policy for
+  // the caller's tenant: policy_file and policy_toml must be empty, timeouts
+  // may only shorten the tenant's. progress, cancel and log work as locally;
+  // cancelling, or dying, stops the job on the service at once. The call runs
+  // a kj event loop of its own on the calling thread: a thread that already
+  // has one (a Cap'n Proto user's) must call from another thread.
+  std::string connect;
 };
 
 struct LayerSummary {
@@ -232,6 +246,33 @@ LAYERX_API bool Inspect(const InspectRequest& request, ImageInfo* info, ExtractE
 // and policy_toml (either may be empty) read over them. `layerx policy show`.
 LAYERX_API bool ShowPolicy(const std::string& policy_file, const std::string& policy_toml,
                            std::string* toml, ExtractError* error);
+
+// The service: `layerx serve`. Runs until SIGTERM or SIGINT (or `stop` is
+// set): listens on a unix socket for Cap'n Proto RPC (broker/service.capnp),
+// maps each peer to a tenant by SO_PEERCRED, and runs its jobs with the
+// tenant's policy and limits, fairly across tenants. On the stop signal it
+// stops accepting, lets running jobs finish within the configured grace, then
+// cancels the rest. SIGTERM and SIGINT are blocked on the calling thread while
+// it runs (and taken through a signalfd). Returns true when it stopped
+// cleanly.
+struct ServeOptions {
+  std::string socket;       // path to listen on; empty: the socket systemd passed (LISTEN_FDS)
+  std::string config_file;  // serve.toml (packaging/serve.example.toml); empty: no tenants
+  std::string log_format;   // "text" or "json"; empty: the config's
+  std::function<void(LogLevel level, std::string_view component, std::string_view message)> log;
+  LogLevel min_log_level = LogLevel::kInfo;
+  std::string extractor_path;          // empty: found as for Extract
+  const CancelToken* stop = nullptr;   // optional: set to stop like SIGTERM (checked 10x/s)
+  std::function<void()> ready;         // optional: called once the socket accepts connections
+};
+LAYERX_API bool Serve(const ServeOptions& options, ExtractError* error);
+
+// Asks the service on `socket`: its jobs and tenants as text (`layerx status`)
+// or JSON, or its counters in Prometheus text format (operators only). Like
+// Extract with `connect`, not from a thread that runs a kj event loop.
+enum class ServiceQuery { kStatus, kStatusJson, kMetrics };
+LAYERX_API bool QueryService(const std::string& socket, ServiceQuery query, std::string* out,
+                             ExtractError* error);
 
 // JSON for machines: what `layerx extract --json` and `layerx inspect --json`
 // print. Bytes that are not UTF-8 (names are bytes) come out as U+FFFD.

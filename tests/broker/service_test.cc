@@ -1,0 +1,632 @@
+// `layerx serve` end to end: the real `layerx` binary as the service, real
+// clients (`layerx extract --connect` as other uids, the library from
+// threads, and raw RPC for what no honest client sends). Jobs that must wait
+// read a layer from a fifo the test feeds when it wants them to go on.
+//
+// As root, the service runs as root and as uid 65533 (the packaged service's
+// shape: an unprivileged user), clients as 65534 and 65532 (two tenants) and
+// 4242 (no tenant). Run as 65534 (the .rootless variant), the service and its
+// one client share that uid; what needs a second uid is skipped there.
+#include <capnp/rpc-twoparty.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <gtest/gtest.h>
+#include <kj/async-io.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <thread>
+
+#include "broker/service.capnp.h"
+#include "layerx/layerx.hpp"
+#include "sandbox/sys.h"
+#include "tests/fixtures/layer_writer.h"
+#include "tests/fixtures/oci_layout.h"
+#include "tests/fixtures/test_util.h"
+
+namespace layerx {
+namespace {
+
+using testing::ReadFile;
+using Clock = std::chrono::steady_clock;
+
+constexpr uid_t kServiceUid = 65533;  // the service's own user, when root runs the test
+constexpr uid_t kAlpha = 65534, kBeta = 65532, kStranger = 4242;
+
+bool Root() { return ::geteuid() == 0; }
+
+// fork + exec as `uid` (when root and uid != -1), stdout and stderr to `log`.
+pid_t Spawn(const std::vector<std::string>& argv, int uid, const std::string& log,
+            const std::vector<std::string>& env = {}) {
+  std::vector<char*> args;
+  for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0666);
+    if (fd >= 0) {
+      ::dup2(fd, 1);
+      ::dup2(fd, 2);
+    }
+    for (const std::string& e : env) ::putenv(const_cast<char*>(e.c_str()));
+    sigset_t none;
+    sigemptyset(&none);
+    ::sigprocmask(SIG_SETMASK, &none, nullptr);
+    if (uid >= 0 && Root()) {
+      if (::setgroups(0, nullptr) != 0 || ::setresgid(uid, uid, uid) != 0 ||
+          ::setresuid(uid, uid, uid) != 0) {
+        ::_exit(126);
+      }
+    }
+    ::execv(args[0], args.data());
+    ::_exit(127);
+  }
+  return pid;
+}
+
+// Waits for pid; its exit status, or 128+signal; -1 past the deadline.
+int Wait(pid_t pid, double seconds = 60) {
+  auto end = Clock::now() + std::chrono::duration<double>(seconds);
+  while (Clock::now() < end) {
+    int status = 0;
+    pid_t r = ::waitpid(pid, &status, WNOHANG);
+    if (r == pid) return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return -1;
+}
+
+int CountLines(const std::string& path) {
+  std::ifstream in(path);
+  return static_cast<int>(std::count(std::istreambuf_iterator<char>(in), {}, '\n'));
+}
+
+int CountEntries(const std::string& dir) {
+  return static_cast<int>(testing::Listing(dir).size()) - 2;
+}
+
+// Processes whose parent is `pid`.
+int ChildrenOf(pid_t pid) {
+  int n = 0;
+  for (const std::string& name : testing::Listing("/proc")) {
+    if (name.empty() || !std::isdigit(static_cast<unsigned char>(name[0]))) continue;
+    std::string stat = ReadFile("/proc/" + name + "/stat");
+    size_t close = stat.rfind(')');
+    if (close == std::string::npos) continue;
+    int ppid = 0;
+    char state = 0;
+    if (std::sscanf(stat.c_str() + close + 1, " %c %d", &state, &ppid) == 2 && ppid == pid) ++n;
+  }
+  return n;
+}
+
+uint64_t RssKib(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  std::string key;
+  uint64_t value = 0;
+  while (in >> key) {
+    if (key == "VmRSS:") {
+      in >> value;
+      return value;
+    }
+    in.ignore(256, '\n');
+  }
+  return 0;
+}
+
+class ServiceTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/layerx-service-XXXXXX";
+    ASSERT_NE(::mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+    ::chmod(dir_.c_str(), 0777);
+    for (const char* sub : {"/out", "/scratch", "/in"}) {
+      std::string d = dir_ + sub;
+      ::mkdir(d.c_str(), 0777);
+      ::chmod(d.c_str(), 0777);
+    }
+    // Three small layers: a base, an update with a whiteout, a fifo entry.
+    testing::LayerWriter(In("l1.tar.gz"), "gzip")
+        .Dir("etc")
+        .File("etc/greeting", "hello\n")
+        .File("usr/bin/sudo", "pretend\n", 04755)
+        .File("stale", "x");
+    testing::LayerWriter(In("l2.tar.zst"), "zstd")
+        .File("etc/motd", "motd\n")
+        .Whiteout("", "stale");
+    testing::LayerWriter(In("l3.tar")).Fifo("run/pipe").File("home/user/.profile", "", 0600, 1000, 1000);
+    for (const char* f : {"l1.tar.gz", "l2.tar.zst", "l3.tar"}) ::chmod(In(f).c_str(), 0644);
+  }
+
+  void TearDown() override {
+    if (service_ > 0) {
+      ::kill(service_, SIGKILL);
+      Wait(service_, 10);
+    }
+    if (::testing::Test::HasFailure() && !log_.empty()) {
+      std::fprintf(stderr, "--- service log ---\n%s", ReadFile(log_).c_str());
+    }
+    (void)sandbox::RemoveTreeAt(AT_FDCWD, dir_);
+  }
+
+  std::string In(const std::string& name) const { return dir_ + "/in/" + name; }
+  std::string Out(const std::string& name) const { return dir_ + "/out/" + name; }
+  std::string Socket() const { return dir_ + "/sock"; }
+
+  // Starts `layerx serve` with these tenants (TOML) and [service] keys.
+  void StartService(const std::string& tenants, const std::string& service_keys = "",
+                    int uid = -1) {
+    std::string config = dir_ + "/serve.toml";
+    std::ofstream(config) << "[service]\nscratch_dir = \"" << dir_ << "/scratch\"\n"
+                          << service_keys << "\n"
+                          << tenants;
+    ::chmod(config.c_str(), 0644);
+    log_ = dir_ + "/service.log";
+    service_ = Spawn({LAYERX_BINARY, "serve", "--socket", Socket(), "--config", config, "-v"}, uid,
+                     log_);
+    auto end = Clock::now() + std::chrono::seconds(10);
+    while (Clock::now() < end) {
+      std::string text;
+      if (QueryService(Socket(), ServiceQuery::kStatus, &text, nullptr)) return;
+      ASSERT_EQ(::waitpid(service_, nullptr, WNOHANG), 0) << ReadFile(log_);
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    FAIL() << "the service did not come up: " << ReadFile(log_);
+  }
+
+  // `layerx extract --connect` as `uid` with these sources and an ext4 and a
+  // manifest output named `name`.img / `name`.jsonl.
+  pid_t Client(int uid, const std::vector<std::string>& sources, const std::string& name,
+               std::vector<std::string> extra = {}) {
+    std::vector<std::string> argv = {LAYERX_BINARY, "extract", "--connect", Socket()};
+    argv.insert(argv.end(), sources.begin(), sources.end());
+    argv.insert(argv.end(), {"--ext4", Out(name + ".img"), "--manifest", Out(name + ".jsonl")});
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    return Spawn(argv, uid, Out(name + ".log"));
+  }
+  std::vector<std::string> Layers() const {
+    return {In("l1.tar.gz"), In("l2.tar.zst"), In("l3.tar")};
+  }
+
+  // A fifo whose layer the test feeds later (l1.tar.gz by default).
+  std::string MakeFifo(const std::string& name) {
+    std::string path = In(name);
+    EXPECT_EQ(::mkfifo(path.c_str(), 0666), 0);
+    ::chmod(path.c_str(), 0666);
+    return path;
+  }
+  // Writes `bytes` of the layer into the fifo (all: -1), then closes it if `close`.
+  static void Feed(const std::string& fifo, const std::string& layer, ssize_t bytes = -1) {
+    std::string data = ReadFile(layer);
+    int fd = ::open(fifo.c_str(), O_WRONLY);
+    ASSERT_GE(fd, 0);
+    size_t n = bytes < 0 ? data.size() : static_cast<size_t>(bytes);
+    ASSERT_EQ(::write(fd, data.data(), n), static_cast<ssize_t>(n));
+    ::close(fd);
+  }
+  // Opens the fifo for writing and keeps it open (the job waits for more).
+  int Hold(const std::string& fifo, const std::string& layer, size_t bytes) {
+    std::string data = ReadFile(layer);
+    int fd = ::open(fifo.c_str(), O_WRONLY);
+    EXPECT_GE(fd, 0);
+    EXPECT_EQ(::write(fd, data.data(), bytes), static_cast<ssize_t>(bytes));
+    return fd;
+  }
+
+  nlohmann::json Status() {
+    std::string text;
+    ExtractError error;
+    EXPECT_TRUE(QueryService(Socket(), ServiceQuery::kStatusJson, &text, &error)) << error.message;
+    return nlohmann::json::parse(text.empty() ? "{}" : text);
+  }
+  // Waits until the status says so.
+  bool WaitFor(const std::function<bool(const nlohmann::json&)>& pred, double seconds = 20) {
+    auto end = Clock::now() + std::chrono::duration<double>(seconds);
+    while (Clock::now() < end) {
+      if (pred(Status())) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    return false;
+  }
+  std::string Metrics() {
+    std::string text;
+    ExtractError error;
+    EXPECT_TRUE(QueryService(Socket(), ServiceQuery::kMetrics, &text, &error)) << error.message;
+    return text;
+  }
+  // The manifest a local `layerx extract` writes for the same layers.
+  std::string LocalManifest() {
+    ExtractRequest request;
+    request.sources = Layers();
+    request.manifest = Out("local.jsonl");
+    ExtractResult result = Extract(request);
+    EXPECT_TRUE(result.ok()) << result.error().message;
+    return ReadFile(Out("local.jsonl"));
+  }
+  // Nothing of a job left behind: no work dir, no extractor, no mkfs.
+  void ExpectServiceClean() {
+    EXPECT_TRUE(WaitFor([](const nlohmann::json& s) { return s["running"] == 0 && s["queued"] == 0; }, 10));
+    auto end = Clock::now() + std::chrono::seconds(5);
+    while (Clock::now() < end && (CountEntries(dir_ + "/scratch") != 0 || ChildrenOf(service_) != 0)) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    EXPECT_EQ(CountEntries(dir_ + "/scratch"), 0) << "a work dir was left";
+    EXPECT_EQ(ChildrenOf(service_), 0) << "a child of the service is still around";
+  }
+
+  const std::string kTwoTenants =
+      "[[tenant]]\nname = \"alpha\"\nuids = [" + std::to_string(kAlpha) +
+      "]\nmax_concurrent = 1\nmax_queued = 32\n"
+      "[[tenant]]\nname = \"beta\"\nuids = [" + std::to_string(kBeta) + "]\n";
+  // The rootless run: the one uid there is, as a tenant.
+  const std::string kSelf = "[[tenant]]\nname = \"self\"\nuids = [" +
+                            std::to_string(::geteuid()) + "]\nmax_concurrent = 2\nmax_queued = 64\n";
+
+  std::string dir_, log_;
+  pid_t service_ = -1;
+};
+
+// Two tenants, their files passed as fds: each gets the image a local
+// extraction makes, in files it owns; the service's counters name them.
+TEST_F(ServiceTest, TwoTenantsGetTheirImagesThroughPassedFds) {
+  if (!Root()) GTEST_SKIP() << "needs two uids (root runs it)";
+  std::string local = LocalManifest();
+  StartService(kTwoTenants, "", kServiceUid);  // the service unprivileged, as packaged
+  pid_t a = Client(kAlpha, Layers(), "a");
+  pid_t b = Client(kBeta, Layers(), "b");
+  ASSERT_EQ(Wait(a), 0) << ReadFile(Out("a.log"));
+  ASSERT_EQ(Wait(b), 0) << ReadFile(Out("b.log"));
+  EXPECT_EQ(ReadFile(Out("a.jsonl")), local);
+  EXPECT_EQ(ReadFile(Out("b.jsonl")), local);
+  struct stat st;
+  ASSERT_EQ(::stat(Out("a.img").c_str(), &st), 0);
+  EXPECT_EQ(st.st_uid, kAlpha);
+  ASSERT_EQ(::stat(Out("b.img").c_str(), &st), 0);
+  EXPECT_EQ(st.st_uid, kBeta);
+  std::string metrics = Metrics();
+  EXPECT_NE(metrics.find("layerx_jobs_total{tenant=\"alpha\",outcome=\"ok\"} 1"), std::string::npos)
+      << metrics;
+  EXPECT_NE(metrics.find("layerx_jobs_total{tenant=\"beta\",outcome=\"ok\"} 1"), std::string::npos);
+  std::string log = ReadFile(log_);
+  EXPECT_NE(log.find("tenant=alpha job="), std::string::npos);
+  EXPECT_NE(log.find("tenant=beta job="), std::string::npos);
+  ExpectServiceClean();
+}
+
+// An OCI layout, resolved by the client as itself: the config output, the
+// digests checked by the service against what streams.
+TEST_F(ServiceTest, OciLayoutAndConfigOutput) {
+  testing::OciLayout oci(dir_ + "/in/oci");
+  auto l1 = oci.AddLayer(In("l1.tar.gz"), "application/vnd.oci.image.layer.v1.tar+gzip");
+  auto l2 = oci.AddLayer(In("l2.tar.zst"), "application/vnd.oci.image.layer.v1.tar+zstd");
+  oci.WriteIndex({{oci.AddImage({l1, l2}), "v1"}});
+  StartService(kSelf);
+  pid_t c = Client(-1, {"oci:" + oci.dir() + ":v1"}, "oci", {"--config", Out("config.json")});
+  ASSERT_EQ(Wait(c), 0) << ReadFile(Out("oci.log"));
+  EXPECT_NE(ReadFile(Out("config.json")).find("diff_ids"), std::string::npos);
+  EXPECT_NE(ReadFile(Out("oci.jsonl")).find("etc/motd"), std::string::npos);
+
+  // A blob that does not match its digest: integrity, nothing written.
+  std::string blob = oci.BlobPath(l2["digest"]);
+  ::chmod(blob.c_str(), 0644);
+  std::ofstream(blob, std::ios::app) << "tampered";
+  pid_t bad = Client(-1, {"oci:" + oci.dir() + ":v1"}, "bad");
+  EXPECT_EQ(Wait(bad), 1);
+  EXPECT_NE(ReadFile(Out("bad.log")).find("layer 2"), std::string::npos) << ReadFile(Out("bad.log"));
+  EXPECT_EQ(::access(Out("bad.img").c_str(), F_OK), -1);
+  EXPECT_EQ(::access(Out("bad.jsonl").c_str(), F_OK), -1);
+  ExpectServiceClean();
+}
+
+TEST_F(ServiceTest, UnknownUidIsRefusedBeforeAnyWork) {
+  if (!Root()) GTEST_SKIP() << "needs a second uid (root runs it)";
+  StartService(kTwoTenants);
+  pid_t c = Client(kStranger, Layers(), "s");
+  EXPECT_EQ(Wait(c), 1);
+  std::string err = ReadFile(Out("s.log"));
+  EXPECT_NE(err.find("unauthorized: uid 4242"), std::string::npos) << err;
+  EXPECT_EQ(CountLines(Out("s.log")), 1) << err;
+  EXPECT_EQ(CountEntries(dir_ + "/out"), 1);  // its log only
+  EXPECT_NE(Metrics().find("layerx_requests_refused_total{tenant=\"-\",reason=\"unauthorized\"} 1"),
+            std::string::npos);
+  EXPECT_NE(ReadFile(log_).find("uid=4242"), std::string::npos);
+  // Its status call is refused too; an operator's is not.
+  pid_t st = Spawn({LAYERX_BINARY, "status", "--socket", Socket()}, kStranger, Out("st.log"));
+  EXPECT_EQ(Wait(st), 1);
+  EXPECT_NE(ReadFile(Out("st.log")).find("unauthorized"), std::string::npos);
+  EXPECT_EQ(Status()["tenants"].size(), 2u);
+}
+
+// A tenant at its concurrency limit with no queue gets "busy" at once (exit
+// 75); its running job is untouched and finishes.
+TEST_F(ServiceTest, TenantOverItsLimitIsBusy) {
+  StartService("[[tenant]]\nname = \"one\"\nuids = [" + std::to_string(Root() ? kAlpha : ::geteuid()) +
+               "]\nmax_concurrent = 1\nmax_queued = 0\n");
+  int uid = Root() ? static_cast<int>(kAlpha) : -1;
+  std::string fifo = MakeFifo("slow.tar.gz");
+  pid_t first = Client(uid, {fifo}, "first");
+  ASSERT_TRUE(WaitFor([](const nlohmann::json& s) { return s["running"] == 1; }));
+  auto t0 = Clock::now();
+  pid_t second = Client(uid, Layers(), "second");
+  EXPECT_EQ(Wait(second), 75);
+  EXPECT_LT(Clock::now() - t0, std::chrono::seconds(5));
+  std::string err = ReadFile(Out("second.log"));
+  EXPECT_NE(err.find("busy: tenant one has 1 jobs running (max_concurrent=1)"), std::string::npos)
+      << err;
+  EXPECT_EQ(::access(Out("second.img").c_str(), F_OK), -1);
+  Feed(fifo, In("l1.tar.gz"));
+  EXPECT_EQ(Wait(first), 0) << ReadFile(Out("first.log"));
+  EXPECT_NE(Metrics().find("reason=\"busy\"} 1"), std::string::npos);
+  ExpectServiceClean();
+}
+
+// Tenant A queues 20 jobs behind one that holds the only slot; B's single job,
+// sent last, is served before A's 3rd queued job (round-robin).
+TEST_F(ServiceTest, QueuedJobsAreServedRoundRobinAcrossTenants) {
+  if (!Root()) GTEST_SKIP() << "needs two uids (root runs it)";
+  StartService(kTwoTenants, "max_concurrent_jobs = 1\n");
+  std::string fifo = MakeFifo("hold.tar.gz");
+  pid_t holder = Client(kAlpha, {fifo}, "hold");
+  ASSERT_TRUE(WaitFor([](const nlohmann::json& s) { return s["running"] == 1; }));
+  std::vector<pid_t> a;
+  for (int i = 0; i < 20; ++i) a.push_back(Client(kAlpha, {In("l1.tar.gz")}, "a" + std::to_string(i)));
+  ASSERT_TRUE(WaitFor([](const nlohmann::json& s) { return s["queued"] == 20; }));
+  pid_t b = Client(kBeta, {In("l1.tar.gz")}, "b");
+  ASSERT_TRUE(WaitFor([](const nlohmann::json& s) { return s["queued"] == 21; }));
+  Feed(fifo, In("l1.tar.gz"));
+  ASSERT_EQ(Wait(holder), 0);
+  // Completion order, from the service's log ("done: ok" lines in order).
+  ASSERT_EQ(Wait(b), 0) << ReadFile(Out("b.log"));
+  for (pid_t p : a) ASSERT_EQ(Wait(p), 0);
+  std::vector<std::string> order;
+  std::istringstream log(ReadFile(log_));
+  for (std::string line; std::getline(log, line);) {
+    if (line.find("done: ok") == std::string::npos) continue;
+    order.push_back(line.find("tenant=beta") != std::string::npos ? "B" : "A");
+  }
+  ASSERT_EQ(order.size(), 22u);
+  // order[0] is the holder; A's queued jobs are order[1..]; B must come
+  // before the third of them.
+  auto b_at = std::find(order.begin(), order.end(), "B") - order.begin();
+  EXPECT_LE(b_at, 3) << "B finished after A's 3rd queued job";
+}
+
+// The client dies mid-layer: the service kills the extractor, writes nothing,
+// removes the work dir and frees the slot at once.
+TEST_F(ServiceTest, ClientDisconnectCancelsItsJob) {
+  StartService(kSelf);
+  std::string fifo = MakeFifo("mid.tar.gz");
+  pid_t c = Client(-1, {fifo}, "gone");
+  int hold = Hold(fifo, In("l1.tar.gz"), 100);  // part of the layer; the extractor waits for more
+  ASSERT_TRUE(WaitFor([](const nlohmann::json& s) { return s["running"] == 1; }));
+  auto end = Clock::now() + std::chrono::seconds(10);
+  while (ChildrenOf(service_) == 0 && Clock::now() < end) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  ASSERT_GE(ChildrenOf(service_), 1) << "no extractor running";
+  ::kill(c, SIGKILL);
+  Wait(c);
+  auto t0 = Clock::now();
+  ExpectServiceClean();
+  EXPECT_LT(Clock::now() - t0, std::chrono::seconds(3));
+  ::close(hold);
+  EXPECT_EQ(::access(Out("gone.img").c_str(), F_OK), -1);
+  EXPECT_EQ(::access(Out("gone.jsonl").c_str(), F_OK), -1);
+  EXPECT_EQ(CountEntries(dir_ + "/out"), 1);  // the client's log only: its O_TMPFILEs died with it
+  EXPECT_NE(ReadFile(log_).find("client went away"), std::string::npos);
+  EXPECT_NE(Metrics().find("outcome=\"cancelled\"} 1"), std::string::npos);
+  // The slot is free: the next job runs.
+  pid_t next = Client(-1, Layers(), "next");
+  EXPECT_EQ(Wait(next), 0) << ReadFile(Out("next.log"));
+}
+
+// SIGINT to the client (Ctrl-C) cancels the same way, and the client says so.
+TEST_F(ServiceTest, InterruptedClientCancelsItsJob) {
+  StartService(kSelf);
+  std::string fifo = MakeFifo("int.tar.gz");
+  pid_t c = Client(-1, {fifo}, "int");
+  int hold = Hold(fifo, In("l1.tar.gz"), 100);
+  ASSERT_TRUE(WaitFor([](const nlohmann::json& s) { return s["running"] == 1; }));
+  ::kill(c, SIGINT);
+  EXPECT_EQ(Wait(c, 10), 1);
+  EXPECT_NE(ReadFile(Out("int.log")).find("interrupted"), std::string::npos) << ReadFile(Out("int.log"));
+  ExpectServiceClean();
+  ::close(hold);
+  EXPECT_EQ(CountEntries(dir_ + "/out"), 1);
+}
+
+// SIGTERM with jobs in flight: no new work; a job that can finish within the
+// grace does; one that cannot is cancelled at the deadline; queued ones at
+// once; the service cleans up and exits 0.
+TEST_F(ServiceTest, SigtermFinishesOrCancelsJobsWithinTheGrace) {
+  StartService("[[tenant]]\nname = \"t\"\nuids = [" + std::to_string(::geteuid()) +
+                   "]\nmax_concurrent = 2\nmax_queued = 4\n",
+               "max_concurrent_jobs = 2\nshutdown_grace_seconds = 2\n");
+  std::string quick = MakeFifo("quick.tar.gz"), stuck = MakeFifo("stuck.tar.gz");
+  pid_t finishes = Client(-1, {quick}, "finishes");
+  pid_t cancelled = Client(-1, {stuck}, "cancelled");
+  ASSERT_TRUE(WaitFor([](const nlohmann::json& s) { return s["running"] == 2; }));
+  pid_t queued = Client(-1, Layers(), "queued");
+  ASSERT_TRUE(WaitFor([](const nlohmann::json& s) { return s["queued"] == 1; }));
+  int hold = Hold(stuck, In("l1.tar.gz"), 100);
+  auto t0 = Clock::now();
+  ASSERT_EQ(::kill(service_, SIGTERM), 0);
+  EXPECT_EQ(Wait(queued, 10), 1);
+  EXPECT_NE(ReadFile(Out("queued.log")).find("shutting down"), std::string::npos)
+      << ReadFile(Out("queued.log"));
+  // New connections are not accepted any more: the socket is gone.
+  EXPECT_EQ(::access(Socket().c_str(), F_OK), -1);
+  Feed(quick, In("l1.tar.gz"));
+  EXPECT_EQ(Wait(finishes, 10), 0) << ReadFile(Out("finishes.log"));
+  EXPECT_EQ(Wait(cancelled, 10), 1);
+  EXPECT_NE(ReadFile(Out("cancelled.log")).find("shutting down"), std::string::npos)
+      << ReadFile(Out("cancelled.log"));
+  EXPECT_EQ(Wait(service_, 10), 0) << ReadFile(log_);
+  service_ = -1;
+  double took = std::chrono::duration<double>(Clock::now() - t0).count();
+  EXPECT_GE(took, 1.5);
+  EXPECT_LT(took, 6.0);
+  ::close(hold);
+  EXPECT_EQ(CountEntries(dir_ + "/scratch"), 0);
+  EXPECT_EQ(::access(Out("finishes.img").c_str(), F_OK), 0);
+  EXPECT_EQ(::access(Out("cancelled.img").c_str(), F_OK), -1);
+  EXPECT_EQ(::access(Out("queued.img").c_str(), F_OK), -1);
+}
+
+// What no honest client sends: the service reads only what was passed, and
+// only if it was opened for reading; it writes only into empty files opened
+// for writing. (Raw RPC: the library client never sends these.)
+class RawClient {
+ public:
+  explicit RawClient(const std::string& socket) : io_(kj::setupAsyncIo()) {
+    int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_un addr = {};
+    addr.sun_family = AF_UNIX;
+    std::memcpy(addr.sun_path, socket.data(), socket.size());
+    EXPECT_EQ(::connect(fd, reinterpret_cast<struct sockaddr*>(&addr), sizeof(addr)), 0);
+    stream_ = io_.lowLevelProvider->wrapUnixSocketFd(fd, kj::LowLevelAsyncIoProvider::TAKE_OWNERSHIP);
+    client_ = kj::heap<capnp::TwoPartyClient>(*stream_, 16);
+  }
+  class FdCap final : public service::Fd::Server {
+   public:
+    explicit FdCap(int fd) : fd_(fd) {}
+    kj::Maybe<int> getFd() override {
+      if (fd_ < 0) return nullptr;
+      return fd_;
+    }
+
+   private:
+    int fd_;
+  };
+  // One layer blob fd and one ext4 output fd (-1: a capability with no fd).
+  std::string Extract(int layer, int ext4) {
+    auto svc = client_->bootstrap().castAs<service::Service>();
+    auto call = svc.extractRequest();
+    auto layers = call.initRequest().initSource().initImage().initLayers(1);
+    layers[0].setBlob(kj::heap<FdCap>(layer));
+    layers[0].setName("raw");
+    call.getRequest().setExt4(kj::heap<FdCap>(ext4));
+    auto response = call.send().wait(io_.waitScope);
+    auto result = response.getResult();
+    return result.isFailure() ? std::string(result.getFailure().getMessage().cStr()) : "ok";
+  }
+
+ private:
+  kj::AsyncIoContext io_;
+  kj::Own<kj::AsyncCapabilityStream> stream_;
+  kj::Own<capnp::TwoPartyClient> client_;
+};
+
+TEST_F(ServiceTest, OnlyReadableInputsAndEmptyWritableOutputsAreTaken) {
+  StartService(kSelf);
+  std::string layer = In("l1.tar.gz");
+  int readable = ::open(layer.c_str(), O_RDONLY | O_CLOEXEC);
+  int path_only = ::open(layer.c_str(), O_PATH | O_CLOEXEC);
+  int write_only_in = ::open(layer.c_str(), O_WRONLY | O_CLOEXEC);
+  int dir = ::open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  std::string out = Out("raw.img");
+  int output = ::open(out.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  int read_only_out = ::open(out.c_str(), O_RDONLY | O_CLOEXEC);
+  int append_out = ::open(out.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC);
+  int full = ::open(Out("full.img").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  ASSERT_EQ(::write(full, "keep", 4), 4);
+  {
+    // (Its kj event loop must be gone before the library makes its own.)
+    RawClient raw(Socket());
+    EXPECT_NE(raw.Extract(path_only, output).find("layer: not opened for reading"), std::string::npos);
+    EXPECT_NE(raw.Extract(write_only_in, output).find("layer: not opened for reading"), std::string::npos);
+    EXPECT_NE(raw.Extract(dir, output).find("layer: not a regular file or a pipe"), std::string::npos);
+    EXPECT_NE(raw.Extract(-1, output).find("layer: no file descriptor came with it"), std::string::npos);
+    EXPECT_NE(raw.Extract(readable, read_only_out).find("ext4 output: not opened for writing"),
+              std::string::npos);
+    EXPECT_NE(raw.Extract(readable, append_out).find("not opened for writing"), std::string::npos);
+    EXPECT_NE(raw.Extract(readable, full).find("ext4 output: not empty"), std::string::npos);
+    EXPECT_EQ(ReadFile(Out("full.img")), "keep");
+    struct stat st;
+    ASSERT_EQ(::fstat(output, &st), 0);
+    EXPECT_EQ(st.st_size, 0);
+    EXPECT_EQ(raw.Extract(readable, output), "ok");
+    ASSERT_EQ(::fstat(output, &st), 0);
+    EXPECT_GT(st.st_size, 0);
+  }
+  for (int fd : {readable, path_only, write_only_in, dir, output, read_only_out, append_out, full}) {
+    ::close(fd);
+  }
+  ExpectServiceClean();
+}
+
+// 200 jobs from 8 concurrent clients (library threads, each its own
+// connection): no failure; afterwards the service has the fds, threads,
+// children and mounts it had before, and its memory is flat.
+TEST_F(ServiceTest, Soak200JobsFrom8Clients) {
+  StartService("[[tenant]]\nname = \"soak\"\nuids = [" + std::to_string(::geteuid()) +
+               "]\nmax_concurrent = 8\nmax_queued = 64\n");
+  auto fds = [this] { return CountEntries("/proc/" + std::to_string(service_) + "/fd"); };
+  auto threads = [this] { return CountEntries("/proc/" + std::to_string(service_) + "/task"); };
+  auto mounts = [this] { return CountLines("/proc/" + std::to_string(service_) + "/mountinfo"); };
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // StartService's probe is gone
+  const int fds0 = fds(), threads0 = threads(), mounts0 = mounts();
+  constexpr int kClients = 8, kJobsEach = 25, kWarmup = 3;
+  std::mutex mu;
+  std::vector<double> latencies;
+  std::vector<std::string> failures;
+  uint64_t rss_warm = 0;
+  auto run = [&](int client, int from, int to) {
+    for (int j = from; j < to; ++j) {
+      ExtractRequest request;
+      request.connect = Socket();
+      request.sources = Layers();
+      request.ext4 = Out(fmt::format("soak-{}.img", client));
+      auto t0 = Clock::now();
+      ExtractResult result = Extract(request);
+      double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+      std::lock_guard lock(mu);
+      latencies.push_back(ms);
+      if (!result.ok()) failures.push_back(result.error().message);
+    }
+  };
+  auto batch = [&](int from, int to) {
+    std::vector<std::thread> clients;
+    for (int c = 0; c < kClients; ++c) clients.emplace_back(run, c, from, to);
+    for (std::thread& t : clients) t.join();
+  };
+  batch(0, kWarmup);  // 24 jobs: the service's allocator and caches warm up
+  rss_warm = RssKib(service_);
+  auto t0 = Clock::now();
+  batch(kWarmup, kJobsEach);
+  double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  ASSERT_TRUE(failures.empty()) << failures.size() << " failed, e.g. " << failures[0];
+  ASSERT_EQ(latencies.size(), static_cast<size_t>(kClients * kJobsEach));
+  ExpectServiceClean();
+  // Connections close as their clients go; give the loop a moment.
+  auto end = Clock::now() + std::chrono::seconds(5);
+  while (Clock::now() < end && (fds() != fds0 || threads() != threads0)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(fds(), fds0);
+  EXPECT_EQ(threads(), threads0);
+  EXPECT_EQ(mounts(), mounts0);
+  uint64_t rss_end = RssKib(service_);
+  std::sort(latencies.begin(), latencies.end());
+  auto pct = [&](double p) { return latencies[static_cast<size_t>(p * (latencies.size() - 1))]; };
+  std::printf("soak: %d jobs from %d clients; %.1f jobs/s after warm-up; latency p50 %.0f ms, "
+              "p99 %.0f ms; service RSS %llu KiB at start of the measured run, %llu KiB at end\n",
+              kClients * kJobsEach, kClients,
+              (kClients * (kJobsEach - kWarmup)) / seconds, pct(0.5), pct(0.99),
+              static_cast<unsigned long long>(rss_warm), static_cast<unsigned long long>(rss_end));
+  EXPECT_LT(rss_end, rss_warm + 8 * 1024) << "service memory grew";
+  std::string metrics = Metrics();
+  EXPECT_NE(metrics.find("layerx_jobs_total{tenant=\"soak\",outcome=\"ok\"} 200"), std::string::npos)
+      << metrics;
+}
+
+}  // namespace
+}  // namespace layerx
