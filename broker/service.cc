@@ -303,7 +303,7 @@ class Hub final : public kj::TaskSet::ErrorHandler {
     options_.log(level, component, line);
   }
 
-  Status Listen();
+  Status Listen(UniqueFd fd, std::string ours);
   kj::Promise<void> Run();
 
   kj::Promise<void> Extract(const Peer& peer, int tenant, ExtractCall context);
@@ -381,8 +381,11 @@ kj::Promise<void> ServiceImpl::metrics(MetricsContext context) {
   return kj::READY_NOW;
 }
 
-Status Hub::Listen() {
-  if (options_.socket.empty()) {
+// The listening socket: ours at options.socket, or systemd's fd 3. Taken
+// before the event loop exists, whose own fds would otherwise take the number.
+Result<UniqueFd> ListenSocket(const ServeOptions& options, std::string* ours) {
+  UniqueFd fd;
+  if (options.socket.empty()) {
     // systemd socket activation: LISTEN_PID is us, LISTEN_FDS >= 1, fd 3.
     const char* pid = ::getenv("LISTEN_PID");
     const char* fds = ::getenv("LISTEN_FDS");
@@ -393,34 +396,43 @@ Status Hub::Listen() {
     ::unsetenv("LISTEN_PID");
     ::unsetenv("LISTEN_FDS");
     ::unsetenv("LISTEN_FDNAMES");
-    int flags = ::fcntl(3, F_GETFD);
-    if (flags < 0) return Fail(OsError(errno, "LISTEN_FDS fd 3"));
-    ::fcntl(3, F_SETFD, flags | FD_CLOEXEC);
-    listen_fd_ = UniqueFd(3);
+    int listening = 0, domain = 0;
+    socklen_t len = sizeof(int);
+    if (::getsockopt(3, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) != 0 || listening == 0 ||
+        ::getsockopt(3, SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0 || domain != AF_UNIX) {
+      return Fail(MakeError(ErrorKind::kPolicy, "LISTEN_FDS: fd 3 is not a listening unix socket"));
+    }
+    ::fcntl(3, F_SETFD, FD_CLOEXEC);
+    fd = UniqueFd(3);
     LX_TRY(sandbox::SetNonBlocking(3));
-  } else {
-    struct sockaddr_un addr = {};
-    addr.sun_family = AF_UNIX;
-    if (options_.socket.size() >= sizeof(addr.sun_path)) {
-      return Fail(MakeError(ErrorKind::kPolicy, "socket path {:?} is too long", options_.socket));
-    }
-    std::memcpy(addr.sun_path, options_.socket.data(), options_.socket.size());
-    int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-    if (fd < 0) return Fail(OsError(errno, "socket"));
-    listen_fd_ = UniqueFd(fd);
-    struct stat st;
-    if (::lstat(options_.socket.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) {
-      ::unlink(options_.socket.c_str());  // a socket left by a service that died
-    }
-    if (::bind(fd, reinterpret_cast<struct sockaddr*>(&addr), sizeof(addr)) != 0) {
-      return Fail(OsError(errno, "bind {:?}", options_.socket));
-    }
-    socket_path_ = options_.socket;
-    // Anyone who can reach the path may connect; SO_PEERCRED decides what they get.
-    ::chmod(options_.socket.c_str(), 0666);
+    return fd;
   }
-  if (::listen(listen_fd_.get(), 128) != 0) return Fail(OsError(errno, "listen"));
+  struct sockaddr_un addr = {};
+  addr.sun_family = AF_UNIX;
+  if (options.socket.size() >= sizeof(addr.sun_path)) {
+    return Fail(MakeError(ErrorKind::kPolicy, "socket path {:?} is too long", options.socket));
+  }
+  std::memcpy(addr.sun_path, options.socket.data(), options.socket.size());
+  int raw = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (raw < 0) return Fail(OsError(errno, "socket"));
+  fd = UniqueFd(raw);
+  struct stat st;
+  if (::lstat(options.socket.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) {
+    ::unlink(options.socket.c_str());  // a socket left by a service that died
+  }
+  if (::bind(raw, reinterpret_cast<struct sockaddr*>(&addr), sizeof(addr)) != 0) {
+    return Fail(OsError(errno, "bind {:?}", options.socket));
+  }
+  *ours = options.socket;
+  // Anyone who can reach the path may connect; SO_PEERCRED decides what they get.
+  ::chmod(options.socket.c_str(), 0666);
+  if (::listen(raw, 128) != 0) return Fail(OsError(errno, "listen"));
+  return fd;
+}
 
+Status Hub::Listen(UniqueFd fd, std::string ours) {
+  listen_fd_ = std::move(fd);
+  socket_path_ = std::move(ours);
   sigset_t set;
   sigemptyset(&set);
   sigaddset(&set, SIGTERM);
@@ -1154,9 +1166,15 @@ bool Serve(const ServeOptions& options, ExtractError* error) {
   SignalMask mask({SIGTERM, SIGINT});
   detail::SigpipeBlock sigpipe;
   try {
+    std::string ours;
+    auto listening = ListenSocket(options, &ours);
+    if (!listening) return fail(listening.error());
     auto io = kj::setupAsyncIo();
     Hub server(std::move(config), options, io);
-    if (Status s = server.Listen(); !s) return fail(s.error());
+    if (Status s = server.Listen(std::move(*listening), ours); !s) {
+      if (!ours.empty()) ::unlink(ours.c_str());
+      return fail(s.error());
+    }
     server.Run().wait(io.waitScope);
     // Let the last answers reach their clients before the connections close.
     io.provider->getTimer().afterDelay(200 * kj::MILLISECONDS).wait(io.waitScope);

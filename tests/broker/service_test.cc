@@ -45,8 +45,10 @@ constexpr uid_t kAlpha = 65534, kBeta = 65532, kStranger = 4242;
 bool Root() { return ::geteuid() == 0; }
 
 // fork + exec as `uid` (when root and uid != -1), stdout and stderr to `log`.
+// With `listen_fd`, as systemd starts a socket-activated service: the socket
+// as fd 3, LISTEN_PID and LISTEN_FDS=1.
 pid_t Spawn(const std::vector<std::string>& argv, int uid, const std::string& log,
-            const std::vector<std::string>& env = {}) {
+            int listen_fd = -1) {
   std::vector<char*> args;
   for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
   args.push_back(nullptr);
@@ -57,7 +59,17 @@ pid_t Spawn(const std::vector<std::string>& argv, int uid, const std::string& lo
       ::dup2(fd, 1);
       ::dup2(fd, 2);
     }
-    for (const std::string& e : env) ::putenv(const_cast<char*>(e.c_str()));
+    if (listen_fd >= 0) {
+      if (listen_fd == 3) {
+        ::fcntl(3, F_SETFD, 0);
+      } else {
+        ::dup2(listen_fd, 3);  // dup2 clears FD_CLOEXEC
+      }
+      char pid[32];
+      std::snprintf(pid, sizeof(pid), "%d", ::getpid());
+      ::setenv("LISTEN_PID", pid, 1);
+      ::setenv("LISTEN_FDS", "1", 1);
+    }
     sigset_t none;
     sigemptyset(&none);
     ::sigprocmask(SIG_SETMASK, &none, nullptr);
@@ -165,15 +177,28 @@ class ServiceTest : public ::testing::Test {
 
   // Starts `layerx serve` with these tenants (TOML) and [service] keys.
   void StartService(const std::string& tenants, const std::string& service_keys = "",
-                    int uid = -1) {
+                    int uid = -1, bool activated = false) {
     std::string config = dir_ + "/serve.toml";
     std::ofstream(config) << "[service]\nscratch_dir = \"" << dir_ << "/scratch\"\n"
                           << service_keys << "\n"
                           << tenants;
     ::chmod(config.c_str(), 0644);
     log_ = dir_ + "/service.log";
-    service_ = Spawn({LAYERX_BINARY, "serve", "--socket", Socket(), "--config", config, "-v"}, uid,
-                     log_);
+    if (activated) {
+      // systemd's part: the socket is made and bound before the service runs.
+      int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      struct sockaddr_un addr = {};
+      addr.sun_family = AF_UNIX;
+      std::memcpy(addr.sun_path, Socket().data(), Socket().size());
+      ASSERT_EQ(::bind(fd, reinterpret_cast<struct sockaddr*>(&addr), sizeof(addr)), 0);
+      ASSERT_EQ(::listen(fd, 16), 0);
+      ::chmod(Socket().c_str(), 0666);
+      service_ = Spawn({LAYERX_BINARY, "serve", "--config", config, "-v"}, uid, log_, fd);
+      ::close(fd);
+    } else {
+      service_ = Spawn({LAYERX_BINARY, "serve", "--socket", Socket(), "--config", config, "-v"},
+                       uid, log_);
+    }
     auto end = Clock::now() + std::chrono::seconds(10);
     while (Clock::now() < end) {
       std::string text;
@@ -479,6 +504,62 @@ TEST_F(ServiceTest, SigtermFinishesOrCancelsJobsWithinTheGrace) {
   EXPECT_EQ(::access(Out("finishes.img").c_str(), F_OK), 0);
   EXPECT_EQ(::access(Out("cancelled.img").c_str(), F_OK), -1);
   EXPECT_EQ(::access(Out("queued.img").c_str(), F_OK), -1);
+}
+
+// Started the way layerx.socket starts it: the listening socket from systemd.
+TEST_F(ServiceTest, SocketActivation) {
+  StartService(kSelf, "", -1, /*activated=*/true);
+  pid_t c = Client(-1, Layers(), "sa");
+  EXPECT_EQ(Wait(c), 0) << ReadFile(Out("sa.log"));
+  EXPECT_NE(ReadFile(log_).find("listening on the systemd socket"), std::string::npos);
+}
+
+// Each tenant's jobs run under its own policy: beta strips setuid bits and
+// alpha keeps them; neither can choose.
+TEST_F(ServiceTest, EachTenantHasItsOwnPolicyAndBudgets) {
+  if (!Root()) GTEST_SKIP() << "needs two uids (root runs it)";
+  std::string strict = dir_ + "/strict.toml";
+  std::ofstream(strict) << "[entries]\nsetuid = \"strip\"\n";
+  ::chmod(strict.c_str(), 0644);
+  StartService("[[tenant]]\nname = \"alpha\"\nuids = [" + std::to_string(kAlpha) +
+               "]\n[[tenant]]\nname = \"beta\"\nuids = [" + std::to_string(kBeta) +
+               "]\npolicy = \"" + strict + "\"\nbyte_budget = 30000\ntime_budget_seconds = 1\n");
+  pid_t a = Client(kAlpha, Layers(), "a");
+  pid_t b = Client(kBeta, Layers(), "b");
+  ASSERT_EQ(Wait(a), 0) << ReadFile(Out("a.log"));
+  ASSERT_EQ(Wait(b), 0) << ReadFile(Out("b.log"));
+  auto sudo_mode = [](const std::string& manifest) {
+    std::istringstream in(manifest);
+    for (std::string line; std::getline(in, line);) {
+      auto j = nlohmann::json::parse(line);
+      if (j["path"] == "usr/bin/sudo") return j["mode"].get<int>();
+    }
+    return -1;
+  };
+  EXPECT_EQ(sudo_mode(ReadFile(Out("a.jsonl"))), 04755) << ReadFile(Out("a.jsonl"));
+  EXPECT_EQ(sudo_mode(ReadFile(Out("b.jsonl"))), 0755);
+  // A client cannot bring its own policy.
+  pid_t own = Spawn({LAYERX_BINARY, "extract", "--connect", Socket(), In("l1.tar.gz"), "--policy",
+                     strict, "--ext4", Out("own.img")},
+                    kAlpha, Out("own.log"));
+  EXPECT_EQ(Wait(own), 2);
+  EXPECT_NE(ReadFile(Out("own.log")).find("policy"), std::string::npos);
+  // Beta's byte budget (30000 bytes of tar) refuses a bigger layer...
+  testing::LayerWriter(In("big.tar")).File("big", std::string(40000, 'x'));
+  ::chmod(In("big.tar").c_str(), 0644);
+  pid_t big = Client(kBeta, {In("big.tar")}, "big");
+  EXPECT_EQ(Wait(big), 1);
+  EXPECT_NE(ReadFile(Out("big.log")).find("30000"), std::string::npos) << ReadFile(Out("big.log"));
+  EXPECT_EQ(::access(Out("big.img").c_str(), F_OK), -1);
+  // ...and its time budget (1 s) stops a job that stalls.
+  std::string fifo = MakeFifo("stall.tar.gz");
+  pid_t slow = Client(kBeta, {fifo}, "slow");
+  int hold = Hold(fifo, In("l1.tar.gz"), 100);
+  EXPECT_EQ(Wait(slow, 10), 1);
+  ::close(hold);
+  EXPECT_NE(ReadFile(Out("slow.log")).find("job_timeout_ms"), std::string::npos)
+      << ReadFile(Out("slow.log"));
+  ExpectServiceClean();
 }
 
 // What no honest client sends: the service reads only what was passed, and
