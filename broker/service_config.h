@@ -1,5 +1,5 @@
-// `layerx serve`'s configuration (issue 8; the service itself is not built
-// yet): TOML (toml++), packaging/serve.example.toml documents every key. Who a
+// `layerx serve`'s configuration (broker/service.cc): TOML (toml++),
+// packaging/serve.example.toml documents every key. Who a
 // peer is comes from SO_PEERCRED; this file maps its uid or gid to a tenant,
 // and each tenant to its limits and its policy file.
 #pragma once
