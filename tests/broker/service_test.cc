@@ -506,6 +506,33 @@ TEST_F(ServiceTest, SigtermFinishesOrCancelsJobsWithinTheGrace) {
   EXPECT_EQ(::access(Out("queued.img").c_str(), F_OK), -1);
 }
 
+// A docker-archive goes over as one fd; the service unpacks it in a jail like
+// a layer, then applies its layers. Logs as JSON name tenant and job.
+TEST_F(ServiceTest, DockerArchiveAndJsonLogs) {
+  testing::WriteDockerArchive(In("image.tar"),
+                              {{"a/layer.tar", In("l1.tar.gz")}, {"b/layer.tar", In("l2.tar.zst")}},
+                              {"a/layer.tar", "b/layer.tar"});
+  ::chmod(In("image.tar").c_str(), 0644);
+  StartService(kSelf, "log_format = \"json\"\n");
+  pid_t c = Client(-1, {"docker-archive:" + In("image.tar") + ":app:v1"}, "da",
+                   {"--config", Out("da.json")});
+  ASSERT_EQ(Wait(c), 0) << ReadFile(Out("da.log"));
+  EXPECT_NE(ReadFile(Out("da.jsonl")).find("etc/motd"), std::string::npos);
+  EXPECT_NE(ReadFile(Out("da.json")).find("diff_ids"), std::string::npos);
+  int done = 0;
+  std::istringstream log(ReadFile(log_));
+  for (std::string line; std::getline(log, line);) {
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    ASSERT_FALSE(j.is_discarded()) << "not JSON: " << line;
+    if (j.value("msg", "").rfind("done: ok", 0) == 0) {
+      EXPECT_EQ(j["tenant"], "self");
+      EXPECT_EQ(j["job"], 1);
+      ++done;
+    }
+  }
+  EXPECT_EQ(done, 1);
+}
+
 // Started the way layerx.socket starts it: the listening socket from systemd.
 TEST_F(ServiceTest, SocketActivation) {
   StartService(kSelf, "", -1, /*activated=*/true);

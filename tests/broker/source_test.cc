@@ -221,19 +221,7 @@ class DockerArchiveTest : public SourceTest {
   void Write(const std::vector<std::pair<std::string, std::string>>& layers,
              const std::vector<std::string>& manifest_layers,
              std::vector<std::string> diff_ids = {}) {
-    if (diff_ids.empty()) {
-      for (const auto& [name, file] : layers) diff_ids.push_back(OciLayout::DiffId(file));
-    }
-    json config = {{"os", "linux"},
-                   {"architecture", "amd64"},
-                   {"rootfs", {{"type", "layers"}, {"diff_ids", diff_ids}}}};
-    std::string config_bytes = config.dump();
-    std::string config_name = OciLayout::Sha256(config_bytes).substr(7) + ".json";
-    json manifest = json::array(
-        {{{"Config", config_name}, {"RepoTags", {"app:v1"}}, {"Layers", manifest_layers}}});
-    LayerWriter w(dir_ + "/image.tar");
-    w.File("manifest.json", manifest.dump()).File(config_name, config_bytes);
-    for (const auto& [name, file] : layers) w.File(name, ReadFile(file));
+    testing::WriteDockerArchive(dir_ + "/image.tar", layers, manifest_layers, std::move(diff_ids));
   }
 };
 
