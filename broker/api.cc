@@ -152,6 +152,22 @@ Result<broker::Ext4Options> InternalExt4(const Ext4Settings& e) {
   if (e.label.size() > 16) {
     return Fail(MakeError(ErrorKind::kPolicy, "ext4 label {:?}: at most 16 bytes", e.label));
   }
+  if (e.inode_ratio != 0 && (e.inode_ratio < 1024 || e.inode_ratio > 67108864)) {
+    return Fail(MakeError(ErrorKind::kPolicy, "ext4 inode ratio {}: 1024 to 67108864 bytes",
+                          e.inode_ratio));
+  }
+  // 8-4-4-4-12 hex digits and nothing else: it ends up in mkfs.ext4's -E list.
+  auto uuid_ok = [](const std::string& u) {
+    if (u.size() != 36) return false;
+    for (size_t i = 0; i < u.size(); ++i) {
+      bool dash = i == 8 || i == 13 || i == 18 || i == 23;
+      if (dash ? u[i] != '-' : !std::isxdigit(static_cast<unsigned char>(u[i]))) return false;
+    }
+    return true;
+  };
+  if (!e.uuid.empty() && !uuid_ok(e.uuid)) {
+    return Fail(MakeError(ErrorKind::kPolicy, "ext4 uuid {:?}: not 8-4-4-4-12 hex digits", e.uuid));
+  }
   if (e.size_bytes > 0) out.size_bytes = e.size_bytes;
   out.block_size = e.block_size;
   if (e.inode_ratio > 0) out.inode_ratio = e.inode_ratio;

@@ -107,11 +107,12 @@ Status Session::Feed() {
       if (errno == EINTR) continue;
       if (errno == EPIPE) {
         // The extractor stopped reading (done or dead): its messages and exit
-        // status tell which. Hash the rest of the blob regardless.
+        // status tell which. The rest of the blob is hashed once it is known
+        // to have succeeded (a failed layer's blob need not be read on).
         feed_.reset();
         feed_buf_.clear();
         feed_off_ = 0;
-        return DrainBlob();
+        return {};
       }
       return Fail(OsError(errno, "write layer to extractor"));
     }
@@ -123,6 +124,13 @@ Status Session::Feed() {
 Status Session::DrainBlob() {
   while (!blob_eof_) {
     LX_ASSIGN_OR_RETURN(std::optional<size_t> n, ReadBlob());
+    // Bytes after the end of the tar stream: a stream that never ends must
+    // not keep the broker hashing until the clock runs out.
+    if (report_.compressed_bytes > ctx_.policy->limits.max_layer_bytes) {
+      return Fail(MakeError(ErrorKind::kLimitExceeded,
+                            "blob goes on past max_layer_bytes={} after its tar stream ended",
+                            ctx_.policy->limits.max_layer_bytes));
+    }
     if (n) continue;
     // A stream that is slow to end: wait for it, within the clock.
     if (ctx_.cancel && ctx_.cancel->load())
@@ -429,13 +437,13 @@ Status Session::Run(const LayerInput& layer) {
     }
   }
   ReadStderr(true);
-  // The extractor is gone; hash what it did not read so the digest covers the blob.
-  LX_TRY(DrainBlob());
   LX_ASSIGN_OR_RETURN(sandbox::ExitStatus status, child.Wait());
-  report_.total_ns = sandbox::MonotonicNs() - start;
-  report_.compressed_digest = sha_.Finish();
   if (failure_) return Fail(*failure_);
   if (!status.exited || status.code != 0) return Fail(ExitError(status));
+  // The extractor is gone; hash what it did not read so the digest covers the blob.
+  LX_TRY(DrainBlob());
+  report_.total_ns = sandbox::MonotonicNs() - start;
+  report_.compressed_digest = sha_.Finish();
   if (!got_summary_) return Fail(MakeError(ErrorKind::kPeer, "extractor ended without a summary"));
   report_.setup_ns -= start;
   Report(layer.index, true);

@@ -10,6 +10,9 @@
 // regular files or pipes, never O_PATH; writable, empty, non-append regular
 // outputs). The service never opens a path a client named.
 #include <fcntl.h>
+#include <linux/magic.h>
+#include <sys/resource.h>
+#include <sys/statfs.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -42,6 +45,12 @@ using sandbox::UniqueFd;
 
 constexpr uint kMaxFdsPerMessage = 250;  // layers + outputs of one request (SCM_MAX_FD is 253)
 constexpr size_t kMaxLayers = 240;
+constexpr size_t kMaxConfigBytes = 4 << 20;      // as broker/source.cc reads configs
+constexpr auto kFdWait = 10 * kj::SECONDS;       // for the fds of a request to come
+constexpr size_t kMaxConnections = 1024;         // all peers together
+constexpr size_t kMaxConnectionsPerUid = 64;
+constexpr size_t kFlowLimitWords = 1 << 20;      // 8 MiB of calls in flight per connection
+constexpr uint64_t kReceiveLimitWords = 2 << 20; // 16 MiB per message
 
 struct Peer {
   uid_t uid = 0;
@@ -76,6 +85,7 @@ struct Job {
   broker::Ext4Options ext4;
   policy::Policy policy;
   uint64_t input_bytes = 0;
+  size_t fd_cost = 0;  // counted in Hub::fds_held_
   std::shared_ptr<JobShared> shared = std::make_shared<JobShared>();
   kj::Own<kj::PromiseFulfiller<JobOutcome>> waiter;  // the RPC's; null once it went away
   kj::Maybe<rpc::ProgressSink::Client> sink;
@@ -86,6 +96,7 @@ struct Job {
 struct TenantState {
   const broker::TenantConfig* config = nullptr;
   uint32_t running = 0;
+  uint32_t pending = 0;  // calls whose fds are still coming
   std::deque<uint64_t> queue;
 };
 
@@ -196,8 +207,45 @@ void FillResult(rpc::Result::Builder out, const ExtractResult& result, double qu
   }
 }
 
+// A name the client chose, as it may appear in logs and errors: at most 256
+// printable ASCII bytes, else `fallback`.
+std::string ClientName(std::string_view name, std::string fallback) {
+  if (name.empty() || name.size() > 256) return fallback;
+  for (char c : name) {
+    if (c < 0x20 || c > 0x7e) return fallback;
+  }
+  return std::string(name);
+}
+
 ExtractResult Failed(FailureKind kind, std::string reason) {
   return ExtractResult(detail::MakePublicError(kind, std::move(reason)));
+}
+
+// Files the service must not read or write for a client: on FUSE (a read can
+// block for as long as the client's own server likes, past every clock and
+// cancel), or the kernel's own file systems (proc, sys, debug, cgroup...),
+// whose files answer with the reader's privileges.
+Status CheckFileSystem(int fd, const char* what) {
+  struct statfs fs;
+  if (::fstatfs(fd, &fs) != 0) return Fail(OsError(errno, "{}: fstatfs", what));
+  switch (static_cast<unsigned long>(fs.f_type)) {
+    case FUSE_SUPER_MAGIC:
+    case PROC_SUPER_MAGIC:
+    case SYSFS_MAGIC:
+    case DEBUGFS_MAGIC:
+    case TRACEFS_MAGIC:
+    case SECURITYFS_MAGIC:
+    case CGROUP_SUPER_MAGIC:
+    case CGROUP2_SUPER_MAGIC:
+    case BPF_FS_MAGIC:
+    case EFIVARFS_MAGIC:
+    case 0x62656570:  // configfs
+      return Fail(MakeError(ErrorKind::kPolicy,
+                            "{}: on a file system the service does not read or write for "
+                            "clients (FUSE, proc, sys, ...)", what));
+    default:
+      return {};
+  }
 }
 
 // A passed input: readable (not O_PATH), a regular file or a pipe.
@@ -212,6 +260,7 @@ Result<UniqueFd> TakeInput(int fd, const char* what) {
   if (!S_ISREG(st.st_mode) && !S_ISFIFO(st.st_mode)) {
     return Fail(MakeError(ErrorKind::kPolicy, "{}: not a regular file or a pipe", what));
   }
+  LX_TRY(CheckFileSystem(fd, what));
   return sandbox::Dup(fd);
 }
 
@@ -226,6 +275,7 @@ Result<UniqueFd> TakeOutput(int fd, const char* what) {
   LX_ASSIGN_OR_RETURN(struct stat st, sandbox::Fstat(fd));
   if (!S_ISREG(st.st_mode)) return Fail(MakeError(ErrorKind::kPolicy, "{}: not a regular file", what));
   if (st.st_size != 0) return Fail(MakeError(ErrorKind::kPolicy, "{}: not empty", what));
+  LX_TRY(CheckFileSystem(fd, what));
   return sandbox::Dup(fd);
 }
 
@@ -255,7 +305,8 @@ class ServiceImpl final : public rpc::Service::Server {
 struct Connection {
   Connection(kj::Own<kj::AsyncCapabilityStream> s, capnp::Capability::Client bootstrap)
       : stream(kj::mv(s)),
-        network(*stream, kMaxFdsPerMessage, capnp::rpc::twoparty::Side::SERVER),
+        network(*stream, kMaxFdsPerMessage, capnp::rpc::twoparty::Side::SERVER,
+                capnp::ReaderOptions{.traversalLimitInWords = kReceiveLimitWords, .nestingLimit = 64}),
         rpc(capnp::makeRpcServer(network, kj::mv(bootstrap))) {}
   kj::Own<kj::AsyncCapabilityStream> stream;
   capnp::TwoPartyVatNetwork network;
@@ -274,6 +325,30 @@ class Hub final : public kj::TaskSet::ErrorHandler {
     for (const broker::TenantConfig& t : config_.tenants) tenants_.push_back({.config = &t});
     start_ns_ = sandbox::MonotonicNs();
     json_ = (options_.log_format.empty() ? config_.log_format : options_.log_format) == "json";
+    // Never /dev/shm by default: a tmpfs the whole host shares, sized from
+    // what clients declare.
+    if (config_.scratch_dir.empty()) config_.scratch_dir = "/var/tmp";
+    // Jobs hold their inputs and outputs open while they wait: raise the
+    // soft limit to the hard one and admit jobs within half of it.
+    struct rlimit nofile;
+    if (::getrlimit(RLIMIT_NOFILE, &nofile) == 0) {
+      if (nofile.rlim_cur < nofile.rlim_max) {
+        nofile.rlim_cur = nofile.rlim_max;
+        (void)::setrlimit(RLIMIT_NOFILE, &nofile);
+        (void)::getrlimit(RLIMIT_NOFILE, &nofile);
+      }
+      fd_budget_ = std::max<size_t>(64, static_cast<size_t>(nofile.rlim_cur) / 2);
+    }
+  }
+
+  // The connections first (their calls' Abandon runs while everything else
+  // is alive), then any worker still running is stopped and joined.
+  ~Hub() noexcept(false) {
+    connections_.clear();
+    for (auto& [id, job] : jobs_) {
+      job->shared->cancel.Cancel();
+      if (job->thread.joinable()) job->thread.join();
+    }
   }
 
   void taskFailed(kj::Exception&& exception) override {
@@ -307,6 +382,7 @@ class Hub final : public kj::TaskSet::ErrorHandler {
   kj::Promise<void> Run();
 
   kj::Promise<void> Extract(const Peer& peer, int tenant, ExtractCall context);
+  std::string Admission(size_t tenant) const;
   void FillStatus(const Peer& peer, int tenant, rpc::ServiceStatus::Builder out);
   std::string Metrics() const;
   bool IsOperator(const Peer& peer) const { return peer.uid == 0 || peer.uid == ::geteuid(); }
@@ -320,6 +396,7 @@ class Hub final : public kj::TaskSet::ErrorHandler {
 
  private:
   kj::Promise<void> AcceptLoop();
+  kj::Promise<void> AcceptSome();
   void Accept(int fd);
   kj::Promise<void> Tick();
   kj::Promise<void> WatchSignals();
@@ -327,6 +404,10 @@ class Hub final : public kj::TaskSet::ErrorHandler {
   void Start(Job& job);
   void Ended(uint64_t id);
   void Abandon(uint64_t id);
+  void Erase(std::map<uint64_t, std::unique_ptr<Job>>::iterator it) {
+    fds_held_ -= it->second->fd_cost;
+    jobs_.erase(it);
+  }
   void RunJob(Job& job);  // on the worker thread
   void SendProgress(Job& job);
   void BeginStop(const char* why);
@@ -340,15 +421,18 @@ class Hub final : public kj::TaskSet::ErrorHandler {
   uint32_t max_concurrent_ = 1;
   std::vector<TenantState> tenants_;
   size_t rr_ = 0;
-  uint32_t running_ = 0, queued_ = 0;
+  uint32_t running_ = 0, queued_ = 0, pending_ = 0;
+  size_t fds_held_ = 0, fd_budget_ = 512;
   uint64_t next_job_ = 1, next_conn_ = 1;
   std::map<uint64_t, std::unique_ptr<Job>> jobs_;
   std::map<uint64_t, kj::Own<Connection>> connections_;
+  std::map<uid_t, size_t> conns_by_uid_;
   std::map<std::string, Counters> counters_;  // by tenant
   std::map<std::pair<std::string, std::string>, uint64_t> refusals_;
   UniqueFd listen_fd_, signal_fd_;
   std::string socket_path_;  // ours to unlink at exit; empty when systemd's
   kj::Own<kj::UnixEventPort::FdObserver> listen_observer_, signal_observer_;
+  kj::Maybe<kj::Promise<void>> accepting_;
   bool draining_ = false;
   int64_t start_ns_ = 0, stop_deadline_ns_ = 0;
   bool json_ = false;
@@ -448,21 +532,26 @@ Status Hub::Listen(UniqueFd fd, std::string ours) {
 }
 
 kj::Promise<void> Hub::AcceptLoop() {
-  return listen_observer_->whenBecomesReadable().then([this]() -> kj::Promise<void> {
-    while (!draining_) {
-      int fd = ::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
-      if (fd < 0) {
-        if (errno == EINTR || errno == ECONNABORTED) continue;
-        if (errno != EAGAIN) {
-          Log(LogLevel::kError, "service", "", 0, fmt::format("accept: {}", std::strerror(errno)));
-        }
-        break;
-      }
+  return listen_observer_->whenBecomesReadable().then([this]() { return AcceptSome(); });
+}
+
+// Accepts until the backlog is empty (the observer is edge-triggered); out of
+// fds or memory, tries again shortly rather than leaving the backlog waiting.
+kj::Promise<void> Hub::AcceptSome() {
+  while (!draining_) {
+    int fd = ::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    if (fd >= 0) {
       Accept(fd);
+      continue;
     }
-    if (draining_) return kj::READY_NOW;
-    return AcceptLoop();
-  });
+    if (errno == EINTR || errno == ECONNABORTED) continue;
+    if (errno == EAGAIN) return AcceptLoop();
+    Log(LogLevel::kError, "service", "", 0, fmt::format("accept: {}", std::strerror(errno)));
+    return io_.provider->getTimer().afterDelay(100 * kj::MILLISECONDS).then([this]() {
+      return AcceptSome();
+    });
+  }
+  return kj::READY_NOW;
 }
 
 void Hub::Accept(int fd) {
@@ -473,6 +562,15 @@ void Hub::Accept(int fd) {
     return;
   }
   Peer peer{.uid = cred.uid, .gid = cred.gid, .pid = cred.pid};
+  // Idle connections cost an fd each: capped per uid and in all.
+  if (connections_.size() >= kMaxConnections || conns_by_uid_[cred.uid] >= kMaxConnectionsPerUid) {
+    CountRefusal(-1, FailureKind::kBusy);
+    Log(LogLevel::kWarn, "service", "", 0,
+        fmt::format("peer uid={} pid={}: over {} connections (or {} for one uid): closed",
+                    cred.uid, cred.pid, kMaxConnections, kMaxConnectionsPerUid));
+    ::close(fd);
+    return;
+  }
   const broker::TenantConfig* tenant = config_.TenantFor(cred.uid, cred.gid);
   int index = tenant == nullptr ? -1 : static_cast<int>(tenant - config_.tenants.data());
   if (tenant == nullptr && !IsOperator(peer)) {
@@ -488,13 +586,19 @@ void Hub::Accept(int fd) {
               kj::LowLevelAsyncIoProvider::ALREADY_CLOEXEC |
               kj::LowLevelAsyncIoProvider::ALREADY_NONBLOCK);
   auto conn = kj::heap<Connection>(kj::mv(stream), kj::heap<ServiceImpl>(*this, peer, index));
+  conn->rpc.setFlowLimit(kFlowLimitWords);  // a peer that pipelines calls is read no further
   uint64_t id = next_conn_++;
   auto disconnected = conn->network.onDisconnect();
   connections_.emplace(id, kj::mv(conn));
+  ++conns_by_uid_[cred.uid];
   // Dropping the connection drops its calls: each extract's Abandon then
   // stops its job.
-  tasks_.add(disconnected.then([this, id]() {
-    return kj::evalLater([this, id]() { connections_.erase(id); });
+  uid_t uid = cred.uid;
+  tasks_.add(disconnected.then([this, id, uid]() {
+    return kj::evalLater([this, id, uid]() {
+      connections_.erase(id);
+      if (--conns_by_uid_[uid] == 0) conns_by_uid_.erase(uid);
+    });
   }));
 }
 
@@ -516,10 +620,13 @@ Result<std::unique_ptr<Job>> Hub::BuildJob(const Peer& peer, size_t tenant,
   auto source = request.getSource();
   if (source.isDockerArchive()) {
     auto d = source.getDockerArchive();
-    std::string name = d.getName();
     LX_ASSIGN_OR_RETURN(int fd, take_input("docker-archive"));
+    std::string ref = d.getRef();
+    if (ClientName(ref, "") != ref) {
+      return Fail(MakeError(ErrorKind::kPolicy, "docker-archive ref: over 256 bytes or not printable"));
+    }
     job->docker = broker::DockerArchiveSpec{
-        .file = name.empty() ? "(fd)" : name, .ref = d.getRef(), .fd = fd};
+        .file = ClientName(d.getName().cStr(), "(fd)"), .ref = ref, .fd = fd};
     struct stat st;
     if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) job->input_bytes = st.st_size;
   } else {
@@ -531,6 +638,9 @@ Result<std::unique_ptr<Job>> Hub::BuildJob(const Peer& peer, size_t tenant,
     auto config = image.getConfig();
     job->image.config.assign(reinterpret_cast<const char*>(config.begin()), config.size());
     job->image.manifest_digest = image.getManifestDigest();
+    if (!job->image.manifest_digest.empty() && !broker::IsValidDigest(job->image.manifest_digest)) {
+      return Fail(MakeError(ErrorKind::kInvalidInput, "manifest digest: not sha256:<64 hex>"));
+    }
     std::vector<std::string> diff_ids;
     if (!job->image.config.empty()) {
       // The tar streams are checked against the config's diff_ids, not the client's word.
@@ -542,7 +652,9 @@ Result<std::unique_ptr<Job>> Hub::BuildJob(const Peer& peer, size_t tenant,
       if (ids != doc.end() && ids->is_object() && ids->contains("diff_ids") &&
           (*ids)["diff_ids"].is_array()) {
         for (const auto& d : (*ids)["diff_ids"]) {
-          if (!d.is_string()) return Fail(MakeError(ErrorKind::kInvalidInput, "image config: bad diff_ids"));
+          if (!d.is_string() || !broker::IsValidDigest(d.get<std::string>())) {
+            return Fail(MakeError(ErrorKind::kInvalidInput, "image config: bad diff_ids"));
+          }
           diff_ids.push_back(d.get<std::string>());
         }
       }
@@ -555,14 +667,16 @@ Result<std::unique_ptr<Job>> Hub::BuildJob(const Peer& peer, size_t tenant,
     size_t i = 0;
     for (auto layer : image.getLayers()) {
       broker::LayerSource l;
-      l.display = layer.getName();
-      if (l.display.empty()) l.display = fmt::format("layer {}", i + 1);
+      l.display = ClientName(layer.getName().cStr(), fmt::format("layer {}", i + 1));
       l.path = l.display;  // names it in the report (read from l.fd)
       std::string digest = layer.getDigest();
       std::string diff_id = layer.getDiffId();
+      if (!diff_id.empty() && !broker::IsValidDigest(diff_id)) {
+        return Fail(MakeError(ErrorKind::kInvalidInput, "layer {}: diff_id: not sha256:<64 hex>", i + 1));
+      }
       if (!digest.empty()) {
         if (!broker::IsValidDigest(digest)) {
-          return Fail(MakeError(ErrorKind::kInvalidInput, "layer {}: digest {:?}", i + 1, digest));
+          return Fail(MakeError(ErrorKind::kInvalidInput, "layer {}: digest: not sha256:<64 hex>", i + 1));
         }
         l.digest = digest;
         l.size = layer.getSize();
@@ -577,7 +691,7 @@ Result<std::unique_ptr<Job>> Hub::BuildJob(const Peer& peer, size_t tenant,
       } else if (!diff_id.empty()) {
         l.diff_id = diff_id;
       }
-      l.media_type = layer.getMediaType();
+      l.media_type = ClientName(layer.getMediaType().cStr(), "");
       LX_ASSIGN_OR_RETURN(l.fd, take_input("layer"));
       struct stat st;
       if (l.size) {
@@ -622,6 +736,13 @@ Result<std::unique_ptr<Job>> Hub::BuildJob(const Peer& peer, size_t tenant,
   settings.reproducible = s.getReproducible();
   settings.source_date_epoch = s.getSourceDateEpoch();
   LX_ASSIGN_OR_RETURN(job->ext4, detail::InternalExt4(settings));
+  // mkfs writes an image of the size asked for into the service's scratch:
+  // no bigger than the content could need.
+  const uint64_t max_ext4 = std::max<uint64_t>(64 * policy::kGiB, 2 * tenants_[tenant].config->byte_budget);
+  if (settings.size_bytes > max_ext4) {
+    return Fail(MakeError(ErrorKind::kLimitExceeded, "ext4 size {} is over the service's {}",
+                          settings.size_bytes, max_ext4));
+  }
 
   // The tenant's policy; the client may only shorten its clocks. The byte
   // budget caps each layer's tar stream and the image's file data.
@@ -644,8 +765,31 @@ Result<std::unique_ptr<Job>> Hub::BuildJob(const Peer& peer, size_t tenant,
   return job;
 }
 
-kj::Promise<void> Hub::Extract(const Peer& peer, int tenant,
-                                  ExtractCall context) {
+// Whether one more job of `tenant` has room: it can start now, or wait in
+// its queue and the service's. Pending calls (fds still coming) count as
+// queued. Empty: room; else the busy reason.
+std::string Hub::Admission(size_t tenant) const {
+  const TenantState& t = tenants_[tenant];
+  const std::string& name = t.config->name;
+  // Dispatch() leaves no job waiting that could start, so a tenant with an
+  // empty queue under both limits starts at once.
+  bool starts_now = t.running < t.config->max_concurrent && running_ < max_concurrent_ &&
+                    t.queue.empty() && t.pending == 0;
+  if (starts_now) return {};
+  if (t.queue.size() + t.pending >= t.config->max_queued) {
+    return fmt::format("busy: tenant {} has {} jobs running (max_concurrent={}) and {} queued "
+                       "(max_queued={})",
+                       name, t.running, t.config->max_concurrent, t.queue.size() + t.pending,
+                       t.config->max_queued);
+  }
+  if (queued_ + pending_ >= config_.queue_limit) {
+    return fmt::format("busy: the service has {} jobs queued (queue_limit={})", queued_ + pending_,
+                       config_.queue_limit);
+  }
+  return {};
+}
+
+kj::Promise<void> Hub::Extract(const Peer& peer, int tenant, ExtractCall context) {
   context.allowCancellation();
   auto answer = [context](const ExtractResult& result) mutable {
     FillResult(context.getResults().initResult(), result, 0);
@@ -659,16 +803,29 @@ kj::Promise<void> Hub::Extract(const Peer& peer, int tenant,
                               peer.gid)));
     return kj::READY_NOW;
   }
-  if (draining_) {
+  const size_t index = static_cast<size_t>(tenant);
+  const std::string& name = TenantName(tenant);
+  auto busy = [this, tenant, &name, answer](std::string why) mutable {
     CountRefusal(tenant, FailureKind::kBusy);
-    answer(Failed(FailureKind::kBusy, "busy: the service is shutting down"));
+    Log(LogLevel::kInfo, "service", name, 0, why);
+    answer(Failed(FailureKind::kBusy, std::move(why)));
+    return kj::Promise<void>(kj::READY_NOW);
+  };
+  if (draining_) return busy("busy: the service is shutting down");
+  // Before anything is parsed or waited for.
+  if (std::string why = Admission(index); !why.empty()) return busy(std::move(why));
+
+  auto request = context.getParams().getRequest();
+  auto source = request.getSource();
+  if (source.isImage() && source.getImage().getConfig().size() > kMaxConfigBytes) {
+    answer(Failed(FailureKind::kUsage,
+                  fmt::format("image config over {} bytes", kMaxConfigBytes)));
     return kj::READY_NOW;
   }
-  // Every Fd capability, in order: the layers (or the archive), then the outputs.
-  auto params = context.getParams();
-  auto request = params.getRequest();
+  // Every Fd capability, in order: the layers (or the archive), then the
+  // outputs. A capability that is a promise would make this wait: at most
+  // kFdWait, counted as pending meanwhile.
   kj::Vector<kj::Promise<kj::Maybe<int>>> fd_promises;
-  auto source = request.getSource();
   if (source.isDockerArchive()) {
     fd_promises.add(source.getDockerArchive().getFile().getFd());
   } else if (source.getImage().getLayers().size() <= kMaxLayers) {
@@ -677,52 +834,67 @@ kj::Promise<void> Hub::Extract(const Peer& peer, int tenant,
   if (request.hasExt4()) fd_promises.add(request.getExt4().getFd());
   if (request.hasManifest()) fd_promises.add(request.getManifest().getFd());
   if (request.hasConfig()) fd_promises.add(request.getConfig().getFd());
+  // Counted as pending until the fds came (or the call went away).
+  struct Pending {
+    Hub* hub;
+    size_t index;
+    bool counted = true;
+    void Release() {
+      if (!counted) return;
+      counted = false;
+      --hub->tenants_[index].pending;
+      --hub->pending_;
+    }
+    ~Pending() { Release(); }
+  };
+  ++tenants_[index].pending;
+  ++pending_;
+  auto unpend = std::make_shared<Pending>(this, index);  // in place: a copy would release
+  using Fds = kj::Maybe<kj::Array<kj::Maybe<int>>>;
   return kj::joinPromises(fd_promises.releaseAsArray())
-      .then([this, peer, tenant, context](kj::Array<kj::Maybe<int>> got) mutable -> kj::Promise<void> {
-        std::vector<int> fds;
-        for (auto& m : got) {
-          KJ_IF_MAYBE(fd, m) { fds.push_back(*fd); }
-          else { fds.push_back(-1); }
-        }
+      .then([](kj::Array<kj::Maybe<int>> got) -> Fds { return kj::mv(got); })
+      .exclusiveJoin(io_.provider->getTimer().afterDelay(kFdWait).then([]() -> Fds {
+        return nullptr;
+      }))
+      .then([this, peer, tenant, index, context, unpend, busy](
+                Fds got) mutable -> kj::Promise<void> {
+        unpend->Release();
         const std::string& name = TenantName(tenant);
-        auto built = BuildJob(peer, static_cast<size_t>(tenant), context.getParams().getRequest(), fds);
-        if (!built) {
-          ExtractResult failed(detail::PublicError(built.error()));
+        auto refuse = [&](ExtractResult failed) {
           counters_[name].jobs[OutcomeName(failed.error().kind)]++;
           Log(LogLevel::kInfo, "service", name, 0, "refused: " + failed.error().message);
           FillResult(context.getResults().initResult(), failed, 0);
-          return kj::READY_NOW;
+          return kj::Promise<void>(kj::READY_NOW);
+        };
+        std::vector<int> fds;
+        KJ_IF_MAYBE(array, got) {
+          for (auto& m : *array) {
+            KJ_IF_MAYBE(fd, m) { fds.push_back(*fd); }
+            else { fds.push_back(-1); }
+          }
+        } else {
+          return refuse(Failed(FailureKind::kUsage, "the request's file descriptors did not arrive"));
         }
+        if (draining_) return busy("busy: the service is shutting down");
+        if (std::string why = Admission(index); !why.empty()) return busy(std::move(why));
+        auto built = BuildJob(peer, index, context.getParams().getRequest(), fds);
+        if (!built) return refuse(ExtractResult(detail::PublicError(built.error())));
         std::unique_ptr<Job> job = std::move(*built);
-        TenantState& t = tenants_[static_cast<size_t>(tenant)];
-        // Room? A job that cannot start now must find a place in both queues.
-        bool starts_now = t.running < t.config->max_concurrent && running_ < max_concurrent_ &&
-                          queued_ == 0;
-        if (!starts_now && t.queue.size() >= t.config->max_queued) {
-          CountRefusal(tenant, FailureKind::kBusy);
-          Log(LogLevel::kInfo, "service", name, 0, "busy: tenant queue full");
-          FillResult(context.getResults().initResult(),
-                     Failed(FailureKind::kBusy,
-                            fmt::format("busy: tenant {} has {} jobs running (max_concurrent={}) "
-                                        "and {} queued (max_queued={})",
-                                        name, t.running, t.config->max_concurrent, t.queue.size(),
-                                        t.config->max_queued)),
-                     0);
-          return kj::READY_NOW;
+        // What the job holds open while it waits and runs: its fds, and the
+        // extractor's pipes and sockets when it runs.
+        size_t cost = job->fds.size() + 8;
+        if (fds_held_ + cost > fd_budget_) {
+          return busy(fmt::format("busy: the service holds {} files (its budget is {})",
+                                  fds_held_, fd_budget_));
         }
-        if (!starts_now && queued_ >= config_.queue_limit) {
-          CountRefusal(tenant, FailureKind::kBusy);
-          FillResult(context.getResults().initResult(),
-                     Failed(FailureKind::kBusy,
-                            fmt::format("busy: the service has {} jobs queued (queue_limit={})",
-                                        queued_, config_.queue_limit)),
-                     0);
-          return kj::READY_NOW;
-        }
+        job->fd_cost = cost;
+        fds_held_ += cost;
+        job->sink = context.getParams().getProgress();
+        context.releaseParams();  // the message and the fds it carried: the job has dups
+        TenantState& t = tenants_[index];
         uint64_t id = next_job_++;
         job->id = id;
         job->accepted_ns = sandbox::MonotonicNs();
-        job->sink = context.getParams().getProgress();
         auto paf = kj::newPromiseAndFulfiller<JobOutcome>();
         job->waiter = kj::mv(paf.fulfiller);
         Log(LogLevel::kInfo, "service", name, id,
@@ -790,12 +962,25 @@ void Hub::Start(Job& job) {
   // (In a shared_ptr: a kj::Own's destructor may throw, a thread's state's may not.)
   auto fulfiller =
       std::make_shared<kj::Own<kj::CrossThreadPromiseFulfiller<void>>>(kj::mv(paf.fulfiller));
-  job.thread = std::thread([this, &job, fulfiller]() {
-    RunJob(job);
-    (*fulfiller)->fulfill();
-  });
   uint64_t id = job.id;
   tasks_.add(paf.promise.then([this, id]() { Ended(id); }));
+  try {
+    job.thread = std::thread([this, &job, fulfiller]() {
+      try {
+        RunJob(job);
+      } catch (const std::exception& e) {
+        job.shared->result.emplace(detail::MakePublicError(FailureKind::kInternal, e.what()));
+      } catch (...) {
+        job.shared->result.emplace(detail::MakePublicError(FailureKind::kInternal, "unknown error"));
+      }
+      (*fulfiller)->fulfill();
+    });
+  } catch (const std::system_error& e) {
+    // No thread (EAGAIN: TasksMax, RLIMIT_NPROC): the job fails, its slot is freed.
+    job.shared->result.emplace(detail::MakePublicError(
+        FailureKind::kIo, fmt::format("no thread for the job: {}", e.what()), e.code().value()));
+    (*fulfiller)->fulfill();
+  }
 }
 
 // On the worker thread: reads the job's request fields (the loop leaves them
@@ -883,7 +1068,7 @@ void Hub::Ended(uint64_t id) {
     job.waiter->fulfill(
         JobOutcome{std::move(result), (job.started_ns - job.accepted_ns) / 1e9});
   }
-  jobs_.erase(it);
+  Erase(it);
   Dispatch();
   if (draining_ && jobs_.empty() && stopped_) stopped_->fulfill();
 }
@@ -905,7 +1090,7 @@ void Hub::Abandon(uint64_t id) {
   --queued_;
   counters_[name].jobs["cancelled"]++;
   Log(LogLevel::kInfo, "service", name, id, "client went away while queued");
-  jobs_.erase(it);
+  Erase(it);
   if (draining_ && jobs_.empty() && stopped_) stopped_->fulfill();
 }
 
@@ -969,6 +1154,7 @@ void Hub::BeginStop(const char* why) {
   Log(LogLevel::kInfo, "service", "", 0,
       fmt::format("{}: stopping; {} running get {} s, {} queued are cancelled", why, running_,
                   config_.shutdown_grace_seconds, queued_));
+  accepting_ = nullptr;  // before the observer it waits on
   listen_observer_ = nullptr;
   listen_fd_.reset();
   if (!socket_path_.empty()) ::unlink(socket_path_.c_str());
@@ -989,7 +1175,7 @@ void Hub::BeginStop(const char* why) {
                  "cancelled: the service is shutting down (the job was queued)"),
           0});
     }
-    jobs_.erase(id);
+    Erase(jobs_.find(id));
   }
   if (jobs_.empty() && stopped_) stopped_->fulfill();
 }
@@ -1007,7 +1193,9 @@ kj::Promise<void> Hub::WatchSignals() {
 kj::Promise<void> Hub::Run() {
   auto paf = kj::newPromiseAndFulfiller<void>();
   stopped_ = kj::mv(paf.fulfiller);
-  tasks_.add(AcceptLoop());
+  accepting_ = AcceptLoop().eagerlyEvaluate([this](kj::Exception&& e) {
+    Log(LogLevel::kError, "service", "", 0, "accepting: " + std::string(e.getDescription()));
+  });
   tasks_.add(Tick());
   tasks_.add(WatchSignals());
   if (options_.ready) options_.ready();
@@ -1051,8 +1239,13 @@ void Hub::FillStatus(const Peer& peer, int tenant, rpc::ServiceStatus::Builder o
     w.setMaxQueued(t.config->max_queued);
   }
   out.setMaxConcurrent(max_concurrent_);
-  out.setRunning(running_);
-  out.setQueued(queued_);
+  if (all) {
+    out.setRunning(running_);
+    out.setQueued(queued_);
+  } else {  // a tenant sees its own load, not the others'
+    out.setRunning(tenant < 0 ? 0 : tenants_[static_cast<size_t>(tenant)].running);
+    out.setQueued(tenant < 0 ? 0 : static_cast<uint32_t>(tenants_[static_cast<size_t>(tenant)].queue.size()));
+  }
   out.setDraining(draining_);
   out.setVersion(Version());
   out.setUptimeSeconds((now - start_ns_) / 1e9);

@@ -87,18 +87,22 @@ class ClientOutput {
   }
   int fd() const { return fd_.get(); }
   bool open() const { return fd_.get() >= 0; }
-  // Links the file into place, replacing what was there.
-  Status Commit() {
-    if (temp_.empty()) {
-      temp_ = fmt::format(".{}.layerx-tmp-{}", name_, ::getpid());
-      (void)::unlinkat(dir_.get(), temp_.c_str(), 0);
-      std::string self = fmt::format("/proc/self/fd/{}", fd_.get());
-      if (::linkat(AT_FDCWD, self.c_str(), dir_.get(), temp_.c_str(), AT_SYMLINK_FOLLOW) != 0) {
-        int err = errno;
-        temp_.clear();
-        return Fail(OsError(err, "link {:?}", path_));
-      }
+  // Gives the unnamed file a temp name beside its place (first step of two,
+  // so that several outputs all appear or none does).
+  Status Link() {
+    if (!temp_.empty()) return {};  // the named fallback has one already
+    temp_ = fmt::format(".{}.layerx-tmp-{}", name_, ::getpid());
+    (void)::unlinkat(dir_.get(), temp_.c_str(), 0);
+    std::string self = fmt::format("/proc/self/fd/{}", fd_.get());
+    if (::linkat(AT_FDCWD, self.c_str(), dir_.get(), temp_.c_str(), AT_SYMLINK_FOLLOW) != 0) {
+      int err = errno;
+      temp_.clear();
+      return Fail(OsError(err, "link {:?}", path_));
     }
+    return {};
+  }
+  // Renames it into place, replacing what was there.
+  Status Place() {
     LX_TRY(sandbox::RenameAt(dir_.get(), temp_, dir_.get(), name_));
     temp_.clear();
     return {};
@@ -347,7 +351,11 @@ ExtractResult RunRemote(const ExtractRequest& request) {
       if (!result.ok()) return result;
       for (ClientOutput* out : {&ext4, &manifest, &config}) {
         if (!out->open()) continue;
-        if (Status c = out->Commit(); !c) return ExtractResult(PublicError(c.error()));
+        if (Status c = out->Link(); !c) return ExtractResult(PublicError(c.error()));
+      }
+      for (ClientOutput* out : {&ext4, &manifest, &config}) {
+        if (!out->open()) continue;
+        if (Status c = out->Place(); !c) return ExtractResult(PublicError(c.error()));
       }
       return result;
     }

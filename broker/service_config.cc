@@ -194,6 +194,12 @@ Result<ServiceConfig> ParseServiceConfig(std::string_view text, std::string_view
       return {};
     };
     LX_TRY(twice(names, "name", t.name));
+    if (t.max_queued > config.queue_limit) {
+      return Fail(Error(ErrorKind::kPolicy, 0,
+                        fmt::format("{}: tenant {:?}: max_queued={} is over [service] "
+                                    "queue_limit={}: one tenant could fill the queue",
+                                    source_name, t.name, t.max_queued, config.queue_limit)));
+    }
     for (uint32_t uid : t.uids) LX_TRY(twice(uids, "uid", std::to_string(uid)));
     for (uint32_t gid : t.gids) LX_TRY(twice(gids, "gid", std::to_string(gid)));
   }

@@ -93,6 +93,9 @@ INSTANTIATE_TEST_SUITE_P(
         BadCase{"NameTwice",
                 "[[tenant]]\nname = \"a\"\nuids = [1]\n[[tenant]]\nname = \"a\"\nuids = [2]\n",
                 "name a"},
+        BadCase{"TenantQueueOverServiceQueue",
+                "[service]\nqueue_limit = 4\n[[tenant]]\nname = \"a\"\nuids = [1]\nmax_queued = 5\n",
+                "max_queued=5 is over [service] queue_limit=4"},
         BadCase{"Syntax", "[service\n", "t.toml:1"},
         BadCase{"NotAscii", "# caf\xc3\xa9\n", "not ASCII"}),
     [](const auto& info) { return std::string(info.param.name); });

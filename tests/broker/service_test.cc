@@ -7,6 +7,9 @@
 // shape: an unprivileged user), clients as 65534 and 65532 (two tenants) and
 // 4242 (no tenant). Run as 65534 (the .rootless variant), the service and its
 // one client share that uid; what needs a second uid is skipped there.
+// gcc 12 sees kj::Own in a promise of a capability as maybe uninitialized (a
+// false positive inside kj's headers).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <capnp/rpc-twoparty.h>
 #include <fcntl.h>
 #include <grp.h>
@@ -614,6 +617,23 @@ class RawClient {
    private:
     int fd_;
   };
+  // A request whose blob is a capability that never resolves: the service
+  // waits for its fd (within a bound), counting it as pending meanwhile.
+  kj::Promise<std::string> ExtractPending(int ext4) {
+    auto paf = kj::newPromiseAndFulfiller<service::Fd::Client>();
+    hold_.add(kj::mv(paf.fulfiller));
+    auto svc = client_->bootstrap().castAs<service::Service>();
+    auto call = svc.extractRequest();
+    auto layers = call.initRequest().initSource().initImage().initLayers(1);
+    layers[0].setBlob(service::Fd::Client(kj::mv(paf.promise)));
+    call.getRequest().setExt4(kj::heap<FdCap>(ext4));
+    return call.send().then([](auto response) {
+      auto result = response.getResult();
+      return result.isFailure() ? std::string(result.getFailure().getMessage().cStr()) : "ok";
+    });
+  }
+  kj::WaitScope& wait_scope() { return io_.waitScope; }
+  kj::Timer& timer() { return io_.provider->getTimer(); }
   // One layer blob fd and one ext4 output fd (-1: a capability with no fd).
   std::string Extract(int layer, int ext4) {
     auto svc = client_->bootstrap().castAs<service::Service>();
@@ -631,6 +651,7 @@ class RawClient {
   kj::AsyncIoContext io_;
   kj::Own<kj::AsyncCapabilityStream> stream_;
   kj::Own<capnp::TwoPartyClient> client_;
+  kj::Vector<kj::Own<kj::PromiseFulfiller<service::Fd::Client>>> hold_;
 };
 
 TEST_F(ServiceTest, OnlyReadableInputsAndEmptyWritableOutputsAreTaken) {
@@ -671,6 +692,49 @@ TEST_F(ServiceTest, OnlyReadableInputsAndEmptyWritableOutputsAreTaken) {
   ExpectServiceClean();
 }
 
+// A request whose fds never come is counted against its tenant's queue while
+// the service waits for them; the tenant is busy, not the service's fds.
+TEST_F(ServiceTest, PendingRequestsCountAgainstTheQueue) {
+  StartService("[[tenant]]\nname = \"t\"\nuids = [" + std::to_string(::geteuid()) +
+               "]\nmax_concurrent = 1\nmax_queued = 1\n");
+  int out1 = ::open(Out("p1.img").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  int out2 = ::open(Out("p2.img").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  {
+    RawClient raw(Socket());
+    auto first = raw.ExtractPending(out1);
+    auto second = raw.ExtractPending(out2);
+    std::string answer = second.wait(raw.wait_scope());
+    EXPECT_NE(answer.find("busy: tenant t has 0 jobs running (max_concurrent=1) and 1 queued"),
+              std::string::npos) << answer;
+    EXPECT_FALSE(first.poll(raw.wait_scope()));  // still waiting for its fd
+  }  // the client goes: its pending call with it
+  ::close(out1);
+  ::close(out2);
+  pid_t c = Client(-1, Layers(), "after");
+  EXPECT_EQ(Wait(c), 0) << ReadFile(Out("after.log"));
+  ExpectServiceClean();
+}
+
+// A tenant whose own limit holds its queue does not make another tenant busy
+// while slots are free.
+TEST_F(ServiceTest, AnotherTenantsQueueDoesNotMakeATenantBusy) {
+  if (!Root()) GTEST_SKIP() << "needs two uids (root runs it)";
+  StartService("[[tenant]]\nname = \"alpha\"\nuids = [" + std::to_string(kAlpha) +
+                   "]\nmax_concurrent = 1\nmax_queued = 4\n[[tenant]]\nname = \"beta\"\nuids = [" +
+                   std::to_string(kBeta) + "]\nmax_concurrent = 1\nmax_queued = 0\n",
+               "max_concurrent_jobs = 2\n");
+  std::string fifo = MakeFifo("hold.tar.gz");
+  pid_t holder = Client(kAlpha, {fifo}, "hold");
+  ASSERT_TRUE(WaitFor([](const nlohmann::json& s) { return s["running"] == 1; }));
+  pid_t waiting = Client(kAlpha, {In("l1.tar.gz")}, "wait");
+  ASSERT_TRUE(WaitFor([](const nlohmann::json& s) { return s["queued"] == 1; }));
+  pid_t b = Client(kBeta, Layers(), "b");
+  EXPECT_EQ(Wait(b), 0) << ReadFile(Out("b.log"));
+  Feed(fifo, In("l1.tar.gz"));
+  EXPECT_EQ(Wait(holder), 0);
+  EXPECT_EQ(Wait(waiting), 0);
+}
+
 // 200 jobs from 8 concurrent clients (library threads, each its own
 // connection): no failure; afterwards the service has the fds, threads,
 // children and mounts it had before, and its memory is flat.
@@ -682,7 +746,15 @@ TEST_F(ServiceTest, Soak200JobsFrom8Clients) {
   auto mounts = [this] { return CountLines("/proc/" + std::to_string(service_) + "/mountinfo"); };
   std::this_thread::sleep_for(std::chrono::milliseconds(300));  // StartService's probe is gone
   const int fds0 = fds(), threads0 = threads(), mounts0 = mounts();
+#ifdef LAYERX_SANITIZE
+  // Under ASan the point is memory errors, not figures: fewer jobs, and its
+  // quarantine makes RSS grow by design.
+  constexpr int kClients = 8, kJobsEach = 8, kWarmup = 2;
+  constexpr uint64_t kRssSlackKib = 1 << 30;
+#else
   constexpr int kClients = 8, kJobsEach = 25, kWarmup = 3;
+  constexpr uint64_t kRssSlackKib = 8 * 1024;
+#endif
   std::mutex mu;
   std::vector<double> latencies;
   std::vector<std::string> failures;
@@ -730,9 +802,11 @@ TEST_F(ServiceTest, Soak200JobsFrom8Clients) {
               kClients * kJobsEach, kClients,
               (kClients * (kJobsEach - kWarmup)) / seconds, pct(0.5), pct(0.99),
               static_cast<unsigned long long>(rss_warm), static_cast<unsigned long long>(rss_end));
-  EXPECT_LT(rss_end, rss_warm + 8 * 1024) << "service memory grew";
+  EXPECT_LT(rss_end, rss_warm + kRssSlackKib) << "service memory grew";
   std::string metrics = Metrics();
-  EXPECT_NE(metrics.find("layerx_jobs_total{tenant=\"soak\",outcome=\"ok\"} 200"), std::string::npos)
+  EXPECT_NE(metrics.find(fmt::format("layerx_jobs_total{{tenant=\"soak\",outcome=\"ok\"}} {}",
+                                     kClients * kJobsEach)),
+            std::string::npos)
       << metrics;
 }
 
