@@ -49,7 +49,7 @@ chmod 0644 "$work/serve.toml"
 # run_clients NAME EXTRA...: $clients loops of $jobs/$clients jobs; per-job ms in $work/NAME.ms
 run_clients() {
   local name=$1; shift
-  local per=$((jobs / clients))
+  local per=$((jobs / clients)) pids=()
   for c in $(seq 1 "$clients"); do
     setpriv --reuid=65534 --regid=65534 --clear-groups bash -c '
       layerx=$1 out=$2 per=$3; shift 3
@@ -58,8 +58,9 @@ run_clients() {
         "$layerx" extract "$@" --ext4 "$out.img" -q || { echo FAIL >&2; exit 1; }
         echo $(( ($(date +%s%N) - t0) / 1000000 ))
       done' _ "$layerx" "$work/out/$name-$c" "$per" "$@" "${sources[@]}" > "$work/$name.$c.ms" &
+    pids+=($!)
   done
-  wait
+  wait "${pids[@]}"  # not the service
   cat "$work/$name".*.ms > "$work/$name.ms"
 }
 calc() { awk "BEGIN {print $*}"; }
