@@ -2,8 +2,10 @@
 # The service against local extraction, same jobs, same concurrency, one run:
 # N jobs of a small image (the example image, three layers) to --ext4 from C
 # concurrent clients, first through `layerx serve` (`extract --connect`, the
-# clients as uid 65534, the service with max_concurrent_jobs = C), then as C
-# concurrent local `layerx extract` processes (uid 65534). Prints jobs per
+# clients as uid 65534, the service as uid 65533 with max_concurrent_jobs =
+# C), then as C
+# concurrent local `layerx extract` processes (uid 65534, the same scratch dir
+# as the service's, on /var/tmp). Prints jobs per
 # second, p50/p99 job latency (client-side, queueing included), and the
 # service's RSS after a warm-up and at the end. Ratios are service / local.
 #
@@ -67,7 +69,10 @@ calc() { awk "BEGIN {print $*}"; }
 pct() { sort -n "$1" | awk -v p="$2" '{a[NR]=$1} END {i=int(p*(NR-1))+1; print a[i]}'; }
 rss() { awk '/^VmRSS:/ {print $2}' "/proc/$service/status"; }
 
-"$layerx" serve --socket "$work/sock" --config "$work/serve.toml" -q 2> "$work/serve.log" &
+# The service unprivileged, as the packaged unit runs it (uid 65533), so both
+# sides take the rootless path.
+setpriv --reuid=65533 --regid=65533 --clear-groups \
+  "$layerx" serve --socket "$work/sock" --config "$work/serve.toml" -q 2> "$work/serve.log" &
 service=$!
 for _ in $(seq 100); do "$layerx" status --socket "$work/sock" >/dev/null 2>&1 && break; sleep 0.05; done
 # Warm-up: one job per client.
@@ -79,7 +84,7 @@ t1=$(date +%s.%N)
 rss_end=$(rss)
 fds=$(ls "/proc/$service/fd" | wc -l)
 t2=$(date +%s.%N)
-run_clients local
+run_clients local --scratch "$work/scratch"  # the service's scratch too: same disk
 t3=$(date +%s.%N)
 
 svc_s=$(calc "$t1 - $t0") local_s=$(calc "$t3 - $t2")
