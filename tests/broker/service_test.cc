@@ -30,6 +30,7 @@
 #include <thread>
 
 #include "broker/service.capnp.h"
+#include "layerx/layerx.h"
 #include "layerx/layerx.hpp"
 #include "sandbox/sys.h"
 #include "tests/fixtures/layer_writer.h"
@@ -690,6 +691,55 @@ TEST_F(ServiceTest, OnlyReadableInputsAndEmptyWritableOutputsAreTaken) {
     ::close(fd);
   }
   ExpectServiceClean();
+}
+
+// The C ABI's way in: LAYERX_OPT_CONNECT, and the service's own answers as
+// statuses of their own.
+TEST_F(ServiceTest, CAbiConnects) {
+  StartService(kSelf);
+  auto run = [this](const char* ext4) {
+    layerx_request* req = layerx_request_new();
+    for (const std::string& l : Layers()) layerx_request_add_source(req, l.c_str());
+    layerx_request_set_output(req, LAYERX_OUTPUT_EXT4, ext4);
+    layerx_request_set_string(req, LAYERX_OPT_CONNECT, Socket().c_str());
+    layerx_result* res = nullptr;
+    layerx_status status = layerx_extract(req, &res);
+    std::string message = layerx_result_message(res);
+    layerx_result_free(res);
+    layerx_request_free(req);
+    return std::make_pair(status, message);
+  };
+  auto [ok, none] = run(Out("c.img").c_str());
+  EXPECT_EQ(ok, LAYERX_OK) << none;
+  EXPECT_EQ(::access(Out("c.img").c_str(), F_OK), 0);
+  // A rootfs cannot go through the service: a usage error, nothing made.
+  layerx_request* req = layerx_request_new();
+  layerx_request_add_source(req, In("l1.tar.gz").c_str());
+  layerx_request_set_output(req, LAYERX_OUTPUT_ROOTFS, Out("rootfs").c_str());
+  layerx_request_set_string(req, LAYERX_OPT_CONNECT, Socket().c_str());
+  layerx_result* res = nullptr;
+  EXPECT_EQ(layerx_extract(req, &res), LAYERX_E_USAGE);
+  layerx_result_free(res);
+  layerx_request_free(req);
+  EXPECT_STREQ(layerx_status_name(LAYERX_E_BUSY), "busy");
+  EXPECT_STREQ(layerx_status_name(LAYERX_E_UNAUTHORIZED), "unauthorized");
+}
+
+// The library client names an unauthorized caller's failure as such.
+TEST_F(ServiceTest, LibraryClientSeesUnauthorized) {
+  StartService("[[tenant]]\nname = \"other\"\nuids = [4243]\n");
+  ExtractRequest request;
+  request.connect = Socket();
+  request.sources = Layers();
+  request.ext4 = Out("u.img");
+  ExtractResult result = Extract(request);
+  ASSERT_FALSE(result.ok());
+  EXPECT_EQ(result.error().kind, FailureKind::kUnauthorized) << result.error().message;
+  EXPECT_EQ(::access(Out("u.img").c_str(), F_OK), -1);
+  // Its status call too, unless it is an operator (root, or the service's uid: rootless here).
+  std::string text;
+  ExtractError error;
+  EXPECT_TRUE(QueryService(Socket(), ServiceQuery::kStatus, &text, &error)) << error.message;
 }
 
 // A request whose fds never come is counted against its tenant's queue while

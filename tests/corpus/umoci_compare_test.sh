@@ -59,4 +59,25 @@ if [ -n "$ext4_dump" ]; then
   e2fsck -fn "$work/rl/image.ext4" >"$work/fsck.log" 2>&1 || { cat "$work/fsck.log"; echo "e2fsck: image not clean"; exit 1; }
   "$ext4_dump" "$work/rl/image.ext4" > "$work/rl/dump.jsonl"
   python3 "$here/compare_with_umoci.py" "$work/umoci/rootfs" "$work/rl/dump.jsonl" "$work/rl/m4.jsonl" --mode ext4
+
+  # The same through `layerx serve` (unprivileged, as packaged; the client
+  # passes the blobs as fds): the same manifest, the same ext4 tree.
+  mkdir "$work/svc" && chmod 0777 "$work/svc"
+  printf '[service]\nscratch_dir = "%s"\n[[tenant]]\nname = "corpus"\nuids = [65534]\n' \
+    "$work/svc" > "$work/serve.toml"
+  chmod 0644 "$work/serve.toml"
+  setpriv --reuid=65533 --regid=65533 --clear-groups \
+    "$layerx" serve --socket "$work/svc/sock" --config "$work/serve.toml" -q &
+  service=$!
+  for _ in $(seq 100); do [ -S "$work/svc/sock" ] && break; sleep 0.05; done
+  status=0
+  setpriv --reuid=65534 --regid=65534 --clear-groups \
+    "$layerx" extract --connect "$work/svc/sock" "$src" --ext4 "$work/rl/svc.ext4" \
+    --manifest "$work/rl/m5.jsonl" -q || status=$?
+  kill -TERM "$service"; wait "$service" || true
+  [ $status = 0 ] || { echo "extract --connect failed: $status"; exit 1; }
+  cmp "$work/rl/m4.jsonl" "$work/rl/m5.jsonl" || { echo "the service's manifest differs"; exit 1; }
+  e2fsck -fn "$work/rl/svc.ext4" >"$work/fsck.log" 2>&1 || { cat "$work/fsck.log"; echo "e2fsck: service image not clean"; exit 1; }
+  "$ext4_dump" "$work/rl/svc.ext4" > "$work/rl/dump5.jsonl"
+  python3 "$here/compare_with_umoci.py" "$work/umoci/rootfs" "$work/rl/dump5.jsonl" "$work/rl/m5.jsonl" --mode ext4
 fi
