@@ -699,7 +699,11 @@ TEST_F(HostileTest, SigtermStopsTheJobAndLeavesNothing) {
     execl(LAYERX_BIN, "layerx", "extract", fifo.c_str(), "--rootfs", Out().c_str(), "-q", nullptr);
     _exit(127);
   }
-  usleep(300 * 1000);
+  // Mid-layer: its work dir is there (a fixed sleep raced a slow start under
+  // ASan, where SIGTERM came before layerx had its handler).
+  for (int i = 0; i < 1000 && Listing() == before; ++i) usleep(10 * 1000);
+  ASSERT_NE(Listing(), before) << "layerx did not start the job";
+  usleep(100 * 1000);
   ASSERT_EQ(kill(pid, SIGTERM), 0);
   int status = 0;
   ASSERT_EQ(waitpid(pid, &status, 0), pid);

@@ -320,7 +320,18 @@ TEST_F(LimitsTest, SigtermMidLayerLeavesNothing) {
           Path("out").c_str(), "-q", nullptr);
     _exit(127);
   }
-  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  // Mid-layer: its work dir is there (a fixed sleep can race a slow start).
+  auto working = [&] {
+    for (const std::string& name : testing::Listing(dir_)) {
+      if (name.rfind(".layerx-work", 0) == 0) return true;
+    }
+    return false;
+  };
+  for (int i = 0; i < 1000 && !working(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_TRUE(working()) << "layerx did not start the job";
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
   kill(pid, SIGTERM);
   int status = 0;
   ASSERT_EQ(waitpid(pid, &status, 0), pid);
