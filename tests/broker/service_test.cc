@@ -44,7 +44,7 @@ using testing::ReadFile;
 using Clock = std::chrono::steady_clock;
 
 constexpr uid_t kServiceUid = 65533;  // the service's own user, when root runs the test
-constexpr uid_t kAlpha = 65534, kBeta = 65532, kStranger = 4242;
+constexpr uid_t kAlpha = 65534, kBeta = 65532, kGamma = 65531, kStranger = 4242;
 
 bool Root() { return ::geteuid() == 0; }
 
@@ -445,7 +445,7 @@ TEST_F(ServiceTest, ClientDisconnectCancelsItsJob) {
   Wait(c);
   auto t0 = Clock::now();
   ExpectServiceClean();
-  EXPECT_LT(Clock::now() - t0, std::chrono::seconds(3));
+  EXPECT_LT(Clock::now() - t0, std::chrono::seconds(5));  // promptly, even under ASan
   ::close(hold);
   EXPECT_EQ(::access(Out("gone.img").c_str(), F_OK), -1);
   EXPECT_EQ(::access(Out("gone.jsonl").c_str(), F_OK), -1);
@@ -554,7 +554,11 @@ TEST_F(ServiceTest, EachTenantHasItsOwnPolicyAndBudgets) {
   ::chmod(strict.c_str(), 0644);
   StartService("[[tenant]]\nname = \"alpha\"\nuids = [" + std::to_string(kAlpha) +
                "]\n[[tenant]]\nname = \"beta\"\nuids = [" + std::to_string(kBeta) +
-               "]\npolicy = \"" + strict + "\"\nbyte_budget = 30000\ntime_budget_seconds = 1\n");
+               "]\npolicy = \"" + strict + "\"\nbyte_budget = 30000\n" +
+               // The time budget on a tenant of its own: 1 s is too short for
+               // a whole job under ASan on a loaded machine.
+               "[[tenant]]\nname = \"gamma\"\nuids = [" + std::to_string(kGamma) +
+               "]\ntime_budget_seconds = 1\n");
   pid_t a = Client(kAlpha, Layers(), "a");
   pid_t b = Client(kBeta, Layers(), "b");
   ASSERT_EQ(Wait(a), 0) << ReadFile(Out("a.log"));
@@ -582,9 +586,9 @@ TEST_F(ServiceTest, EachTenantHasItsOwnPolicyAndBudgets) {
   EXPECT_EQ(Wait(big), 1);
   EXPECT_NE(ReadFile(Out("big.log")).find("30000"), std::string::npos) << ReadFile(Out("big.log"));
   EXPECT_EQ(::access(Out("big.img").c_str(), F_OK), -1);
-  // ...and its time budget (1 s) stops a job that stalls.
+  // ...and gamma's time budget (1 s) stops a job that stalls.
   std::string fifo = MakeFifo("stall.tar.gz");
-  pid_t slow = Client(kBeta, {fifo}, "slow");
+  pid_t slow = Client(kGamma, {fifo}, "slow");
   int hold = Hold(fifo, In("l1.tar.gz"), 100);
   EXPECT_EQ(Wait(slow, 10), 1);
   ::close(hold);
