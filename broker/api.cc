@@ -43,6 +43,14 @@ FailureKind PublicKind(ErrorKind kind) {
   return FailureKind::kInternal;
 }
 
+// The one line of an ExtractError, whatever the bytes in it.
+std::string OneLine(std::string text) {
+  for (char& c : text) {
+    if (c == '\n' || c == '\r') c = ' ';
+  }
+  return text;
+}
+
 ExtractError PublicError(const Error& error) {
   ExtractError out;
   out.kind = PublicKind(error.kind());
@@ -51,11 +59,7 @@ ExtractError PublicError(const Error& error) {
   out.layer = error.layer_name();
   out.entry = error.entry();
   out.reason = error.message();
-  // One line, whatever the bytes of the names in it ({:?} escaped them).
-  out.message = error.ToString();
-  for (char& c : out.message) {
-    if (c == '\n' || c == '\r') c = ' ';
-  }
+  out.message = OneLine(error.ToString());  // names in it are {:?}-escaped already
   return out;
 }
 
@@ -85,10 +89,7 @@ ExtractError MakePublicError(FailureKind kind, std::string reason, int sys_errno
   out.kind = kind;
   out.sys_errno = sys_errno;
   out.reason = std::move(reason);
-  out.message = out.reason;
-  for (char& c : out.message) {
-    if (c == '\n' || c == '\r') c = ' ';
-  }
+  out.message = OneLine(out.reason);
   return out;
 }
 

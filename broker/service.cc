@@ -9,20 +9,19 @@
 // write: only the descriptors it passed, checked here (readable inputs that are
 // regular files or pipes, never O_PATH; writable, empty, non-append regular
 // outputs). The service never opens a path a client named.
-#include <fcntl.h>
-#include <linux/magic.h>
-#include <sys/resource.h>
-#include <sys/statfs.h>
-#include <sys/signalfd.h>
-#include <sys/socket.h>
-#include <sys/stat.h>
-#include <sys/un.h>
-#include <unistd.h>
-
 #include <capnp/rpc-twoparty.h>
+#include <fcntl.h>
 #include <kj/async-io.h>
 #include <kj/async-unix.h>
 #include <kj/debug.h>
+#include <linux/magic.h>
+#include <sys/resource.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/un.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <deque>
@@ -35,6 +34,7 @@
 #include "broker/api_internal.h"
 #include "broker/service.capnp.h"
 #include "broker/service_config.h"
+#include "broker/service_wire.h"
 #include "sandbox/sys.h"
 
 namespace layerx {
@@ -45,12 +45,12 @@ using sandbox::UniqueFd;
 
 constexpr uint kMaxFdsPerMessage = 250;  // layers + outputs of one request (SCM_MAX_FD is 253)
 constexpr size_t kMaxLayers = 240;
-constexpr size_t kMaxConfigBytes = 4 << 20;      // as broker/source.cc reads configs
-constexpr auto kFdWait = 10 * kj::SECONDS;       // for the fds of a request to come
-constexpr size_t kMaxConnections = 1024;         // all peers together
+constexpr size_t kMaxConfigBytes = 4 << 20;  // as broker/source.cc reads configs
+constexpr auto kFdWait = 10 * kj::SECONDS;   // for the fds of a request to come
+constexpr size_t kMaxConnections = 1024;     // all peers together
 constexpr size_t kMaxConnectionsPerUid = 64;
-constexpr size_t kFlowLimitWords = 1 << 20;      // 8 MiB of calls in flight per connection
-constexpr uint64_t kReceiveLimitWords = 2 << 20; // 16 MiB per message
+constexpr size_t kFlowLimitWords = 1 << 20;       // 8 MiB of calls in flight per connection
+constexpr uint64_t kReceiveLimitWords = 2 << 20;  // 16 MiB per message
 
 struct Peer {
   uid_t uid = 0;
@@ -106,56 +106,14 @@ struct Counters {
   double seconds = 0, queued_seconds = 0;
 };
 
+// The metrics label of an outcome: FailureKindName as a label value
+// ("invalid input" -> "invalid_input", "i/o" -> "io").
 std::string OutcomeName(FailureKind kind) {
-  switch (kind) {
-    case FailureKind::kRefused:
-      return "refused";
-    case FailureKind::kInvalidInput:
-      return "invalid_input";
-    case FailureKind::kIntegrity:
-      return "integrity";
-    case FailureKind::kSandbox:
-      return "sandbox";
-    case FailureKind::kIo:
-      return "io";
-    case FailureKind::kUsage:
-      return "usage";
-    case FailureKind::kCancelled:
-      return "cancelled";
-    case FailureKind::kBusy:
-      return "busy";
-    case FailureKind::kUnauthorized:
-      return "unauthorized";
-    case FailureKind::kInternal:
-      break;
+  std::string name;
+  for (const char* c = FailureKindName(kind); *c != '\0'; ++c) {
+    if (*c != '/') name += *c == ' ' ? '_' : *c;
   }
-  return "internal";
-}
-
-rpc::FailureKind WireKind(FailureKind kind) {
-  switch (kind) {
-    case FailureKind::kRefused:
-      return rpc::FailureKind::REFUSED;
-    case FailureKind::kInvalidInput:
-      return rpc::FailureKind::INVALID_INPUT;
-    case FailureKind::kIntegrity:
-      return rpc::FailureKind::INTEGRITY;
-    case FailureKind::kSandbox:
-      return rpc::FailureKind::SANDBOX;
-    case FailureKind::kIo:
-      return rpc::FailureKind::IO;
-    case FailureKind::kUsage:
-      return rpc::FailureKind::USAGE;
-    case FailureKind::kCancelled:
-      return rpc::FailureKind::CANCELLED;
-    case FailureKind::kBusy:
-      return rpc::FailureKind::BUSY;
-    case FailureKind::kUnauthorized:
-      return rpc::FailureKind::UNAUTHORIZED;
-    case FailureKind::kInternal:
-      break;
-  }
-  return rpc::FailureKind::INTERNAL;
+  return name;
 }
 
 void FillResult(rpc::Result::Builder out, const ExtractResult& result, double queued_seconds) {
@@ -242,7 +200,8 @@ Status CheckFileSystem(int fd, const char* what) {
     case 0x62656570:  // configfs
       return Fail(MakeError(ErrorKind::kPolicy,
                             "{}: on a file system the service does not read or write for "
-                            "clients (FUSE, proc, sys, ...)", what));
+                            "clients (FUSE, proc, sys, ...)",
+                            what));
     default:
       return {};
   }
@@ -253,8 +212,8 @@ Result<UniqueFd> TakeInput(int fd, const char* what) {
   int flags = ::fcntl(fd, F_GETFL);
   if (flags < 0) return Fail(OsError(errno, "{}", what));
   if ((flags & O_PATH) != 0 || (flags & O_ACCMODE) == O_WRONLY) {
-    return Fail(MakeError(ErrorKind::kPolicy, "{}: not opened for reading (O_RDONLY, not O_PATH)",
-                          what));
+    return Fail(
+        MakeError(ErrorKind::kPolicy, "{}: not opened for reading (O_RDONLY, not O_PATH)", what));
   }
   LX_ASSIGN_OR_RETURN(struct stat st, sandbox::Fstat(fd));
   if (!S_ISREG(st.st_mode) && !S_ISFIFO(st.st_mode)) {
@@ -269,19 +228,22 @@ Result<UniqueFd> TakeOutput(int fd, const char* what) {
   int flags = ::fcntl(fd, F_GETFL);
   if (flags < 0) return Fail(OsError(errno, "{}", what));
   if ((flags & O_PATH) != 0 || (flags & O_ACCMODE) == O_RDONLY || (flags & O_APPEND) != 0) {
-    return Fail(MakeError(ErrorKind::kPolicy, "{}: not opened for writing (O_WRONLY or O_RDWR, "
-                                              "not O_APPEND)", what));
+    return Fail(MakeError(ErrorKind::kPolicy,
+                          "{}: not opened for writing (O_WRONLY or O_RDWR, "
+                          "not O_APPEND)",
+                          what));
   }
   LX_ASSIGN_OR_RETURN(struct stat st, sandbox::Fstat(fd));
-  if (!S_ISREG(st.st_mode)) return Fail(MakeError(ErrorKind::kPolicy, "{}: not a regular file", what));
+  if (!S_ISREG(st.st_mode))
+    return Fail(MakeError(ErrorKind::kPolicy, "{}: not a regular file", what));
   if (st.st_size != 0) return Fail(MakeError(ErrorKind::kPolicy, "{}: not empty", what));
   LX_TRY(CheckFileSystem(fd, what));
   return sandbox::Dup(fd);
 }
 
 std::string JsonEscape(std::string_view text) {
-  return nlohmann::json(std::string(text)).dump(-1, ' ', false,
-                                                nlohmann::json::error_handler_t::replace);
+  return nlohmann::json(std::string(text))
+      .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
 class Hub;
@@ -290,8 +252,7 @@ using ExtractCall = capnp::CallContext<rpc::Service::ExtractParams, rpc::Service
 // The bootstrap capability of one connection: bound to its peer and tenant.
 class ServiceImpl final : public rpc::Service::Server {
  public:
-  ServiceImpl(Hub& server, Peer peer, int tenant)
-      : server_(server), peer_(peer), tenant_(tenant) {}
+  ServiceImpl(Hub& server, Peer peer, int tenant) : server_(server), peer_(peer), tenant_(tenant) {}
   kj::Promise<void> extract(ExtractContext context) override;
   kj::Promise<void> status(StatusContext context) override;
   kj::Promise<void> metrics(MetricsContext context) override;
@@ -305,8 +266,9 @@ class ServiceImpl final : public rpc::Service::Server {
 struct Connection {
   Connection(kj::Own<kj::AsyncCapabilityStream> s, capnp::Capability::Client bootstrap)
       : stream(kj::mv(s)),
-        network(*stream, kMaxFdsPerMessage, capnp::rpc::twoparty::Side::SERVER,
-                capnp::ReaderOptions{.traversalLimitInWords = kReceiveLimitWords, .nestingLimit = 64}),
+        network(
+            *stream, kMaxFdsPerMessage, capnp::rpc::twoparty::Side::SERVER,
+            capnp::ReaderOptions{.traversalLimitInWords = kReceiveLimitWords, .nestingLimit = 64}),
         rpc(capnp::makeRpcServer(network, kj::mv(bootstrap))) {}
   kj::Own<kj::AsyncCapabilityStream> stream;
   capnp::TwoPartyVatNetwork network;
@@ -352,7 +314,8 @@ class Hub final : public kj::TaskSet::ErrorHandler {
   }
 
   void taskFailed(kj::Exception&& exception) override {
-    Log(LogLevel::kWarn, "service", "", 0, "task failed: " + std::string(exception.getDescription()));
+    Log(LogLevel::kWarn, "service", "", 0,
+        "task failed: " + std::string(exception.getDescription()));
   }
 
   // One log line, for the operator: text "tenant=ci job=12 message", or one JSON object.
@@ -438,7 +401,7 @@ class Hub final : public kj::TaskSet::ErrorHandler {
   bool json_ = false;
   kj::Own<kj::PromiseFulfiller<void>> stopped_;
   std::atomic<bool> draining_stop_{false};  // draining_, for the workers
-  kj::TaskSet tasks_;  // last: its promises go before what they point at
+  kj::TaskSet tasks_;                       // last: its promises go before what they point at
 };
 
 kj::Promise<void> ServiceImpl::extract(ExtractContext context) {
@@ -449,7 +412,8 @@ kj::Promise<void> ServiceImpl::status(StatusContext context) {
   if (tenant_ < 0 && !server_.IsOperator(peer_)) {
     server_.CountRefusal(tenant_, FailureKind::kUnauthorized);
     return KJ_EXCEPTION(FAILED, fmt::format("unauthorized: uid {} gid {} is no tenant of this "
-                                            "service", peer_.uid, peer_.gid));
+                                            "service",
+                                            peer_.uid, peer_.gid));
   }
   server_.FillStatus(peer_, tenant_, context.getResults().initStatus());
   return kj::READY_NOW;
@@ -459,7 +423,8 @@ kj::Promise<void> ServiceImpl::metrics(MetricsContext context) {
   if (!server_.IsOperator(peer_)) {
     server_.CountRefusal(tenant_, FailureKind::kUnauthorized);
     return KJ_EXCEPTION(FAILED, fmt::format("unauthorized: metrics are for operators (uid 0 or "
-                                            "{}), not uid {}", ::geteuid(), peer_.uid));
+                                            "{}), not uid {}",
+                                            ::geteuid(), peer_.uid));
   }
   context.getResults().setText(server_.Metrics());
   return kj::READY_NOW;
@@ -566,8 +531,8 @@ void Hub::Accept(int fd) {
   if (connections_.size() >= kMaxConnections || conns_by_uid_[cred.uid] >= kMaxConnectionsPerUid) {
     CountRefusal(-1, FailureKind::kBusy);
     Log(LogLevel::kWarn, "service", "", 0,
-        fmt::format("peer uid={} pid={}: over {} connections (or {} for one uid): closed",
-                    cred.uid, cred.pid, kMaxConnections, kMaxConnectionsPerUid));
+        fmt::format("peer uid={} pid={}: over {} connections (or {} for one uid): closed", cred.uid,
+                    cred.pid, kMaxConnections, kMaxConnectionsPerUid));
     ::close(fd);
     return;
   }
@@ -581,10 +546,10 @@ void Hub::Accept(int fd) {
     Log(LogLevel::kDebug, "service", TenantName(index), 0,
         fmt::format("connection from uid={} gid={} pid={}", cred.uid, cred.gid, cred.pid));
   }
-  auto stream = io_.lowLevelProvider->wrapUnixSocketFd(
-      fd, kj::LowLevelAsyncIoProvider::TAKE_OWNERSHIP |
-              kj::LowLevelAsyncIoProvider::ALREADY_CLOEXEC |
-              kj::LowLevelAsyncIoProvider::ALREADY_NONBLOCK);
+  auto stream =
+      io_.lowLevelProvider->wrapUnixSocketFd(fd, kj::LowLevelAsyncIoProvider::TAKE_OWNERSHIP |
+                                                     kj::LowLevelAsyncIoProvider::ALREADY_CLOEXEC |
+                                                     kj::LowLevelAsyncIoProvider::ALREADY_NONBLOCK);
   auto conn = kj::heap<Connection>(kj::mv(stream), kj::heap<ServiceImpl>(*this, peer, index));
   conn->rpc.setFlowLimit(kFlowLimitWords);  // a peer that pipelines calls is read no further
   uint64_t id = next_conn_++;
@@ -603,8 +568,8 @@ void Hub::Accept(int fd) {
 }
 
 Result<std::unique_ptr<Job>> Hub::BuildJob(const Peer& peer, size_t tenant,
-                                              rpc::ExtractRequest::Reader request,
-                                              const std::vector<int>& fds) {
+                                           rpc::ExtractRequest::Reader request,
+                                           const std::vector<int>& fds) {
   auto job = std::make_unique<Job>();
   job->tenant = tenant;
   job->peer = peer;
@@ -623,7 +588,8 @@ Result<std::unique_ptr<Job>> Hub::BuildJob(const Peer& peer, size_t tenant,
     LX_ASSIGN_OR_RETURN(int fd, take_input("docker-archive"));
     std::string ref = d.getRef();
     if (ClientName(ref, "") != ref) {
-      return Fail(MakeError(ErrorKind::kPolicy, "docker-archive ref: over 256 bytes or not printable"));
+      return Fail(
+          MakeError(ErrorKind::kPolicy, "docker-archive ref: over 256 bytes or not printable"));
     }
     job->docker = broker::DockerArchiveSpec{
         .file = ClientName(d.getName().cStr(), "(fd)"), .ref = ref, .fd = fd};
@@ -631,7 +597,8 @@ Result<std::unique_ptr<Job>> Hub::BuildJob(const Peer& peer, size_t tenant,
     if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) job->input_bytes = st.st_size;
   } else {
     auto image = source.getImage();
-    if (image.getLayers().size() == 0) return Fail(MakeError(ErrorKind::kPolicy, "no layers given"));
+    if (image.getLayers().size() == 0)
+      return Fail(MakeError(ErrorKind::kPolicy, "no layers given"));
     if (image.getLayers().size() > kMaxLayers) {
       return Fail(MakeError(ErrorKind::kPolicy, "over {} layers", kMaxLayers));
     }
@@ -672,11 +639,13 @@ Result<std::unique_ptr<Job>> Hub::BuildJob(const Peer& peer, size_t tenant,
       std::string digest = layer.getDigest();
       std::string diff_id = layer.getDiffId();
       if (!diff_id.empty() && !broker::IsValidDigest(diff_id)) {
-        return Fail(MakeError(ErrorKind::kInvalidInput, "layer {}: diff_id: not sha256:<64 hex>", i + 1));
+        return Fail(
+            MakeError(ErrorKind::kInvalidInput, "layer {}: diff_id: not sha256:<64 hex>", i + 1));
       }
       if (!digest.empty()) {
         if (!broker::IsValidDigest(digest)) {
-          return Fail(MakeError(ErrorKind::kInvalidInput, "layer {}: digest: not sha256:<64 hex>", i + 1));
+          return Fail(
+              MakeError(ErrorKind::kInvalidInput, "layer {}: digest: not sha256:<64 hex>", i + 1));
         }
         l.digest = digest;
         l.size = layer.getSize();
@@ -721,7 +690,9 @@ Result<std::unique_ptr<Job>> Hub::BuildJob(const Peer& peer, size_t tenant,
     job->fds.push_back(std::move(fd));
     any = true;
   }
-  if (!any) return Fail(MakeError(ErrorKind::kPolicy, "nothing to write: give an ext4, manifest or config output"));
+  if (!any)
+    return Fail(
+        MakeError(ErrorKind::kPolicy, "nothing to write: give an ext4, manifest or config output"));
   if (job->config_fd >= 0 && !job->docker && job->image.config.empty()) {
     return Fail(MakeError(ErrorKind::kPolicy, "a config was asked for, and the source has none"));
   }
@@ -738,7 +709,8 @@ Result<std::unique_ptr<Job>> Hub::BuildJob(const Peer& peer, size_t tenant,
   LX_ASSIGN_OR_RETURN(job->ext4, detail::InternalExt4(settings));
   // mkfs writes an image of the size asked for into the service's scratch:
   // no bigger than the content could need.
-  const uint64_t max_ext4 = std::max<uint64_t>(64 * policy::kGiB, 2 * tenants_[tenant].config->byte_budget);
+  const uint64_t max_ext4 =
+      std::max<uint64_t>(64 * policy::kGiB, 2 * tenants_[tenant].config->byte_budget);
   if (settings.size_bytes > max_ext4) {
     return Fail(MakeError(ErrorKind::kLimitExceeded, "ext4 size {} is over the service's {}",
                           settings.size_bytes, max_ext4));
@@ -760,7 +732,8 @@ Result<std::unique_ptr<Job>> Hub::BuildJob(const Peer& peer, size_t tenant,
   }
   LX_ASSIGN_OR_RETURN(job->policy, builder.Build());
   if (t.byte_budget > 0) {
-    job->policy.limits.max_image_bytes = std::min(job->policy.limits.max_image_bytes, t.byte_budget);
+    job->policy.limits.max_image_bytes =
+        std::min(job->policy.limits.max_image_bytes, t.byte_budget);
   }
   return job;
 }
@@ -777,10 +750,11 @@ std::string Hub::Admission(size_t tenant) const {
                     t.queue.empty() && t.pending == 0;
   if (starts_now) return {};
   if (t.queue.size() + t.pending >= t.config->max_queued) {
-    return fmt::format("busy: tenant {} has {} jobs running (max_concurrent={}) and {} queued "
-                       "(max_queued={})",
-                       name, t.running, t.config->max_concurrent, t.queue.size() + t.pending,
-                       t.config->max_queued);
+    return fmt::format(
+        "busy: tenant {} has {} jobs running (max_concurrent={}) and {} queued "
+        "(max_queued={})",
+        name, t.running, t.config->max_concurrent, t.queue.size() + t.pending,
+        t.config->max_queued);
   }
   if (queued_ + pending_ >= config_.queue_limit) {
     return fmt::format("busy: the service has {} jobs queued (queue_limit={})", queued_ + pending_,
@@ -818,8 +792,7 @@ kj::Promise<void> Hub::Extract(const Peer& peer, int tenant, ExtractCall context
   auto request = context.getParams().getRequest();
   auto source = request.getSource();
   if (source.isImage() && source.getImage().getConfig().size() > kMaxConfigBytes) {
-    answer(Failed(FailureKind::kUsage,
-                  fmt::format("image config over {} bytes", kMaxConfigBytes)));
+    answer(Failed(FailureKind::kUsage, fmt::format("image config over {} bytes", kMaxConfigBytes)));
     return kj::READY_NOW;
   }
   // Every Fd capability, in order: the layers (or the archive), then the
@@ -853,11 +826,10 @@ kj::Promise<void> Hub::Extract(const Peer& peer, int tenant, ExtractCall context
   using Fds = kj::Maybe<kj::Array<kj::Maybe<int>>>;
   return kj::joinPromises(fd_promises.releaseAsArray())
       .then([](kj::Array<kj::Maybe<int>> got) -> Fds { return kj::mv(got); })
-      .exclusiveJoin(io_.provider->getTimer().afterDelay(kFdWait).then([]() -> Fds {
-        return nullptr;
-      }))
-      .then([this, peer, tenant, index, context, unpend, busy](
-                Fds got) mutable -> kj::Promise<void> {
+      .exclusiveJoin(
+          io_.provider->getTimer().afterDelay(kFdWait).then([]() -> Fds { return nullptr; }))
+      .then([this, peer, tenant, index, context, unpend,
+             busy](Fds got) mutable -> kj::Promise<void> {
         unpend->Release();
         const std::string& name = TenantName(tenant);
         auto refuse = [&](ExtractResult failed) {
@@ -867,13 +839,17 @@ kj::Promise<void> Hub::Extract(const Peer& peer, int tenant, ExtractCall context
           return kj::Promise<void>(kj::READY_NOW);
         };
         std::vector<int> fds;
-        KJ_IF_MAYBE(array, got) {
+        KJ_IF_MAYBE (array, got) {
           for (auto& m : *array) {
-            KJ_IF_MAYBE(fd, m) { fds.push_back(*fd); }
-            else { fds.push_back(-1); }
+            KJ_IF_MAYBE (fd, m) {
+              fds.push_back(*fd);
+            } else {
+              fds.push_back(-1);
+            }
           }
         } else {
-          return refuse(Failed(FailureKind::kUsage, "the request's file descriptors did not arrive"));
+          return refuse(
+              Failed(FailureKind::kUsage, "the request's file descriptors did not arrive"));
         }
         if (draining_) return busy("busy: the service is shutting down");
         if (std::string why = Admission(index); !why.empty()) return busy(std::move(why));
@@ -884,8 +860,8 @@ kj::Promise<void> Hub::Extract(const Peer& peer, int tenant, ExtractCall context
         // extractor's pipes and sockets when it runs.
         size_t cost = job->fds.size() + 8;
         if (fds_held_ + cost > fd_budget_) {
-          return busy(fmt::format("busy: the service holds {} files (its budget is {})",
-                                  fds_held_, fd_budget_));
+          return busy(fmt::format("busy: the service holds {} files (its budget is {})", fds_held_,
+                                  fd_budget_));
         }
         job->fd_cost = cost;
         fds_held_ += cost;
@@ -907,7 +883,7 @@ kj::Promise<void> Hub::Extract(const Peer& peer, int tenant, ExtractCall context
         Dispatch();
         if (!ref.running) {
           // Tell the client it waits.
-          KJ_IF_MAYBE(sink, ref.sink) {
+          KJ_IF_MAYBE (sink, ref.sink) {
             auto req = sink->eventRequest();
             req.getEvent().setQueued(true);
             tasks_.add(req.send().catch_([](kj::Exception&&) {}));
@@ -917,8 +893,7 @@ kj::Promise<void> Hub::Extract(const Peer& peer, int tenant, ExtractCall context
         // disconnect), Abandon stops the job.
         return paf.promise.attach(kj::defer([this, id]() { Abandon(id); }))
             .then([context](JobOutcome outcome) mutable {
-              FillResult(context.getResults().initResult(), outcome.result,
-                         outcome.queued_seconds);
+              FillResult(context.getResults().initResult(), outcome.result, outcome.queued_seconds);
             });
       });
 }
@@ -971,7 +946,8 @@ void Hub::Start(Job& job) {
       } catch (const std::exception& e) {
         job.shared->result.emplace(detail::MakePublicError(FailureKind::kInternal, e.what()));
       } catch (...) {
-        job.shared->result.emplace(detail::MakePublicError(FailureKind::kInternal, "unknown error"));
+        job.shared->result.emplace(
+            detail::MakePublicError(FailureKind::kInternal, "unknown error"));
       }
       (*fulfiller)->fulfill();
     });
@@ -1065,8 +1041,7 @@ void Hub::Ended(uint64_t id) {
   }
   if (job.waiter) SendProgress(job);  // the last event
   if (job.waiter && job.waiter->isWaiting()) {
-    job.waiter->fulfill(
-        JobOutcome{std::move(result), (job.started_ns - job.accepted_ns) / 1e9});
+    job.waiter->fulfill(JobOutcome{std::move(result), (job.started_ns - job.accepted_ns) / 1e9});
   }
   Erase(it);
   Dispatch();
@@ -1097,7 +1072,9 @@ void Hub::Abandon(uint64_t id) {
 void Hub::SendProgress(Job& job) {
   if (job.sending) return;
   rpc::ProgressSink::Client* sink = nullptr;
-  KJ_IF_MAYBE(s, job.sink) { sink = s; }
+  KJ_IF_MAYBE (s, job.sink) {
+    sink = s;
+  }
   if (sink == nullptr) return;
   std::optional<Progress> p;
   {
@@ -1127,22 +1104,25 @@ void Hub::SendProgress(Job& job) {
 }
 
 kj::Promise<void> Hub::Tick() {
-  return io_.provider->getTimer().afterDelay(100 * kj::MILLISECONDS).then([this]() -> kj::Promise<void> {
-    for (auto& [id, job] : jobs_) {
-      if (job->running && job->waiter) SendProgress(*job);
-    }
-    if (!draining_ && options_.stop != nullptr && options_.stop->cancelled()) BeginStop("stop token");
-    if (draining_ && sandbox::MonotonicNs() >= stop_deadline_ns_) {
-      for (auto& [id, job] : jobs_) {
-        if (job->running && !job->shared->cancel.cancelled()) {
-          Log(LogLevel::kWarn, "service", tenants_[job->tenant].config->name, id,
-              "shutdown grace is over: cancelling");
-          job->shared->cancel.Cancel();
+  return io_.provider->getTimer()
+      .afterDelay(100 * kj::MILLISECONDS)
+      .then([this]() -> kj::Promise<void> {
+        for (auto& [id, job] : jobs_) {
+          if (job->running && job->waiter) SendProgress(*job);
         }
-      }
-    }
-    return Tick();
-  });
+        if (!draining_ && options_.stop != nullptr && options_.stop->cancelled())
+          BeginStop("stop token");
+        if (draining_ && sandbox::MonotonicNs() >= stop_deadline_ns_) {
+          for (auto& [id, job] : jobs_) {
+            if (job->running && !job->shared->cancel.cancelled()) {
+              Log(LogLevel::kWarn, "service", tenants_[job->tenant].config->name, id,
+                  "shutdown grace is over: cancelling");
+              job->shared->cancel.Cancel();
+            }
+          }
+        }
+        return Tick();
+      });
 }
 
 void Hub::BeginStop(const char* why) {
@@ -1170,10 +1150,10 @@ void Hub::BeginStop(const char* why) {
     --queued_;
     counters_[t.config->name].jobs["cancelled"]++;
     if (job.waiter && job.waiter->isWaiting()) {
-      job.waiter->fulfill(JobOutcome{
-          Failed(FailureKind::kCancelled,
-                 "cancelled: the service is shutting down (the job was queued)"),
-          0});
+      job.waiter->fulfill(
+          JobOutcome{Failed(FailureKind::kCancelled,
+                            "cancelled: the service is shutting down (the job was queued)"),
+                     0});
     }
     Erase(jobs_.find(id));
   }
@@ -1201,8 +1181,8 @@ kj::Promise<void> Hub::Run() {
   if (options_.ready) options_.ready();
   Log(LogLevel::kInfo, "service", "", 0,
       fmt::format("listening on {}: {} tenants, max_concurrent_jobs={}, queue_limit={}",
-                  options_.socket.empty() ? "the systemd socket" : options_.socket,
-                  tenants_.size(), max_concurrent_, config_.queue_limit));
+                  options_.socket.empty() ? "the systemd socket" : options_.socket, tenants_.size(),
+                  max_concurrent_, config_.queue_limit));
   return kj::mv(paf.promise);
 }
 
@@ -1244,7 +1224,8 @@ void Hub::FillStatus(const Peer& peer, int tenant, rpc::ServiceStatus::Builder o
     out.setQueued(queued_);
   } else {  // a tenant sees its own load, not the others'
     out.setRunning(tenant < 0 ? 0 : tenants_[static_cast<size_t>(tenant)].running);
-    out.setQueued(tenant < 0 ? 0 : static_cast<uint32_t>(tenants_[static_cast<size_t>(tenant)].queue.size()));
+    out.setQueued(
+        tenant < 0 ? 0 : static_cast<uint32_t>(tenants_[static_cast<size_t>(tenant)].queue.size()));
   }
   out.setDraining(draining_);
   out.setVersion(Version());
@@ -1289,9 +1270,11 @@ std::string Hub::Metrics() const {
     std::function<double(const Counters&)> get;
   };
   for (const Sum& sum : {
-           Sum{"layerx_input_bytes_total", "counter", "Layer blob bytes read by jobs that succeeded.",
+           Sum{"layerx_input_bytes_total", "counter",
+               "Layer blob bytes read by jobs that succeeded.",
                [](const Counters& c) { return double(c.input_bytes); }},
-           Sum{"layerx_tar_bytes_total", "counter", "Uncompressed tar bytes of jobs that succeeded.",
+           Sum{"layerx_tar_bytes_total", "counter",
+               "Uncompressed tar bytes of jobs that succeeded.",
                [](const Counters& c) { return double(c.tar_bytes); }},
            Sum{"layerx_entries_total", "counter", "Paths in the images of jobs that succeeded.",
                [](const Counters& c) { return double(c.entries); }},
@@ -1307,7 +1290,8 @@ std::string Hub::Metrics() const {
   }
   head("layerx_jobs_running", "gauge", "Jobs running now, by tenant.");
   for (const TenantState& t : tenants_) {
-    out += fmt::format("layerx_jobs_running{{tenant=\"{}\"}} {}\n", label(t.config->name), t.running);
+    out +=
+        fmt::format("layerx_jobs_running{{tenant=\"{}\"}} {}\n", label(t.config->name), t.running);
   }
   head("layerx_jobs_queued", "gauge", "Jobs waiting for a slot, by tenant.");
   for (const TenantState& t : tenants_) {

@@ -3,21 +3,21 @@
 // the caller's own credentials, and only open descriptors cross the socket.
 // Outputs are unnamed files (O_TMPFILE) in their target dir, linked into place
 // when the service reports success: a client that dies leaves nothing.
+#include <capnp/rpc-twoparty.h>
 #include <fcntl.h>
+#include <kj/async-io.h>
+#include <kj/debug.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
-
-#include <capnp/rpc-twoparty.h>
-#include <kj/async-io.h>
-#include <kj/debug.h>
 
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "broker/api_internal.h"
 #include "broker/service.capnp.h"
+#include "broker/service_wire.h"
 #include "sandbox/sys.h"
 
 namespace layerx {
@@ -72,8 +72,8 @@ class ClientOutput {
     path_ = path;
     name_ = p.filename().string();
     std::string dir = p.parent_path().string();
-    LX_ASSIGN_OR_RETURN(dir_, sandbox::OpenAt(AT_FDCWD, dir.empty() ? "." : dir,
-                                              O_RDONLY | O_DIRECTORY));
+    LX_ASSIGN_OR_RETURN(dir_,
+                        sandbox::OpenAt(AT_FDCWD, dir.empty() ? "." : dir, O_RDONLY | O_DIRECTORY));
     auto fd = sandbox::OpenAt(dir_.get(), ".", O_TMPFILE | O_WRONLY, 0644);
     if (!fd && (fd.error().err() == EOPNOTSUPP || fd.error().err() == EISDIR)) {
       // No O_TMPFILE here: a named temp, removed unless committed.
@@ -129,37 +129,11 @@ Result<UniqueFd> ConnectTo(const std::string& path) {
   return sock;
 }
 
-FailureKind PublicKindOf(rpc::FailureKind kind) {
-  switch (kind) {
-    case rpc::FailureKind::REFUSED:
-      return FailureKind::kRefused;
-    case rpc::FailureKind::INVALID_INPUT:
-      return FailureKind::kInvalidInput;
-    case rpc::FailureKind::INTEGRITY:
-      return FailureKind::kIntegrity;
-    case rpc::FailureKind::SANDBOX:
-      return FailureKind::kSandbox;
-    case rpc::FailureKind::IO:
-      return FailureKind::kIo;
-    case rpc::FailureKind::USAGE:
-      return FailureKind::kUsage;
-    case rpc::FailureKind::CANCELLED:
-      return FailureKind::kCancelled;
-    case rpc::FailureKind::BUSY:
-      return FailureKind::kBusy;
-    case rpc::FailureKind::UNAUTHORIZED:
-      return FailureKind::kUnauthorized;
-    case rpc::FailureKind::INTERNAL:
-      break;
-  }
-  return FailureKind::kInternal;
-}
-
 ExtractResult FromWire(rpc::Result::Reader result) {
   if (result.isFailure()) {
     auto f = result.getFailure();
     ExtractError e;
-    e.kind = PublicKindOf(f.getKind());
+    e.kind = PublicKind(f.getKind());
     e.message = f.getMessage();
     e.layer_index = f.getLayerIndex();
     e.layer = f.getLayer();
@@ -206,9 +180,9 @@ ExtractError ServiceError(const std::string& socket, const kj::Exception& e) {
   // "remote exception: unauthorized: ..." is the service's own answer.
   constexpr std::string_view kRemote = "remote exception: ";
   if (what.rfind(kRemote, 0) == 0) what.erase(0, kRemote.size());
-  FailureKind kind = what.rfind("unauthorized", 0) == 0 ? FailureKind::kUnauthorized
+  FailureKind kind = what.rfind("unauthorized", 0) == 0                 ? FailureKind::kUnauthorized
                      : e.getType() == kj::Exception::Type::DISCONNECTED ? FailureKind::kIo
-                                                                          : FailureKind::kInternal;
+                                                                        : FailureKind::kInternal;
   if (e.getType() == kj::Exception::Type::DISCONNECTED) {
     what = "the service closed the connection (" + what + ")";
   }
@@ -241,16 +215,17 @@ ExtractResult RunRemote(const ExtractRequest& request) {
         "service's user): ask for an ext4 image or a manifest"));
   }
   if (!request.policy_file.empty() || !request.policy_toml.empty()) {
-    return ExtractResult(MakePublicError(
-        FailureKind::kUsage, "the service applies its policy for your tenant: no policy "
-                             "file or text with a service connection"));
+    return ExtractResult(
+        MakePublicError(FailureKind::kUsage,
+                        "the service applies its policy for your tenant: no policy "
+                        "file or text with a service connection"));
   }
   if (request.sources.empty()) {
     return ExtractResult(MakePublicError(FailureKind::kUsage, "no layers given"));
   }
   if (request.ext4.empty() && request.manifest.empty() && request.config.empty()) {
-    return ExtractResult(MakePublicError(FailureKind::kUsage,
-                                         "nothing to write: give --ext4 or --manifest"));
+    return ExtractResult(
+        MakePublicError(FailureKind::kUsage, "nothing to write: give --ext4 or --manifest"));
   }
   auto platform = detail::ParsePlatform(request.platform);
   if (!platform) return ExtractResult(PublicError(platform.error()));
@@ -272,7 +247,8 @@ ExtractResult RunRemote(const ExtractRequest& request) {
   broker::ResolvedImage image;
   if (docker) {
     if (Status s = open_input(-1, docker->file); !s) {
-      return ExtractResult(PublicError(std::move(s).error().With("docker-archive {:?}", docker->file)));
+      return ExtractResult(
+          PublicError(std::move(s).error().With("docker-archive {:?}", docker->file)));
     }
   } else {
     auto resolved = broker::ResolveSources(request.sources, *platform);
@@ -298,8 +274,8 @@ ExtractResult RunRemote(const ExtractRequest& request) {
   try {
     auto io = kj::setupAsyncIo();
     auto stream = io.lowLevelProvider->wrapUnixSocketFd(
-        sock->release(), kj::LowLevelAsyncIoProvider::TAKE_OWNERSHIP |
-                             kj::LowLevelAsyncIoProvider::ALREADY_CLOEXEC);
+        sock->release(),
+        kj::LowLevelAsyncIoProvider::TAKE_OWNERSHIP | kj::LowLevelAsyncIoProvider::ALREADY_CLOEXEC);
     capnp::TwoPartyClient client(*stream, kMaxFdsPerMessage);
     auto service = client.bootstrap().castAs<rpc::Service>();
     auto call = service.extractRequest();
@@ -344,9 +320,9 @@ ExtractResult RunRemote(const ExtractRequest& request) {
     req.setLayerTimeoutMs(request.layer_timeout_ms);
     req.setJobTimeoutMs(request.job_timeout_ms);
 
-    auto response = WaitOrCancel(call.send().then([](auto r) { return kj::mv(r); }),
-                                 request.cancel, io);
-    KJ_IF_MAYBE(r, response) {
+    auto response =
+        WaitOrCancel(call.send().then([](auto r) { return kj::mv(r); }), request.cancel, io);
+    KJ_IF_MAYBE (r, response) {
       ExtractResult result = FromWire(r->getResult());
       if (!result.ok()) return result;
       for (ClientOutput* out : {&ext4, &manifest, &config}) {
@@ -367,10 +343,10 @@ ExtractResult RunRemote(const ExtractRequest& request) {
 }
 
 std::string StatusText(rpc::ServiceStatus::Reader s) {
-  std::string out = fmt::format(
-      "layerx serve {}, up {:.0f} s{}: {} of {} slots running, {} queued\n",
-      s.getVersion().cStr(), s.getUptimeSeconds(), s.getDraining() ? ", stopping" : "",
-      s.getRunning(), s.getMaxConcurrent(), s.getQueued());
+  std::string out =
+      fmt::format("layerx serve {}, up {:.0f} s{}: {} of {} slots running, {} queued\n",
+                  s.getVersion().cStr(), s.getUptimeSeconds(), s.getDraining() ? ", stopping" : "",
+                  s.getRunning(), s.getMaxConcurrent(), s.getQueued());
   out += fmt::format("\n{:<24} {:>8} {:>8} {:>15} {:>11}\n", "TENANT", "RUNNING", "QUEUED",
                      "MAX_CONCURRENT", "MAX_QUEUED");
   for (auto t : s.getTenants()) {
@@ -391,14 +367,11 @@ std::string StatusText(rpc::ServiceStatus::Reader s) {
 }
 
 std::string StatusJson(rpc::ServiceStatus::Reader s) {
-  nlohmann::json out = {{"version", s.getVersion().cStr()},
-                        {"uptime_seconds", s.getUptimeSeconds()},
-                        {"draining", s.getDraining()},
-                        {"max_concurrent", s.getMaxConcurrent()},
-                        {"running", s.getRunning()},
-                        {"queued", s.getQueued()},
-                        {"tenants", nlohmann::json::array()},
-                        {"jobs", nlohmann::json::array()}};
+  nlohmann::json out = {
+      {"version", s.getVersion().cStr()},   {"uptime_seconds", s.getUptimeSeconds()},
+      {"draining", s.getDraining()},        {"max_concurrent", s.getMaxConcurrent()},
+      {"running", s.getRunning()},          {"queued", s.getQueued()},
+      {"tenants", nlohmann::json::array()}, {"jobs", nlohmann::json::array()}};
   for (auto t : s.getTenants()) {
     out["tenants"].push_back({{"name", t.getName().cStr()},
                               {"running", t.getRunning()},
@@ -440,8 +413,8 @@ bool QueryService(const std::string& socket, ServiceQuery query, std::string* ou
   try {
     auto io = kj::setupAsyncIo();
     auto stream = io.lowLevelProvider->wrapUnixSocketFd(
-        sock->release(), kj::LowLevelAsyncIoProvider::TAKE_OWNERSHIP |
-                             kj::LowLevelAsyncIoProvider::ALREADY_CLOEXEC);
+        sock->release(),
+        kj::LowLevelAsyncIoProvider::TAKE_OWNERSHIP | kj::LowLevelAsyncIoProvider::ALREADY_CLOEXEC);
     capnp::TwoPartyClient client(*stream, kMaxFdsPerMessage);
     auto service = client.bootstrap().castAs<rpc::Service>();
     if (query == ServiceQuery::kMetrics) {

@@ -157,10 +157,10 @@ class ServiceTest : public ::testing::Test {
         .File("etc/greeting", "hello\n")
         .File("usr/bin/sudo", "pretend\n", 04755)
         .File("stale", "x");
-    testing::LayerWriter(In("l2.tar.zst"), "zstd")
-        .File("etc/motd", "motd\n")
-        .Whiteout("", "stale");
-    testing::LayerWriter(In("l3.tar")).Fifo("run/pipe").File("home/user/.profile", "", 0600, 1000, 1000);
+    testing::LayerWriter(In("l2.tar.zst"), "zstd").File("etc/motd", "motd\n").Whiteout("", "stale");
+    testing::LayerWriter(In("l3.tar"))
+        .Fifo("run/pipe")
+        .File("home/user/.profile", "", 0600, 1000, 1000);
     for (const char* f : {"l1.tar.gz", "l2.tar.zst", "l3.tar"}) ::chmod(In(f).c_str(), 0644);
   }
 
@@ -180,8 +180,8 @@ class ServiceTest : public ::testing::Test {
   std::string Socket() const { return dir_ + "/sock"; }
 
   // Starts `layerx serve` with these tenants (TOML) and [service] keys.
-  void StartService(const std::string& tenants, const std::string& service_keys = "",
-                    int uid = -1, bool activated = false) {
+  void StartService(const std::string& tenants, const std::string& service_keys = "", int uid = -1,
+                    bool activated = false) {
     std::string config = dir_ + "/serve.toml";
     std::ofstream(config) << "[service]\nscratch_dir = \"" << dir_ << "/scratch\"\n"
                           << service_keys << "\n"
@@ -284,22 +284,25 @@ class ServiceTest : public ::testing::Test {
   }
   // Nothing of a job left behind: no work dir, no extractor, no mkfs.
   void ExpectServiceClean() {
-    EXPECT_TRUE(WaitFor([](const nlohmann::json& s) { return s["running"] == 0 && s["queued"] == 0; }, 10));
+    EXPECT_TRUE(
+        WaitFor([](const nlohmann::json& s) { return s["running"] == 0 && s["queued"] == 0; }, 10));
     auto end = Clock::now() + std::chrono::seconds(5);
-    while (Clock::now() < end && (CountEntries(dir_ + "/scratch") != 0 || ChildrenOf(service_) != 0)) {
+    while (Clock::now() < end &&
+           (CountEntries(dir_ + "/scratch") != 0 || ChildrenOf(service_) != 0)) {
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
     EXPECT_EQ(CountEntries(dir_ + "/scratch"), 0) << "a work dir was left";
     EXPECT_EQ(ChildrenOf(service_), 0) << "a child of the service is still around";
   }
 
-  const std::string kTwoTenants =
-      "[[tenant]]\nname = \"alpha\"\nuids = [" + std::to_string(kAlpha) +
-      "]\nmax_concurrent = 1\nmax_queued = 32\n"
-      "[[tenant]]\nname = \"beta\"\nuids = [" + std::to_string(kBeta) + "]\n";
+  const std::string kTwoTenants = "[[tenant]]\nname = \"alpha\"\nuids = [" +
+                                  std::to_string(kAlpha) +
+                                  "]\nmax_concurrent = 1\nmax_queued = 32\n"
+                                  "[[tenant]]\nname = \"beta\"\nuids = [" +
+                                  std::to_string(kBeta) + "]\n";
   // The rootless run: the one uid there is, as a tenant.
-  const std::string kSelf = "[[tenant]]\nname = \"self\"\nuids = [" +
-                            std::to_string(::geteuid()) + "]\nmax_concurrent = 2\nmax_queued = 64\n";
+  const std::string kSelf = "[[tenant]]\nname = \"self\"\nuids = [" + std::to_string(::geteuid()) +
+                            "]\nmax_concurrent = 2\nmax_queued = 64\n";
 
   std::string dir_, log_;
   pid_t service_ = -1;
@@ -351,7 +354,8 @@ TEST_F(ServiceTest, OciLayoutAndConfigOutput) {
   std::ofstream(blob, std::ios::app) << "tampered";
   pid_t bad = Client(-1, {"oci:" + oci.dir() + ":v1"}, "bad");
   EXPECT_EQ(Wait(bad), 1);
-  EXPECT_NE(ReadFile(Out("bad.log")).find("layer 2"), std::string::npos) << ReadFile(Out("bad.log"));
+  EXPECT_NE(ReadFile(Out("bad.log")).find("layer 2"), std::string::npos)
+      << ReadFile(Out("bad.log"));
   EXPECT_EQ(::access(Out("bad.img").c_str(), F_OK), -1);
   EXPECT_EQ(::access(Out("bad.jsonl").c_str(), F_OK), -1);
   ExpectServiceClean();
@@ -379,7 +383,8 @@ TEST_F(ServiceTest, UnknownUidIsRefusedBeforeAnyWork) {
 // A tenant at its concurrency limit with no queue gets "busy" at once (exit
 // 75); its running job is untouched and finishes.
 TEST_F(ServiceTest, TenantOverItsLimitIsBusy) {
-  StartService("[[tenant]]\nname = \"one\"\nuids = [" + std::to_string(Root() ? kAlpha : ::geteuid()) +
+  StartService("[[tenant]]\nname = \"one\"\nuids = [" +
+               std::to_string(Root() ? kAlpha : ::geteuid()) +
                "]\nmax_concurrent = 1\nmax_queued = 0\n");
   int uid = Root() ? static_cast<int>(kAlpha) : -1;
   std::string fifo = MakeFifo("slow.tar.gz");
@@ -408,7 +413,8 @@ TEST_F(ServiceTest, QueuedJobsAreServedRoundRobinAcrossTenants) {
   pid_t holder = Client(kAlpha, {fifo}, "hold");
   ASSERT_TRUE(WaitFor([](const nlohmann::json& s) { return s["running"] == 1; }));
   std::vector<pid_t> a;
-  for (int i = 0; i < 20; ++i) a.push_back(Client(kAlpha, {In("l1.tar.gz")}, "a" + std::to_string(i)));
+  for (int i = 0; i < 20; ++i)
+    a.push_back(Client(kAlpha, {In("l1.tar.gz")}, "a" + std::to_string(i)));
   ASSERT_TRUE(WaitFor([](const nlohmann::json& s) { return s["queued"] == 20; }));
   pid_t b = Client(kBeta, {In("l1.tar.gz")}, "b");
   ASSERT_TRUE(WaitFor([](const nlohmann::json& s) { return s["queued"] == 21; }));
@@ -439,7 +445,8 @@ TEST_F(ServiceTest, ClientDisconnectCancelsItsJob) {
   int hold = Hold(fifo, In("l1.tar.gz"), 100);  // part of the layer; the extractor waits for more
   ASSERT_TRUE(WaitFor([](const nlohmann::json& s) { return s["running"] == 1; }));
   auto end = Clock::now() + std::chrono::seconds(10);
-  while (ChildrenOf(service_) == 0 && Clock::now() < end) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  while (ChildrenOf(service_) == 0 && Clock::now() < end)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
   ASSERT_GE(ChildrenOf(service_), 1) << "no extractor running";
   ::kill(c, SIGKILL);
   Wait(c);
@@ -466,7 +473,8 @@ TEST_F(ServiceTest, InterruptedClientCancelsItsJob) {
   ASSERT_TRUE(WaitFor([](const nlohmann::json& s) { return s["running"] == 1; }));
   ::kill(c, SIGINT);
   EXPECT_EQ(Wait(c, 10), 1);
-  EXPECT_NE(ReadFile(Out("int.log")).find("interrupted"), std::string::npos) << ReadFile(Out("int.log"));
+  EXPECT_NE(ReadFile(Out("int.log")).find("interrupted"), std::string::npos)
+      << ReadFile(Out("int.log"));
   ExpectServiceClean();
   ::close(hold);
   EXPECT_EQ(CountEntries(dir_ + "/out"), 1);
@@ -608,7 +616,8 @@ class RawClient {
     addr.sun_family = AF_UNIX;
     std::memcpy(addr.sun_path, socket.data(), socket.size());
     EXPECT_EQ(::connect(fd, reinterpret_cast<struct sockaddr*>(&addr), sizeof(addr)), 0);
-    stream_ = io_.lowLevelProvider->wrapUnixSocketFd(fd, kj::LowLevelAsyncIoProvider::TAKE_OWNERSHIP);
+    stream_ =
+        io_.lowLevelProvider->wrapUnixSocketFd(fd, kj::LowLevelAsyncIoProvider::TAKE_OWNERSHIP);
     client_ = kj::heap<capnp::TwoPartyClient>(*stream_, 16);
   }
   class FdCap final : public service::Fd::Server {
@@ -675,10 +684,14 @@ TEST_F(ServiceTest, OnlyReadableInputsAndEmptyWritableOutputsAreTaken) {
   {
     // (Its kj event loop must be gone before the library makes its own.)
     RawClient raw(Socket());
-    EXPECT_NE(raw.Extract(path_only, output).find("layer: not opened for reading"), std::string::npos);
-    EXPECT_NE(raw.Extract(write_only_in, output).find("layer: not opened for reading"), std::string::npos);
-    EXPECT_NE(raw.Extract(dir, output).find("layer: not a regular file or a pipe"), std::string::npos);
-    EXPECT_NE(raw.Extract(-1, output).find("layer: no file descriptor came with it"), std::string::npos);
+    EXPECT_NE(raw.Extract(path_only, output).find("layer: not opened for reading"),
+              std::string::npos);
+    EXPECT_NE(raw.Extract(write_only_in, output).find("layer: not opened for reading"),
+              std::string::npos);
+    EXPECT_NE(raw.Extract(dir, output).find("layer: not a regular file or a pipe"),
+              std::string::npos);
+    EXPECT_NE(raw.Extract(-1, output).find("layer: no file descriptor came with it"),
+              std::string::npos);
     EXPECT_NE(raw.Extract(readable, read_only_out).find("ext4 output: not opened for writing"),
               std::string::npos);
     EXPECT_NE(raw.Extract(readable, append_out).find("not opened for writing"), std::string::npos);
@@ -691,7 +704,8 @@ TEST_F(ServiceTest, OnlyReadableInputsAndEmptyWritableOutputsAreTaken) {
     ASSERT_EQ(::fstat(output, &st), 0);
     EXPECT_GT(st.st_size, 0);
   }
-  for (int fd : {readable, path_only, write_only_in, dir, output, read_only_out, append_out, full}) {
+  for (int fd :
+       {readable, path_only, write_only_in, dir, output, read_only_out, append_out, full}) {
     ::close(fd);
   }
   ExpectServiceClean();
@@ -759,9 +773,10 @@ TEST_F(ServiceTest, PendingRequestsCountAgainstTheQueue) {
     auto second = raw.ExtractPending(out2);
     std::string answer = second.wait(raw.wait_scope());
     EXPECT_NE(answer.find("busy: tenant t has 0 jobs running (max_concurrent=1) and 1 queued"),
-              std::string::npos) << answer;
+              std::string::npos)
+        << answer;
     EXPECT_FALSE(first.poll(raw.wait_scope()));  // still waiting for its fd
-  }  // the client goes: its pending call with it
+  }                                              // the client goes: its pending call with it
   ::close(out1);
   ::close(out2);
   pid_t c = Client(-1, Layers(), "after");
@@ -851,11 +866,12 @@ TEST_F(ServiceTest, Soak200JobsFrom8Clients) {
   uint64_t rss_end = RssKib(service_);
   std::sort(latencies.begin(), latencies.end());
   auto pct = [&](double p) { return latencies[static_cast<size_t>(p * (latencies.size() - 1))]; };
-  std::printf("soak: %d jobs from %d clients; %.1f jobs/s after warm-up; latency p50 %.0f ms, "
-              "p99 %.0f ms; service RSS %llu KiB at start of the measured run, %llu KiB at end\n",
-              kClients * kJobsEach, kClients,
-              (kClients * (kJobsEach - kWarmup)) / seconds, pct(0.5), pct(0.99),
-              static_cast<unsigned long long>(rss_warm), static_cast<unsigned long long>(rss_end));
+  std::printf(
+      "soak: %d jobs from %d clients; %.1f jobs/s after warm-up; latency p50 %.0f ms, "
+      "p99 %.0f ms; service RSS %llu KiB at start of the measured run, %llu KiB at end\n",
+      kClients * kJobsEach, kClients, (kClients * (kJobsEach - kWarmup)) / seconds, pct(0.5),
+      pct(0.99), static_cast<unsigned long long>(rss_warm),
+      static_cast<unsigned long long>(rss_end));
   EXPECT_LT(rss_end, rss_warm + kRssSlackKib) << "service memory grew";
   std::string metrics = Metrics();
   EXPECT_NE(metrics.find(fmt::format("layerx_jobs_total{{tenant=\"soak\",outcome=\"ok\"}} {}",
