@@ -236,8 +236,8 @@ ExtractReport PublicReport(const broker::JobReport& job) {
     out.ext4 = Ext4Summary{.size_bytes = job.ext4->plan.size_bytes,
                            .content_bytes = job.ext4->plan.content_bytes,
                            .inodes = job.ext4->plan.inodes,
-                           .mkfs_ms = job.ext4->mkfs_ns / 1e6,
-                           .ownership_pass_ms = job.ext4->pass_ns / 1e6};
+                           .dead_bytes = job.ext4->plan.dead_bytes,
+                           .build_ms = job.ext4->build_ns / 1e6};
   }
   return out;
 }
@@ -339,8 +339,8 @@ std::string ToJson(const ExtractReport& report) {
     out["ext4"] = {{"size_bytes", report.ext4->size_bytes},
                    {"content_bytes", report.ext4->content_bytes},
                    {"inodes", report.ext4->inodes},
-                   {"mkfs_ms", report.ext4->mkfs_ms},
-                   {"ownership_pass_ms", report.ext4->ownership_pass_ms}};
+                   {"dead_bytes", report.ext4->dead_bytes},
+                   {"build_ms", report.ext4->build_ms}};
   }
   out["layers"] = nlohmann::ordered_json::array();
   for (const LayerSummary& l : report.layers) {

@@ -1,9 +1,16 @@
-// The ext4 image: e2fsprogs' `mkfs.ext4 -d` copies the merged tree (no mount, no
-// loop device, no root), then one pass through libext2fs gives every inode its
-// true metadata from the ImageTree: uid/gid (32-bit), full mode incl. setuid,
-// atime/mtime/ctime with nanoseconds, exactly the layers' xattrs (file
-// capabilities, user.*, ACLs), and the device nodes a user namespace could not
-// make. Names are bytes throughout; nothing goes through a text command language.
+// The ext4 image, built with libext2fs straight from the merged records. The
+// jailed extractors already wrote every regular file's bytes into the image
+// file, block-aligned from Ext4DataStart() on (sandbox/jail_config.h, DataMode
+// kImage), and their records say where (checked by ImageTree). The build only
+// adds the metadata around that data: a superblock and groups sized from the
+// tree, every inode with its true uid/gid (32-bit), mode (setuid included),
+// times with nanoseconds and xattrs (file capabilities, user.*, ACLs) at
+// creation, extents pointing at the data where it stands, directories
+// assembled in memory and written whole, symlinks fast and slow, device nodes,
+// fifos, hardlinks as one inode, lost+found and a journal. The blocks of data
+// no live file uses (a later layer removed or replaced it) are punched out.
+// No program runs, and no file of the work tree is opened: names are bytes
+// throughout and nothing goes through a text command language.
 #pragma once
 
 #include <atomic>
@@ -30,36 +37,41 @@ struct Ext4Options {
   std::string seed;  // e.g. the layers' digests; only used when reproducible
 };
 
-struct Ext4Plan {
-  uint64_t content_bytes = 0;  // file data, as the tree says
-  uint64_t inodes = 0;         // distinct inodes in the tree
-  uint64_t size_bytes = 0;     // the image size to make
-  uint64_t inode_count = 0;    // -N for mkfs
-};
+// kPolicy for what no image could be made with (a block size, a label, a
+// UUID): checked before any layer runs.
+Status CheckExt4Options(const Ext4Options& options);
 
-// Sizes the image from the merged metadata: data blocks, directory blocks,
-// long symlinks, xattr blocks, inode tables, the journal mkfs will add, with
-// modest headroom. A given size smaller than the content needs is kPolicy.
-Result<Ext4Plan> PlanExt4(const ImageTree& tree, const Ext4Options& options);
+// The first byte of the image file the layers' data may use: past the
+// superblock and the largest group descriptor table an image of at most
+// `max_data_bytes` of file data (or of options.size_bytes) could need.
+uint64_t Ext4DataStart(const Ext4Options& options, uint64_t max_data_bytes);
+
+struct Ext4Plan {
+  uint64_t content_bytes = 0;  // file data of the live files
+  uint64_t inodes = 0;         // distinct inodes in the tree
+  uint64_t size_bytes = 0;     // the image size
+  uint64_t inode_count = 0;    // inodes the filesystem has room for
+  uint64_t dead_bytes = 0;     // data written by a layer and dropped since (punched out)
+};
 
 struct Ext4Report {
   Ext4Plan plan;
-  int64_t mkfs_ns = 0;
-  int64_t pass_ns = 0;
+  int64_t build_ns = 0;
 };
 
-// Stops a tool the build runs (mkfs): a cancel flag and a monotonic deadline.
-struct ToolControl {
+// Stops the build: a cancel flag and a monotonic deadline, looked at between
+// inodes.
+struct BuildControl {
   const std::atomic<bool>* cancel = nullptr;
   int64_t deadline_ns = 0;  // 0: none
 };
 
-// Builds `image_path` (which must not exist; the caller renames it into place)
-// from the tree on disk at `rootfs_path` (the work rootfs, as the extractors
-// left it) and the metadata in `tree`. Rootless, mkfs runs in a user namespace
-// where the caller is root over its own files, so modes like 0000 copy too.
-Result<Ext4Report> BuildExt4(const std::string& rootfs_path, const ImageTree& tree,
-                             const Ext4Plan& plan, const Ext4Options& options,
-                             const std::string& image_path, const ToolControl& control = {});
+// Builds the filesystem into `image_fd` (borrowed, open read-write; the layers'
+// data stands in it from `data_start` on) from `tree`. The file ends up exactly
+// the image's size. Errors: kPolicy (a given size or inode ratio too small),
+// kLimitExceeded (more links to one inode than ext4 holds), kPeer (records whose
+// data overlaps another live file's: a lying extractor), kOs.
+Result<Ext4Report> BuildExt4(int image_fd, const ImageTree& tree, uint64_t data_start,
+                             const Ext4Options& options, const BuildControl& control = {});
 
 }  // namespace layerx::broker

@@ -83,10 +83,40 @@ void ImageTree::EraseSubtree(const std::string& path, bool include_self) {
   if (include_self) entries_.erase(path);
 }
 
-void ImageTree::BeginLayer() { this_layer_.clear(); }
+void ImageTree::BeginLayer(DataWindow window) {
+  this_layer_.clear();
+  window_ = window;
+  layer_data_end_ = 0;
+}
+
+// SECURITY: where the extractor says a file's data went is checked as closely as
+// its name: whole blocks, ascending, inside the file's size, and only inside
+// this layer's window of the data fd, where seccomp let it write. Two live
+// files sharing blocks is checked when the image is built (broker/ext4.cc),
+// since only the final tree says which files live.
+Status ImageTree::ValidateExtents(const EntryRecord& r) {
+  if (r.extents.empty()) return {};
+  if (!window_.enabled || r.kind != Kind::kFile) return Fail(Bad("data extents"));
+  const uint64_t bs = window_.block_size;
+  uint64_t next_logical = 0, total = 0;
+  for (const extractor::DataExtent& x : r.extents) {
+    if (x.length == 0 || x.logical % bs != 0 || x.physical % bs != 0 || x.logical < next_logical ||
+        x.physical < window_.start || x.length > r.size || x.logical > r.size - x.length ||
+        x.physical > UINT64_MAX - x.length - bs) {
+      return Fail(Bad(fmt::format("data extent {}+{} at {} of {:?}", x.logical, x.length,
+                                  x.physical, r.path)));
+    }
+    total += x.length;
+    next_logical = (x.logical + x.length + bs - 1) / bs * bs;
+    layer_data_end_ = std::max(layer_data_end_, x.physical + x.length);
+  }
+  if (total > r.size) return Fail(Bad(fmt::format("data extents of {:?}", r.path)));
+  return {};
+}
 
 Status ImageTree::Add(EntryRecord r) {
   LX_TRY(Validate(r));
+  LX_TRY(ValidateExtents(r));
   LX_ASSIGN_OR_RETURN(bool admitted, extractor::ApplyEntryRules(rules_, r));
   if (!admitted) return {};
   // The total is the broker's own count: no extractor can talk it down.

@@ -20,13 +20,23 @@ struct Inode {
   extractor::EntryRecord meta;  // meta.path is the name it was made under
 };
 
+// Where a layer's file data may stand in the data fd (the ext4 image): from
+// `start` on, in whole blocks. Without a window, a record with extents is a lie.
+struct DataWindow {
+  bool enabled = false;
+  uint64_t start = 0;
+  uint32_t block_size = 4096;
+};
+
 class ImageTree : public extractor::RecordSink {
  public:
   explicit ImageTree(const policy::Limits& limits, const policy::EntryRules& rules = {});
 
   // The records that follow are the next layer's (the job calls it before each
   // layer's extractor starts). What came before is "lower" to them.
-  void BeginLayer();
+  void BeginLayer(DataWindow window = {});
+  // The end of the data the current layer's records point at (0: none).
+  uint64_t layer_data_end() const { return layer_data_end_; }
 
   // RecordSink: validate, apply the policy's entry rules (left out, stripped,
   // or kLimitExceeded), then merge. A removal drops the path and everything
@@ -45,12 +55,15 @@ class ImageTree : public extractor::RecordSink {
 
  private:
   Status Validate(const extractor::EntryRecord& r) const;
+  Status ValidateExtents(const extractor::EntryRecord& r);
   void EraseSubtree(const std::string& path, bool include_self);
   Status HideLower(const std::string& dir);
 
   policy::Limits limits_;
   policy::EntryRules rules_;
   uint64_t file_bytes_ = 0;  // all layers: against max_image_bytes
+  DataWindow window_;
+  uint64_t layer_data_end_ = 0;
   std::map<std::string, std::shared_ptr<Inode>> entries_;
   // The names the current layer's records made (per name, not per inode: a
   // link made now to a lower layer's inode is this layer's, its target is

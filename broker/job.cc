@@ -70,8 +70,6 @@ class Workspace {
     LX_TRY(sandbox::MkdirAt(dir_fd_.get(), name, 0700));
     return sandbox::OpenAt(dir_fd_.get(), name, O_PATH | O_DIRECTORY | O_NOFOLLOW);
   }
-  // The work rootfs by path, for tools that take one (mkfs.ext4 -d never follows links).
-  std::string rootfs_path() const { return parent_ + "/" + name_ + "/rootfs"; }
   int dir_fd() const { return dir_fd_.get(); }
   std::string path() const { return parent_ + "/" + name_; }
 
@@ -118,10 +116,10 @@ class PendingOutput {
     out_fd_ = fd;
     return {};
   }
-  Result<UniqueFd> Create() {
-    return sandbox::OpenAt(dir_.get(), temp_, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0644);
+  // The temp file, new (O_EXCL, never a link); `access` O_WRONLY or O_RDWR.
+  Result<UniqueFd> Create(int access = O_WRONLY) {
+    return sandbox::OpenAt(dir_.get(), temp_, access | O_CREAT | O_EXCL | O_NOFOLLOW, 0644);
   }
-  std::string temp_path() const { return dir_path_ + "/" + temp_; }
   Status Commit() {
     if (temp_.empty()) return {};
     if (out_fd_ >= 0) {
@@ -165,6 +163,8 @@ Result<ResolvedImage> StageDockerArchive(const DockerArchiveSpec& spec, Workspac
   ImageTree scratch(ctx.policy->limits, ctx.policy->rules);
   RunContext staging_ctx = ctx;
   staging_ctx.rootfs_fd = staging.get();
+  staging_ctx.data = sandbox::JailData{};  // the archive's files are read back: a real tree
+  staging_ctx.data_fd = -1;
   auto staged = RunLayer(staging_ctx, LayerInput{.index = 0, .path = spec.file, .fd = spec.fd}, scratch);
   if (!staged) return Fail(std::move(staged).error().With("docker-archive {:?}", spec.file));
   auto resolved = ResolveDockerArchive(std::move(staging), spec.ref);
@@ -309,6 +309,32 @@ Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest&
   }
   JobReport report;
   report.manifest_digest = image.manifest_digest;
+
+  // With an ext4 image to make, the jails write every file's data straight
+  // into it (each layer from where the one below it stopped), and the work
+  // tree holds placeholders only, unless a rootfs is wanted too. A manifest
+  // alone needs no data at all.
+  PendingOutput ext4_file, manifest_file, config_file;
+  auto reserve = [&work](PendingOutput& file, const std::optional<OutputPath>& path, int fd,
+                         const char* name) -> Status {
+    if (fd >= 0) return file.ReserveFd(fd, work, name);
+    return file.Reserve(*path);
+  };
+  const bool want_ext4 = ext4_out.has_value() || request.ext4_fd >= 0;
+  UniqueFd image_fd;
+  uint64_t data_start = 0;
+  if (want_ext4) {
+    LX_TRY(reserve(ext4_file, ext4_out, request.ext4_fd, "out.ext4"));
+    LX_ASSIGN_OR_RETURN(image_fd, ext4_file.Create(O_RDWR));
+    data_start = Ext4DataStart(request.ext4_options, request.policy.limits.max_image_bytes);
+    ctx.data_fd = image_fd.get();
+    ctx.data = sandbox::JailData{
+        .mode = rootfs_out ? sandbox::DataMode::kTreeAndImage : sandbox::DataMode::kImage,
+        .block_size = request.ext4_options.block_size,
+        .start = data_start};
+  } else if (!rootfs_out) {
+    ctx.data = sandbox::JailData{.mode = sandbox::DataMode::kDiscard};
+  }
   for (size_t i = 0; i < image.layers.size(); ++i) {
     const LayerSource& source = image.layers[i];
     LayerInput input{
@@ -325,6 +351,7 @@ Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest&
         "layer done: layer={} digest={} entries={} bytes={} setup_ms={:.2f} extract_ms={:.1f}",
         input.index, ShortDigest(layer->compressed_digest), layer->entries, layer->file_bytes,
         layer->setup_ns / 1e6, layer->extract_ns / 1e6);
+    if (want_ext4) ctx.data.start = layer->data_end;
     report.layers.push_back(std::move(*layer));
   }
   report.final_entries = tree.size();
@@ -336,27 +363,20 @@ Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest&
 
   // Every output is written beside its place under a temp name and renamed
   // into place only when all of them are ready; a failure removes the temps.
-  PendingOutput ext4_file, manifest_file, config_file;
-  auto reserve = [&work](PendingOutput& file, const std::optional<OutputPath>& path, int fd,
-                         const char* name) -> Status {
-    if (fd >= 0) return file.ReserveFd(fd, work, name);
-    return file.Reserve(*path);
-  };
   const std::string ext4_name = request.ext4 ? *request.ext4 : "(fd)";
   const std::string manifest_name = request.manifest ? *request.manifest : "(fd)";
   const std::string config_name = request.config ? *request.config : "(fd)";
-  if (ext4_out || request.ext4_fd >= 0) {
-    LX_ASSIGN_OR_RETURN(Ext4Plan plan, PlanExt4(tree, request.ext4_options));
-    LX_TRY(reserve(ext4_file, ext4_out, request.ext4_fd, "out.ext4"));
+  if (want_ext4) {
     Ext4Options options = request.ext4_options;
     if (options.seed.empty()) {
       for (const LayerReport& l : report.layers) options.seed += l.compressed_digest;
     }
     LX_TRY(check_stop());
-    auto built = BuildExt4(work.rootfs_path(), tree, plan, options, ext4_file.temp_path(),
-                           ToolControl{.cancel = request.cancel, .deadline_ns = deadline});
+    auto built = BuildExt4(image_fd.get(), tree, data_start, options,
+                           BuildControl{.cancel = request.cancel, .deadline_ns = deadline});
     if (!built) return Fail(std::move(built).error().With("ext4 {:?}", ext4_name));
     report.ext4 = *built;
+    image_fd.reset();
   }
   if (manifest_out || request.manifest_fd >= 0) {
     LX_TRY(reserve(manifest_file, manifest_out, request.manifest_fd, "out.manifest"));

@@ -371,6 +371,12 @@ Status Session::Run(const LayerInput& layer) {
   LX_ASSIGN_OR_RETURN(sandbox::Pipe input, sandbox::MakePipe(0));
   LX_ASSIGN_OR_RETURN(sandbox::Pipe errpipe, sandbox::MakePipe(0));
   LX_ASSIGN_OR_RETURN(auto sockets, sandbox::MakeSocketPair());
+  // The extractor's own open of the image: write-only, so it can neither read
+  // it (the lower layers' data) nor map it.
+  UniqueFd data_fd;
+  if (ctx_.data_fd >= 0) {
+    LX_ASSIGN_OR_RETURN(data_fd, sandbox::ReopenFd(ctx_.data_fd, O_WRONLY));
+  }
   ::fcntl(input.write.get(), F_SETPIPE_SZ, 1 << 20);  // fewer wakeups; best effort
 
   int64_t start = sandbox::MonotonicNs();
@@ -382,6 +388,8 @@ Status Session::Run(const LayerInput& layer) {
       .channel_fd = sockets.second.get(),
       .stderr_fd = errpipe.write.get(),
       .policy = ctx_.policy,
+      .data_fd = data_fd.get(),
+      .data = ctx_.data,
   };
   request.argv.insert(request.argv.end(), ctx_.extractor_args.begin(), ctx_.extractor_args.end());
   LX_ASSIGN_OR_RETURN(sandbox::Child child, sandbox::Spawn(request));
@@ -389,6 +397,7 @@ Status Session::Run(const LayerInput& layer) {
   input.read.reset();
   sockets.second.reset();
   errpipe.write.reset();
+  data_fd.reset();
   feed_ = std::move(input.write);
   channel_ = std::move(sockets.first);
   stderr_ = std::move(errpipe.read);
@@ -444,6 +453,12 @@ Status Session::Run(const LayerInput& layer) {
   LX_TRY(DrainBlob());
   report_.total_ns = sandbox::MonotonicNs() - start;
   report_.compressed_digest = sha_.Finish();
+  // An uncompressed layer's tar stream is the blob: the extractor leaves its
+  // digest to us. (Claimed of a compressed layer, it would name the blob's
+  // digest as the diff_id, which then fails the config's check.)
+  if (got_summary_ && report_.uncompressed_digest.empty()) {
+    report_.uncompressed_digest = report_.compressed_digest;
+  }
   if (!got_summary_) return Fail(MakeError(ErrorKind::kPeer, "extractor ended without a summary"));
   report_.setup_ns -= start;
   Report(layer.index, true);
@@ -480,9 +495,24 @@ Result<LayerReport> RunLayer(const RunContext& ctx, const LayerInput& layer, Ima
   report.path = layer.path;
   // What the tree holds so far is lower to this layer's records (whiteouts and
   // opaque markers hide lower entries only).
-  tree.BeginLayer();
+  const bool to_image = ctx.data.mode == sandbox::DataMode::kImage ||
+                        ctx.data.mode == sandbox::DataMode::kTreeAndImage;
+  tree.BeginLayer(DataWindow{
+      .enabled = to_image, .start = ctx.data.start, .block_size = ctx.data.block_size});
   Session session(ctx, tree, report);
   LX_TRY(session.Run(layer));
+  if (to_image) {
+    // What the records point at must be what the layer wrote: inside the
+    // file as it stands now. The next layer starts past all of it.
+    LX_ASSIGN_OR_RETURN(struct stat st, sandbox::Fstat(ctx.data_fd));
+    const uint64_t bs = ctx.data.block_size;
+    uint64_t end = (static_cast<uint64_t>(st.st_size) + bs - 1) / bs * bs;
+    if (tree.layer_data_end() > end) {
+      return Fail(MakeError(ErrorKind::kPeer, "bad record: data extents end at {}, past the {} bytes written",
+                            tree.layer_data_end(), end));
+    }
+    report.data_end = std::max(end, ctx.data.start);
+  }
   return report;
 }
 

@@ -14,6 +14,7 @@
 #include "extractor/wire/layer.capnp.h"
 #include "policy/policy.h"
 #include "policy/result.h"
+#include "sandbox/jail_config.h"
 
 namespace layerx::broker {
 
@@ -39,6 +40,9 @@ struct LayerReport {
   int64_t send_ns = 0;     // the extractor encoding and writing records
   int64_t merge_ns = 0;    // the broker decoding, validating and merging them
   uint64_t extractor_peak_rss_kib = 0;
+  // With a data fd: where the next layer's data may start (block-aligned, past
+  // everything this layer wrote to the fd).
+  uint64_t data_end = 0;
 };
 
 // Where a layer stands, for a progress display; reported about ten times a
@@ -60,6 +64,11 @@ struct RunContext {
   std::vector<std::string> extractor_args;    // extra argv (tests run probe programs)
   std::function<void(const LayerProgress&)> progress;  // optional; called on the job's thread
   int64_t job_deadline_ns = 0;  // monotonic (sandbox::MonotonicNs); 0: only the layer's clock
+  // Where file data goes (sandbox/jail_config.h). With kImage/kTreeAndImage,
+  // `data_fd` (borrowed, the image open read-write) is reopened write-only for
+  // the extractor, whose window starts at data.start.
+  sandbox::JailData data;
+  int data_fd = -1;
 };
 
 // Merges one batch of records into `tree`, in order, calling `on_entry` with

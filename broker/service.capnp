@@ -119,8 +119,8 @@ struct Ext4Summary {
   sizeBytes @0 :UInt64;
   contentBytes @1 :UInt64;
   inodes @2 :UInt64;
-  mkfsMs @3 :Float64;
-  ownershipPassMs @4 :Float64;
+  buildMs @3 :Float64;
+  deadBytes @4 :Float64;    # was ownershipPassMs (no longer made); ordinals never move
 }
 
 struct Report {

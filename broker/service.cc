@@ -160,8 +160,8 @@ void FillResult(rpc::Result::Builder out, const ExtractResult& result, double qu
     e.setSizeBytes(r.ext4->size_bytes);
     e.setContentBytes(r.ext4->content_bytes);
     e.setInodes(r.ext4->inodes);
-    e.setMkfsMs(r.ext4->mkfs_ms);
-    e.setOwnershipPassMs(r.ext4->ownership_pass_ms);
+    e.setBuildMs(r.ext4->build_ms);
+    e.setDeadBytes(static_cast<double>(r.ext4->dead_bytes));
   }
 }
 

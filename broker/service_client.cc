@@ -169,8 +169,8 @@ ExtractResult FromWire(rpc::Result::Reader result) {
     out.ext4 = Ext4Summary{.size_bytes = e.getSizeBytes(),
                            .content_bytes = e.getContentBytes(),
                            .inodes = e.getInodes(),
-                           .mkfs_ms = e.getMkfsMs(),
-                           .ownership_pass_ms = e.getOwnershipPassMs()};
+                           .dead_bytes = static_cast<uint64_t>(e.getDeadBytes()),
+                           .build_ms = e.getBuildMs()};
   }
   return ExtractResult(std::move(out));
 }

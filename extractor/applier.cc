@@ -370,32 +370,70 @@ Status Applier::SetXattrs(int fd, const TarEntry& e) {
   return {};
 }
 
-Result<uint64_t> Applier::WriteFile(int fd, const TarEntry& e, const DataFeed& data) {
+namespace {
+
+// pwrite(2) of all of `b` at `offset`; EFBIG (RLIMIT_FSIZE) is the limit it is.
+Status PwriteAll(int fd, std::span<const std::byte> b, uint64_t offset) {
+  while (!b.empty()) {
+    ssize_t n = ::pwrite(fd, b.data(), b.size(), static_cast<off_t>(offset));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EFBIG) {
+        return Fail(Error(ErrorKind::kLimitExceeded, EFBIG, "file over rlimit file_size"));
+      }
+      return Fail(Error(ErrorKind::kOs, errno, "write file data"));
+    }
+    b = b.subspan(static_cast<size_t>(n));
+    offset += static_cast<uint64_t>(n);
+  }
+  return {};
+}
+
+uint64_t RoundUp(uint64_t v, uint64_t to) { return (v + to - 1) / to * to; }
+
+}  // namespace
+
+Result<uint64_t> Applier::WriteFile(int fd, const TarEntry& e, const DataFeed& data,
+                                    std::vector<DataExtent>* extents) {
   if (file_bytes_ + e.size > limits_.max_layer_bytes) {
     return Fail(MakeError(ErrorKind::kLimitExceeded, "layer data over max_layer_bytes={}",
                           limits_.max_layer_bytes));
   }
+  const sandbox::DataMode mode = options_.data.mode;
+  const bool to_tree = mode == sandbox::DataMode::kTree || mode == sandbox::DataMode::kTreeAndImage;
+  const bool to_image =
+      mode == sandbox::DataMode::kImage || mode == sandbox::DataMode::kTreeAndImage;
+  const uint64_t bs = options_.data.block_size;
+  if (to_image && data_pos_ < options_.data.start) data_pos_ = options_.data.start;
+  uint64_t next = 0;  // the file's data arrives in ascending order
   LX_ASSIGN_OR_RETURN(
       uint64_t written, data([&](int64_t offset, std::span<const std::byte> b) -> Status {
         if (offset < 0 || static_cast<uint64_t>(offset) + b.size() > e.size) {
           return Fail(MakeError(ErrorKind::kInvalidInput, "file data beyond its size"));
         }
-        while (!b.empty()) {
-          ssize_t n = ::pwrite(fd, b.data(), b.size(), offset);
-          if (n < 0) {
-            if (errno == EINTR) continue;
-            if (errno == EFBIG) {
-              return Fail(Error(ErrorKind::kLimitExceeded, EFBIG, "file over rlimit file_size"));
-            }
-            return Fail(Os(errno, "write file data"));
-          }
-          b = b.subspan(static_cast<size_t>(n));
-          offset += n;
+        const auto at = static_cast<uint64_t>(offset);
+        if (at < next) return Fail(MakeError(ErrorKind::kInvalidInput, "file data out of order"));
+        if (b.empty()) return {};
+        next = at + b.size();
+        if (to_tree) LX_TRY(PwriteAll(fd, b, at));
+        if (!to_image) return {};
+        // The same run while the data starts in its last block or the next
+        // one (the bytes between are zeros: the data fd is fresh past
+        // data_pos_); past a hole of whole blocks, a new run at the next
+        // free block.
+        DataExtent* run = extents->empty() ? nullptr : &extents->back();
+        if (run == nullptr || at / bs > RoundUp(run->logical + run->length, bs) / bs) {
+          extents->push_back(DataExtent{.logical = at / bs * bs, .physical = data_pos_});
+          run = &extents->back();
         }
+        LX_TRY(PwriteAll(options_.data_fd, b, run->physical + (at - run->logical)));
+        run->length = at + b.size() - run->logical;
+        data_pos_ = RoundUp(run->physical + run->length, bs);
         return {};
       }));
   file_bytes_ += written;
-  // Sparse files end in a hole; ftruncate gives the file its full size.
+  // Sparse files end in a hole, placeholders are all hole: ftruncate gives the
+  // file its full size.
   if (::ftruncate(fd, static_cast<off_t>(e.size)) != 0) {
     if (errno == EFBIG) return Fail(Error(ErrorKind::kLimitExceeded, EFBIG, "file over rlimit"));
     return Fail(Os(errno, "ftruncate"));
@@ -522,6 +560,7 @@ Status Applier::Apply(const TarEntry& untrusted, const DataFeed& data) {
   }
   const char* cleaf = leaf.c_str();
   uint64_t data_bytes = 0;
+  std::vector<DataExtent> extents;
   struct timespec times[2] = {ToTimespec(e.mtime_ns), ToTimespec(e.mtime_ns)};
 
   switch (e.kind) {
@@ -532,7 +571,14 @@ Status Applier::Apply(const TarEntry& untrusted, const DataFeed& data) {
       if (fd < 0) return Fail(Os(errno, fmt::format("create {:?}", leaf)));
       UniqueFd file(fd);
       Touch(path);
-      LX_ASSIGN_OR_RETURN(data_bytes, WriteFile(file.get(), e, data));
+      LX_ASSIGN_OR_RETURN(data_bytes, WriteFile(file.get(), e, data, &extents));
+      // A placeholder stands only for the file's name and identity (later
+      // layers replace, white out and link it): its owner, mode, xattrs and
+      // times live in the record, and nothing reads them on disk.
+      if (options_.data.mode == sandbox::DataMode::kImage ||
+          options_.data.mode == sandbox::DataMode::kDiscard) {
+        break;
+      }
       if (options_.chown && ::fchown(file.get(), e.uid, e.gid) != 0) {
         return Fail(Os(errno, "fchown"));
       }
@@ -597,6 +643,7 @@ Status Applier::Apply(const TarEntry& untrusted, const DataFeed& data) {
   }
   EntryRecord record = MakeRecord(e, path);
   record.data_bytes = data_bytes;
+  record.extents = std::move(extents);
   return sink_.Add(std::move(record));
 }
 

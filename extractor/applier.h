@@ -28,6 +28,7 @@
 #include "extractor/records.h"
 #include "policy/limits.h"
 #include "sandbox/fd.h"
+#include "sandbox/jail_config.h"
 
 namespace layerx::extractor {
 
@@ -37,6 +38,12 @@ struct ApplyOptions {
   bool chown = false;
   // Which kinds, bits and xattrs the policy admits (policy/limits.h).
   policy::EntryRules rules;
+  // Where regular-file data goes (sandbox/jail_config.h). With kImage and
+  // kTreeAndImage it is appended to `data_fd` from data.start on, each file at
+  // a block boundary, and the record says where (EntryRecord::extents); with
+  // kImage and kDiscard the tree gets a placeholder of the file's size.
+  sandbox::JailData data;
+  int data_fd = -1;  // borrowed
 };
 
 // Delivers the current entry's file data block by block.
@@ -99,7 +106,10 @@ class Applier {
   Status ApplyRoot(const TarEntry& entry);
   Status ApplyHardlink(const TarEntry& entry, const EntryName& name, bool final_attempt,
                        bool* deferred);
-  Result<uint64_t> WriteFile(int fd, const TarEntry& entry, const DataFeed& data);
+  // Writes the entry's data where options_.data says; returns the bytes read
+  // and fills `extents` with where they went in the data fd.
+  Result<uint64_t> WriteFile(int fd, const TarEntry& entry, const DataFeed& data,
+                             std::vector<DataExtent>* extents);
   Status SetXattrs(int fd, const TarEntry& entry);
   EntryRecord MakeRecord(const TarEntry& entry, std::string path) const;
   // The policy's entry rules: nullopt when the entry is left out, the entry as
@@ -123,6 +133,7 @@ class Applier {
   std::unordered_map<std::string, Fixup> fixups_;
   std::vector<PendingLink> pending_links_;
   uint64_t file_bytes_ = 0;
+  uint64_t data_pos_ = 0;  // next free byte of the data fd (block-aligned)
   std::string failed_entry_;  // the pending hardlink Finish() failed on
 };
 

@@ -34,7 +34,24 @@ struct LayerReaderCallbacks {
   static la_ssize_t Read(struct archive* inner, void* self_ptr, const void** out) {
     auto* self = static_cast<LayerReader*>(self_ptr);
     la_ssize_t n;
-    if (self->gzip_) {
+    if (self->plain_) {
+      // An uncompressed tar: straight from the fd into the tar reader, no
+      // decompressor between, the sniffed bytes first.
+      if (!self->prefix_.empty()) {
+        n = static_cast<la_ssize_t>(self->prefix_.size());
+        std::memcpy(self->buffer_.data(), self->prefix_.data(), self->prefix_.size());
+        self->prefix_.clear();
+      } else {
+        do {
+          n = ::read(self->input_fd_, self->buffer_.data(), self->buffer_.size());
+        } while (n < 0 && errno == EINTR);
+        if (n < 0) {
+          self->outer_error_ = Error(ErrorKind::kOs, errno, "read layer");
+          archive_set_error(inner, EIO, "read failed");
+          return -1;
+        }
+      }
+    } else if (self->gzip_) {
       auto got = self->gzip_->Read(std::span(self->buffer_));
       if (!got) {
         self->outer_error_ = std::move(got).error();
@@ -57,7 +74,8 @@ struct LayerReaderCallbacks {
       archive_set_error(inner, EFBIG, "layer over a limit");
       return -1;
     }
-    self->sha_->Update(self->buffer_.data(), static_cast<size_t>(n));
+    // An uncompressed stream is the blob itself, which the broker hashes.
+    if (!self->plain_) self->sha_->Update(self->buffer_.data(), static_cast<size_t>(n));
     *out = self->buffer_.data();
     return n;
   }
@@ -140,7 +158,8 @@ Status LayerReader::Open(int fd) {
   // Sniff: gzip (most layers) goes to ISA-L; everything else to libarchive's
   // built-in filters, which detect the format from the same bytes.
   input_fd_ = fd;
-  std::byte magic[2];
+  // Up to a tar header's worth: gzip's magic, or ustar's at offset 257.
+  std::byte magic[512];
   size_t got = 0;
   while (got < sizeof(magic)) {
     ssize_t n = ::read(fd, magic + got, sizeof(magic) - got);
@@ -150,8 +169,11 @@ Status LayerReader::Open(int fd) {
     got += static_cast<size_t>(n);
   }
   if (got == 0) return Fail(MakeError(ErrorKind::kInvalidInput, "layer is empty"));
-  if (got == 2 && magic[0] == std::byte{0x1f} && magic[1] == std::byte{0x8b}) {
+  if (got >= 2 && magic[0] == std::byte{0x1f} && magic[1] == std::byte{0x8b}) {
     gzip_ = std::make_unique<GzipInflater>(fd, std::span(magic, got));
+  } else if (got == sizeof(magic) && std::memcmp(magic + 257, "ustar", 5) == 0) {
+    plain_ = true;
+    prefix_.assign(magic, magic + got);
   } else {
     prefix_.assign(magic, magic + got);
     input_.resize(kBlock);
@@ -304,6 +326,7 @@ Result<std::string> LayerReader::UncompressedDigest() {
   while (LayerReaderCallbacks::Read(inner_, this, &out) > 0) {
   }
   if (outer_error_) return Fail(*outer_error_);
+  if (plain_) return std::string();
   return sha_->Finish();
 }
 

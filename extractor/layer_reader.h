@@ -63,8 +63,9 @@ class LayerReader {
   Result<uint64_t> ReadData(
       const std::function<Status(int64_t offset, std::span<const std::byte>)>& sink);
 
-  // After the end: "sha256:<hex>" and the size of the decompressed stream.
-  // kInvalidInput or kLimitExceeded when the rest of the stream is bad.
+  // After the end: "sha256:<hex>" and the size of the decompressed stream;
+  // "" when the stream was not compressed (it is the blob, which the broker
+  // hashes itself). kInvalidInput or kLimitExceeded when the rest is bad.
   Result<std::string> UncompressedDigest();
   uint64_t uncompressed_bytes() const { return uncompressed_bytes_; }
 
@@ -81,6 +82,7 @@ class LayerReader {
   struct archive* inner_ = nullptr;
   std::unique_ptr<Sha256> sha_;
   std::unique_ptr<GzipInflater> gzip_;  // gzip layers; otherwise outer_ decompresses
+  bool plain_ = false;                  // an uncompressed tar: read straight from the fd
   int input_fd_ = -1;
   std::vector<std::byte> prefix_;  // sniffed bytes the outer reader has yet to see
   std::vector<std::byte> input_;   // the outer reader's input block

@@ -42,7 +42,11 @@ int Run() {
   if (!root) return report(root.error(), "");
   extractor::Applier applier(
       root->get(), config.limits,
-      extractor::ApplyOptions{.chown = config.keep_fs_caps != 0, .rules = config.rules}, writer,
+      extractor::ApplyOptions{.chown = config.keep_fs_caps != 0,
+                              .rules = config.rules,
+                              .data = config.data,
+                              .data_fd = sandbox::kDataFd},
+      writer,
       [](std::string_view warning) {
         std::fprintf(stderr, "warning: %.*s\n", static_cast<int>(warning.size()), warning.data());
       });

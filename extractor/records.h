@@ -15,6 +15,17 @@ enum class Kind : uint8_t { kFile, kDir, kSymlink, kHardlink, kChar, kBlock, kFi
 
 const char* KindName(Kind kind);
 
+// A run of a file's data in the data fd (the ext4 image being built): `length`
+// bytes of the file from byte `logical` stand at byte `physical`. Both offsets
+// are multiples of the image's block size; only the last run of a file may end
+// inside a block.
+struct DataExtent {
+  uint64_t logical = 0;
+  uint64_t physical = 0;
+  uint64_t length = 0;
+  bool operator==(const DataExtent&) const = default;
+};
+
 struct EntryRecord {
   std::string path;  // canonical, relative; "" is the root
   Kind kind = Kind::kFile;
@@ -29,6 +40,7 @@ struct EntryRecord {
   uint32_t rdev_major = 0;
   uint32_t rdev_minor = 0;
   std::vector<std::pair<std::string, std::string>> xattrs;
+  std::vector<DataExtent> extents;  // files whose data went to the data fd, ascending
 };
 
 struct RemovalRecord {

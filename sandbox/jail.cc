@@ -212,7 +212,14 @@ JailSetupResult EnterJail(JailConfigHeader* config) {
   if (SetupStep step = PivotIntoRootfs(); step != SetupStep::kOk) return Failed(step);
   // fd 4 (the rootfs dir) still points into the detached host tree: ".." from
   // it would reach the host. It, the config and anything else goes now.
-  if (::syscall(SYS_close_range, 4, ~0U, 0) != 0) return Failed(SetupStep::kCloseFds);
+  // fd 6, the data fd, stays when the broker gave one.
+  if (::syscall(SYS_close_range, kRootfsFd, kConfigFd, 0) != 0 ||
+      ::syscall(SYS_close_range, kDataFd + 1, ~0U, 0) != 0) {
+    return Failed(SetupStep::kCloseFds);
+  }
+  if (config->data.mode != DataMode::kImage && config->data.mode != DataMode::kTreeAndImage) {
+    ::close(kDataFd);
+  }
   if (!SetRlimits(config->rlimits)) return Failed(SetupStep::kRlimits);
   // Not dumpable: no same-uid host process can ptrace or read our memory.
   ::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);

@@ -11,7 +11,26 @@
 
 namespace layerx::sandbox {
 
-inline constexpr uint32_t kJailConfigMagic = 0x6c786a32;  // "lxj2"
+inline constexpr uint32_t kJailConfigMagic = 0x6c786a33;  // "lxj3"
+
+// Where a layer's regular-file data goes.
+enum class DataMode : uint32_t {
+  kTree = 0,         // into the files of the tree (a rootfs, a docker-archive's staging)
+  kImage = 1,        // into the data fd (the ext4 image); the tree gets placeholders
+  kTreeAndImage = 2, // both (a rootfs and an ext4 image)
+  kDiscard = 3,      // nowhere: placeholders only (a manifest is all that is wanted)
+};
+
+// The data fd (kDataFd) of kImage/kTreeAndImage: the extractor appends each
+// file's data at block-aligned offsets from `start` on and reports where in the
+// file's record. SECURITY: seccomp lets it write to that fd only with pwrite64 at
+// offsets >= `start`, so a layer cannot touch a lower layer's data (or anything
+// else about the image file: no truncate, chmod, xattrs or dup of it).
+struct JailData {
+  DataMode mode = DataMode::kTree;
+  uint32_t block_size = 4096;
+  uint64_t start = 0;
+};
 
 struct JailConfigHeader {
   uint32_t magic = kJailConfigMagic;
@@ -20,6 +39,7 @@ struct JailConfigHeader {
   policy::Limits limits;      // the extractor's per-layer limits
   policy::EntryRules rules;   // kinds, bits and xattrs a layer may bring
   uint32_t keep_fs_caps = 0;  // 1: keep CHOWN, DAC_OVERRIDE, FOWNER, FSETID (full id range)
+  JailData data;
   uint32_t bpf_instructions = 0;
   // followed by bpf_instructions * sizeof(sock_filter)
 };
@@ -30,6 +50,7 @@ inline constexpr int kStderrFd = 2;   // a pipe the broker reads and re-logs (fd
 inline constexpr int kChannelFd = 3;  // the record socket
 inline constexpr int kRootfsFd = 4;   // the image rootfs dir; closed after the pivot
 inline constexpr int kConfigFd = 5;   // the sealed JailConfig memfd; closed after setup
+inline constexpr int kDataFd = 6;     // the ext4 image, write-only (DataMode kImage, kTreeAndImage)
 
 // Exit status of a child whose setup failed before its program ran.
 inline constexpr int kSetupFailedExit = 125;

@@ -1,12 +1,15 @@
 #include "sandbox/seccomp.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <seccomp.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
 #include <memory>
+#include <optional>
 
+#include "sandbox/jail_config.h"
 #include "sandbox/sys.h"
 
 namespace layerx::sandbox {
@@ -17,41 +20,67 @@ namespace {
 // filters, capnp's writer). No socket calls: the record socket is written with
 // write(2). No clone/fork/exec, no mount or namespace calls, no ptrace.
 constexpr const char* kAllowed[] = {
-    "read",          "write",
-    "readv",         "writev",
-    "pread64",       "pwrite64",
-    "lseek",         "close",
-    "openat",        "openat2",
-    "newfstatat",    "fstat",
-    "statx",         "lstat",
-    "stat",          "mkdirat",
-    "unlinkat",      "renameat",
-    "renameat2",     "symlinkat",
-    "linkat",        "readlinkat",
+    "read",
+    "readv",
+    "pread64",
+    "lseek",
+    "close",
+    "openat",
+    "openat2",
+    "newfstatat",
+    "fstat",
+    "statx",
+    "lstat",
+    "stat",
+    "mkdirat",
+    "unlinkat",
+    "renameat",
+    "renameat2",
+    "symlinkat",
+    "readlinkat",
     "mknodat",  // fifos only: a user namespace cannot make device nodes
-    "fchmod",        "fchmodat",
-    "fchmodat2",     "fchown",
-    "fchownat",      "utimensat",
-    "fsetxattr",     "lsetxattr",
-    "fgetxattr",     "lgetxattr",
-    "flistxattr",    "llistxattr",
-    "fremovexattr",  "lremovexattr",
-    "getdents64",    "ftruncate",
-    "fallocate",     "fsync",
-    "fdatasync",     "fcntl",
-    "dup",           "dup3",
-    "brk",           "munmap",
-    "mremap",        "madvise",
-    "exit",          "exit_group",
-    "rt_sigreturn",  "rt_sigprocmask",
-    "clock_gettime", "clock_nanosleep",
-    "nanosleep",     "gettid",
-    "getpid",        "getuid",
-    "geteuid",       "getgid",
-    "getegid",       "futex",
-    "sched_yield",   "restart_syscall",
-    "getrandom",     "umask",
+    "lsetxattr",
+    "fgetxattr",
+    "lgetxattr",
+    "flistxattr",
+    "llistxattr",
+    "lremovexattr",
+    "getdents64",
+    "fsync",
+    "fdatasync",
+    "brk",
+    "munmap",
+    "mremap",
+    "madvise",
+    "exit",
+    "exit_group",
+    "rt_sigreturn",
+    "rt_sigprocmask",
+    "clock_gettime",
+    "clock_nanosleep",
+    "nanosleep",
+    "gettid",
+    "getpid",
+    "getuid",
+    "geteuid",
+    "getgid",
+    "getegid",
+    "futex",
+    "sched_yield",
+    "restart_syscall",
+    "getrandom",
+    "umask",
     "getrusage",  // the extractor reports its peak RSS
+};
+
+// Allowed too, but never on the data fd (the ext4 image, fd 6): what could
+// write it other than pwrite64 past this layer's start, change its size, mode,
+// owner, times or xattrs, link it into the tree, or make a second fd for it.
+// The fd is compared on its low 32 bits, as the kernel reads it.
+constexpr const char* kNotOnDataFd[] = {
+    "write",     "writev",       "ftruncate", "fallocate", "fchmod", "fchown",
+    "fsetxattr", "fremovexattr", "fcntl",     "dup",       "dup3",   "utimensat",
+    "fchmodat",  "fchmodat2",    "fchownat",  "linkat",
 };
 
 #ifdef LAYERX_SANITIZE
@@ -83,7 +112,8 @@ Status Check(int rc, const char* what) {
 
 }  // namespace
 
-Result<std::vector<sock_filter>> CompileSeccompFilter(const policy::Policy& policy) {
+Result<std::vector<sock_filter>> CompileSeccompFilter(const policy::Policy& policy,
+                                                      std::optional<uint64_t> data_start) {
   uint32_t deny = policy.seccomp_action == policy::SeccompAction::kKillProcess
                       ? SCMP_ACT_KILL_PROCESS
                       : SCMP_ACT_ERRNO(EPERM);
@@ -103,13 +133,54 @@ Result<std::vector<sock_filter>> CompileSeccompFilter(const policy::Policy& poli
     LX_TRY(Check(seccomp_rule_add(ctx.get(), SCMP_ACT_ALLOW, nr, 0), name));
   }
 #endif
+  // Without a data fd, fd 6 is any file of the tree the extractor opened.
+  if (!data_start) {
+    for (const char* name : kNotOnDataFd) {
+      int nr = seccomp_syscall_resolve_name(name);
+      if (nr == __NR_SCMP_ERROR) continue;
+      LX_TRY(Check(seccomp_rule_add(ctx.get(), SCMP_ACT_ALLOW, nr, 0), name));
+    }
+    LX_TRY(Check(seccomp_rule_add(ctx.get(), SCMP_ACT_ALLOW, SCMP_SYS(pwrite64), 0), "pwrite64"));
+  } else {
+    for (const char* name : kNotOnDataFd) {
+      int nr = seccomp_syscall_resolve_name(name);
+      if (nr == __NR_SCMP_ERROR) continue;  // fchmodat2: only in newer libseccomp tables
+      LX_TRY(Check(
+          seccomp_rule_add(ctx.get(), SCMP_ACT_ALLOW, nr, 1, SCMP_A0_32(SCMP_CMP_NE, kDataFd)),
+          name));
+    }
+    // On the data fd, fcntl may only look (F_GETFD, F_GETFL): never F_DUPFD.
+    for (int cmd : {F_GETFD, F_GETFL}) {
+      LX_TRY(Check(seccomp_rule_add(ctx.get(), SCMP_ACT_ALLOW, SCMP_SYS(fcntl), 2,
+                                    SCMP_A0_32(SCMP_CMP_EQ, kDataFd), SCMP_A1_32(SCMP_CMP_EQ, cmd)),
+                   "fcntl data"));
+    }
+    // pwrite64 anywhere but the data fd, and there only from this layer's start
+    // on: the lower layers' data and the image's first blocks stay out of reach.
+    LX_TRY(Check(seccomp_rule_add(ctx.get(), SCMP_ACT_ALLOW, SCMP_SYS(pwrite64), 1,
+                                  SCMP_A0_32(SCMP_CMP_NE, kDataFd)),
+                 "pwrite64"));
+    LX_TRY(Check(
+        seccomp_rule_add(ctx.get(), SCMP_ACT_ALLOW, SCMP_SYS(pwrite64), 2,
+                         SCMP_A0_32(SCMP_CMP_EQ, kDataFd), SCMP_A3_64(SCMP_CMP_GE, *data_start)),
+        "pwrite64 data"));
+  }
   // Memory may be mapped but never executable: even a loader that somehow ran
   // could not map the image's code (rule 6, second wall).
-  for (int nr : {SCMP_SYS(mmap), SCMP_SYS(mprotect)}) {
-    LX_TRY(Check(seccomp_rule_add(ctx.get(), SCMP_ACT_ALLOW, nr, 1,
+  // Nor is the data fd ever mapped (it is write-only anyway).
+  if (data_start) {
+    LX_TRY(Check(seccomp_rule_add(ctx.get(), SCMP_ACT_ALLOW, SCMP_SYS(mmap), 2,
+                                  SCMP_A2(SCMP_CMP_MASKED_EQ, PROT_EXEC, 0),
+                                  SCMP_A4_32(SCMP_CMP_NE, kDataFd)),
+                 "mmap rule"));
+  } else {
+    LX_TRY(Check(seccomp_rule_add(ctx.get(), SCMP_ACT_ALLOW, SCMP_SYS(mmap), 1,
                                   SCMP_A2(SCMP_CMP_MASKED_EQ, PROT_EXEC, 0)),
                  "mmap rule"));
   }
+  LX_TRY(Check(seccomp_rule_add(ctx.get(), SCMP_ACT_ALLOW, SCMP_SYS(mprotect), 1,
+                                SCMP_A2(SCMP_CMP_MASKED_EQ, PROT_EXEC, 0)),
+               "mprotect rule"));
   // rt_sigaction only for SIGXFSZ/SIGPIPE ignoring at setup is done before the
   // filter; abort() may still want it, so allow it (it grants nothing).
   LX_TRY(Check(seccomp_rule_add(ctx.get(), SCMP_ACT_ALLOW, SCMP_SYS(rt_sigaction), 0),

@@ -4,6 +4,8 @@
 
 #include <linux/filter.h>
 
+#include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "policy/policy.h"
@@ -14,6 +16,8 @@ namespace layerx::sandbox {
 // Allowed: file I/O on fds and *at paths, memory management without PROT_EXEC,
 // exit. Everything else (socket, exec, ptrace, mount, unshare/setns, keyctl, bpf,
 // io_uring, userfaultfd, perf_event_open, clone/fork...) takes the policy's action.
-Result<std::vector<sock_filter>> CompileSeccompFilter(const policy::Policy& policy);
+// With a data fd (kDataFd), only pwrite64 at offsets >= `data_start` writes it.
+Result<std::vector<sock_filter>> CompileSeccompFilter(
+    const policy::Policy& policy, std::optional<uint64_t> data_start = std::nullopt);
 
 }  // namespace layerx::sandbox

@@ -34,7 +34,7 @@ struct ExecPlan {
   int sync_fd;    // read: one byte once the id maps are written
   int status_fd;  // write: a StatusReport if anything fails before exec
   int program_fd;
-  int targets[6];  // source fd for child fds 0..5
+  int targets[7];  // source fd for child fds 0..6 (-1: none)
   char* const* argv;
   char* const* envp;
 };
@@ -53,24 +53,25 @@ struct ExecPlan {
   char byte;
   if (::read(plan.sync_fd, &byte, 1) != 1) fail(SetupStep::kWaitForMaps);
   // Park every source above the target range (cloexec), then place it: dup2
-  // clears O_CLOEXEC on the target, so exactly fds 0..5 survive the exec.
+  // clears O_CLOEXEC on the target, so exactly fds 0..6 survive the exec.
   // The status pipe and the program fd move up first: dup2 below may land on
   // their numbers.
   int status_fd = ::fcntl(plan.status_fd, F_DUPFD_CLOEXEC, 64);
   int program_fd = ::fcntl(plan.program_fd, F_DUPFD_CLOEXEC, 64);
   if (status_fd < 0 || program_fd < 0) fail(SetupStep::kDupFds);
   plan.status_fd = status_fd;
-  int parked[6];
-  for (int i = 0; i < 6; ++i) {
-    parked[i] = ::fcntl(plan.targets[i], F_DUPFD_CLOEXEC, 64);
-    if (parked[i] < 0) fail(SetupStep::kDupFds);
+  int parked[7];
+  for (int i = 0; i < 7; ++i) {
+    parked[i] = plan.targets[i] < 0 ? -1 : ::fcntl(plan.targets[i], F_DUPFD_CLOEXEC, 64);
+    if (plan.targets[i] >= 0 && parked[i] < 0) fail(SetupStep::kDupFds);
   }
-  for (int i = 0; i < 6; ++i) {
-    if (::dup2(parked[i], i) != i) fail(SetupStep::kDupFds);
+  for (int i = 0; i < 7; ++i) {
+    if (parked[i] >= 0 && ::dup2(parked[i], i) != i) fail(SetupStep::kDupFds);
   }
   // Whatever else the caller left open (even without O_CLOEXEC) dies at exec;
   // the status pipe and program fd stay usable until then.
-  if (::syscall(SYS_close_range, 6, ~0U, CLOSE_RANGE_CLOEXEC) != 0) fail(SetupStep::kDupFds);
+  if (::syscall(SYS_close_range, 7, ~0U, CLOSE_RANGE_CLOEXEC) != 0) fail(SetupStep::kDupFds);
+  if (plan.targets[kDataFd] < 0) ::close(kDataFd);  // whatever the caller had there
   ::syscall(SYS_execveat, program_fd, "", plan.argv, plan.envp, AT_EMPTY_PATH);
   fail(SetupStep::kExec);
   __builtin_unreachable();
@@ -85,13 +86,23 @@ Status WriteProcFile(pid_t pid, const char* name, const std::string& content) {
   return {};
 }
 
-Result<UniqueFd> MakeJailConfig(const policy::Policy& policy) {
-  LX_ASSIGN_OR_RETURN(std::vector<sock_filter> program, CompileSeccompFilter(policy));
+Result<UniqueFd> MakeJailConfig(const policy::Policy& policy, const JailData& data) {
+  const bool data_fd = data.mode == DataMode::kImage || data.mode == DataMode::kTreeAndImage;
+  LX_ASSIGN_OR_RETURN(std::vector<sock_filter> program,
+                      CompileSeccompFilter(policy, data_fd ? std::optional(data.start)
+                                                           : std::nullopt));
   JailConfigHeader header;
   header.rlimits = policy.rlimits;
   header.limits = policy.limits;
   header.rules = policy.rules;
   header.keep_fs_caps = policy.ids.full_range() ? 1 : 0;
+  header.data = data;
+  // The data fd's offsets start past the lower layers' data: the file size
+  // limit counts from there (saturating).
+  if (data.mode == DataMode::kImage || data.mode == DataMode::kTreeAndImage) {
+    uint64_t fsize = header.rlimits.file_size;
+    header.rlimits.file_size = fsize > UINT64_MAX - data.start ? UINT64_MAX : fsize + data.start;
+  }
   header.bpf_instructions = static_cast<uint32_t>(program.size());
   LX_ASSIGN_OR_RETURN(UniqueFd memfd, MemfdCreate("layerx-jail"));
   LX_TRY(WriteAll(memfd.get(), std::as_bytes(std::span(&header, 1))));
@@ -134,7 +145,11 @@ Result<ExitStatus> Child::Wait() {
 Result<Child> Spawn(const SpawnRequest& r) {
   LX_CHECK(r.policy != nullptr && r.program_fd >= 0 && !r.argv.empty());
   const policy::Policy& policy = *r.policy;
-  LX_ASSIGN_OR_RETURN(UniqueFd config, MakeJailConfig(policy));
+  bool wants_fd = r.data.mode == DataMode::kImage || r.data.mode == DataMode::kTreeAndImage;
+  if (wants_fd != (r.data_fd >= 0)) {
+    return Fail(MakeError(ErrorKind::kInternal, "spawn: data fd and data mode disagree"));
+  }
+  LX_ASSIGN_OR_RETURN(UniqueFd config, MakeJailConfig(policy, r.data));
   LX_ASSIGN_OR_RETURN(Pipe sync, MakePipe(0));
   LX_ASSIGN_OR_RETURN(Pipe status, MakePipe(0));
 
@@ -158,7 +173,8 @@ Result<Child> Spawn(const SpawnRequest& r) {
       .sync_fd = sync.read.get(),
       .status_fd = status.write.get(),
       .program_fd = r.program_fd,
-      .targets = {r.input_fd, r.stderr_fd, r.stderr_fd, r.channel_fd, r.rootfs_fd, config.get()},
+      .targets = {r.input_fd, r.stderr_fd, r.stderr_fd, r.channel_fd, r.rootfs_fd, config.get(),
+                  r.data_fd},
       .argv = argv.data(),
       .envp = envp,
   };

@@ -13,6 +13,7 @@
 #include "policy/policy.h"
 #include "policy/result.h"
 #include "sandbox/fd.h"
+#include "sandbox/jail_config.h"
 
 namespace layerx::sandbox {
 
@@ -24,6 +25,8 @@ struct SpawnRequest {
   int channel_fd = -1;            // borrowed; the child's fd 3
   int stderr_fd = -1;             // borrowed; the child's fds 1 and 2
   const policy::Policy* policy = nullptr;
+  int data_fd = -1;  // borrowed; the child's fd 6 (write-only), or none
+  JailData data;     // what the extractor does with file data
 };
 
 struct ExitStatus {

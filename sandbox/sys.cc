@@ -1,6 +1,8 @@
 #include "sandbox/sys.h"
 
 #include <dirent.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
 #include <errno.h>
 #include <pthread.h>
 #include <sys/mman.h>
@@ -124,6 +126,28 @@ Result<UniqueFd> Dup(int fd) {
   int copy = ::fcntl(fd, F_DUPFD_CLOEXEC, 3);
   if (copy < 0) return Fail(OsError(errno, "dup"));
   return UniqueFd(copy);
+}
+
+Result<UniqueFd> ReopenFd(int fd, int flags) {
+  std::string path = fmt::format("/proc/self/fd/{}", fd);
+  int copy = ::open(path.c_str(), flags | O_CLOEXEC | O_NOCTTY);
+  if (copy < 0) return Fail(OsError(errno, "reopen {}", path));
+  UniqueFd out(copy);
+  LX_ASSIGN_OR_RETURN(struct stat a, Fstat(fd));
+  LX_ASSIGN_OR_RETURN(struct stat b, Fstat(out.get()));
+  if (a.st_dev != b.st_dev || a.st_ino != b.st_ino) {
+    return Fail(MakeError(ErrorKind::kOs, "reopen {}: another file", path));
+  }
+  return out;
+}
+
+Status PunchHole(int fd, uint64_t offset, uint64_t length) {
+  if (length == 0) return {};
+  if (::fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
+                  static_cast<off_t>(length)) != 0) {
+    return Fail(OsError(errno, "punch hole at {}+{}", offset, length));
+  }
+  return {};
 }
 
 namespace {

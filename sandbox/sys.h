@@ -43,6 +43,13 @@ Result<Pipe> MakePipe(int flags);                        // pipe2; O_CLOEXEC alw
 Result<std::pair<UniqueFd, UniqueFd>> MakeSocketPair();  // AF_UNIX stream, cloexec
 Result<UniqueFd> MemfdCreate(const char* name);
 Result<UniqueFd> Dup(int fd);  // F_DUPFD_CLOEXEC
+// A new open file description of the file `fd` refers to, with `flags` (e.g.
+// O_WRONLY where `fd` is read-write), through /proc/self/fd/N: never by a name
+// someone else could change. The result is checked to be the same inode.
+Result<UniqueFd> ReopenFd(int fd, int flags);
+// fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE): the range reads as
+// zeros and takes no space.
+Status PunchHole(int fd, uint64_t offset, uint64_t length);
 
 // Copies the whole of regular file `from` into `to` (a regular file open for
 // writing, from its offset 0), keeping holes: only the data ranges are copied

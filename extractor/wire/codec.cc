@@ -38,6 +38,14 @@ void ToWire(const extractor::EntryRecord& in, Entry::Builder out) {
       list[i].setValue(Bytes(in.xattrs[i].second));
     }
   }
+  if (!in.extents.empty()) {
+    auto list = out.initExtents(static_cast<unsigned>(in.extents.size()));
+    for (size_t i = 0; i < in.extents.size(); ++i) {
+      list[i].setLogical(in.extents[i].logical);
+      list[i].setPhysical(in.extents[i].physical);
+      list[i].setLength(in.extents[i].length);
+    }
+  }
 }
 
 void ToWire(const extractor::RemovalRecord& in, Removal::Builder out) {
@@ -63,6 +71,11 @@ std::optional<extractor::EntryRecord> FromWire(Entry::Reader in) {
   out.rdev_major = in.getRdevMajor();
   out.rdev_minor = in.getRdevMinor();
   for (auto x : in.getXattrs()) out.xattrs.emplace_back(String(x.getName()), String(x.getValue()));
+  auto extents = in.getExtents();
+  out.extents.reserve(extents.size());
+  for (auto x : extents) {
+    out.extents.push_back({.logical = x.getLogical(), .physical = x.getPhysical(), .length = x.getLength()});
+  }
   return out;
 }
 
@@ -74,6 +87,7 @@ extractor::RemovalRecord FromWire(Removal::Reader in) {
 Status ChannelWriter::Add(extractor::EntryRecord record) {
   pending_bytes_ += record.path.size() + record.symlink_target.size() + 64;
   for (const auto& [name, value] : record.xattrs) pending_bytes_ += name.size() + value.size();
+  pending_bytes_ += record.extents.size() * 32;
   pending_.emplace_back(std::move(record));
   if (pending_.size() >= batch_ || pending_bytes_ >= (1u << 20)) return Flush();
   return {};

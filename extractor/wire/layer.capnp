@@ -21,6 +21,12 @@ struct Xattr {
   value @1 :Data;
 }
 
+struct DataExtent {
+  logical @0 :UInt64;       # byte offset in the file (a multiple of the block size)
+  physical @1 :UInt64;      # byte offset in the data fd (a multiple of the block size)
+  length @2 :UInt64;        # bytes of data (> 0)
+}
+
 struct Entry {
   path @0 :Data;            # resolved path: canonical, relative, "" for the root
   kind @1 :Kind;
@@ -35,6 +41,10 @@ struct Entry {
   rdevMinor @10 :UInt32;
   xattrs @11 :List(Xattr);
   dataBytes @12 :UInt64;    # file data present in the layer: < size for sparse files
+  extents @13 :List(DataExtent);
+                            # where the data went when the broker gave a data fd
+                            # (the ext4 image): ascending, block-aligned runs whose
+                            # lengths add up to dataBytes; empty otherwise
 }
 
 struct Removal {

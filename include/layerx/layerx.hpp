@@ -193,8 +193,8 @@ struct Ext4Summary {
   uint64_t size_bytes = 0;
   uint64_t content_bytes = 0;
   uint64_t inodes = 0;
-  double mkfs_ms = 0;
-  double ownership_pass_ms = 0;
+  uint64_t dead_bytes = 0;  // data a later layer removed or replaced: punched out, not in the image
+  double build_ms = 0;      // metadata built around the data the jails wrote in place
 };
 
 struct ExtractReport {
