@@ -9,8 +9,8 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <mutex>
 #include <cstring>
+#include <mutex>
 #include <string_view>
 #include <unordered_map>
 #include <vector>
@@ -29,15 +29,20 @@ namespace {
 uint64_t RoundUp(uint64_t v, uint64_t to) { return (v + to - 1) / to * to; }
 uint64_t DivUp(uint64_t v, uint64_t by) { return (v + by - 1) / by; }
 
-constexpr uint32_t kMaxLinks = 65000;     // EXT4_LINK_MAX: 16 bits on disk, and the kernel's cap
+constexpr uint32_t kMaxLinks = 65000;  // EXT4_LINK_MAX: 16 bits on disk, and the kernel's cap
 constexpr uint32_t kMaxExtentBlocks = 32768;  // EXT_INIT_MAX_LEN
 constexpr uint32_t kInodeSize = 256;
 constexpr uint32_t kDescSize = EXT2_MIN_DESC_SIZE_64BIT;
-constexpr uint32_t kLostFoundBytes = 16384;  // what mke2fs gives it, so e2fsck need not grow it
+constexpr uint32_t kLostFoundBytes = 4096;  // one block (mke2fs gives 16 KiB, tar2ext4 one block)
 constexpr uint32_t kDirTail = sizeof(struct ext2_dir_entry_tail);  // metadata_csum, every dir block
 
 Error Ext2Error(errcode_t code, std::string what) {
-  return Error(ErrorKind::kOs, 0, fmt::format("{}: {}", what, error_message(code)));
+  // Out of blocks or inodes: ENOSPC, which the build answers with a bigger image.
+  int err = code == EXT2_ET_BLOCK_ALLOC_FAIL || code == EXT2_ET_INODE_ALLOC_FAIL ||
+                    code == EXT2_ET_DIR_NO_SPACE || code == ENOSPC
+                ? ENOSPC
+                : 0;
+  return Error(ErrorKind::kOs, err, fmt::format("{}: {}", what, error_message(code)));
 }
 
 // The UUID of a reproducible image: from the seed (the layers' digests), so the
@@ -172,6 +177,13 @@ std::vector<Run> RunsOf(const std::vector<extractor::DataExtent>& extents, uint6
   return runs;
 }
 
+// A live run of a file's data, in blocks, and the node it belongs to.
+struct Placed {
+  uint64_t physical, length;
+  uint32_t node;
+  uint32_t run;  // index in the node's runs
+};
+
 // One inode of the image and, for a directory, its names.
 struct Node {
   struct Child {
@@ -185,6 +197,7 @@ struct Node {
   uint32_t subdirs = 0;  // directories only
   uint32_t parent = 0;   // directories only: the node holding it
   std::vector<Child> children;
+  std::vector<Run> runs;  // files only: where the data stands (compaction may move it)
   Kind kind() const { return meta ? meta->kind : Kind::kDir; }
 };
 
@@ -204,7 +217,10 @@ class Layout {
     for (const auto& [path, inode] : tree.entries()) {
       const EntryRecord* meta = &inode->meta;
       auto [it, fresh] = node_of.try_emplace(meta, static_cast<uint32_t>(nodes_.size()));
-      if (fresh) nodes_.push_back(Node{.meta = meta, .path = path});
+      if (fresh) {
+        nodes_.push_back(Node{.meta = meta, .path = path});
+        if (meta->kind == Kind::kFile) nodes_.back().runs = RunsOf(meta->extents, bs);
+      }
       const uint32_t idx = it->second;
       if (path.empty()) {  // the root: always first, always a directory
         dir_node.emplace(path, idx);
@@ -213,7 +229,8 @@ class Layout {
       size_t slash = path.rfind('/');
       std::string_view parent =
           slash == std::string::npos ? std::string_view() : std::string_view(path).substr(0, slash);
-      std::string_view name = std::string_view(path).substr(slash == std::string::npos ? 0 : slash + 1);
+      std::string_view name =
+          std::string_view(path).substr(slash == std::string::npos ? 0 : slash + 1);
       if (name.size() > EXT2_NAME_LEN) {
         return Fail(MakeError(ErrorKind::kPeer, "bad record: name of {:?} over {} bytes", path,
                               EXT2_NAME_LEN));
@@ -273,8 +290,17 @@ class Layout {
   // Past the in-inode room (256-byte inodes: 96 bytes less a 4-byte header),
   // xattrs take a block.
   static bool XattrsNeedBlock(const EntryRecord& m) {
-    size_t bytes = 0;
-    for (const auto& [name, value] : m.xattrs) bytes += 16 + RoundUp(name.size(), 4) + RoundUp(value.size(), 4);
+    // Each entry: 16 bytes, the name less its namespace prefix, the value;
+    // then a 4-byte end. (An ACL's ext4 form is no longer than the kernel's.)
+    size_t bytes = 4;
+    for (const auto& [name, value] : m.xattrs) {
+      size_t name_len = name.size();
+      for (std::string_view prefix : {"user.", "trusted.", "security.", "system."}) {
+        if (name.starts_with(prefix)) name_len -= prefix.size();
+      }
+      if (name == "system.posix_acl_access" || name == "system.posix_acl_default") name_len = 0;
+      bytes += 16 + RoundUp(name_len, 4) + RoundUp(value.size(), 4);
+    }
     return bytes > 92;
   }
 
@@ -293,6 +319,7 @@ struct Sizing {
   uint64_t data_end_block = 0;  // one past the last live data block
   uint64_t data_blocks = 0;     // live data blocks
   uint64_t meta_blocks = 0;     // directories, slow symlinks, xattr and extent blocks
+  uint64_t single_blocks = 0;   // of which one-block directories and slow symlinks
   uint64_t inodes = 0;          // distinct inodes incl. lost+found
 };
 
@@ -305,19 +332,29 @@ Sizing Measure(const Layout& layout, uint64_t bs, uint64_t data_start) {
     if (n.meta != nullptr && Layout::XattrsNeedBlock(*n.meta)) ++s.meta_blocks;
     switch (n.kind()) {
       case Kind::kFile: {
-        std::vector<Run> runs = RunsOf(n.meta->extents, bs);
+        const std::vector<Run>& runs = n.runs;
         for (const Run& r : runs) {
           s.data_blocks += r.length;
           s.data_end_block = std::max(s.data_end_block, r.physical + r.length);
         }
-        if (runs.size() > 4) s.meta_blocks += DivUp(runs.size(), per_extent_block) + 1;
+        if (runs.size() > 4) {
+          // Leaves of extents, and past four leaves a level of index blocks.
+          uint64_t leaves = DivUp(runs.size(), per_extent_block);
+          s.meta_blocks += leaves + (leaves > 4 ? DivUp(leaves, per_extent_block) + 1 : 0);
+        }
         break;
       }
-      case Kind::kDir:
-        s.meta_blocks += layout.DirBlocks(n);
+      case Kind::kDir: {
+        uint64_t blocks = layout.DirBlocks(n);
+        s.meta_blocks += blocks;
+        if (blocks == 1) ++s.single_blocks;
         break;
+      }
       case Kind::kSymlink:
-        if (n.meta->symlink_target.size() >= sizeof(((ext2_inode*)nullptr)->i_block)) ++s.meta_blocks;
+        if (n.meta->symlink_target.size() >= sizeof(((ext2_inode*)nullptr)->i_block)) {
+          ++s.meta_blocks;
+          ++s.single_blocks;
+        }
         break;
       default:
         break;
@@ -331,13 +368,18 @@ class Builder {
   Builder(ext2_filsys fs, Layout& layout, const BuildControl& control, int64_t default_time)
       : fs_(fs), layout_(layout), control_(control), default_time_(default_time) {}
 
-  Status WriteAll(blk64_t goal) {
-    goal_ = goal;
-    // The reserved inodes, as mke2fs has them: the root is a directory.
+  // The reserved inodes, as mke2fs has them (the root is a directory); the
+  // journal's among them.
+  Status ReserveInodes() {
     ext2fs_inode_alloc_stats2(fs_, EXT2_ROOT_INO, +1, 1);
     for (ext2_ino_t ino = 1; ino < EXT2_FIRST_INODE(fs_->super); ++ino) {
       if (ino != EXT2_ROOT_INO) ext2fs_inode_alloc_stats2(fs_, ino, +1, 0);
     }
+    return {};
+  }
+
+  Status WriteAll(blk64_t goal) {
+    goal_ = goal;
     // The bad blocks inode: empty, with mke2fs's times.
     struct ext2_inode_large bad;
     std::memset(&bad, 0, sizeof(bad));
@@ -390,11 +432,18 @@ class Builder {
     return in;
   }
 
+  // Single blocks fill the room left in front of the data first (the group
+  // descriptors' reserve, which the plan counts on); runs go after the data.
   Result<blk64_t> Allocate(uint64_t blocks) {
     blk64_t blk;
-    errcode_t rc = ext2fs_alloc_range(fs_, 0, goal_, static_cast<blk_t>(blocks), &blk);
+    blk64_t goal = blocks == 1 ? front_goal_ : goal_;
+    errcode_t rc = ext2fs_alloc_range(fs_, 0, goal, static_cast<blk_t>(blocks), &blk);
     if (rc) return Fail(Ext2Error(rc, fmt::format("allocate {} blocks", blocks)));
-    goal_ = blk + blocks;
+    if (blocks == 1) {
+      front_goal_ = blk + 1;
+    } else {
+      goal_ = blk + blocks;
+    }
     return blk;
   }
 
@@ -421,7 +470,8 @@ class Builder {
   }
 
   Status WriteInode(ext2_ino_t ino, struct ext2_inode_large& in) {
-    errcode_t rc = ext2fs_write_inode_full(fs_, ino, reinterpret_cast<ext2_inode*>(&in), sizeof(in));
+    errcode_t rc =
+        ext2fs_write_inode_full(fs_, ino, reinterpret_cast<ext2_inode*>(&in), sizeof(in));
     if (rc) return Fail(Ext2Error(rc, "write inode"));
     return {};
   }
@@ -448,7 +498,7 @@ class Builder {
         break;
       case Kind::kFile: {
         struct ext2_inode_large in = Base(n, static_cast<uint16_t>(n.names));
-        std::vector<Run> runs = RunsOf(n.meta->extents, fs_->blocksize);
+        const std::vector<Run>& runs = n.runs;
         uint64_t blocks = 0;
         for (const Run& r : runs) blocks += r.length;
         errcode_t rc = ext2fs_iblk_set(fs_, reinterpret_cast<ext2_inode*>(&in), blocks);
@@ -575,6 +625,7 @@ class Builder {
   const BuildControl& control_;
   int64_t default_time_;
   blk64_t goal_ = 0;
+  blk64_t front_goal_ = 0;
 };
 
 // The front of the image: the superblock and a group descriptor table for a
@@ -588,137 +639,107 @@ uint64_t FrontBlocks(uint32_t bs, uint64_t max_bytes) {
 
 uint64_t MaxImageBytes(const Ext4Options& options, uint64_t max_data_bytes) {
   // The data, and generously what metadata and a journal add to it.
-  uint64_t max = max_data_bytes + max_data_bytes / 2 + (2ull << 30);
+  uint64_t max = max_data_bytes + max_data_bytes / 4 + (1ull << 30);
   if (options.size_bytes) max = std::max(max, *options.size_bytes);
   return max;
 }
 
-}  // namespace
-
-Status CheckExt4Options(const Ext4Options& options) {
-  const uint32_t bs = options.block_size;
-  if (bs != 1024 && bs != 2048 && bs != 4096) {
-    return Fail(MakeError(ErrorKind::kPolicy, "ext4 block size {} (1024, 2048 or 4096)", bs));
-  }
-  if (options.label.size() > 16) {
-    return Fail(MakeError(ErrorKind::kPolicy, "ext4 label {:?}: over 16 bytes", options.label));
-  }
-  uint8_t uuid[16];
-  if (options.uuid && !ParseUuid(*options.uuid, uuid)) {
-    return Fail(MakeError(ErrorKind::kPolicy, "ext4 uuid {:?}: not a UUID", *options.uuid));
-  }
-  if (options.inode_ratio && (*options.inode_ratio < 1024 || *options.inode_ratio > 67108864)) {
-    return Fail(MakeError(ErrorKind::kPolicy, "ext4 inode ratio {} (1024 to 67108864)",
-                          *options.inode_ratio));
+// Copies `blocks` blocks of the image from `from` to `to` (non-overlapping),
+// in the kernel.
+Status CopyBlocks(int fd, uint64_t from, uint64_t to, uint64_t blocks, uint64_t bs) {
+  loff_t in = static_cast<loff_t>(from * bs), out = static_cast<loff_t>(to * bs);
+  uint64_t left = blocks * bs;
+  while (left > 0) {
+    ssize_t n = ::copy_file_range(fd, &in, fd, &out, left, 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return Fail(OsError(errno, "ext4: move data within the image"));
+    if (n == 0) {  // past the end of the file: the rest is a hole already
+      break;
+    }
+    left -= static_cast<uint64_t>(n);
   }
   return {};
 }
 
-uint64_t Ext4DataStart(const Ext4Options& options, uint64_t max_data_bytes) {
-  const uint32_t bs = options.block_size;
-  return RoundUp(FrontBlocks(bs, MaxImageBytes(options, max_data_bytes)) * bs, 64 * 1024);
-}
-
-Result<Ext4Report> BuildExt4(int image_fd, const ImageTree& tree, uint64_t data_start,
-                             const Ext4Options& options, const BuildControl& control) {
-  static std::once_flag messages;  // error_message() names libext2fs's codes once this ran
-  std::call_once(messages, [] { initialize_ext2_error_table(); });
-  auto log = Logger("ext4");
-  int64_t start = sandbox::MonotonicNs();
-  LX_TRY(CheckExt4Options(options));
-  const uint64_t bs = options.block_size;
-  Ext4Report report;
-  Ext4Plan& plan = report.plan;
-
-  Layout layout;
-  LX_TRY(layout.Collect(tree, options.block_size));
-  Sizing sizing = Measure(layout, bs, data_start);
-  plan.inodes = sizing.inodes;
-  for (const Node& n : layout.nodes()) {
-    if (n.kind() == Kind::kFile) plan.content_bytes += n.meta->data_bytes;
+// Moves the live data standing past `data_start + live blocks` into the
+// holes below that line (data a layer wrote and a later one removed or
+// replaced), so dead data costs the image no size: at most as many blocks are
+// copied as are dead, in the kernel, never through user space. `placed` is
+// sorted by where runs stand, and is again on return.
+Status Compact(int fd, Layout& layout, std::vector<Placed>& placed, uint64_t data_start_block,
+               uint64_t bs, uint64_t* moved) {
+  uint64_t live = 0;
+  for (const Placed& p : placed) live += p.length;
+  const uint64_t line = data_start_block + live;
+  if (placed.empty() || placed.back().physical + placed.back().length <= line) return {};
+  // The holes below the line, in order.
+  std::vector<std::pair<uint64_t, uint64_t>> holes;
+  uint64_t cursor = data_start_block;
+  for (const Placed& p : placed) {
+    if (p.physical >= line) break;
+    if (p.physical > cursor) holes.emplace_back(cursor, p.physical);
+    cursor = std::max(cursor, p.physical + p.length);
   }
-
-  // Every live run of data, by where it stands: two files on one block is a
-  // lie of the records (the extractor wrote each block once).
-  struct Placed {
-    uint64_t physical, length;
-    uint32_t node;
-  };
-  std::vector<Placed> placed;
+  if (cursor < line) holes.emplace_back(cursor, line);
+  // Each run past the line, whole or its part past it, goes into the holes,
+  // split where a hole ends. New runs per node, by run index.
+  std::unordered_map<uint32_t, std::unordered_map<uint32_t, std::vector<Run>>> pieces;
+  size_t h = 0;
+  for (const Placed& p : placed) {
+    if (p.physical + p.length <= line) continue;
+    const Run& run = layout.nodes()[p.node].runs[p.run];
+    std::vector<Run>& out = pieces[p.node][p.run];
+    uint64_t keep = p.physical < line ? line - p.physical : 0;
+    if (keep > 0) out.push_back(Run{run.logical, run.physical, keep});
+    uint64_t done = keep;
+    while (done < run.length) {
+      if (h == holes.size()) {
+        return Fail(MakeError(ErrorKind::kInternal, "ext4: compaction ran out of holes"));
+      }
+      auto& [start, end] = holes[h];
+      uint64_t n = std::min(run.length - done, end - start);
+      LX_TRY(CopyBlocks(fd, run.physical + done, start, n, bs));
+      out.push_back(Run{run.logical + done, start, n});
+      *moved += n;
+      done += n;
+      start += n;
+      if (start == end) ++h;
+    }
+  }
+  for (auto& [node, by_run] : pieces) {
+    std::vector<Run>& runs = layout.nodes()[node].runs;
+    std::vector<Run> next;
+    for (uint32_t r = 0; r < runs.size(); ++r) {
+      auto it = by_run.find(r);
+      if (it == by_run.end()) {
+        next.push_back(runs[r]);
+      } else {
+        next.insert(next.end(), it->second.begin(), it->second.end());
+      }
+    }
+    runs = std::move(next);
+  }
+  placed.clear();
   for (uint32_t i = 0; i < layout.nodes().size(); ++i) {
-    const Node& n = layout.nodes()[i];
-    if (n.kind() != Kind::kFile) continue;
-    for (const Run& r : RunsOf(n.meta->extents, bs)) placed.push_back({r.physical, r.length, i});
+    const std::vector<Run>& runs = layout.nodes()[i].runs;
+    for (uint32_t r = 0; r < runs.size(); ++r) {
+      placed.push_back({runs[r].physical, runs[r].length, i, r});
+    }
   }
   std::sort(placed.begin(), placed.end(),
             [](const Placed& a, const Placed& b) { return a.physical < b.physical; });
-  for (size_t i = 1; i < placed.size(); ++i) {
-    if (placed[i].physical < placed[i - 1].physical + placed[i - 1].length) {
-      return Fail(MakeError(ErrorKind::kPeer, "bad record: data of {:?} overlaps {:?}",
-                            layout.nodes()[placed[i].node].path,
-                            layout.nodes()[placed[i - 1].node].path));
-    }
-  }
+  return {};
+}
 
-  // The size: the data where it stands, the metadata, the inode tables, a
-  // journal, and headroom (3% and 2 MiB) for a read-write mount.
-  uint64_t inode_count = sizing.inodes + EXT2_GOOD_OLD_FIRST_INO + sizing.inodes / 10 + 64;
+// One build of the filesystem around the data, `blocks` big.
+Status BuildOnce(int image_fd, const ImageTree& tree, Layout& layout,
+                 const std::vector<Placed>& placed, const Ext4Options& options,
+                 const BuildControl& control, uint64_t blocks, uint64_t inode_count,
+                 uint64_t journal_blocks, uint64_t data_start, uint64_t data_end_block,
+                 Ext4Plan& plan) {
+  const uint64_t bs = options.block_size;
   const uint64_t front = data_start / bs;
-  uint64_t base = std::max(sizing.data_end_block,
-                           front + sizing.data_blocks) +
-                  sizing.meta_blocks + DivUp(inode_count * kInodeSize, bs);
-  base += 2 * DivUp(base, 8 * bs) + 16;  // bitmaps per group, and slack for the root
-  if (options.inode_ratio) {
-    // The ratio decides the inode count from the size, and the inode tables
-    // grow the size: solve for both.
-    uint64_t ratio = *options.inode_ratio;
-    uint64_t bytes = base * bs;
-    bytes = bytes * ratio / (ratio > kInodeSize ? ratio - kInodeSize : 1);
-    base = DivUp(bytes, bs);
-  }
-  int journal = ext2fs_default_journal_size(base);
-  uint64_t need = base + (journal > 0 ? static_cast<uint64_t>(journal) : 0);
-  uint64_t blocks = need + need / 32 + (2u << 20) / bs;
-  blocks = RoundUp(blocks, (1u << 20) / bs);
-  if (options.size_bytes) {
-    uint64_t given = *options.size_bytes / bs;
-    if (given < need) {
-      return Fail(MakeError(ErrorKind::kPolicy,
-                            "ext4 size {} bytes is too small: the content needs at least {} bytes",
-                            *options.size_bytes, need * bs));
-    }
-    blocks = given;
-  }
-  if (options.inode_ratio) inode_count = blocks * bs / *options.inode_ratio;
-  if (inode_count > UINT32_MAX) inode_count = UINT32_MAX;
-  if (inode_count < sizing.inodes + EXT2_GOOD_OLD_FIRST_INO) {
-    return Fail(MakeError(ErrorKind::kPolicy,
-                          "ext4 inode ratio {} gives {} inodes: the content needs {}",
-                          options.inode_ratio.value_or(0), inode_count,
-                          sizing.inodes + EXT2_GOOD_OLD_FIRST_INO));
-  }
-
-  // The blocks no live file holds between the layers' data get punched out:
-  // data of removed and replaced files, and whatever an extractor wrote
-  // beyond what its records name.
-  LX_ASSIGN_OR_RETURN(struct stat st, sandbox::Fstat(image_fd));
-  uint64_t cursor = data_start;
-  auto punch_to = [&](uint64_t end) -> Status {
-    if (end > cursor) {
-      plan.dead_bytes += end - cursor;
-      LX_TRY(sandbox::PunchHole(image_fd, cursor, end - cursor));
-    }
-    return {};
-  };
-  for (const Placed& p : placed) {
-    LX_TRY(punch_to(p.physical * bs));
-    cursor = std::max(cursor, (p.physical + p.length) * bs);
-  }
-  LX_TRY(punch_to(RoundUp(static_cast<uint64_t>(st.st_size), bs)));
-
-  // The filesystem: ext4 as mke2fs makes it today, less resize_inode (a
-  // container image is not grown online) and with no backup superblocks (their
-  // places would fall inside the data already written).
+  const uint64_t wanted = blocks;
   struct ext2_super_block param;
   std::memset(&param, 0, sizeof(param));
   param.s_log_block_size = static_cast<uint32_t>(__builtin_ctz(options.block_size) - 10);
@@ -729,8 +750,8 @@ Result<Ext4Report> BuildExt4(int image_fd, const ImageTree& tree, uint64_t data_
   param.s_min_extra_isize = param.s_want_extra_isize =
       sizeof(struct ext2_inode_large) - EXT2_GOOD_OLD_INODE_SIZE;
   param.s_default_mount_opts = EXT2_DEFM_XATTR_USER | EXT2_DEFM_ACL;
-  param.s_feature_compat =
-      EXT2_FEATURE_COMPAT_EXT_ATTR | EXT2_FEATURE_COMPAT_DIR_INDEX | EXT4_FEATURE_COMPAT_SPARSE_SUPER2;
+  param.s_feature_compat = EXT2_FEATURE_COMPAT_EXT_ATTR | EXT2_FEATURE_COMPAT_DIR_INDEX |
+                           EXT4_FEATURE_COMPAT_SPARSE_SUPER2;
   param.s_feature_incompat = EXT2_FEATURE_INCOMPAT_FILETYPE | EXT3_FEATURE_INCOMPAT_EXTENTS |
                              EXT4_FEATURE_INCOMPAT_64BIT | EXT4_FEATURE_INCOMPAT_FLEX_BG;
   param.s_feature_ro_compat = EXT2_FEATURE_RO_COMPAT_LARGE_FILE | EXT4_FEATURE_RO_COMPAT_HUGE_FILE |
@@ -744,15 +765,18 @@ Result<Ext4Report> BuildExt4(int image_fd, const ImageTree& tree, uint64_t data_
     // libext2fs closes the fd it is given: it gets its own.
     LX_ASSIGN_OR_RETURN(sandbox::UniqueFd io_fd, sandbox::Dup(image_fd));
     std::string name = std::to_string(io_fd.get());
-    errcode_t rc = ext2fs_initialize(name.c_str(), EXT2_FLAG_64BITS, &param,
-                                     MemoryCachedFdIoManager(), &fs);
+    errcode_t rc =
+        ext2fs_initialize(name.c_str(), EXT2_FLAG_64BITS, &param, MemoryCachedFdIoManager(), &fs);
     if (rc) return Fail(Ext2Error(rc, "ext4: initialize"));
     (void)io_fd.release();
-    if (ext2fs_blocks_count(fs->super) >= need || attempt == 1) break;
-    // A last group too small for its tables was dropped: give it a whole one.
+    if (ext2fs_blocks_count(fs->super) >= blocks || attempt == 1) break;
+    // A last group too small for its own tables (and 50 blocks) was dropped:
+    // give it that much.
+    uint64_t kept = ext2fs_blocks_count(fs->super);
+    uint64_t overhead = 2 + fs->inode_blocks_per_group + 50;
     ext2fs_free(fs);
     fs = nullptr;
-    blocks = RoundUp(blocks, 8ull * bs) + 8ull * bs;
+    blocks = std::max(blocks, kept + overhead + 1);
   }
   struct FsCloser {
     ext2_filsys* fs;
@@ -767,8 +791,8 @@ Result<Ext4Report> BuildExt4(int image_fd, const ImageTree& tree, uint64_t data_
                           "front has room for",
                           blocks * bs));
   }
-  if (blocks < need) {
-    return Fail(MakeError(ErrorKind::kInternal, "ext4: {} blocks made, {} needed", blocks, need));
+  if (blocks < wanted) {
+    return Fail(MakeError(ErrorKind::kInternal, "ext4: {} blocks made, {} needed", blocks, wanted));
   }
   plan.size_bytes = blocks * bs;
   plan.inode_count = fs->super->s_inodes_count;
@@ -796,7 +820,8 @@ Result<Ext4Report> BuildExt4(int image_fd, const ImageTree& tree, uint64_t data_
   } else if (options.reproducible) {
     DerivedUuid(options.seed, uuid);
   } else {
-    if (::getrandom(uuid, sizeof(uuid), 0) != sizeof(uuid)) return Fail(OsError(errno, "getrandom"));
+    if (::getrandom(uuid, sizeof(uuid), 0) != sizeof(uuid))
+      return Fail(OsError(errno, "getrandom"));
     uuid[6] = static_cast<uint8_t>((uuid[6] & 0x0f) | 0x40);
     uuid[8] = static_cast<uint8_t>((uuid[8] & 0x3f) | 0x80);
   }
@@ -836,16 +861,18 @@ Result<Ext4Report> BuildExt4(int image_fd, const ImageTree& tree, uint64_t data_
   }
 
   Builder builder(fs, layout, control, now);
-  LX_TRY(builder.WriteAll(sizing.data_end_block));
-
-  struct ext2fs_journal_params journal_params;
-  rc = ext2fs_get_journal_params(&journal_params, fs);
-  if (!rc && journal_params.num_journal_blocks > 0) {
-    // Lazily: its blocks read as zeros already.
-    rc = ext2fs_add_journal_inode3(fs, &journal_params, sizing.data_end_block,
+  LX_TRY(builder.ReserveInodes());
+  // The journal first, right after the data, so that it is one run: the
+  // journal planned for (libext2fs would size it from the final block count,
+  // which may cross one of its steps). Lazily: its blocks read as zeros.
+  struct ext2fs_journal_params journal_params = {};
+  journal_params.num_journal_blocks = static_cast<blk_t>(journal_blocks);
+  if (journal_blocks > 0) {
+    rc = ext2fs_add_journal_inode3(fs, &journal_params, data_end_block,
                                    EXT2_MKJOURNAL_LAZYINIT | EXT2_MKJOURNAL_NO_MNT_CHECK);
     if (rc) return Fail(Ext2Error(rc, "ext4: journal"));
   }
+  LX_TRY(builder.WriteAll(data_end_block));
   if (epoch) {
     fs->super->s_mkfs_time = fs->super->s_lastcheck = fs->super->s_wtime =
         static_cast<uint32_t>(*epoch);
@@ -857,9 +884,180 @@ Result<Ext4Report> BuildExt4(int image_fd, const ImageTree& tree, uint64_t data_
   ext2fs_mark_ib_dirty(fs);
   rc = ext2fs_close_free(&fs);
   if (rc) return Fail(Ext2Error(rc, "ext4: write image"));
+  return {};
+}
+
+}  // namespace
+
+Status CheckExt4Options(const Ext4Options& options) {
+  const uint32_t bs = options.block_size;
+  if (bs != 1024 && bs != 2048 && bs != 4096) {
+    return Fail(MakeError(ErrorKind::kPolicy, "ext4 block size {} (1024, 2048 or 4096)", bs));
+  }
+  if (options.label.size() > 16) {
+    return Fail(MakeError(ErrorKind::kPolicy, "ext4 label {:?}: over 16 bytes", options.label));
+  }
+  uint8_t uuid[16];
+  if (options.uuid && !ParseUuid(*options.uuid, uuid)) {
+    return Fail(MakeError(ErrorKind::kPolicy, "ext4 uuid {:?}: not a UUID", *options.uuid));
+  }
+  if (options.inode_ratio && (*options.inode_ratio < 1024 || *options.inode_ratio > 67108864)) {
+    return Fail(MakeError(ErrorKind::kPolicy, "ext4 inode ratio {} (1024 to 67108864)",
+                          *options.inode_ratio));
+  }
+  return {};
+}
+
+uint64_t Ext4DataStart(const Ext4Options& options, uint64_t max_data_bytes) {
+  const uint32_t bs = options.block_size;
+  return FrontBlocks(bs, MaxImageBytes(options, max_data_bytes)) * bs;
+}
+
+Result<Ext4Report> BuildExt4(int image_fd, const ImageTree& tree, uint64_t data_start,
+                             const Ext4Options& options, const BuildControl& control) {
+  static std::once_flag messages;  // error_message() names libext2fs's codes once this ran
+  std::call_once(messages, [] { initialize_ext2_error_table(); });
+  auto log = Logger("ext4");
+  int64_t start = sandbox::MonotonicNs();
+  LX_TRY(CheckExt4Options(options));
+  const uint64_t bs = options.block_size;
+  Ext4Report report;
+  Ext4Plan& plan = report.plan;
+
+  Layout layout;
+  LX_TRY(layout.Collect(tree, options.block_size));
+  plan.inodes = layout.nodes().size();
+  for (const Node& n : layout.nodes()) {
+    if (n.kind() == Kind::kFile) plan.content_bytes += n.meta->data_bytes;
+  }
+
+  // Every live run of data, by where it stands: two files on one block is a
+  // lie of the records (the extractor wrote each block once).
+  std::vector<Placed> placed;
+  for (uint32_t i = 0; i < layout.nodes().size(); ++i) {
+    const Node& n = layout.nodes()[i];
+    if (n.kind() != Kind::kFile) continue;
+    for (uint32_t r = 0; r < n.runs.size(); ++r) {
+      placed.push_back({n.runs[r].physical, n.runs[r].length, i, r});
+    }
+  }
+  std::sort(placed.begin(), placed.end(),
+            [](const Placed& a, const Placed& b) { return a.physical < b.physical; });
+  for (size_t i = 1; i < placed.size(); ++i) {
+    if (placed[i].physical < placed[i - 1].physical + placed[i - 1].length) {
+      return Fail(MakeError(ErrorKind::kPeer, "bad record: data of {:?} overlaps {:?}",
+                            layout.nodes()[placed[i].node].path,
+                            layout.nodes()[placed[i - 1].node].path));
+    }
+  }
+
+  uint64_t moved = 0;
+  LX_TRY(Compact(image_fd, layout, placed, data_start / bs, bs, &moved));
+  if (moved > 0) log->debug("compacted: {} blocks moved into dead data's room", moved);
+  Sizing sizing = Measure(layout, bs, data_start);
+
+  // The size: the data where it stands, the metadata, the inode tables, the
+  // bitmaps and a journal, and no more: like tar2ext4's, the image is as small
+  // as its content allows (a container's root is mounted read-only or under
+  // an overlay); --size makes room. Inodes: the tree's and 16 spare.
+  const uint64_t needed_inodes = sizing.inodes + EXT2_GOOD_OLD_FIRST_INO;
+  const uint64_t front = data_start / bs;
+  const uint64_t blocks_per_group = 8 * bs;
+  auto journal_for = [](uint64_t fs_blocks) -> uint64_t {
+    int j = ext2fs_default_journal_size(fs_blocks);
+    return j > 0 ? static_cast<uint64_t>(j) : 0;
+  };
+  // Blocks for `inodes` and everything else, as ext2fs_initialize lays them
+  // out (inode tables rounded up per group); the group count follows the
+  // total, so go round until it settles.
+  auto size_for = [&](uint64_t inodes, uint64_t* journal) {
+    uint64_t total =
+        std::max(sizing.data_end_block, front + sizing.data_blocks) + sizing.meta_blocks;
+    uint64_t groups = 1, blocks = total;
+    for (int i = 0; i < 4; ++i) {
+      groups = std::max<uint64_t>(1, DivUp(blocks, blocks_per_group));
+      uint64_t per_group = RoundUp(DivUp(inodes, groups), 8);
+      uint64_t itable = groups * DivUp(per_group * kInodeSize, bs);
+      blocks = total + itable + 2 * groups;
+      // What the group descriptors leave of their reserve in front of the
+      // data (counted in the data's end) takes the bitmaps, then single
+      // blocks (Builder::Allocate).
+      uint64_t front_used = (bs == 1024 ? 1 : 0) + 1 + DivUp(groups * kDescSize, bs);
+      uint64_t room = front > front_used ? front - front_used : 0;
+      uint64_t bitmaps_in_front = std::min(room, 2 * groups);
+      blocks -= bitmaps_in_front + std::min(room - bitmaps_in_front, sizing.single_blocks);
+      *journal = journal_for(blocks);
+      blocks += *journal;
+    }
+    return blocks;
+  };
+  uint64_t inode_count = needed_inodes + 16;
+  uint64_t journal_blocks = 0;
+  // At least 1 MiB: below that libext2fs finds no room for a group's tables.
+  uint64_t need = std::max<uint64_t>(size_for(inode_count, &journal_blocks), (1u << 20) / bs);
+  if (options.inode_ratio) {
+    // The ratio decides the inode count from the size, and the inode tables
+    // grow the size: solve for both.
+    for (int i = 0; i < 8; ++i) {
+      uint64_t count = std::max(needed_inodes, need * bs / *options.inode_ratio);
+      need = std::max<uint64_t>(size_for(count, &journal_blocks), (1u << 20) / bs);
+    }
+  }
+  log->debug("plan: data_end={} data={} meta={} singles={} inodes={} journal={} blocks={}",
+             sizing.data_end_block, sizing.data_blocks, sizing.meta_blocks, sizing.single_blocks,
+             inode_count, journal_blocks, need);
+  uint64_t blocks = need;
+  if (options.size_bytes) {
+    uint64_t given = *options.size_bytes / bs;
+    if (given < need) {
+      return Fail(MakeError(ErrorKind::kPolicy,
+                            "ext4 size {} bytes is too small: the content needs at least {} bytes",
+                            *options.size_bytes, need * bs));
+    }
+    // The journal mke2fs would give this size, where it fits.
+    if (given - need + journal_blocks >= journal_for(given)) journal_blocks = journal_for(given);
+    blocks = given;
+  }
+
+  // The blocks no live file holds get punched out: data of removed and
+  // replaced files, whatever an extractor wrote beyond what its records name,
+  // and (on a second attempt) the first one's metadata.
+  LX_ASSIGN_OR_RETURN(struct stat st, sandbox::Fstat(image_fd));
+  uint64_t file_end = RoundUp(static_cast<uint64_t>(st.st_size), bs);
+  auto punch_all_but_data = [&](uint64_t from, bool count) -> Status {
+    uint64_t cursor = from;
+    auto punch_to = [&](uint64_t end) -> Status {
+      if (end <= cursor) return {};
+      if (count) plan.dead_bytes += end - cursor;
+      return sandbox::PunchHole(image_fd, cursor, end - cursor);
+    };
+    for (const Placed& p : placed) {
+      LX_TRY(punch_to(p.physical * bs));
+      cursor = std::max(cursor, (p.physical + p.length) * bs);
+    }
+    return punch_to(file_end);
+  };
+  LX_TRY(punch_all_but_data(data_start, true));
+
+  // Sizing counts every block; should libext2fs still want one more (its
+  // extent or xattr blocks are estimated from above), one more attempt with
+  // room to spare, after its metadata is punched out again.
+  for (int attempt = 0;; ++attempt) {
+    Status built = BuildOnce(image_fd, tree, layout, placed, options, control, blocks, inode_count,
+                             journal_blocks, data_start, sizing.data_end_block, plan);
+    if (built) break;
+    if (attempt > 0 || options.size_bytes || built.error().kind() != ErrorKind::kOs ||
+        built.error().err() != ENOSPC) {
+      return Fail(std::move(built).error());
+    }
+    log->debug("ext4: {} blocks were too few; again with more", blocks);
+    blocks += blocks / 64 + 64;
+    file_end = std::max(file_end, plan.size_bytes);
+    LX_TRY(punch_all_but_data(0, false));
+  }
   report.build_ns = sandbox::MonotonicNs() - start;
-  log->info("built: size={} inodes={} content={} dead={} ms={:.1f}", plan.size_bytes,
-            plan.inodes, plan.content_bytes, plan.dead_bytes, report.build_ns / 1e6);
+  log->info("built: size={} inodes={} content={} dead={} ms={:.1f}", plan.size_bytes, plan.inodes,
+            plan.content_bytes, plan.dead_bytes, report.build_ns / 1e6);
   return report;
 }
 

@@ -103,8 +103,8 @@ Status ImageTree::ValidateExtents(const EntryRecord& r) {
     if (x.length == 0 || x.logical % bs != 0 || x.physical % bs != 0 || x.logical < next_logical ||
         x.physical < window_.start || x.length > r.size || x.logical > r.size - x.length ||
         x.physical > UINT64_MAX - x.length - bs) {
-      return Fail(Bad(fmt::format("data extent {}+{} at {} of {:?}", x.logical, x.length,
-                                  x.physical, r.path)));
+      return Fail(Bad(
+          fmt::format("data extent {}+{} at {} of {:?}", x.logical, x.length, x.physical, r.path)));
     }
     total += x.length;
     next_logical = (x.logical + x.length + bs - 1) / bs * bs;

@@ -12,6 +12,8 @@
 
 #include <filesystem>
 #include <fstream>
+#include <system_error>
+#include <thread>
 
 #include "broker/logging.h"
 #include "broker/manifest.h"
@@ -73,7 +75,19 @@ class Workspace {
   int dir_fd() const { return dir_fd_.get(); }
   std::string path() const { return parent_ + "/" + name_; }
 
+  // The work tree is done with (the image is built from the records, not from
+  // it): remove it on another thread while the job goes on; Cleanup() waits.
+  void DropTreeAsync() {
+    rootfs_fd_.reset();
+    try {
+      dropper_ = std::thread([fd = dir_fd_.get()] { (void)sandbox::RemoveTreeAt(fd, "rootfs"); });
+    } catch (const std::system_error&) {
+      // No thread to be had: Cleanup() removes it with the rest.
+    }
+  }
+
   void Cleanup() {
+    if (dropper_.joinable()) dropper_.join();
     if (name_.empty()) return;
     rootfs_fd_.reset();
     dir_fd_.reset();
@@ -90,6 +104,7 @@ class Workspace {
   std::string name_;
   UniqueFd dir_fd_;
   UniqueFd rootfs_fd_;
+  std::thread dropper_;
 };
 
 // An output file being written under a temp name beside its place; removed
@@ -165,7 +180,8 @@ Result<ResolvedImage> StageDockerArchive(const DockerArchiveSpec& spec, Workspac
   staging_ctx.rootfs_fd = staging.get();
   staging_ctx.data = sandbox::JailData{};  // the archive's files are read back: a real tree
   staging_ctx.data_fd = -1;
-  auto staged = RunLayer(staging_ctx, LayerInput{.index = 0, .path = spec.file, .fd = spec.fd}, scratch);
+  auto staged =
+      RunLayer(staging_ctx, LayerInput{.index = 0, .path = spec.file, .fd = spec.fd}, scratch);
   if (!staged) return Fail(std::move(staged).error().With("docker-archive {:?}", spec.file));
   auto resolved = ResolveDockerArchive(std::move(staging), spec.ref);
   if (!resolved) return Fail(std::move(resolved).error().With("docker-archive:{}", spec.file));
@@ -265,6 +281,26 @@ Result<std::string> FindExtractor() {
 
 namespace {
 
+// Bytes of input the job reads: the blobs, or the docker-archive.
+uint64_t InputBytes(const ResolvedImage& image, const std::optional<DockerArchiveSpec>& docker) {
+  struct stat st;
+  if (docker) {
+    int r = docker->fd >= 0 ? ::fstat(docker->fd, &st) : ::stat(docker->file.c_str(), &st);
+    return r == 0 ? static_cast<uint64_t>(st.st_size) : 0;
+  }
+  uint64_t total = 0;
+  for (const LayerSource& l : image.layers) {
+    if (l.size) {
+      total += *l.size;
+    } else if (l.fd >= 0 && ::fstat(l.fd, &st) == 0) {
+      total += static_cast<uint64_t>(st.st_size);
+    } else if (l.fd < 0 && l.dir_fd < 0 && ::stat(l.path.c_str(), &st) == 0) {
+      total += static_cast<uint64_t>(st.st_size);
+    }
+  }
+  return total;
+}
+
 Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest& request,
                            ResolvedImage& image, const std::optional<DockerArchiveSpec>& docker,
                            int64_t start, int extractor_fd,
@@ -326,7 +362,33 @@ Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest&
   if (want_ext4) {
     LX_TRY(reserve(ext4_file, ext4_out, request.ext4_fd, "out.ext4"));
     LX_ASSIGN_OR_RETURN(image_fd, ext4_file.Create(O_RDWR));
-    data_start = Ext4DataStart(request.ext4_options, request.policy.limits.max_image_bytes);
+    // The most data the layers can bring, for the room the image's group
+    // descriptors get in front of it: max_image_bytes, or less when the
+    // input's size and max_compression_ratio say so (the broker stops a layer
+    // past either).
+    const policy::Limits& limits = request.policy.limits;
+    uint64_t max_data = limits.max_image_bytes;
+    uint64_t input = InputBytes(image, docker);
+    bool sized = docker.has_value() || !image.layers.empty();
+    for (const LayerSource& l : image.layers) {
+      struct stat st;
+      sized &=
+          l.size.has_value() ||
+          (l.fd >= 0 ? ::fstat(l.fd, &st) == 0 && S_ISREG(st.st_mode)
+                     : l.dir_fd < 0 && ::stat(l.path.c_str(), &st) == 0 && S_ISREG(st.st_mode));
+    }
+    if (docker) {
+      struct stat st;
+      sized = docker->fd >= 0 ? ::fstat(docker->fd, &st) == 0 && S_ISREG(st.st_mode)
+                              : ::stat(docker->file.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+    }
+    if (sized && input > 0 && limits.max_compression_ratio > 0 &&
+        input < UINT64_MAX / limits.max_compression_ratio / 2) {
+      uint64_t bound = input * limits.max_compression_ratio +
+                       std::max<size_t>(image.layers.size(), 1) * policy::kRatioGraceBytes;
+      max_data = std::min(max_data, bound);
+    }
+    data_start = Ext4DataStart(request.ext4_options, max_data);
     ctx.data_fd = image_fd.get();
     ctx.data = sandbox::JailData{
         .mode = rootfs_out ? sandbox::DataMode::kTreeAndImage : sandbox::DataMode::kImage,
@@ -337,8 +399,7 @@ Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest&
   }
   for (size_t i = 0; i < image.layers.size(); ++i) {
     const LayerSource& source = image.layers[i];
-    LayerInput input{
-        .index = i + 1, .dir_fd = source.dir_fd, .path = source.path, .fd = source.fd};
+    LayerInput input{.index = i + 1, .dir_fd = source.dir_fd, .path = source.path, .fd = source.fd};
     auto layer = RunLayer(ctx, input, tree);
     if (layer) {
       Status verified = VerifyLayer(source, *layer);
@@ -355,6 +416,7 @@ Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest&
     report.layers.push_back(std::move(*layer));
   }
   report.final_entries = tree.size();
+  if (!rootfs_out) work.DropTreeAsync();
   if (request.rootfs && ::geteuid() == 0 && request.policy.ids.full_range()) {
     if (Status s = FinishRootfsAsRoot(work.rootfs_fd(), tree); !s) {
       return Fail(std::move(s).error().With("rootfs"));
@@ -410,26 +472,6 @@ Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest&
   work.Cleanup();
   report.total_ns = sandbox::MonotonicNs() - start;
   return report;
-}
-
-// Bytes of input the job reads: the blobs, or the docker-archive.
-uint64_t InputBytes(const ResolvedImage& image, const std::optional<DockerArchiveSpec>& docker) {
-  struct stat st;
-  if (docker) {
-    int r = docker->fd >= 0 ? ::fstat(docker->fd, &st) : ::stat(docker->file.c_str(), &st);
-    return r == 0 ? static_cast<uint64_t>(st.st_size) : 0;
-  }
-  uint64_t total = 0;
-  for (const LayerSource& l : image.layers) {
-    if (l.size) {
-      total += *l.size;
-    } else if (l.fd >= 0 && ::fstat(l.fd, &st) == 0) {
-      total += static_cast<uint64_t>(st.st_size);
-    } else if (l.fd < 0 && l.dir_fd < 0 && ::stat(l.path.c_str(), &st) == 0) {
-      total += static_cast<uint64_t>(st.st_size);
-    }
-  }
-  return total;
 }
 
 // Whether every layer can be read a second time (files, not streams).
@@ -552,9 +594,9 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
   // The work tree goes beside the rootfs (renamed into place at the end), or,
   // when only an image or a manifest is wanted, where it is cheapest to make
   // and remove (ChooseScratch); a tmpfs that fills up is retried on disk once.
-  const std::string beside = rootfs_out     ? rootfs_out->dir
-                             : ext4_out     ? ext4_out->dir
-                             : manifest_out ? manifest_out->dir
+  const std::string beside = rootfs_out                     ? rootfs_out->dir
+                             : ext4_out                     ? ext4_out->dir
+                             : manifest_out                 ? manifest_out->dir
                              : !request.scratch_dir.empty() ? request.scratch_dir
                                                             : "/var/tmp";
   std::optional<std::string> scratch;

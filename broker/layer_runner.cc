@@ -497,8 +497,8 @@ Result<LayerReport> RunLayer(const RunContext& ctx, const LayerInput& layer, Ima
   // opaque markers hide lower entries only).
   const bool to_image = ctx.data.mode == sandbox::DataMode::kImage ||
                         ctx.data.mode == sandbox::DataMode::kTreeAndImage;
-  tree.BeginLayer(DataWindow{
-      .enabled = to_image, .start = ctx.data.start, .block_size = ctx.data.block_size});
+  tree.BeginLayer(
+      DataWindow{.enabled = to_image, .start = ctx.data.start, .block_size = ctx.data.block_size});
   Session session(ctx, tree, report);
   LX_TRY(session.Run(layer));
   if (to_image) {
@@ -508,7 +508,8 @@ Result<LayerReport> RunLayer(const RunContext& ctx, const LayerInput& layer, Ima
     const uint64_t bs = ctx.data.block_size;
     uint64_t end = (static_cast<uint64_t>(st.st_size) + bs - 1) / bs * bs;
     if (tree.layer_data_end() > end) {
-      return Fail(MakeError(ErrorKind::kPeer, "bad record: data extents end at {}, past the {} bytes written",
+      return Fail(MakeError(ErrorKind::kPeer,
+                            "bad record: data extents end at {}, past the {} bytes written",
                             tree.layer_data_end(), end));
     }
     report.data_end = std::max(end, ctx.data.start);

@@ -88,9 +88,9 @@ Status WriteProcFile(pid_t pid, const char* name, const std::string& content) {
 
 Result<UniqueFd> MakeJailConfig(const policy::Policy& policy, const JailData& data) {
   const bool data_fd = data.mode == DataMode::kImage || data.mode == DataMode::kTreeAndImage;
-  LX_ASSIGN_OR_RETURN(std::vector<sock_filter> program,
-                      CompileSeccompFilter(policy, data_fd ? std::optional(data.start)
-                                                           : std::nullopt));
+  LX_ASSIGN_OR_RETURN(
+      std::vector<sock_filter> program,
+      CompileSeccompFilter(policy, data_fd ? std::optional(data.start) : std::nullopt));
   JailConfigHeader header;
   header.rlimits = policy.rlimits;
   header.limits = policy.limits;

@@ -1,9 +1,9 @@
 #include "sandbox/sys.h"
 
 #include <dirent.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
-#include <errno.h>
 #include <pthread.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
