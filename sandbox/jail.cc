@@ -70,21 +70,31 @@ namespace {
 JailSetupResult Failed(SetupStep step) { return {step, errno}; }
 
 std::vector<sock_filter> g_seccomp_program;  // read before the pivot, installed last
+std::vector<sock_filter> g_data_program;     // the data fd filter, stacked on it (or empty)
 
 bool ReadConfig(JailConfigHeader* config) {
   if (::pread(kConfigFd, config, sizeof(*config), 0) != static_cast<ssize_t>(sizeof(*config))) {
     if (errno == 0) errno = EPROTO;
     return false;
   }
+  bool wants_data =
+      config->data.mode == DataMode::kImage || config->data.mode == DataMode::kTreeAndImage;
   if (config->magic != kJailConfigMagic || config->header_size != sizeof(*config) ||
-      config->bpf_instructions == 0 || config->bpf_instructions > BPF_MAXINSNS) {
+      config->bpf_instructions == 0 || config->bpf_instructions > BPF_MAXINSNS ||
+      config->data_bpf_instructions > BPF_MAXINSNS ||
+      wants_data != (config->data_bpf_instructions != 0)) {
     errno = EPROTO;
     return false;
   }
   g_seccomp_program.resize(config->bpf_instructions);
+  g_data_program.resize(config->data_bpf_instructions);
   size_t bytes = g_seccomp_program.size() * sizeof(sock_filter);
+  size_t data_bytes = g_data_program.size() * sizeof(sock_filter);
   if (::pread(kConfigFd, g_seccomp_program.data(), bytes, sizeof(*config)) !=
-      static_cast<ssize_t>(bytes)) {
+          static_cast<ssize_t>(bytes) ||
+      (data_bytes > 0 &&
+       ::pread(kConfigFd, g_data_program.data(), data_bytes,
+               static_cast<off_t>(sizeof(*config) + bytes)) != static_cast<ssize_t>(data_bytes))) {
     errno = EPROTO;
     return false;
   }
@@ -228,6 +238,15 @@ JailSetupResult EnterJail(JailConfigHeader* config) {
   struct sock_fprog prog = {static_cast<unsigned short>(g_seccomp_program.size()),
                             g_seccomp_program.data()};
   // Seccomp last: every step above needs a syscall the filter forbids.
+  if (!g_data_program.empty()) {
+    // The data fd's filter first: the allowlist forbids seccomp(2) itself.
+    // Stacked filters only ever narrow; the kernel takes the stricter answer.
+    struct sock_fprog data_prog = {static_cast<unsigned short>(g_data_program.size()),
+                                   g_data_program.data()};
+    if (::syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &data_prog) != 0) {
+      return Failed(SetupStep::kSeccomp);
+    }
+  }
   if (::syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) != 0) {
     return Failed(SetupStep::kSeccomp);
   }

@@ -25,7 +25,8 @@ enum class DataMode : uint32_t {
 // file's data at block-aligned offsets from `start` on and reports where in the
 // file's record. SECURITY: seccomp lets it write to that fd only with pwrite64 at
 // offsets >= `start`, so a layer cannot touch a lower layer's data (or anything
-// else about the image file: no truncate, chmod, xattrs or dup of it).
+// else about the image file: no truncate, chmod, xattrs or dup of it); see
+// sandbox/seccomp.h, CompileDataFdFilter.
 struct JailData {
   DataMode mode = DataMode::kTree;
   uint32_t block_size = 4096;
@@ -41,7 +42,8 @@ struct JailConfigHeader {
   uint32_t keep_fs_caps = 0;  // 1: keep CHOWN, DAC_OVERRIDE, FOWNER, FSETID (full id range)
   JailData data;
   uint32_t bpf_instructions = 0;
-  // followed by bpf_instructions * sizeof(sock_filter)
+  uint32_t data_bpf_instructions = 0;  // the data fd filter; 0 without a data fd
+  // followed by bpf_instructions, then data_bpf_instructions, sock_filters
 };
 
 // The fds every jailed child finds after exec; everything else is closed.

@@ -73,7 +73,8 @@ constexpr const char* kAllowed[] = {
     "getrusage",  // the extractor reports its peak RSS
 };
 
-// Allowed too, but never on the data fd (the ext4 image, fd 6): what could
+// Allowed by the allowlist, but never on the data fd (the ext4 image, fd 6),
+// which a second filter (CompileDataFdFilter) sees to: what could
 // write it other than pwrite64 past this layer's start, change its size, mode,
 // owner, times or xattrs, link it into the tree, or make a second fd for it.
 // The fd is compared on its low 32 bits, as the kernel reads it.
@@ -112,12 +113,64 @@ Status Check(int rc, const char* what) {
 
 }  // namespace
 
-Result<std::vector<sock_filter>> CompileSeccompFilter(const policy::Policy& policy,
-                                                      std::optional<uint64_t> data_start) {
-  uint32_t deny = policy.seccomp_action == policy::SeccompAction::kKillProcess
-                      ? SCMP_ACT_KILL_PROCESS
-                      : SCMP_ACT_ERRNO(EPERM);
-  std::unique_ptr<void, CtxDeleter> ctx(seccomp_init(deny));
+namespace {
+
+Result<std::vector<sock_filter>> Export(scmp_filter_ctx ctx) {
+  LX_ASSIGN_OR_RETURN(UniqueFd memfd, MemfdCreate("layerx-bpf"));
+  LX_TRY(Check(seccomp_export_bpf(ctx, memfd.get()), "export"));
+  LX_ASSIGN_OR_RETURN(struct stat st, Fstat(memfd.get()));
+  if (st.st_size <= 0 || st.st_size % sizeof(sock_filter) != 0) {
+    return Fail(MakeError(ErrorKind::kInternal, "seccomp export: bad size {}", st.st_size));
+  }
+  std::vector<sock_filter> program(static_cast<size_t>(st.st_size) / sizeof(sock_filter));
+  if (::pread(memfd.get(), program.data(), static_cast<size_t>(st.st_size), 0) != st.st_size) {
+    return Fail(OsError(errno, "read seccomp program"));
+  }
+  return program;
+}
+
+uint32_t DenyAction(const policy::Policy& policy) {
+  return policy.seccomp_action == policy::SeccompAction::kKillProcess ? SCMP_ACT_KILL_PROCESS
+                                                                      : SCMP_ACT_ERRNO(EPERM);
+}
+
+}  // namespace
+
+Result<std::vector<sock_filter>> CompileDataFdFilter(const policy::Policy& policy,
+                                                     uint64_t data_start) {
+  std::unique_ptr<void, CtxDeleter> ctx(seccomp_init(SCMP_ACT_ALLOW));
+  if (!ctx) return Fail(MakeError(ErrorKind::kOs, "seccomp_init failed"));
+  LX_TRY(Check(seccomp_attr_set(ctx.get(), SCMP_FLTATR_CTL_NNP, 0), "attr nnp"));
+  const uint32_t deny = DenyAction(policy);
+  // The kernel reads an fd argument's low 32 bits only: so does this match
+  // (a plain 64-bit "!= 6" would let 0x100000006 through).
+  auto is_data_fd = [](unsigned arg) {
+    return scmp_arg_cmp{arg, SCMP_CMP_MASKED_EQ, 0xffffffffu, static_cast<scmp_datum_t>(kDataFd)};
+  };
+  for (const char* name : kNotOnDataFd) {
+    int nr = seccomp_syscall_resolve_name(name);
+    if (nr == __NR_SCMP_ERROR) continue;
+    if (nr == SCMP_SYS(fcntl)) continue;  // below: only its dup commands
+    LX_TRY(Check(seccomp_rule_add(ctx.get(), deny, nr, 1, is_data_fd(0)), name));
+  }
+  for (int cmd : {F_DUPFD, F_DUPFD_CLOEXEC}) {
+    LX_TRY(Check(seccomp_rule_add(ctx.get(), deny, SCMP_SYS(fcntl), 2, is_data_fd(0),
+                                  scmp_arg_cmp{1, SCMP_CMP_MASKED_EQ, 0xffffffffu,
+                                               static_cast<scmp_datum_t>(cmd)}),
+                 "fcntl"));
+  }
+  // pwrite64 only from this layer's start on: the lower layers' data and the
+  // image's first blocks stay out of reach.
+  LX_TRY(Check(seccomp_rule_add(ctx.get(), deny, SCMP_SYS(pwrite64), 2, is_data_fd(0),
+                                SCMP_A3_64(SCMP_CMP_LT, data_start)),
+               "pwrite64"));
+  // Never mapped (it is write-only anyway).
+  LX_TRY(Check(seccomp_rule_add(ctx.get(), deny, SCMP_SYS(mmap), 1, is_data_fd(4)), "mmap"));
+  return Export(ctx.get());
+}
+
+Result<std::vector<sock_filter>> CompileSeccompFilter(const policy::Policy& policy) {
+  std::unique_ptr<void, CtxDeleter> ctx(seccomp_init(DenyAction(policy)));
   if (!ctx) return Fail(MakeError(ErrorKind::kOs, "seccomp_init failed"));
   // A syscall from a foreign ABI (x32, i386 on x86_64) is denied too.
   LX_TRY(Check(seccomp_attr_set(ctx.get(), SCMP_FLTATR_CTL_NNP, 0), "attr nnp"));
@@ -133,51 +186,19 @@ Result<std::vector<sock_filter>> CompileSeccompFilter(const policy::Policy& poli
     LX_TRY(Check(seccomp_rule_add(ctx.get(), SCMP_ACT_ALLOW, nr, 0), name));
   }
 #endif
-  // Without a data fd, fd 6 is any file of the tree the extractor opened.
-  if (!data_start) {
-    for (const char* name : kNotOnDataFd) {
-      int nr = seccomp_syscall_resolve_name(name);
-      if (nr == __NR_SCMP_ERROR) continue;
-      LX_TRY(Check(seccomp_rule_add(ctx.get(), SCMP_ACT_ALLOW, nr, 0), name));
-    }
-    LX_TRY(Check(seccomp_rule_add(ctx.get(), SCMP_ACT_ALLOW, SCMP_SYS(pwrite64), 0), "pwrite64"));
-  } else {
-    for (const char* name : kNotOnDataFd) {
-      int nr = seccomp_syscall_resolve_name(name);
-      if (nr == __NR_SCMP_ERROR) continue;  // fchmodat2: only in newer libseccomp tables
-      LX_TRY(Check(
-          seccomp_rule_add(ctx.get(), SCMP_ACT_ALLOW, nr, 1, SCMP_A0_32(SCMP_CMP_NE, kDataFd)),
-          name));
-    }
-    // On the data fd, fcntl may only look (F_GETFD, F_GETFL): never F_DUPFD.
-    for (int cmd : {F_GETFD, F_GETFL}) {
-      LX_TRY(Check(seccomp_rule_add(ctx.get(), SCMP_ACT_ALLOW, SCMP_SYS(fcntl), 2,
-                                    SCMP_A0_32(SCMP_CMP_EQ, kDataFd), SCMP_A1_32(SCMP_CMP_EQ, cmd)),
-                   "fcntl data"));
-    }
-    // pwrite64 anywhere but the data fd, and there only from this layer's start
-    // on: the lower layers' data and the image's first blocks stay out of reach.
-    LX_TRY(Check(seccomp_rule_add(ctx.get(), SCMP_ACT_ALLOW, SCMP_SYS(pwrite64), 1,
-                                  SCMP_A0_32(SCMP_CMP_NE, kDataFd)),
-                 "pwrite64"));
-    LX_TRY(Check(
-        seccomp_rule_add(ctx.get(), SCMP_ACT_ALLOW, SCMP_SYS(pwrite64), 2,
-                         SCMP_A0_32(SCMP_CMP_EQ, kDataFd), SCMP_A3_64(SCMP_CMP_GE, *data_start)),
-        "pwrite64 data"));
+  // Allowed here for every fd; the data fd filter below narrows them for fd 6.
+  for (const char* name : kNotOnDataFd) {
+    int nr = seccomp_syscall_resolve_name(name);
+    if (nr == __NR_SCMP_ERROR) continue;  // fchmodat2: only in newer libseccomp tables
+    LX_TRY(Check(seccomp_rule_add(ctx.get(), SCMP_ACT_ALLOW, nr, 0), name));
   }
+  LX_TRY(Check(seccomp_rule_add(ctx.get(), SCMP_ACT_ALLOW, SCMP_SYS(pwrite64), 0), "pwrite64"));
   // Memory may be mapped but never executable: even a loader that somehow ran
   // could not map the image's code (rule 6, second wall).
   // Nor is the data fd ever mapped (it is write-only anyway).
-  if (data_start) {
-    LX_TRY(Check(seccomp_rule_add(ctx.get(), SCMP_ACT_ALLOW, SCMP_SYS(mmap), 2,
-                                  SCMP_A2(SCMP_CMP_MASKED_EQ, PROT_EXEC, 0),
-                                  SCMP_A4_32(SCMP_CMP_NE, kDataFd)),
-                 "mmap rule"));
-  } else {
-    LX_TRY(Check(seccomp_rule_add(ctx.get(), SCMP_ACT_ALLOW, SCMP_SYS(mmap), 1,
-                                  SCMP_A2(SCMP_CMP_MASKED_EQ, PROT_EXEC, 0)),
-                 "mmap rule"));
-  }
+  LX_TRY(Check(seccomp_rule_add(ctx.get(), SCMP_ACT_ALLOW, SCMP_SYS(mmap), 1,
+                                SCMP_A2(SCMP_CMP_MASKED_EQ, PROT_EXEC, 0)),
+               "mmap rule"));
   LX_TRY(Check(seccomp_rule_add(ctx.get(), SCMP_ACT_ALLOW, SCMP_SYS(mprotect), 1,
                                 SCMP_A2(SCMP_CMP_MASKED_EQ, PROT_EXEC, 0)),
                "mprotect rule"));
@@ -188,17 +209,7 @@ Result<std::vector<sock_filter>> CompileSeccompFilter(const policy::Policy& poli
   // tgkill only towards ourselves (abort() raising SIGABRT).
   LX_TRY(Check(seccomp_rule_add(ctx.get(), SCMP_ACT_ALLOW, SCMP_SYS(tgkill), 0), "tgkill"));
 
-  LX_ASSIGN_OR_RETURN(UniqueFd memfd, MemfdCreate("layerx-bpf"));
-  LX_TRY(Check(seccomp_export_bpf(ctx.get(), memfd.get()), "export"));
-  LX_ASSIGN_OR_RETURN(struct stat st, Fstat(memfd.get()));
-  if (st.st_size <= 0 || st.st_size % sizeof(sock_filter) != 0) {
-    return Fail(MakeError(ErrorKind::kInternal, "seccomp export: bad size {}", st.st_size));
-  }
-  std::vector<sock_filter> program(static_cast<size_t>(st.st_size) / sizeof(sock_filter));
-  if (::pread(memfd.get(), program.data(), static_cast<size_t>(st.st_size), 0) != st.st_size) {
-    return Fail(OsError(errno, "read seccomp program"));
-  }
-  return program;
+  return Export(ctx.get());
 }
 
 }  // namespace layerx::sandbox

@@ -16,8 +16,15 @@ namespace layerx::sandbox {
 // Allowed: file I/O on fds and *at paths, memory management without PROT_EXEC,
 // exit. Everything else (socket, exec, ptrace, mount, unshare/setns, keyctl, bpf,
 // io_uring, userfaultfd, perf_event_open, clone/fork...) takes the policy's action.
-// With a data fd (kDataFd), only pwrite64 at offsets >= `data_start` writes it.
-Result<std::vector<sock_filter>> CompileSeccompFilter(
-    const policy::Policy& policy, std::optional<uint64_t> data_start = std::nullopt);
+Result<std::vector<sock_filter>> CompileSeccompFilter(const policy::Policy& policy);
+
+// A second filter, stacked on the first when the jail gets a data fd
+// (kDataFd, the ext4 image): on that fd only pwrite64 at offsets >=
+// `data_start` and looking (fstat, F_GETFL) pass; writing it otherwise,
+// truncating, punching, chmod/chown, xattrs, times, linking it, mapping it or
+// duplicating it take the policy's action. Everything else it allows (the
+// allowlist decides). The kernel runs both; the stricter answer wins.
+Result<std::vector<sock_filter>> CompileDataFdFilter(const policy::Policy& policy,
+                                                     uint64_t data_start);
 
 }  // namespace layerx::sandbox

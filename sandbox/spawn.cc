@@ -87,10 +87,11 @@ Status WriteProcFile(pid_t pid, const char* name, const std::string& content) {
 }
 
 Result<UniqueFd> MakeJailConfig(const policy::Policy& policy, const JailData& data) {
-  const bool data_fd = data.mode == DataMode::kImage || data.mode == DataMode::kTreeAndImage;
-  LX_ASSIGN_OR_RETURN(
-      std::vector<sock_filter> program,
-      CompileSeccompFilter(policy, data_fd ? std::optional(data.start) : std::nullopt));
+  LX_ASSIGN_OR_RETURN(std::vector<sock_filter> program, CompileSeccompFilter(policy));
+  std::vector<sock_filter> data_program;
+  if (data.mode == DataMode::kImage || data.mode == DataMode::kTreeAndImage) {
+    LX_ASSIGN_OR_RETURN(data_program, CompileDataFdFilter(policy, data.start));
+  }
   JailConfigHeader header;
   header.rlimits = policy.rlimits;
   header.limits = policy.limits;
@@ -104,9 +105,11 @@ Result<UniqueFd> MakeJailConfig(const policy::Policy& policy, const JailData& da
     header.rlimits.file_size = fsize > UINT64_MAX - data.start ? UINT64_MAX : fsize + data.start;
   }
   header.bpf_instructions = static_cast<uint32_t>(program.size());
+  header.data_bpf_instructions = static_cast<uint32_t>(data_program.size());
   LX_ASSIGN_OR_RETURN(UniqueFd memfd, MemfdCreate("layerx-jail"));
   LX_TRY(WriteAll(memfd.get(), std::as_bytes(std::span(&header, 1))));
   LX_TRY(WriteAll(memfd.get(), std::as_bytes(std::span(program))));
+  LX_TRY(WriteAll(memfd.get(), std::as_bytes(std::span(data_program))));
   // Sealed: the child reads exactly what we compiled, nobody can change it.
   if (::fcntl(memfd.get(), F_ADD_SEALS, F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE) !=
       0) {

@@ -12,6 +12,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 #include <fstream>
@@ -43,7 +44,7 @@ class SpawnTest : public ::testing::Test {
     UniqueFd err;
   };
 
-  Running Start(const std::string& mode) {
+  Running Start(const std::string& mode, int data_fd = -1, JailData data = {}) {
     auto program = OpenAt(AT_FDCWD, LAYERX_JAIL_PROBE, O_PATH);
     EXPECT_TRUE(program) << program.error().ToString();
     auto rootfs = OpenAt(AT_FDCWD, dir_ + "/rootfs", O_PATH | O_DIRECTORY);
@@ -57,7 +58,9 @@ class SpawnTest : public ::testing::Test {
                          .input_fd = input->read.get(),
                          .channel_fd = sockets->second.get(),
                          .stderr_fd = errpipe->write.get(),
-                         .policy = &policy_};
+                         .policy = &policy_,
+                         .data_fd = data_fd,
+                         .data = data};
     auto child = Spawn(request);
     EXPECT_TRUE(child) << child.error().ToString();
     return Running{std::move(*child), std::move(input->write), std::move(sockets->first),
@@ -65,8 +68,9 @@ class SpawnTest : public ::testing::Test {
   }
 
   // Runs a probe to its end; returns its exit status and stderr.
-  ExitStatus Run(const std::string& mode, std::string* err = nullptr) {
-    Running r = Start(mode);
+  ExitStatus Run(const std::string& mode, std::string* err = nullptr, int data_fd = -1,
+                 JailData data = {}) {
+    Running r = Start(mode, data_fd, data);
     r.input.reset();
     r.channel.reset();
     auto status = r.child.Wait();
@@ -174,6 +178,78 @@ INSTANTIATE_TEST_SUITE_P(Attempts, ForbiddenSyscallTest,
                            std::string name = info.param;
                            std::replace(name.begin(), name.end(), '-', '_');
                            return name;
+                         });
+
+// The data fd: the ext4 image the extractors write file data into. A layer
+// gets it write-only with its window starting past the lower layers' data;
+// seccomp lets it pwrite64 there and do nothing else to the file. Here the
+// "image" holds 8 KiB of a lower layer's data and the window starts at 8 KiB.
+class DataFdTest : public SpawnTest, public ::testing::WithParamInterface<const char*> {
+ protected:
+  void SetUp() override {
+    SpawnTest::SetUp();
+    image_ = dir_ + "/image";
+    std::ofstream(image_) << std::string(8192, 'L');
+    ASSERT_EQ(chmod(image_.c_str(), 0644), 0);
+    auto fd = OpenAt(AT_FDCWD, image_, O_WRONLY);
+    ASSERT_TRUE(fd);
+    data_fd_ = std::move(*fd);
+  }
+  ExitStatus RunWithData(const std::string& mode, std::string* err) {
+    return Run(mode, err, data_fd_.get(),
+               JailData{.mode = DataMode::kImage, .block_size = 4096, .start = 8192});
+  }
+  std::string Image() {
+    std::ifstream in(image_);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  }
+  void ExpectLowerDataUntouched() {
+    std::string now = Image();
+    ASSERT_GE(now.size(), 8192u);
+    EXPECT_EQ(now.substr(0, 8192), std::string(8192, 'L'));
+    struct stat st;
+    ASSERT_EQ(stat(image_.c_str(), &st), 0);
+    EXPECT_EQ(st.st_mode & 07777, 0644u);
+    char value[16];
+    EXPECT_LT(getxattr(image_.c_str(), "user.x", value, sizeof(value)), 0);
+    EXPECT_NE(access((dir_ + "/rootfs/stolen").c_str(), F_OK), 0);
+  }
+  std::string image_;
+  UniqueFd data_fd_;
+};
+
+TEST_F(DataFdTest, LayerWritesItsWindowAndCannotReadTheLowerData) {
+  std::string err;
+  ExitStatus s = RunWithData("data-pwrite-at-start", &err);
+  EXPECT_TRUE(s.exited && s.code == 0) << "signal " << s.signal << ": " << err;
+  EXPECT_EQ(Image().substr(8192), "mine");
+  s = RunWithData("data-read", &err);
+  EXPECT_TRUE(s.exited && s.code == 0) << "signal " << s.signal << ": " << err;
+  s = RunWithData("data-getfl", &err);
+  EXPECT_TRUE(s.exited && s.code == 0) << "signal " << s.signal << ": " << err;
+  ExpectLowerDataUntouched();
+}
+
+TEST_P(DataFdTest, CannotTouchTheImageOtherwise) {
+  std::string err;
+  ExitStatus s = RunWithData(GetParam(), &err);
+  EXPECT_FALSE(s.exited) << "probe survived " << GetParam() << ": " << err;
+  EXPECT_EQ(s.signal, SIGSYS) << err;
+  EXPECT_EQ(Image(), std::string(8192, 'L'));
+  ExpectLowerDataUntouched();
+}
+
+INSTANTIATE_TEST_SUITE_P(Attempts, DataFdTest,
+                         ::testing::Values("data-pwrite-below", "data-pwrite-high-fd", "data-write",
+                                           "data-writev", "data-ftruncate", "data-fallocate",
+                                           "data-fchmod", "data-fchown", "data-fchownat",
+                                           "data-fsetxattr", "data-utimensat", "data-dup",
+                                           "data-dup3", "data-fcntl-dupfd", "data-linkat",
+                                           "data-mmap"),
+                         [](const auto& info) {
+                           std::string name = info.param;
+                           std::replace(name.begin(), name.end(), '-', '_');
+                           return "Rejects_" + name;
                          });
 
 #ifdef LAYERX_SANITIZE

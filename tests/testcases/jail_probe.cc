@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/bpf.h>
+#include <linux/falloc.h>
 #include <linux/perf_event.h>
 #include <sched.h>
 #include <signal.h>
@@ -18,6 +19,8 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 #include <string>
@@ -153,7 +156,7 @@ int main(int argc, char** argv) {
 #ifdef LAYERX_SANITIZE
   // A bug inside the jail, in a sanitizer build: the report must get out.
   if (mode == "asan-heap-overflow") {
-    char* p = new char[argc];  // argc == 2
+    char* p = new char[argc];                         // argc == 2
     static_cast<volatile char*>(p)[argc + 14] = 'x';  // 16 bytes past the end
     delete[] p;
   }
@@ -165,7 +168,43 @@ int main(int argc, char** argv) {
   if (mode == "asan-segv") *reinterpret_cast<volatile int*>(uintptr_t(argc) * 8) = argc;  // 0x10
 #endif
 
+  // The data fd (the ext4 image, fd 6): this layer writes from its start on,
+  // and nothing else may be done to the file.
+  const int data = sandbox::kDataFd;
+  const off_t start = static_cast<off_t>(config.data.start);
+  if (mode == "data-pwrite-at-start") {
+    return Check(pwrite(data, "mine", 4, start) == 4, "pwrite at the layer's start");
+  }
+  if (mode == "data-read") {
+    // Write-only: the lower layers' data cannot be read back either.
+    char c;
+    return Check(pread(data, &c, 1, 0) < 0 && errno == EBADF, "pread of the data fd");
+  }
+  if (mode == "data-getfl") return Check(fcntl(data, F_GETFL) >= 0, "F_GETFL on the data fd");
   // Each of these must be killed by seccomp before it returns.
+  if (mode == "data-pwrite-below") pwrite(data, "evil", 4, start - 4);
+  if (mode == "data-pwrite-high-fd") {
+    // The kernel reads only the fd's low 32 bits: so must the filter.
+    syscall(SYS_pwrite64, 0x100000000L | data, "evil", 4, 0L);
+  }
+  if (mode == "data-write") write(data, "evil", 4);
+  if (mode == "data-writev") {
+    struct iovec iov = {const_cast<char*>("evil"), 4};
+    writev(data, &iov, 1);
+  }
+  if (mode == "data-ftruncate") ftruncate(data, 0);
+  if (mode == "data-fallocate")
+    fallocate(data, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 4096);
+  if (mode == "data-fchmod") fchmod(data, 06777);
+  if (mode == "data-fchown") fchown(data, 0, 0);
+  if (mode == "data-fchownat") fchownat(data, "", 0, 0, AT_EMPTY_PATH);
+  if (mode == "data-fsetxattr") fsetxattr(data, "user.x", "v", 1, 0);
+  if (mode == "data-utimensat") syscall(SYS_utimensat, data, nullptr, nullptr, 0);
+  if (mode == "data-dup") dup(data);
+  if (mode == "data-dup3") dup3(data, 100, 0);
+  if (mode == "data-fcntl-dupfd") fcntl(data, F_DUPFD_CLOEXEC, 100);
+  if (mode == "data-linkat") linkat(data, "", AT_FDCWD, "/stolen", AT_EMPTY_PATH);
+  if (mode == "data-mmap") mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, data, 0);
   if (mode == "socket") syscall(SYS_socket, AF_INET, SOCK_STREAM, 0);
   if (mode == "socket-unix") syscall(SYS_socket, AF_UNIX, SOCK_STREAM, 0);
   if (mode == "ptrace") syscall(SYS_ptrace, PTRACE_ATTACH, 1, 0, 0);
