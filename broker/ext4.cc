@@ -681,6 +681,12 @@ Status Compact(int fd, Layout& layout, std::vector<Placed>& placed, uint64_t dat
     cursor = std::max(cursor, p.physical + p.length);
   }
   if (cursor < line) holes.emplace_back(cursor, line);
+  // Dead data out first: a run's last block may hold fewer bytes than a block
+  // (the file ends there), and the rest of the block it lands in must be zeros,
+  // not what stood there.
+  for (const auto& [start, end] : holes) {
+    LX_TRY(sandbox::PunchHole(fd, start * bs, (end - start) * bs));
+  }
   // Each run past the line, whole or its part past it, goes into the holes,
   // split where a hole ends. New runs per node, by run index.
   std::unordered_map<uint32_t, std::unordered_map<uint32_t, std::vector<Run>>> pieces;

@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -110,7 +111,10 @@ class Ext4Test : public ::testing::Test {
         .File("opq/upper", "u")
         .File("ro/new", "written into a 0500 dir");
   }
-  void TearDown() override { (void)layerx::sandbox::RemoveTreeAt(AT_FDCWD, dir_); }
+  void TearDown() override {
+    if (getenv("LAYERX_KEEP_TEST_DIR") == nullptr)
+      (void)layerx::sandbox::RemoveTreeAt(AT_FDCWD, dir_);
+  }
 
   // A third layer with one directory of 10,000 entries (mkfs -d is quadratic
   // in a directory's size, so only the test that needs it has it).
@@ -265,6 +269,120 @@ TEST_F(Ext4Test, HardlinkedDeviceIsOneInodeWithTwoNames) {
   EXPECT_EQ(d["dev/null"]["ino"], d["dev/early"]["ino"]);
   EXPECT_EQ(d["dev/null"]["nlink"], 3);
   EXPECT_EQ(d["dev/early"]["rdev_minor"], 3);
+}
+
+// The file data the jail wrote in place reads back exactly through ext4
+// (debugfs reads it with libext2fs), sparse files with their holes.
+TEST_F(Ext4Test, DataReadsBackExactly) {
+  std::string err;
+  ASSERT_EQ(Extract("data.img", "", &err), 0) << err;
+  std::string out;
+  ASSERT_EQ(Shell("debugfs -R 'cat /usr/bin/sudo' " + dir_ + "/data.img 2>/dev/null", &out), 0);
+  EXPECT_EQ(out, "sudo");
+  ASSERT_EQ(Shell("debugfs -R 'cat /secret' " + dir_ + "/data.img 2>/dev/null", &out), 0);
+  EXPECT_EQ(out, "nobody may read me");
+  ASSERT_EQ(Shell("debugfs -R 'dump /sparse " + dir_ + "/sparse.out' " + dir_ +
+                  "/data.img >/dev/null 2>&1"),
+            0);
+  std::ifstream in(dir_ + "/sparse.out", std::ios::binary);
+  std::string sparse((std::istreambuf_iterator<char>(in)), {});
+  ASSERT_EQ(sparse.size(), size_t{10} << 20);
+  EXPECT_EQ(sparse.substr(5 << 20, 6), "middle");
+  EXPECT_EQ(sparse.find_first_not_of('\0'), size_t{5} << 20);
+  EXPECT_EQ(sparse.find_last_not_of('\0'), (size_t{5} << 20) + 5);
+}
+
+// A file a later layer replaces, and one it removes: their bytes were written
+// into the image by the lower layer's jail; the image must not hold them
+// (punched out), and they cost it no size: it is no bigger than the image of
+// one layer with the final content.
+TEST_F(Ext4Test, DeadDataIsNotInTheImage) {
+  const std::string marker = "DEAD-DATA-MARKER-";
+  std::string dead;
+  while (dead.size() < (1 << 20)) dead += marker + std::to_string(dead.size()) + "\n";
+  LayerWriter(dir_ + "/d1.tar").File("replaced", dead).File("removed", dead).File("kept", "k");
+  LayerWriter(dir_ + "/d2.tar").File("replaced", "new").Whiteout("", "removed");
+  LayerWriter(dir_ + "/flat.tar").File("replaced", "new").File("kept", "k");
+  std::string err;
+  ASSERT_EQ(ExtractOnly({"d1.tar", "d2.tar"}, "dead.img", &err), 0) << err;
+  ASSERT_EQ(ExtractOnly({"flat.tar"}, "flat.img", &err), 0) << err;
+  EXPECT_EQ(Shell("e2fsck -fn " + dir_ + "/dead.img >/dev/null 2>&1"), 0);
+  EXPECT_NE(Shell("grep -c " + marker + " " + dir_ + "/dead.img"), 0)
+      << "dead data left in the image";
+  struct stat layered, flat;
+  ASSERT_EQ(stat((dir_ + "/dead.img").c_str(), &layered), 0);
+  ASSERT_EQ(stat((dir_ + "/flat.img").c_str(), &flat), 0);
+  EXPECT_LE(layered.st_size, flat.st_size);
+  EXPECT_LE(layered.st_blocks, flat.st_blocks + 16);  // allocated: no dead megabytes either
+  std::string out;
+  ASSERT_EQ(Shell("debugfs -R 'cat /replaced' " + dir_ + "/dead.img 2>/dev/null", &out), 0);
+  EXPECT_EQ(out, "new");
+}
+
+// --rootfs and --ext4 at once: the jail writes the data into the tree and
+// into the image; both hold it.
+TEST_F(Ext4Test, RootfsAndImageTogether) {
+  std::string err;
+  ASSERT_EQ(Extract("both.img", "--rootfs " + dir_ + "/both", &err), 0) << err;
+  std::ifstream in(dir_ + "/both/usr/bin/sudo");
+  EXPECT_EQ(std::string((std::istreambuf_iterator<char>(in)), {}), "sudo");
+  std::string out;
+  ASSERT_EQ(Shell("debugfs -R 'cat /usr/bin/sudo' " + dir_ + "/both.img 2>/dev/null", &out), 0);
+  EXPECT_EQ(out, "sudo");
+  EXPECT_EQ(Shell("e2fsck -fn " + dir_ + "/both.img >/dev/null 2>&1"), 0);
+}
+
+// No program but layerx and its extractor runs to build the image: no
+// mkfs.ext4, no unshare, no debugfs.
+TEST_F(Ext4Test, NoOtherProgramRuns) {
+  if (Shell("command -v strace >/dev/null 2>&1") != 0) GTEST_SKIP() << "strace not installed";
+  std::string out;
+  std::string cmd = "strace -f -qq -e trace=execve,execveat -o " + dir_ + "/trace " +
+                    std::string(LAYERX_BIN) + " extract " + dir_ + "/l1.tar " + dir_ +
+                    "/l2.tar --ext4 " + dir_ + "/traced.img -q 2>&1";
+  ASSERT_EQ(Shell(cmd, &out), 0) << out;
+  std::ifstream in(dir_ + "/trace");
+  std::string line;
+  int execs = 0;
+  while (std::getline(in, line)) {
+    if (line.find("exec") == std::string::npos || line.find("= 0") == std::string::npos) continue;
+    ++execs;
+    bool ours = line.find("layerx") != std::string::npos;
+    EXPECT_TRUE(ours) << "a program ran: " << line;
+  }
+  EXPECT_GE(execs, 3);  // layerx, then an extractor per layer
+}
+
+// ext4 counts links in 16 bits (the kernel stops at 65,000): a file with more
+// names is refused with one line, a directory with more subdirectories
+// counts 1 (dir_nlink), and a hardlinked symlink stays one inode.
+TEST_F(Ext4Test, LinkCountsBeyondExt4AreRefused) {
+  {
+    LayerWriter l(dir_ + "/links.tar");
+    l.File("f", "x");
+    for (int i = 0; i < 65000; ++i) l.Hardlink("l" + std::to_string(i), "f");
+  }
+  std::string err;
+  EXPECT_EQ(ExtractOnly({"links.tar"}, "links.img", &err), 1);
+  EXPECT_NE(err.find("over 65000 links"), std::string::npos) << err;
+  EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+  EXPECT_NE(access((dir_ + "/links.img").c_str(), F_OK), 0);
+}
+
+TEST_F(Ext4Test, ManySubdirectoriesUseDirNlink) {
+  {
+    LayerWriter l(dir_ + "/dirs.tar");
+    for (int i = 0; i < 65010; ++i) l.Dir("d/" + std::to_string(i) + "/");
+    l.Symlink("s", "target").Hardlink("s2", "s");
+  }
+  std::string err;
+  ASSERT_EQ(ExtractOnly({"dirs.tar"}, "dirs.img", &err), 0) << err;
+  EXPECT_EQ(Shell("e2fsck -fn " + dir_ + "/dirs.img >/dev/null 2>&1"), 0) << "e2fsck";
+  std::string out;
+  ASSERT_EQ(Shell("debugfs -R 'stat /d' " + dir_ + "/dirs.img 2>/dev/null", &out), 0);
+  EXPECT_NE(out.find("Links: 1 "), std::string::npos) << out.substr(0, 300);
+  ASSERT_EQ(Shell("debugfs -R 'stat /s' " + dir_ + "/dirs.img 2>/dev/null", &out), 0);
+  EXPECT_NE(out.find("Links: 2 "), std::string::npos) << out.substr(0, 300);
 }
 
 TEST_F(Ext4Test, ReproducibleModeIsByteIdentical) {

@@ -70,6 +70,65 @@ INSTANTIATE_TEST_SUITE_P(
             {.path = "f", .kind = Kind::kFile, .xattrs = {{"user.x", std::string(1 << 20, 'v')}}}}),
     [](const auto& info) { return std::string("Rejects") + info.param.name; });
 
+// Where a file's data went in the image, as the extractor reports it: checked
+// like its name. The layer's window starts at 8 KiB, blocks of 4 KiB.
+struct BadExtents {
+  const char* name;
+  EntryRecord record;
+  bool window = true;
+};
+
+class ImageTreeRejectsExtentsTest : public ::testing::TestWithParam<BadExtents> {};
+
+TEST_P(ImageTreeRejectsExtentsTest, WithPeerError) {
+  ImageTree tree(policy::Limits{});
+  tree.BeginLayer(DataWindow{.enabled = GetParam().window, .start = 8192, .block_size = 4096});
+  size_t before = tree.size();
+  Status status = tree.Add(GetParam().record);
+  ASSERT_FALSE(status) << GetParam().name;
+  EXPECT_EQ(status.error().kind(), ErrorKind::kPeer) << status.error().ToString();
+  EXPECT_EQ(tree.size(), before);
+}
+
+EntryRecord FileWith(uint64_t size, std::vector<extractor::DataExtent> extents,
+                     Kind kind = Kind::kFile) {
+  return EntryRecord{.path = "f",
+                     .kind = kind,
+                     .mode = 0644,
+                     .size = kind == Kind::kFile ? size : 0,
+                     .data_bytes = kind == Kind::kFile ? size : 0,
+                     .symlink_target = kind == Kind::kSymlink ? "t" : "",
+                     .extents = std::move(extents)};
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Records, ImageTreeRejectsExtentsTest,
+    ::testing::Values(
+        BadExtents{"WithoutADataFd", FileWith(10, {{0, 8192, 10}}), false},
+        BadExtents{"OnADirectory", FileWith(0, {{0, 8192, 10}}, Kind::kDir)},
+        BadExtents{"OnASymlink", FileWith(0, {{0, 8192, 10}}, Kind::kSymlink)},
+        BadExtents{"BelowTheLayersWindow", FileWith(10, {{0, 4096, 10}})},
+        BadExtents{"AtTheSuperblock", FileWith(10, {{0, 0, 10}})},
+        BadExtents{"PhysicalNotBlockAligned", FileWith(10, {{0, 8193, 10}})},
+        BadExtents{"LogicalNotBlockAligned", FileWith(5000, {{100, 8192, 10}})},
+        BadExtents{"Empty", FileWith(10, {{0, 8192, 0}})},
+        BadExtents{"PastTheFilesSize", FileWith(10, {{0, 8192, 11}})},
+        BadExtents{"LogicalPastTheSize", FileWith(10, {{4096, 8192, 10}})},
+        BadExtents{"Descending", FileWith(9000, {{4096, 8192, 10}, {0, 12288, 10}})},
+        BadExtents{"SameBlockTwice", FileWith(9000, {{0, 8192, 10}, {0, 12288, 10}})},
+        BadExtents{"OverlappingBlocks", FileWith(9000, {{0, 8192, 5000}, {4096, 16384, 10}})},
+        BadExtents{"MoreThanTheSize", FileWith(8192, {{0, 8192, 4096}, {4096, 16384, 8192}})},
+        BadExtents{"WrappingPhysical", FileWith(10, {{0, UINT64_MAX - 4095, 10}})}),
+    [](const auto& info) { return std::string("Rejects") + info.param.name; });
+
+TEST(ImageTreeTest, AcceptsSparseExtentsInTheWindow) {
+  ImageTree tree(policy::Limits{});
+  tree.BeginLayer(DataWindow{.enabled = true, .start = 8192, .block_size = 4096});
+  // 10 bytes at 0 and 10 at 1 MiB: two runs, each at its own block.
+  ASSERT_TRUE(tree.Add(FileWith((1 << 20) + 10, {{0, 8192, 10}, {1 << 20, 12288, 10}})));
+  EXPECT_EQ(tree.layer_data_end(), 12288u + 10);
+}
+
 TEST(ImageTreeTest, RejectsRemovalOfRootOrBadPath) {
   ImageTree tree(policy::Limits{});
   EXPECT_FALSE(tree.Add(RemovalRecord{"", false}));
@@ -217,6 +276,33 @@ TEST_P(LyingExtractorTest, BrokerRevalidatesWhatExtractorSent) {
   EXPECT_EQ(report.error().kind(), ErrorKind::kPeer) << report.error().ToString();
   EXPECT_EQ(Listing(), before) << "output or work dir left behind";
 }
+
+// The same liars, with an ext4 image: the data records are judged too, and
+// two live files on one block are caught when the image is built.
+class LyingAboutDataTest : public LyingExtractorTest {};
+
+TEST_P(LyingAboutDataTest, BrokerRefusesTheDataRecords) {
+  ExtractRequest request;
+  request.layers = {dir_ + "/layer.tar"};
+  request.ext4 = dir_ + "/out.img";
+  request.policy = policy::DefaultPolicy();
+  request.extractor_path = LAYERX_JAIL_PROBE;
+  request.extractor_args = {GetParam()};
+  auto before = Listing();
+  auto report = RunExtract(request);
+  ASSERT_FALSE(report) << GetParam();
+  EXPECT_EQ(report.error().kind(), ErrorKind::kPeer) << report.error().ToString();
+  EXPECT_EQ(Listing(), before) << "output or work dir left behind";
+}
+
+INSTANTIATE_TEST_SUITE_P(Lies, LyingAboutDataTest,
+                         ::testing::Values("lie-extent-below", "lie-extent-past-written",
+                                           "lie-extent-overlap", "lie-extent-past-size"),
+                         [](const auto& info) {
+                           std::string name = info.param;
+                           std::replace(name.begin(), name.end(), '-', '_');
+                           return name;
+                         });
 
 INSTANTIATE_TEST_SUITE_P(Lies, LyingExtractorTest,
                          ::testing::Values("lie-absolute", "lie-dotdot", "lie-empty-component",

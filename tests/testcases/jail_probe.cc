@@ -41,6 +41,32 @@ int Check(bool ok, const char* what) {
   return 0;
 }
 
+// Data records that lie about where a file's bytes went in the image (the
+// probe runs with a data fd, as the extractor does for --ext4).
+int LieAboutData(const std::string& how, const sandbox::JailConfigHeader& config) {
+  wire::ChannelWriter writer(sandbox::kChannelFd);
+  const uint64_t start = config.data.start;
+  if (pwrite(sandbox::kDataFd, std::string(8192, 'x').data(), 8192, static_cast<off_t>(start)) !=
+      8192) {
+    return 1;
+  }
+  extractor::EntryRecord a{
+      .path = "a", .kind = extractor::Kind::kFile, .mode = 0644, .size = 4096, .data_bytes = 4096};
+  extractor::EntryRecord b = a;
+  b.path = "b";
+  a.extents = {{.logical = 0, .physical = start, .length = 4096}};
+  b.extents = {{.logical = 0, .physical = start + 4096, .length = 4096}};
+  if (how == "lie-extent-below") a.extents[0].physical = 0;  // the superblock, a lower layer
+  if (how == "lie-extent-past-written") a.extents[0].physical = start + (1 << 20);
+  if (how == "lie-extent-overlap") b.extents[0].physical = start;  // a's block
+  if (how == "lie-extent-past-size") a.extents[0].length = 8192;
+  (void)writer.Add(std::move(a));
+  (void)writer.Add(std::move(b));
+  (void)writer.Flush();
+  (void)writer.SendSummary([](wire::Summary::Builder s) { s.setUncompressedDigest("sha256:0"); });
+  return 0;
+}
+
 // Sends records the real extractor never would: the broker must refuse them.
 int Lie(const std::string& how) {
   wire::ChannelWriter writer(sandbox::kChannelFd);
@@ -135,6 +161,7 @@ int main(int argc, char** argv) {
     int fd = open("/written", O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     return Check(fd >= 0 && write(fd, "ok", 2) == 2, "write inside rootfs");
   }
+  if (mode.rfind("lie-extent-", 0) == 0) return LieAboutData(mode, config);
   if (mode.rfind("lie-", 0) == 0) return Lie(mode);
   if (mode == "crash-mid-layer" || mode == "syscall-mid-layer") {
     // An extractor a layer has taken over halfway: it has read some of the
