@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <ext2fs/ext2_fs.h>
 #include <ext2fs/ext2fs.h>
+#include <ext2fs/ext3_extents.h>
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -451,6 +452,29 @@ class Builder {
   // 128 bytes, where i_block lives).
   Status WriteWithExtents(ext2_ino_t ino, struct ext2_inode_large& in,
                           const std::vector<Run>& runs) {
+    if (!runs.empty() && runs.back().logical + runs.back().length > (uint64_t{1} << 32)) {
+      return Fail(MakeError(ErrorKind::kPolicy, "past 2^32 blocks: more than ext4 holds"));
+    }
+    if (runs.size() <= 4) {
+      // Up to four runs fit in the inode itself: the extent tree is its header
+      // and leaves in i_block (libext2fs's on-disk structs), and the inode is
+      // written once. Most files are one run.
+      auto* header = reinterpret_cast<struct ext3_extent_header*>(in.i_block);
+      header->eh_magic = ext2fs_cpu_to_le16(EXT3_EXT_MAGIC);
+      header->eh_entries = ext2fs_cpu_to_le16(static_cast<uint16_t>(runs.size()));
+      header->eh_max = ext2fs_cpu_to_le16(4);
+      header->eh_depth = 0;
+      header->eh_generation = 0;
+      auto* leaf = reinterpret_cast<struct ext3_extent*>(header + 1);
+      for (size_t i = 0; i < runs.size(); ++i) {
+        leaf[i].ee_block = ext2fs_cpu_to_le32(static_cast<uint32_t>(runs[i].logical));
+        leaf[i].ee_len = ext2fs_cpu_to_le16(static_cast<uint16_t>(runs[i].length));
+        leaf[i].ee_start = ext2fs_cpu_to_le32(static_cast<uint32_t>(runs[i].physical));
+        leaf[i].ee_start_hi = ext2fs_cpu_to_le16(static_cast<uint16_t>(runs[i].physical >> 32));
+      }
+      in.i_flags |= EXT4_EXTENTS_FL;
+      return WriteInode(ino, in);
+    }
     ext2_extent_handle_t handle = nullptr;
     // With an all-zero i_block this makes an empty extent tree in `in` and
     // sets EXT4_EXTENTS_FL, writing nothing yet.

@@ -492,12 +492,11 @@ bool Rereadable(const ResolvedImage& image, const std::optional<DockerArchiveSpe
 }
 
 // The scratch dir for a job that writes no rootfs: the caller's choice, or
-// /dev/shm when it is a tmpfs with room for about four times the input (what
-// gzip layers inflate to, with margin; a docker-archive is staged there too)
+// /dev/shm when it is a tmpfs with room for what the job puts there (below)
 // and that is at most half the memory available. Making and removing
 // thousands of inodes on a disk filesystem costs far more than in RAM (on a
 // journal-less ext4 each create scans past recently deleted inodes), and the
-// tree is thrown away after mkfs anyway. nullopt: beside the output.
+// tree is thrown away once the records are merged. nullopt: beside the output.
 std::optional<std::string> ChooseScratch(const ExtractRequest& request, const ResolvedImage& image,
                                          const std::optional<DockerArchiveSpec>& docker) {
   if (!request.scratch_dir.empty()) return request.scratch_dir;
@@ -506,7 +505,12 @@ std::optional<std::string> ChooseScratch(const ExtractRequest& request, const Re
   if (::statfs(candidate, &fs) != 0 || fs.f_type != TMPFS_MAGIC || ::access(candidate, W_OK) != 0) {
     return std::nullopt;
   }
-  uint64_t need = InputBytes(image, docker) * (docker ? 5 : 4) + 16 * policy::kMiB;
+  // The tree holds placeholders only: names, not data. What else lands there:
+  // a docker-archive, staged (about its own size); an image built for an fd
+  // output (the service), about four times the input.
+  uint64_t input = InputBytes(image, docker);
+  uint64_t need =
+      input / 4 + (docker ? input : 0) + (request.ext4_fd >= 0 ? input * 4 : 0) + 16 * policy::kMiB;
   uint64_t free_bytes = static_cast<uint64_t>(fs.f_bavail) * static_cast<uint64_t>(fs.f_bsize);
   uint64_t available = 0;
   std::ifstream meminfo("/proc/meminfo");

@@ -548,28 +548,46 @@ Status Applier::Apply(const TarEntry& untrusted, const DataFeed& data) {
 
   LX_ASSIGN_OR_RETURN(Dir dir, ResolveDir(name.Parent(), true, e.mtime_ns));
   std::string path = JoinPath(dir.path, leaf);
-  struct stat st;
-  bool exists = WithWritable(dir, [&] {
-                  return ::fstatat(dir.fd, leaf.c_str(), &st, AT_SYMLINK_NOFOLLOW);
-                }) == 0;
-  if (!exists && errno != ENOENT) return Fail(Os(errno, fmt::format("fstatat {:?}", leaf)));
-  bool merge = exists && S_ISDIR(st.st_mode) && e.kind == Kind::kDir;
-  if (exists && !merge) {
-    LX_TRY(RemoveExisting(dir, leaf, st));
-    LX_ASSIGN_OR_RETURN(dir, ResolveDir(name.Parent(), true, e.mtime_ns));
-  }
   const char* cleaf = leaf.c_str();
+  // A file is created at once (O_EXCL|O_NOFOLLOW: nothing is followed or
+  // overwritten); only when the name is taken does the slow path look at
+  // what stands there and replace it. Most names of a layer are new.
+  int early_fd = -1;
+  if (e.kind == Kind::kFile) {
+    early_fd = WithWritable(dir, [&] {
+      return ::openat(dir.fd, cleaf, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    });
+    if (early_fd < 0 && errno != EEXIST) return Fail(Os(errno, fmt::format("create {:?}", leaf)));
+  }
+  UniqueFd early(early_fd);
+  bool merge = false;
+  if (early_fd < 0) {
+    struct stat st;
+    bool exists = WithWritable(dir, [&] {
+                    return ::fstatat(dir.fd, leaf.c_str(), &st, AT_SYMLINK_NOFOLLOW);
+                  }) == 0;
+    if (!exists && errno != ENOENT) return Fail(Os(errno, fmt::format("fstatat {:?}", leaf)));
+    merge = exists && S_ISDIR(st.st_mode) && e.kind == Kind::kDir;
+    if (exists && !merge) {
+      LX_TRY(RemoveExisting(dir, leaf, st));
+      LX_ASSIGN_OR_RETURN(dir, ResolveDir(name.Parent(), true, e.mtime_ns));
+    }
+  }
   uint64_t data_bytes = 0;
   std::vector<DataExtent> extents;
   struct timespec times[2] = {ToTimespec(e.mtime_ns), ToTimespec(e.mtime_ns)};
 
   switch (e.kind) {
     case Kind::kFile: {
-      int fd = WithWritable(dir, [&] {
-        return ::openat(dir.fd, cleaf, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-      });
-      if (fd < 0) return Fail(Os(errno, fmt::format("create {:?}", leaf)));
-      UniqueFd file(fd);
+      UniqueFd file = std::move(early);
+      if (!file.valid()) {
+        int fd = WithWritable(dir, [&] {
+          return ::openat(dir.fd, cleaf, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+                          0600);
+        });
+        if (fd < 0) return Fail(Os(errno, fmt::format("create {:?}", leaf)));
+        file = UniqueFd(fd);
+      }
       Touch(path);
       LX_ASSIGN_OR_RETURN(data_bytes, WriteFile(file.get(), e, data, &extents));
       // A placeholder stands only for the file's name and identity (later

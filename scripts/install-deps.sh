@@ -7,7 +7,7 @@ PKGS="cmake ninja-build g++ pkg-config git python3
   libcli11-dev nlohmann-json3-dev libtomlplusplus-dev libssl-dev libext2fs-dev e2fsprogs
   libgtest-dev libgmock-dev libbenchmark-dev
   libzstd-dev liblzma-dev libbz2-dev zlib1g-dev libisal-dev
-  tar gzip zstd xz-utils bzip2 attr util-linux umoci $*"
+  tar gzip zstd xz-utils bzip2 attr util-linux umoci strace $*"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing="$missing $p"

@@ -8,6 +8,13 @@
 // ImageTree::BeginLayer, as a job's layers do (so that whiteouts and opaque
 // markers have lower layers to hide).
 //
+// Every layer gets a window of the data fd, as a --ext4 job gives it (the next
+// starts past the last one's data), so data extents are judged too; the tree
+// that results is then built into an ext4 image on a memfd (when its data ends
+// within 64 MiB: the real broker refuses extents past what the layer wrote),
+// which must work or fail with a clean error (overlapping data is kPeer),
+// never trip an internal check.
+//
 // After each input the target traps when a tree invariant is broken (the root
 // is a directory; every other path is canonical and its parent is a directory
 // in the tree; no inode is a hardlink or a shared directory), or when the
@@ -18,6 +25,7 @@
 #include <openssl/evp.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -26,6 +34,7 @@
 #include <string>
 #include <vector>
 
+#include "broker/ext4.h"
 #include "broker/image_tree.h"
 #include "broker/layer_runner.h"
 #include "broker/manifest.h"
@@ -161,6 +170,20 @@ void CheckManifest(const broker::ImageTree& tree) {
   if (entry != tree.entries().end()) Bug("manifest: fewer lines than entries");
 }
 
+// The tree into an ext4 image on a memfd holding `data_end` bytes: a clean
+// result or a clean refusal.
+void BuildImage(const broker::ImageTree& tree, uint64_t data_start, uint64_t data_end) {
+  auto memfd = sandbox::MemfdCreate("fuzz-image");
+  if (!memfd) Bug("memfd_create");
+  if (::ftruncate(memfd->get(), static_cast<off_t>(data_end)) != 0) Bug("ftruncate");
+  broker::Ext4Options options;
+  options.reproducible = true;  // no clock, no random bytes
+  auto built = broker::BuildExt4(memfd->get(), tree, data_start, options);
+  if (!built && built.error().kind() == ErrorKind::kInternal) {
+    Bug("BuildExt4: " + built.error().ToString());
+  }
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
@@ -171,8 +194,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (!words.empty()) std::memcpy(words.data(), data, words.size() * sizeof(capnp::word));
   kj::ArrayPtr<const capnp::word> stream(words.data(), words.size());
 
+  constexpr uint64_t kDataStart = 64 * 1024;
+  constexpr uint64_t kBlock = 4096;
+  uint64_t data_end = kDataStart;
   broker::ImageTree tree(limits);
-  tree.BeginLayer();
+  tree.BeginLayer(broker::DataWindow{.enabled = true, .start = data_end, .block_size = kBlock});
   size_t layers = 1;
   End ended = End::kNone;
   size_t at = 0;
@@ -185,13 +211,25 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (!HandleMessage(prefix.slice(0, need), limits, tree, &ended)) break;
     at += need;
     if (ended == End::kSummary && layers < kMaxLayers) {
-      // The next layer's extractor, streaming into the same tree.
-      tree.BeginLayer();
+      // The next layer's extractor, streaming into the same tree, its window
+      // past all the data the last one's records named.
+      data_end = std::max(data_end, (tree.layer_data_end() + kBlock - 1) / kBlock * kBlock);
+      tree.BeginLayer(broker::DataWindow{.enabled = true, .start = data_end, .block_size = kBlock});
       ++layers;
       ended = End::kNone;
     }
   }
   CheckTree(tree);
   CheckManifest(tree);
+  data_end = std::max(data_end, tree.layer_data_end());
+  for (const auto& [path, inode] : tree.entries()) {
+    for (const auto& x : inode->meta.extents) {
+      if (x.physical % kBlock != 0 || x.logical % kBlock != 0 || x.physical < kDataStart ||
+          x.length == 0 || x.logical + x.length > inode->meta.size) {
+        Bug(fmt::format("{:?}: an extent the tree should have refused", path));
+      }
+    }
+  }
+  if (data_end <= 64 * policy::kMiB) BuildImage(tree, kDataStart, data_end);
   return 0;
 }

@@ -306,6 +306,41 @@ void RecordSeeds() {
     (void)w.SendSummary(summary);
   }
   {
+    // Two layers with data in the image (windows from 64 KiB on, 4 KiB
+    // blocks): a sparse file, a hardlink to it, a file the second layer
+    // replaces, and one whose data claims the first layer's block.
+    StreamFile f(dir + "/data-extents");
+    wire::ChannelWriter w(f.fd(), 2);
+    const uint64_t k = 4096, start = 64 * 1024;
+    (void)w.Add(EntryRecord{.path = "f",
+                            .kind = Kind::kFile,
+                            .mode = 0644,
+                            .size = 3 * k + 10,
+                            .data_bytes = 20,
+                            .extents = {{0, start, 10}, {3 * k, start + k, 10}}});
+    (void)w.Add(EntryRecord{.path = "g", .kind = Kind::kHardlink, .hardlink_target = "f"});
+    (void)w.Add(EntryRecord{.path = "old",
+                            .kind = Kind::kFile,
+                            .mode = 0644,
+                            .size = 2 * k,
+                            .data_bytes = 2 * k,
+                            .extents = {{0, start + 2 * k, 2 * k}}});
+    (void)w.SendSummary(summary);
+    (void)w.Add(EntryRecord{.path = "old",
+                            .kind = Kind::kFile,
+                            .mode = 0600,
+                            .size = 5,
+                            .data_bytes = 5,
+                            .extents = {{0, start + 4 * k, 5}}});
+    (void)w.Add(EntryRecord{.path = "thief",
+                            .kind = Kind::kFile,
+                            .mode = 0600,
+                            .size = 5,
+                            .data_bytes = 5,
+                            .extents = {{0, start, 5}}});
+    (void)w.SendSummary(summary);
+  }
+  {
     // A refused layer: records, then the failure.
     StreamFile f(dir + "/failure");
     wire::ChannelWriter w(f.fd());
