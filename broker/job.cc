@@ -49,7 +49,11 @@ class Workspace {
     parent_ = parent;
     LX_ASSIGN_OR_RETURN(parent_fd_, sandbox::OpenAt(AT_FDCWD, parent, O_PATH | O_DIRECTORY));
     for (int attempt = 0; attempt < 100; ++attempt) {
-      std::string name = fmt::format(".layerx-work-{}-{:08x}", ::getpid(), ::random());
+      // Unguessable (getrandom, not random()): the parent may be a shared dir,
+      // where another user could otherwise make the names first.
+      uint64_t nonce = 0;
+      LX_TRY(sandbox::GetRandom(std::as_writable_bytes(std::span(&nonce, 1))));
+      std::string name = fmt::format(".layerx-work-{}-{:016x}", ::getpid(), nonce);
       if (::mkdirat(parent_fd_.get(), name.c_str(), 0700) == 0) {
         name_ = name;
         LX_ASSIGN_OR_RETURN(

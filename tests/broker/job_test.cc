@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <fstream>
 #include <memory>
 #include <thread>
@@ -128,6 +129,30 @@ TEST_F(JobTest, CancelStopsTheJobAndLeavesNothing) {
   ASSERT_FALSE(report);
   EXPECT_EQ(Listing(), before);
   EXPECT_EQ(Children(), 0);
+}
+
+// Another user who can write the output's dir makes the work dir names first.
+// Names from an unseeded random() were the same sequence in every process, so
+// with the pid (there are few) all 100 tries were taken and the job failed;
+// names from getrandom() cannot be guessed. What they made stays untouched.
+TEST_F(JobTest, CannotBeBlockedByWorkDirNamesMadeFirst) {
+  ::srandom(1);  // where an unseeded random() starts
+  std::vector<std::string> taken;
+  for (int i = 0; i < 100; ++i) {
+    taken.push_back(fmt::format(".layerx-work-{}-{:08x}", ::getpid(), ::random()));
+    ASSERT_EQ(mkdir((dir_ + "/" + taken.back()).c_str(), 0755), 0);
+  }
+  ::srandom(1);
+  request_.layers = {dir_ + "/good.tar.gz"};
+  auto report = RunExtract(request_);
+  ASSERT_TRUE(report) << report.error().ToString();
+  std::vector<std::string> expected = {".", "..", "good.tar.gz", "out", "out.jsonl"};
+  expected.insert(expected.end(), taken.begin(), taken.end());
+  std::sort(expected.begin(), expected.end());
+  EXPECT_EQ(Listing(), expected);
+  for (const std::string& name : taken) {
+    EXPECT_EQ(testing::Listing(dir_ + "/" + name).size(), 2u) << name;
+  }
 }
 
 TEST_F(JobTest, ExistingRootfsIsRefusedAndUntouched) {
