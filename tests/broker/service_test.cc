@@ -15,7 +15,9 @@
 #include <grp.h>
 #include <gtest/gtest.h>
 #include <kj/async-io.h>
+#include <poll.h>
 #include <signal.h>
+#include <sys/inotify.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -23,6 +25,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <fstream>
 #include <map>
@@ -585,6 +588,81 @@ TEST_F(ServiceTest, ArchiveWithAFifoInsideIsRefusedAtOnce) {
   ExpectServiceClean();
   pid_t next = Client(-1, Layers(), "next");
   EXPECT_EQ(Wait(next), 0) << ReadFile(Out("next.log"));
+}
+
+// Another user who can write the socket's dir swaps the socket, the moment it
+// appears, for a symlink to a file of the service's user. A chmod by path
+// after bind made that file 0666 (as root: any file), whenever the swap came
+// between bind and chmod (about half the rounds here). The service sets the
+// mode without touching the name (bound in a private dir, renamed into place
+// with its mode): the file keeps its mode in every round, the socket is 0666
+// under any umask (the service runs with umask 077 here), and no private dir
+// is left.
+TEST_F(ServiceTest, SocketModeIsSetWithoutFollowingTheName) {
+  std::string victim = dir_ + "/victim";
+  std::ofstream(victim) << "secret";
+  ASSERT_EQ(::chmod(victim.c_str(), 0600), 0);
+  std::string config = dir_ + "/serve.toml";
+  std::ofstream(config) << "[service]\nscratch_dir = \"" << dir_ << "/scratch\"\n" << kSelf;
+  ::chmod(config.c_str(), 0644);
+  log_ = dir_ + "/service.log";
+  const std::string moved = Socket() + ".moved";
+  for (int round = 0; round < 6; ++round) {
+    SCOPED_TRACE("round " + std::to_string(round));
+    int watch = ::inotify_init1(IN_CLOEXEC | IN_NONBLOCK);
+    ASSERT_GE(watch, 0);
+    ASSERT_GE(::inotify_add_watch(watch, dir_.c_str(), IN_CREATE | IN_MOVED_TO), 0);
+    std::atomic<bool> swapped{false}, stop{false};
+    std::thread racer([&] {
+      alignas(struct inotify_event) char buf[4096];
+      while (!stop && !swapped) {
+        struct pollfd pfd = {watch, POLLIN, 0};
+        if (::poll(&pfd, 1, 50) <= 0) continue;
+        ssize_t len = ::read(watch, buf, sizeof(buf));
+        for (ssize_t at = 0; at < len;) {
+          auto* e = reinterpret_cast<struct inotify_event*>(buf + at);
+          at += static_cast<ssize_t>(sizeof(struct inotify_event) + e->len);
+          if (e->len == 0 || std::string(e->name) != "sock") continue;
+          if (::rename(Socket().c_str(), moved.c_str()) == 0 &&
+              ::symlink(victim.c_str(), Socket().c_str()) == 0) {
+            swapped = true;
+            break;
+          }
+        }
+      }
+    });
+    service_ = Spawn({"/bin/sh", "-c", "umask 077 && exec \"$0\" \"$@\"", LAYERX_BINARY, "serve",
+                      "--socket", Socket(), "--config", config},
+                     -1, log_);
+    auto end = Clock::now() + std::chrono::seconds(10);
+    std::string text;
+    while (Clock::now() < end &&
+           !(swapped && QueryService(moved, ServiceQuery::kStatus, &text, nullptr))) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    stop = true;
+    racer.join();
+    ::close(watch);
+    ASSERT_TRUE(swapped) << ReadFile(log_);
+    EXPECT_TRUE(QueryService(moved, ServiceQuery::kStatus, &text, nullptr))
+        << "the moved socket is the service's";
+    struct stat st;
+    ASSERT_EQ(::lstat(victim.c_str(), &st), 0);
+    EXPECT_EQ(st.st_mode & 07777, 0600u) << "the service chmod'ed through the swapped name";
+    EXPECT_EQ(ReadFile(victim), "secret");
+    ASSERT_EQ(::lstat(moved.c_str(), &st), 0);
+    EXPECT_TRUE(S_ISSOCK(st.st_mode));
+    EXPECT_EQ(st.st_mode & 07777, 0666u);
+    for (const std::string& name : testing::Listing(dir_)) {
+      EXPECT_EQ(name.rfind(".layerx-sock-", 0), std::string::npos) << name << " was left";
+    }
+    ::kill(service_, SIGKILL);
+    Wait(service_, 10);
+    service_ = -1;
+    ::unlink(Socket().c_str());
+    ::unlink(moved.c_str());
+    if (::testing::Test::HasFailure()) break;
+  }
 }
 
 // A docker-archive goes over as one fd; the service unpacks it in a jail like
