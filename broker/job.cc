@@ -51,7 +51,11 @@ class Workspace {
     parent_ = parent;
     LX_ASSIGN_OR_RETURN(parent_fd_, sandbox::OpenAt(AT_FDCWD, parent, O_PATH | O_DIRECTORY));
     for (int attempt = 0; attempt < 100; ++attempt) {
-      std::string name = fmt::format(".layerx-work-{}-{:08x}", ::getpid(), ::random());
+      // Unguessable (getrandom, not random()): the parent may be a shared dir,
+      // where another user could otherwise make the names first.
+      uint64_t nonce = 0;
+      LX_TRY(sandbox::GetRandom(std::as_writable_bytes(std::span(&nonce, 1))));
+      std::string name = fmt::format(".layerx-work-{}-{:016x}", ::getpid(), nonce);
       if (::mkdirat(parent_fd_.get(), name.c_str(), 0700) == 0) {
         name_ = name;
         LX_ASSIGN_OR_RETURN(
@@ -214,6 +218,11 @@ Result<ImageInfo> Inspect(const InspectRequest& request) {
   ResolvedImage image;
   Workspace work;
   if (auto docker = ParseDockerArchiveSpec(request.sources)) {
+    if (docker->fd >= 0) {
+      if (Status s = CheckPassedFd(docker->fd, docker->file); !s) {
+        return Fail(std::move(s).error().With("docker-archive"));
+      }
+    }
     LX_ASSIGN_OR_RETURN(UniqueFd extractor_fd, OpenExtractor(request.extractor_path));
     const char* tmp = ::getenv("TMPDIR");
     LX_TRY(work.Create(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp"));
@@ -575,17 +584,33 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
       return Fail(MakeError(ErrorKind::kPolicy, "a config was asked for, and the source has none"));
     }
   } else if (docker && docker->fd >= 0) {
-    // An open fd: readable by construction.
+    // An open fd: the service checked what it took; one the caller passed
+    // by name ("/dev/fd/N") is checked here.
+    if (!from_fds) {
+      if (Status s = CheckPassedFd(docker->fd, docker->file); !s) {
+        return Fail(std::move(s).error().With("docker-archive"));
+      }
+    }
   } else if (docker) {
-    if (::access(docker->file.c_str(), R_OK) != 0) {
-      return Fail(OsError(errno, "docker-archive {:?}", docker->file));
+    // Opened the way the job will open it (no open that can block, a regular
+    // file only), so that a fifo or a device is refused now, before any work.
+    if (auto fd = sandbox::OpenRegularFile(AT_FDCWD, docker->file, 0); !fd) {
+      return Fail(std::move(fd).error().With("docker-archive"));
     }
   } else {
     LX_ASSIGN_OR_RETURN(image, ResolveSources(request.layers, request.platform));
-    for (const LayerSource& layer : image.layers) {
-      if (layer.dir_fd < 0 && ::access(layer.path.c_str(), R_OK) != 0) {
-        return Fail(OsError(errno, "layer {:?}", layer.path));
-      }
+    // Every blob found by name, plain or in the layout, is opened now the way
+    // the layer will open it: a fifo, a device or a missing blob is refused
+    // before any work, not after the layers below it (passed descriptors were
+    // checked by ResolveSources).
+    for (size_t i = 0; i < image.layers.size(); ++i) {
+      const LayerSource& layer = image.layers[i];
+      if (layer.fd >= 0) continue;
+      auto fd = layer.dir_fd >= 0
+                    ? sandbox::OpenRegularFile(layer.dir_fd, layer.path,
+                                               RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)
+                    : sandbox::OpenRegularFile(AT_FDCWD, layer.path, 0);
+      if (!fd) return Fail(std::move(fd).error().WithLayer(i + 1, layer.display));
     }
     if (config_out && image.config.empty()) {
       return Fail(MakeError(ErrorKind::kPolicy,

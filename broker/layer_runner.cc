@@ -358,12 +358,14 @@ Status Session::Run(const LayerInput& layer) {
     }
     (void)::lseek(blob_.get(), 0, SEEK_SET);  // ESPIPE for a stream
   } else if (layer.dir_fd >= 0) {
-    LX_ASSIGN_OR_RETURN(blob_, sandbox::OpenAt2(layer.dir_fd, layer.path, O_RDONLY | O_NONBLOCK,
-                                                RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS));
+    // Found by name (a layout, a staged archive): a regular file only, opened
+    // so that the open cannot block; a fifo or device is refused here.
+    LX_ASSIGN_OR_RETURN(blob_, sandbox::OpenRegularFile(layer.dir_fd, layer.path,
+                                                        RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS));
   } else {
-    // O_NONBLOCK: a layer may be a stream (a fifo); it must never wedge the
-    // broker past its clock or a cancel. Regular files ignore the flag.
-    LX_ASSIGN_OR_RETURN(blob_, sandbox::OpenAt(AT_FDCWD, layer.path, O_RDONLY | O_NONBLOCK));
+    // A plain file named by the caller: the same. Only a descriptor the
+    // caller passed (above) may be a stream.
+    LX_ASSIGN_OR_RETURN(blob_, sandbox::OpenRegularFile(AT_FDCWD, layer.path, 0));
   }
   LX_ASSIGN_OR_RETURN(struct stat st, sandbox::Fstat(blob_.get()));
   if (S_ISDIR(st.st_mode)) return Fail(MakeError(ErrorKind::kInvalidInput, "is a directory"));

@@ -430,6 +430,69 @@ kj::Promise<void> ServiceImpl::metrics(MetricsContext context) {
   return kj::READY_NOW;
 }
 
+// Binds `sock` at `dir`/`name` with mode 0666 (anyone who can reach the path
+// may connect; SO_PEERCRED decides what they get) and listens. A chmod by path
+// after bind would follow whatever another user of a shared `dir` put at the
+// name meanwhile (a symlink to a file of root's, made 0666 by root), and the
+// umask is the whole process's (Serve() is a library call; its caller may be
+// making files in other threads). So the socket is bound in a private dir
+// beside its place (0700, a random name), given its mode there, and renamed
+// into place, listening, with its mode already set; nothing is ever done to
+// `dir`/`name` but that rename (and unlinking a socket a dead service left).
+Status BindListening(int sock, const std::string& dir, const std::string& name) {
+  LX_ASSIGN_OR_RETURN(UniqueFd parent, sandbox::OpenAt(AT_FDCWD, dir, O_PATH | O_DIRECTORY));
+  std::string hidden;
+  for (int attempt = 0;; ++attempt) {
+    uint64_t nonce = 0;
+    LX_TRY(sandbox::GetRandom(std::as_writable_bytes(std::span(&nonce, 1))));
+    hidden = fmt::format(".layerx-sock-{:016x}", nonce);
+    Status made = sandbox::MkdirAt(parent.get(), hidden, 0700);
+    if (made) break;
+    if (made.error().err() != EEXIST || attempt == 99) return made;
+  }
+  auto private_dir = sandbox::OpenAt(parent.get(), hidden, O_PATH | O_DIRECTORY | O_NOFOLLOW);
+  // Whatever happens next, the private dir goes (through our fd for its
+  // entry; the dir itself by name, which removes only an empty dir).
+  struct Cleanup {
+    int parent, dir;
+    const std::string& name;
+    ~Cleanup() {
+      if (dir >= 0) (void)::unlinkat(dir, "s", 0);
+      (void)::unlinkat(parent, name.c_str(), AT_REMOVEDIR);
+    }
+  } cleanup{parent.get(), private_dir ? private_dir->get() : -1, hidden};
+  if (!private_dir) return Fail(private_dir.error());
+  // In a dir others may write, the name could have been swapped between
+  // mkdir and open: what we opened must be ours and shut to everyone else.
+  LX_ASSIGN_OR_RETURN(struct stat st, sandbox::Fstat(private_dir->get()));
+  if (st.st_uid != ::geteuid() || (st.st_mode & 0077) != 0) {
+    return Fail(MakeError(ErrorKind::kOs, "private dir {:?} was replaced", hidden));
+  }
+  // Bound through our fd of the dir, not its name; by name only without /proc.
+  struct sockaddr_un addr = {};
+  addr.sun_family = AF_UNIX;
+  int rc = -1;
+  for (const std::string& path :
+       {fmt::format("/proc/self/fd/{}/s", private_dir->get()), dir + "/" + hidden + "/s"}) {
+    if (path.size() >= sizeof(addr.sun_path)) continue;
+    std::memset(addr.sun_path, 0, sizeof(addr.sun_path));
+    std::memcpy(addr.sun_path, path.data(), path.size());
+    rc = ::bind(sock, reinterpret_cast<struct sockaddr*>(&addr), sizeof(addr));
+    if (rc == 0 || errno != ENOENT) break;
+  }
+  if (rc != 0) return Fail(OsError(errno, "bind"));
+  LX_TRY(sandbox::FchmodAtNoFollow(private_dir->get(), "s", 0666));
+  if (::listen(sock, 128) != 0) return Fail(OsError(errno, "listen"));
+  if (auto old = sandbox::FstatAt(parent.get(), name, AT_SYMLINK_NOFOLLOW);
+      old && S_ISSOCK(old->st_mode)) {
+    (void)::unlinkat(parent.get(), name.c_str(), 0);  // a socket left by a service that died
+  }
+  if (::renameat2(private_dir->get(), "s", parent.get(), name.c_str(), RENAME_NOREPLACE) != 0) {
+    return Fail(OsError(errno == EEXIST ? EADDRINUSE : errno, "bind"));
+  }
+  return {};
+}
+
 // The listening socket: ours at options.socket, or systemd's fd 3. Taken
 // before the event loop exists, whose own fds would otherwise take the number.
 Result<UniqueFd> ListenSocket(const ServeOptions& options, std::string* ours) {
@@ -456,26 +519,23 @@ Result<UniqueFd> ListenSocket(const ServeOptions& options, std::string* ours) {
     LX_TRY(sandbox::SetNonBlocking(3));
     return fd;
   }
-  struct sockaddr_un addr = {};
-  addr.sun_family = AF_UNIX;
-  if (options.socket.size() >= sizeof(addr.sun_path)) {
+  if (options.socket.size() >= sizeof(sockaddr_un::sun_path)) {
     return Fail(MakeError(ErrorKind::kPolicy, "socket path {:?} is too long", options.socket));
   }
-  std::memcpy(addr.sun_path, options.socket.data(), options.socket.size());
+  size_t slash = options.socket.rfind('/');
+  std::string dir = slash == std::string::npos ? "." : options.socket.substr(0, slash);
+  std::string name = slash == std::string::npos ? options.socket : options.socket.substr(slash + 1);
+  if (dir.empty()) dir = "/";
+  if (name.empty() || name == "." || name == "..") {
+    return Fail(MakeError(ErrorKind::kPolicy, "socket path {:?}: not a file name", options.socket));
+  }
   int raw = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (raw < 0) return Fail(OsError(errno, "socket"));
   fd = UniqueFd(raw);
-  struct stat st;
-  if (::lstat(options.socket.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) {
-    ::unlink(options.socket.c_str());  // a socket left by a service that died
-  }
-  if (::bind(raw, reinterpret_cast<struct sockaddr*>(&addr), sizeof(addr)) != 0) {
-    return Fail(OsError(errno, "bind {:?}", options.socket));
+  if (Status s = BindListening(raw, dir, name); !s) {
+    return Fail(std::move(s).error().With("socket {:?}", options.socket));
   }
   *ours = options.socket;
-  // Anyone who can reach the path may connect; SO_PEERCRED decides what they get.
-  ::chmod(options.socket.c_str(), 0666);
-  if (::listen(raw, 128) != 0) return Fail(OsError(errno, "listen"));
   return fd;
 }
 

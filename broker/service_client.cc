@@ -233,12 +233,16 @@ ExtractResult RunRemote(const ExtractRequest& request) {
     return ExtractResult(PublicError(ext4.error()));
   }
 
-  // The sources, opened as the caller.
+  // The sources, opened as the caller, as a local job opens them: a file found
+  // by name must be a regular file and is opened so that the open cannot block
+  // (a fifo or a device is refused here, not handed to the service); only a
+  // descriptor the caller passed ("/dev/fd/N") may be a pipe.
   std::vector<UniqueFd> inputs;
-  auto open_input = [&inputs](int dir, const std::string& path) -> Status {
-    auto fd = dir >= 0 ? sandbox::OpenAt2(dir, path, O_RDONLY | O_NONBLOCK,
-                                          RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)
-                       : sandbox::OpenAt(AT_FDCWD, path, O_RDONLY | O_NONBLOCK);
+  auto open_input = [&inputs](int passed, int dir, const std::string& path) -> Status {
+    Result<UniqueFd> fd =
+        passed >= 0 ? sandbox::Dup(passed)
+        : dir >= 0  ? sandbox::OpenRegularFile(dir, path, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)
+                    : sandbox::OpenRegularFile(AT_FDCWD, path, 0);
     if (!fd) return Fail(std::move(fd).error());
     inputs.push_back(std::move(*fd));
     return {};
@@ -246,17 +250,16 @@ ExtractResult RunRemote(const ExtractRequest& request) {
   std::optional<broker::DockerArchiveSpec> docker = broker::ParseDockerArchiveSpec(request.sources);
   broker::ResolvedImage image;
   if (docker) {
-    if (Status s = open_input(-1, docker->file); !s) {
-      return ExtractResult(
-          PublicError(std::move(s).error().With("docker-archive {:?}", docker->file)));
-    }
+    Status s = docker->fd >= 0 ? broker::CheckPassedFd(docker->fd, docker->file) : Status();
+    if (s) s = open_input(docker->fd, -1, docker->file);
+    if (!s) return ExtractResult(PublicError(std::move(s).error().With("docker-archive")));
   } else {
     auto resolved = broker::ResolveSources(request.sources, *platform);
     if (!resolved) return ExtractResult(PublicError(resolved.error()));
     image = std::move(*resolved);
     for (size_t i = 0; i < image.layers.size(); ++i) {
       const broker::LayerSource& l = image.layers[i];
-      if (Status s = open_input(l.dir_fd, l.path); !s) {
+      if (Status s = open_input(l.fd, l.dir_fd, l.path); !s) {
         return ExtractResult(PublicError(std::move(s).error().WithLayer(i + 1, l.display)));
       }
     }

@@ -85,9 +85,12 @@ Result<Descriptor> ParseDescriptor(const json& j, const char* what) {
 }
 
 // Reads a regular file below `dir` (never out of it), at most `max` bytes.
+// Whoever wrote the layout (or the archive staged into `dir`) may have put a
+// fifo or a device there: it is refused before anything opens it for reading,
+// which would block (a fifo without a writer) or never end (a device).
 Result<std::string> ReadBounded(int dir, const std::string& path, uint64_t max) {
-  auto fd = sandbox::OpenAt2(dir, path, O_RDONLY,
-                             RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS);  // links stay inside
+  auto fd = sandbox::OpenRegularFile(dir, path,
+                                     RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS);  // links stay inside
   if (!fd) {
     if (fd.error().err() == ENOENT) return Fail(Bad(fmt::format("{:?} is missing", path)));
     if (fd.error().err() == EXDEV)
@@ -95,7 +98,6 @@ Result<std::string> ReadBounded(int dir, const std::string& path, uint64_t max) 
     return Fail(fd.error());
   }
   LX_ASSIGN_OR_RETURN(struct stat st, sandbox::Fstat(fd->get()));
-  if (!S_ISREG(st.st_mode)) return Fail(Bad(fmt::format("{:?} is not a regular file", path)));
   if (static_cast<uint64_t>(st.st_size) > max) {
     return Fail(Error(ErrorKind::kLimitExceeded, 0,
                       fmt::format("{:?} is {} bytes, over {}", path, st.st_size, max)));
@@ -370,6 +372,12 @@ Result<ResolvedImage> ResolveSources(const std::vector<std::string>& specs,
                             ? "an oci: source names a whole image: give it alone"
                             : "a docker-archive: source names a whole image: give it alone"));
     }
+    if (int passed = PassedFd(spec); passed >= 0) {
+      LX_TRY(CheckPassedFd(passed, spec));
+      image.layers.push_back(
+          LayerSource{.display = spec, .dir_fd = -1, .path = spec, .fd = passed});
+      continue;
+    }
     std::string display =
         spec.substr(spec.rfind('/') == std::string::npos ? 0 : spec.rfind('/') + 1);
     image.layers.push_back(LayerSource{.display = display, .dir_fd = -1, .path = spec});
@@ -377,13 +385,49 @@ Result<ResolvedImage> ResolveSources(const std::vector<std::string>& specs,
   return image;
 }
 
+int PassedFd(const std::string& path) {
+  std::string_view number;
+  if (path == "/dev/stdin") {
+    number = "0";
+  } else if (path.starts_with("/dev/fd/")) {
+    number = std::string_view(path).substr(8);
+  } else if (path.starts_with("/proc/self/fd/")) {
+    number = std::string_view(path).substr(14);
+  } else {
+    return -1;
+  }
+  if (number.empty() || number.size() > 9) return -1;
+  int fd = 0;
+  for (char c : number) {
+    if (c < '0' || c > '9') return -1;
+    fd = fd * 10 + (c - '0');
+  }
+  return fd;
+}
+
+Status CheckPassedFd(int fd, const std::string& name) {
+  int flags = ::fcntl(fd, F_GETFL);
+  if (flags < 0) return Fail(OsError(errno, "{}: not an open descriptor", name));
+  if ((flags & O_PATH) != 0 || (flags & O_ACCMODE) == O_WRONLY) {
+    return Fail(Bad(fmt::format("{}: not open for reading", name)));
+  }
+  LX_ASSIGN_OR_RETURN(struct stat st, sandbox::Fstat(fd));
+  if (!S_ISREG(st.st_mode) && !S_ISFIFO(st.st_mode)) {
+    return Fail(Bad(fmt::format("{} is {}, not a regular file or a pipe", name,
+                                sandbox::FileTypeName(st.st_mode))));
+  }
+  return {};
+}
+
 std::optional<DockerArchiveSpec> ParseDockerArchiveSpec(const std::vector<std::string>& specs) {
   constexpr std::string_view kPrefix = "docker-archive:";
   if (specs.size() != 1 || !specs[0].starts_with(kPrefix)) return std::nullopt;
   std::string rest = specs[0].substr(kPrefix.size());
   size_t colon = rest.find(':');
-  return DockerArchiveSpec{rest.substr(0, colon),
-                           colon == std::string::npos ? "" : rest.substr(colon + 1)};
+  std::string file = rest.substr(0, colon);
+  int fd = PassedFd(file);
+  return DockerArchiveSpec{std::move(file),
+                           colon == std::string::npos ? "" : rest.substr(colon + 1), fd};
 }
 
 namespace {

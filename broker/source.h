@@ -3,6 +3,13 @@
 //   oci:DIR[:REF]   an OCI image layout; REF is a tag (org.opencontainers.image.ref.name)
 //                   or @sha256:...; with one manifest in index.json REF may be omitted
 //   FILE...         plain layer files, lowest first (no digests to check)
+// Every file read by name (a document, a blob, a layer file, the archive) must
+// be a regular file, opened so that opening cannot block (sandbox::
+// OpenRegularFile): a fifo, device, socket or directory is refused at once. A
+// pipe is read only when the caller passed it as an open descriptor: through
+// the service, or named "/dev/stdin", "/dev/fd/N" or "/proc/self/fd/N" (a
+// shell's pipe or process substitution), which are taken as the descriptor
+// itself, never opened.
 // OCI documents are parsed with nlohmann::json under size limits; every blob is
 // opened by a digest that was validated first ("sha256:" + 64 hex), below the
 // layout dir (openat2 RESOLVE_BENEATH: a symlinked blob cannot lead out), and
@@ -36,7 +43,8 @@ struct LayerSource {
   std::string display;                 // names the layer in errors: short digest or file
   int dir_fd = -1;                     // borrowed from the ResolvedImage; -1: `path` is plain
   std::string path;                    // below dir_fd, or a plain file path
-  int fd = -1;                         // borrowed; when set, the blob is this open fd (the service)
+  int fd = -1;                         // borrowed; when set, the blob is this open fd (the
+                                       // service, or a passed descriptor: see PassedFd)
   std::optional<std::string> digest;   // sha256 of the blob, from the manifest
   std::optional<std::string> diff_id;  // sha256 of the tar stream, from the config
   std::optional<uint64_t> size;        // blob size, from the manifest
@@ -64,7 +72,8 @@ Result<ResolvedImage> ResolveSources(const std::vector<std::string>& specs,
 struct DockerArchiveSpec {
   std::string file;  // names it in errors
   std::string ref;
-  int fd = -1;       // borrowed; when set, the archive is read from this open fd (the service)
+  int fd = -1;  // borrowed; when set, the archive is read from this open fd (the service,
+                // or a passed descriptor: see PassedFd)
 };
 std::optional<DockerArchiveSpec> ParseDockerArchiveSpec(const std::vector<std::string>& specs);
 
@@ -72,6 +81,13 @@ std::optional<DockerArchiveSpec> ParseDockerArchiveSpec(const std::vector<std::s
 // save / skopeo format) -> config (checked against its file name's digest when
 // it has one) -> layers, each to be checked against the config's diff_ids.
 Result<ResolvedImage> ResolveDockerArchive(sandbox::UniqueFd staged, const std::string& ref);
+
+// The descriptor a plain input's name stands for when it names one the caller
+// passed: "/dev/stdin" (0), "/dev/fd/N", "/proc/self/fd/N"; else -1.
+int PassedFd(const std::string& path);
+// A passed descriptor can be an input: open for reading (not O_PATH), a regular
+// file or a pipe. kOs when `fd` is not open, kInvalidInput naming it otherwise.
+Status CheckPassedFd(int fd, const std::string& name);
 
 // True for "sha256:" followed by 64 lowercase hex digits.
 bool IsValidDigest(const std::string& digest);

@@ -6,6 +6,7 @@
 #include <linux/falloc.h>
 #include <pthread.h>
 #include <sys/mman.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -102,6 +103,59 @@ Status Fchmod(int fd, mode_t mode) {
   return {};
 }
 
+const char* FileTypeName(mode_t mode) {
+  switch (mode & S_IFMT) {
+    case S_IFREG:
+      return "a regular file";
+    case S_IFDIR:
+      return "a directory";
+    case S_IFLNK:
+      return "a symlink";
+    case S_IFIFO:
+      return "a fifo";
+    case S_IFCHR:
+      return "a character device";
+    case S_IFBLK:
+      return "a block device";
+    case S_IFSOCK:
+      return "a socket";
+    default:
+      return "of an unknown type";
+  }
+}
+
+Result<UniqueFd> OpenRegularFile(int dirfd, const std::string& path, uint64_t resolve) {
+  auto open_named = [&](int flags) {
+    return resolve != 0 ? OpenAt2(dirfd, path, static_cast<uint64_t>(flags), resolve)
+                        : OpenAt(dirfd, path, flags);
+  };
+  // O_PATH: opening a fifo without a writer blocks (O_NONBLOCK only moves the
+  // wait into read), and opening a device runs its driver (a tape rewinds, a
+  // watchdog arms, a tty may become the controlling one) before fstat could
+  // tell. An O_PATH open does neither.
+  LX_ASSIGN_OR_RETURN(UniqueFd handle, open_named(O_PATH));
+  LX_ASSIGN_OR_RETURN(struct stat st, Fstat(handle.get()));
+  if (!S_ISREG(st.st_mode)) {
+    return Fail(
+        Error(ErrorKind::kInvalidInput, 0,
+              fmt::format("{:?} is {}, not a regular file", path, FileTypeName(st.st_mode))));
+  }
+  std::string self = fmt::format("/proc/self/fd/{}", handle.get());
+  int fd = RetryEintr([&] { return ::open(self.c_str(), O_RDONLY | O_NOCTTY | O_CLOEXEC); });
+  if (fd >= 0) return UniqueFd(fd);
+  if (errno != ENOENT) return Fail(OsError(errno, "open {:?}", path));
+  // No /proc mounted: the name once more. O_NONBLOCK, so that whatever was
+  // swapped in meanwhile cannot block the open either, and it must be the
+  // inode fstat saw.
+  LX_ASSIGN_OR_RETURN(UniqueFd again, open_named(O_RDONLY | O_NONBLOCK | O_NOCTTY));
+  LX_ASSIGN_OR_RETURN(struct stat now, Fstat(again.get()));
+  if (now.st_dev != st.st_dev || now.st_ino != st.st_ino) {
+    return Fail(Error(ErrorKind::kInvalidInput, 0,
+                      fmt::format("{:?} was replaced while it was opened", path)));
+  }
+  return again;
+}
+
 Result<Pipe> MakePipe(int flags) {
   int fds[2];
   if (::pipe2(fds, flags | O_CLOEXEC) != 0) return Fail(OsError(errno, "pipe2"));
@@ -146,6 +200,18 @@ Status PunchHole(int fd, uint64_t offset, uint64_t length) {
   if (::fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
                   static_cast<off_t>(length)) != 0) {
     return Fail(OsError(errno, "punch hole at {}+{}", offset, length));
+  }
+  return {};
+}
+
+Status GetRandom(std::span<std::byte> out) {
+  while (!out.empty()) {
+    ssize_t n = ::getrandom(out.data(), out.size(), 0);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return Fail(OsError(errno, "getrandom"));
+    }
+    out = out.subspan(static_cast<size_t>(n));
   }
   return {};
 }

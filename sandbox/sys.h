@@ -35,6 +35,19 @@ Status RenameAt(int olddirfd, const std::string& oldpath, int newdirfd, const st
 Status FchmodAtNoFollow(int dirfd, const std::string& path, mode_t mode);
 Status Fchmod(int fd, mode_t mode);
 
+// Opens an existing file for reading so that opening cannot block and nothing
+// but a regular file is ever opened (DESIGN rule 8): an O_PATH open first,
+// which runs no device's open and waits for no fifo writer, then fstat, then
+// that same inode opened O_RDONLY through /proc/self/fd (no name is looked up
+// twice, so nothing can be swapped in between; without /proc, the name once
+// more, non-blocking, and it must be the inode fstat saw). `resolve`: RESOLVE_*
+// flags for openat2, 0 for a plain openat. A fifo, device, socket or directory
+// is kInvalidInput naming it ("\"x\" is a fifo, not a regular file"); a failed
+// open is kOs with its errno (ENOENT, EXDEV for a path leading out, ...).
+Result<UniqueFd> OpenRegularFile(int dirfd, const std::string& path, uint64_t resolve);
+// "a fifo", "a character device", ... for error messages.
+const char* FileTypeName(mode_t mode);
+
 struct Pipe {
   UniqueFd read;
   UniqueFd write;
@@ -50,6 +63,9 @@ Result<UniqueFd> ReopenFd(int fd, int flags);
 // fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE): the range reads as
 // zeros and takes no space.
 Status PunchHole(int fd, uint64_t offset, uint64_t length);
+// Fills `out` from getrandom(2) (the kernel's CSPRNG; EINTR and short reads retried).
+// Blocks only before the kernel's pool is first seeded, early in boot.
+Status GetRandom(std::span<std::byte> out);
 
 // Copies the whole of regular file `from` into `to` (a regular file open for
 // writing, from its offset 0), keeping holes: only the data ranges are copied

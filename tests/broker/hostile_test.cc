@@ -683,22 +683,27 @@ TEST_F(HostileTest, BadInputIsOneLineAndLeavesNothing) {
 }
 
 TEST_F(HostileTest, SigtermStopsTheJobAndLeavesNothing) {
-  // The layer is a fifo nobody finishes writing: the job is mid-layer when
-  // SIGTERM arrives; layerx exits 1, its extractor is reaped, nothing is left.
-  std::string fifo = dir_ + "/slow.tar";
-  ASSERT_EQ(mkfifo(fifo.c_str(), 0666), 0);
-  // The writer end is open before layerx starts (O_RDWR never blocks on a fifo).
-  int writer = open(fifo.c_str(), O_RDWR);
-  ASSERT_GE(writer, 0);
+  // The layer is a pipe nobody finishes writing, passed as fd 3 (a fifo by
+  // name is refused): the job is mid-layer when SIGTERM arrives; layerx exits
+  // 1, its extractor is reaped, nothing is left.
+  int fds[2];
+  ASSERT_EQ(pipe2(fds, O_CLOEXEC), 0);
+  int writer = fds[1];
   auto before = Listing();
   pid_t pid = fork();
   ASSERT_GE(pid, 0);
   if (pid == 0) {
     int devnull = open("/dev/null", O_WRONLY);
     dup2(devnull, 2);
-    execl(LAYERX_BIN, "layerx", "extract", fifo.c_str(), "--rootfs", Out().c_str(), "-q", nullptr);
+    if (fds[0] == 3) {
+      fcntl(3, F_SETFD, 0);
+    } else {
+      dup2(fds[0], 3);  // dup2 clears FD_CLOEXEC
+    }
+    execl(LAYERX_BIN, "layerx", "extract", "/dev/fd/3", "--rootfs", Out().c_str(), "-q", nullptr);
     _exit(127);
   }
+  close(fds[0]);
   // Mid-layer: its work dir is there (a fixed sleep raced a slow start under
   // ASan, where SIGTERM came before layerx had its handler).
   for (int i = 0; i < 1000 && Listing() == before; ++i) usleep(10 * 1000);

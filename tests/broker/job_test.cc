@@ -5,11 +5,14 @@
 #include <archive.h>
 #include <archive_entry.h>
 #include <dirent.h>
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <fstream>
+#include <memory>
 #include <thread>
 
 #include "sandbox/sys.h"
@@ -77,19 +80,34 @@ TEST_F(JobTest, GoodLayerGivesRootfsAndManifest) {
   EXPECT_GT(report->layers[0].setup_ns, 0);
 }
 
+// A pipe whose writer stays silent for `hold`, then closes; the layer is its
+// read end, passed as a descriptor ("/dev/fd/N": a fifo by name is refused).
+struct SilentPipe {
+  explicit SilentPipe(std::chrono::milliseconds hold) {
+    int fds[2];
+    EXPECT_EQ(pipe2(fds, O_CLOEXEC), 0);
+    read_end = fds[0];
+    writer = std::thread([w = fds[1], hold] {
+      std::this_thread::sleep_for(hold);
+      close(w);
+    });
+  }
+  ~SilentPipe() {
+    writer.join();
+    close(read_end);
+  }
+  std::string Name() const { return "/dev/fd/" + std::to_string(read_end); }
+  int read_end = -1;
+  std::thread writer;
+};
+
 TEST_F(JobTest, StopsAtLayerTimeoutAndReapsTheExtractor) {
-  // A layer that never ends: a fifo whose writer stays silent.
-  std::string fifo = dir_ + "/slow.tar";
-  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
-  std::thread writer([&] {
-    std::ofstream out(fifo);  // opens when the broker opens the read side
-    std::this_thread::sleep_for(std::chrono::milliseconds(1500));
-  });
-  request_.layers = {fifo};
+  // A layer that never ends: a pipe whose writer stays silent.
+  SilentPipe slow(std::chrono::milliseconds(1500));
+  request_.layers = {slow.Name()};
   request_.policy.limits.layer_timeout_ms = 300;
   auto before = Listing();
   auto report = RunExtract(request_);
-  writer.join();
   ASSERT_FALSE(report);
   EXPECT_EQ(report.error().kind(), ErrorKind::kLimitExceeded) << report.error().ToString();
   EXPECT_EQ(Listing(), before);
@@ -97,23 +115,44 @@ TEST_F(JobTest, StopsAtLayerTimeoutAndReapsTheExtractor) {
 }
 
 TEST_F(JobTest, CancelStopsTheJobAndLeavesNothing) {
-  std::string fifo = dir_ + "/slow.tar";
-  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  SilentPipe slow(std::chrono::milliseconds(700));
   std::atomic<bool> cancel{false};
-  std::thread writer([&] {
-    std::ofstream out(fifo);
+  std::thread canceller([&] {
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
     cancel.store(true);
-    std::this_thread::sleep_for(std::chrono::milliseconds(500));
   });
-  request_.layers = {fifo};
+  request_.layers = {slow.Name()};
   request_.cancel = &cancel;
   auto before = Listing();
   auto report = RunExtract(request_);
-  writer.join();
+  canceller.join();
   ASSERT_FALSE(report);
   EXPECT_EQ(Listing(), before);
   EXPECT_EQ(Children(), 0);
+}
+
+// Another user who can write the output's dir makes the work dir names first.
+// Names from an unseeded random() were the same sequence in every process, so
+// with the pid (there are few) all 100 tries were taken and the job failed;
+// names from getrandom() cannot be guessed. What they made stays untouched.
+TEST_F(JobTest, CannotBeBlockedByWorkDirNamesMadeFirst) {
+  ::srandom(1);  // where an unseeded random() starts
+  std::vector<std::string> taken;
+  for (int i = 0; i < 100; ++i) {
+    taken.push_back(fmt::format(".layerx-work-{}-{:08x}", ::getpid(), ::random()));
+    ASSERT_EQ(mkdir((dir_ + "/" + taken.back()).c_str(), 0755), 0);
+  }
+  ::srandom(1);
+  request_.layers = {dir_ + "/good.tar.gz"};
+  auto report = RunExtract(request_);
+  ASSERT_TRUE(report) << report.error().ToString();
+  std::vector<std::string> expected = {".", "..", "good.tar.gz", "out", "out.jsonl"};
+  expected.insert(expected.end(), taken.begin(), taken.end());
+  std::sort(expected.begin(), expected.end());
+  EXPECT_EQ(Listing(), expected);
+  for (const std::string& name : taken) {
+    EXPECT_EQ(testing::Listing(dir_ + "/" + name).size(), 2u) << name;
+  }
 }
 
 TEST_F(JobTest, ExistingRootfsIsRefusedAndUntouched) {
@@ -197,18 +236,13 @@ TEST_F(JobTest, SeccompKillIsNamedInTheError) {
 }
 
 TEST_F(JobTest, TimeoutLeavesNoFdOrMount) {
-  std::string fifo = dir_ + "/slow.tar";
-  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
-  auto fds = OpenFds();  // before the writer opens its end
+  auto fds = OpenFds();  // before the pipe is made
   std::string mounts = testing::ReadFile("/proc/self/mountinfo");
-  std::thread writer([&] {
-    std::ofstream out(fifo);
-    std::this_thread::sleep_for(std::chrono::milliseconds(1000));
-  });
-  request_.layers = {fifo};
+  auto slow = std::make_unique<SilentPipe>(std::chrono::milliseconds(1000));
+  request_.layers = {slow->Name()};
   request_.policy.limits.job_timeout_ms = 300;
   auto report = RunExtract(request_);
-  writer.join();
+  slow.reset();  // both of its ends closed
   ASSERT_FALSE(report);
   EXPECT_NE(report.error().ToString().find("job_timeout_ms=300"), std::string::npos)
       << report.error().ToString();

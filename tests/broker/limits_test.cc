@@ -265,7 +265,9 @@ TEST_F(LimitsTest, RefusesTooManyXattrs) {
 // --- time -------------------------------------------------------------------
 
 // A fifo as the layer: 512 bytes of a valid tar header, then silence until
-// `hold` has passed.
+// `hold` has passed. layerx refuses a fifo it finds by name (it must be a
+// regular file), so the fifo is passed open, as a shell passes a pipe:
+// FromFifo() gives the arguments for that.
 std::thread StallingWriter(const std::string& fifo, std::chrono::milliseconds hold) {
   EXPECT_EQ(mkfifo(fifo.c_str(), 0644), 0);
   return std::thread([fifo, hold] {
@@ -290,9 +292,12 @@ std::thread StallingWriter(const std::string& fifo, std::chrono::milliseconds ho
   });
 }
 
+// "/dev/fd/3 3<FIFO": the layer is the fifo the shell opened as fd 3.
+std::string FromFifo(const std::string& fifo) { return "/dev/fd/3 3<" + fifo; }
+
 TEST_F(LimitsTest, StallingLayerHitsTheLayerClock) {
   std::thread writer = StallingWriter(Path("slow.tar"), std::chrono::seconds(10));
-  ExpectRefused(Path("slow.tar"), "--layer-timeout 1", "layer_timeout_ms=1000");
+  ExpectRefused(FromFifo(Path("slow.tar")), "--layer-timeout 1", "layer_timeout_ms=1000");
   writer.join();
 }
 
@@ -301,7 +306,7 @@ TEST_F(LimitsTest, StallingLayerHitsTheJobClock) {
   LayerWriter(Path("a.tar")).File("a", "a");
   std::thread writer = StallingWriter(Path("slow.tar"), std::chrono::seconds(10));
   auto before = testing::Listing(dir_);
-  EXPECT_EQ(Extract(Path("a.tar") + " " + Path("slow.tar"), "--job-timeout 1.5"), 1);
+  EXPECT_EQ(Extract(Path("a.tar") + " " + FromFifo(Path("slow.tar")), "--job-timeout 1.5"), 1);
   EXPECT_NE(err_.find("layer 2"), std::string::npos) << err_;
   EXPECT_NE(err_.find("job_timeout_ms=1500"), std::string::npos) << err_;
   EXPECT_EQ(testing::Listing(dir_), before);
@@ -316,8 +321,10 @@ TEST_F(LimitsTest, SigtermMidLayerLeavesNothing) {
   if (pid == 0) {
     int err = open(Path("err").c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     dup2(err, 2);
-    execl(LAYERX_BIN, "layerx", "extract", Path("slow.tar").c_str(), "--rootfs",
-          Path("out").c_str(), "-q", nullptr);
+    int layer = open(Path("slow.tar").c_str(), O_RDONLY);  // until the writer comes
+    dup2(layer, 3);
+    execl(LAYERX_BIN, "layerx", "extract", "/dev/fd/3", "--rootfs", Path("out").c_str(), "-q",
+          nullptr);
     _exit(127);
   }
   // Mid-layer: its work dir is there (a fixed sleep can race a slow start).

@@ -15,7 +15,9 @@
 #include <grp.h>
 #include <gtest/gtest.h>
 #include <kj/async-io.h>
+#include <poll.h>
 #include <signal.h>
+#include <sys/inotify.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -23,6 +25,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <fstream>
 #include <map>
@@ -48,11 +51,16 @@ constexpr uid_t kAlpha = 65534, kBeta = 65532, kGamma = 65531, kStranger = 4242;
 
 bool Root() { return ::geteuid() == 0; }
 
+// The first fd Spawn() passes `passed` paths on.
+constexpr int kFirstPassedFd = 100;
+
 // fork + exec as `uid` (when root and uid != -1), stdout and stderr to `log`.
 // With `listen_fd`, as systemd starts a socket-activated service: the socket
-// as fd 3, LISTEN_PID and LISTEN_FDS=1.
+// as fd 3, LISTEN_PID and LISTEN_FDS=1. Each of `passed` (fifos) is opened
+// for reading, without waiting for a writer, as fd kFirstPassedFd + i, the way
+// a shell passes a pipe (`/dev/fd/N`).
 pid_t Spawn(const std::vector<std::string>& argv, int uid, const std::string& log,
-            int listen_fd = -1) {
+            int listen_fd = -1, const std::vector<std::string>& passed = {}) {
   std::vector<char*> args;
   for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
   args.push_back(nullptr);
@@ -62,6 +70,10 @@ pid_t Spawn(const std::vector<std::string>& argv, int uid, const std::string& lo
     if (fd >= 0) {
       ::dup2(fd, 1);
       ::dup2(fd, 2);
+    }
+    for (size_t i = 0; i < passed.size(); ++i) {
+      int in = ::open(passed[i].c_str(), O_RDONLY | O_NONBLOCK);
+      if (in < 0 || ::dup2(in, kFirstPassedFd + static_cast<int>(i)) < 0) ::_exit(125);
     }
     if (listen_fd >= 0) {
       if (listen_fd == 3) {
@@ -215,13 +227,24 @@ class ServiceTest : public ::testing::Test {
 
   // `layerx extract --connect` as `uid` with these sources and an ext4 and a
   // manifest output named `name`.img / `name`.jsonl.
+  // A source that is a fifo goes over as a descriptor the client inherits
+  // ("/dev/fd/N"): a fifo by name is refused.
   pid_t Client(int uid, const std::vector<std::string>& sources, const std::string& name,
                std::vector<std::string> extra = {}) {
     std::vector<std::string> argv = {LAYERX_BINARY, "extract", "--connect", Socket()};
-    argv.insert(argv.end(), sources.begin(), sources.end());
+    std::vector<std::string> passed;
+    for (const std::string& source : sources) {
+      struct stat st;
+      if (::stat(source.c_str(), &st) == 0 && S_ISFIFO(st.st_mode)) {
+        argv.push_back("/dev/fd/" + std::to_string(kFirstPassedFd + passed.size()));
+        passed.push_back(source);
+      } else {
+        argv.push_back(source);
+      }
+    }
     argv.insert(argv.end(), {"--ext4", Out(name + ".img"), "--manifest", Out(name + ".jsonl")});
     argv.insert(argv.end(), extra.begin(), extra.end());
-    return Spawn(argv, uid, Out(name + ".log"));
+    return Spawn(argv, uid, Out(name + ".log"), -1, passed);
   }
   std::vector<std::string> Layers() const {
     return {In("l1.tar.gz"), In("l2.tar.zst"), In("l3.tar")};
@@ -516,6 +539,130 @@ TEST_F(ServiceTest, SigtermFinishesOrCancelsJobsWithinTheGrace) {
   EXPECT_EQ(::access(Out("finishes.img").c_str(), F_OK), 0);
   EXPECT_EQ(::access(Out("cancelled.img").c_str(), F_OK), -1);
   EXPECT_EQ(::access(Out("queued.img").c_str(), F_OK), -1);
+}
+
+// A client given a fifo or a device by name (another user's swap in a shared
+// dir, or a mistake) refuses it at once, naming it, and sends the service
+// nothing: opening the fifo would wait for a writer, reading the device would
+// not end before the tenant's clock. Nothing is written.
+TEST_F(ServiceTest, ClientRefusesAFifoOrDeviceByNameAtOnce) {
+  StartService(kSelf);
+  std::string fifo = MakeFifo("named.tar.gz");
+  int n = 0;
+  for (const std::string& bad : {fifo, std::string("/dev/zero"), "docker-archive:" + fifo}) {
+    SCOPED_TRACE(bad);
+    std::string name = "named" + std::to_string(n++);
+    auto t0 = Clock::now();
+    pid_t c = Spawn({LAYERX_BINARY, "extract", "--connect", Socket(), bad, "--ext4",
+                     Out(name + ".img"), "--manifest", Out(name + ".jsonl")},
+                    -1, Out(name + ".log"));
+    EXPECT_EQ(Wait(c, 30), 1);
+    EXPECT_LT(Clock::now() - t0, std::chrono::seconds(5));
+    std::string err = ReadFile(Out(name + ".log"));
+    std::string file = bad == "/dev/zero" ? bad : fifo;
+    EXPECT_NE(err.find("\"" + file + "\" is a"), std::string::npos) << err;
+    EXPECT_EQ(CountLines(Out(name + ".log")), 1) << err;
+    EXPECT_EQ(::access(Out(name + ".img").c_str(), F_OK), -1);
+    EXPECT_EQ(::access(Out(name + ".jsonl").c_str(), F_OK), -1);
+  }
+  EXPECT_EQ(Metrics().find("layerx_jobs_total{"), std::string::npos) << "a job reached the service";
+  ExpectServiceClean();
+}
+
+// A tenant's docker-archive whose manifest.json is a fifo (the jailed
+// extractor makes it in the service's staging dir): reading it would wait for
+// a writer forever, outside any clock, holding a slot. Refused at once, naming
+// it; the work dir goes, and the slot serves the next job.
+TEST_F(ServiceTest, ArchiveWithAFifoInsideIsRefusedAtOnce) {
+  StartService(kSelf);
+  testing::LayerWriter(In("fifo.tar")).Fifo("manifest.json").File("a/layer.tar", "x");
+  ::chmod(In("fifo.tar").c_str(), 0644);
+  auto t0 = Clock::now();
+  pid_t c = Client(-1, {"docker-archive:" + In("fifo.tar")}, "fifo");
+  EXPECT_EQ(Wait(c, 30), 1);
+  EXPECT_LT(Clock::now() - t0, std::chrono::seconds(5));
+  std::string err = ReadFile(Out("fifo.log"));
+  EXPECT_NE(err.find("\"manifest.json\" is a fifo"), std::string::npos) << err;
+  EXPECT_EQ(CountLines(Out("fifo.log")), 1) << err;
+  EXPECT_EQ(::access(Out("fifo.img").c_str(), F_OK), -1);
+  ExpectServiceClean();
+  pid_t next = Client(-1, Layers(), "next");
+  EXPECT_EQ(Wait(next), 0) << ReadFile(Out("next.log"));
+}
+
+// Another user who can write the socket's dir swaps the socket, the moment it
+// appears, for a symlink to a file of the service's user. A chmod by path
+// after bind made that file 0666 (as root: any file), whenever the swap came
+// between bind and chmod (about half the rounds here). The service sets the
+// mode without touching the name (bound in a private dir, renamed into place
+// with its mode): the file keeps its mode in every round, the socket is 0666
+// under any umask (the service runs with umask 077 here), and no private dir
+// is left.
+TEST_F(ServiceTest, SocketModeIsSetWithoutFollowingTheName) {
+  std::string victim = dir_ + "/victim";
+  std::ofstream(victim) << "secret";
+  ASSERT_EQ(::chmod(victim.c_str(), 0600), 0);
+  std::string config = dir_ + "/serve.toml";
+  std::ofstream(config) << "[service]\nscratch_dir = \"" << dir_ << "/scratch\"\n" << kSelf;
+  ::chmod(config.c_str(), 0644);
+  log_ = dir_ + "/service.log";
+  const std::string moved = Socket() + ".moved";
+  for (int round = 0; round < 6; ++round) {
+    SCOPED_TRACE("round " + std::to_string(round));
+    int watch = ::inotify_init1(IN_CLOEXEC | IN_NONBLOCK);
+    ASSERT_GE(watch, 0);
+    ASSERT_GE(::inotify_add_watch(watch, dir_.c_str(), IN_CREATE | IN_MOVED_TO), 0);
+    std::atomic<bool> swapped{false}, stop{false};
+    std::thread racer([&] {
+      alignas(struct inotify_event) char buf[4096];
+      while (!stop && !swapped) {
+        struct pollfd pfd = {watch, POLLIN, 0};
+        if (::poll(&pfd, 1, 50) <= 0) continue;
+        ssize_t len = ::read(watch, buf, sizeof(buf));
+        for (ssize_t at = 0; at < len;) {
+          auto* e = reinterpret_cast<struct inotify_event*>(buf + at);
+          at += static_cast<ssize_t>(sizeof(struct inotify_event) + e->len);
+          if (e->len == 0 || std::string(e->name) != "sock") continue;
+          if (::rename(Socket().c_str(), moved.c_str()) == 0 &&
+              ::symlink(victim.c_str(), Socket().c_str()) == 0) {
+            swapped = true;
+            break;
+          }
+        }
+      }
+    });
+    service_ = Spawn({"/bin/sh", "-c", "umask 077 && exec \"$0\" \"$@\"", LAYERX_BINARY, "serve",
+                      "--socket", Socket(), "--config", config},
+                     -1, log_);
+    auto end = Clock::now() + std::chrono::seconds(10);
+    std::string text;
+    while (Clock::now() < end &&
+           !(swapped && QueryService(moved, ServiceQuery::kStatus, &text, nullptr))) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    stop = true;
+    racer.join();
+    ::close(watch);
+    ASSERT_TRUE(swapped) << ReadFile(log_);
+    EXPECT_TRUE(QueryService(moved, ServiceQuery::kStatus, &text, nullptr))
+        << "the moved socket is the service's";
+    struct stat st;
+    ASSERT_EQ(::lstat(victim.c_str(), &st), 0);
+    EXPECT_EQ(st.st_mode & 07777, 0600u) << "the service chmod'ed through the swapped name";
+    EXPECT_EQ(ReadFile(victim), "secret");
+    ASSERT_EQ(::lstat(moved.c_str(), &st), 0);
+    EXPECT_TRUE(S_ISSOCK(st.st_mode));
+    EXPECT_EQ(st.st_mode & 07777, 0666u);
+    for (const std::string& name : testing::Listing(dir_)) {
+      EXPECT_EQ(name.rfind(".layerx-sock-", 0), std::string::npos) << name << " was left";
+    }
+    ::kill(service_, SIGKILL);
+    Wait(service_, 10);
+    service_ = -1;
+    ::unlink(Socket().c_str());
+    ::unlink(moved.c_str());
+    if (::testing::Test::HasFailure()) break;
+  }
 }
 
 // A docker-archive goes over as one fd; the service unpacks it in a jail like
