@@ -4,13 +4,13 @@
 #include <ext2fs/ext2_fs.h>
 #include <ext2fs/ext2fs.h>
 #include <ext2fs/ext3_extents.h>
-#include <sys/random.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
+#include <span>
 #include <mutex>
 #include <string_view>
 #include <unordered_map>
@@ -850,17 +850,15 @@ Status BuildOnce(int image_fd, const ImageTree& tree, Layout& layout,
   } else if (options.reproducible) {
     DerivedUuid(options.seed, uuid);
   } else {
-    if (::getrandom(uuid, sizeof(uuid), 0) != sizeof(uuid))
-      return Fail(OsError(errno, "getrandom"));
+    LX_TRY(sandbox::GetRandom(std::as_writable_bytes(std::span(uuid))));
     uuid[6] = static_cast<uint8_t>((uuid[6] & 0x0f) | 0x40);
     uuid[8] = static_cast<uint8_t>((uuid[8] & 0x3f) | 0x80);
   }
   std::memcpy(fs->super->s_uuid, uuid, sizeof(uuid));
   if (options.reproducible) {
     std::memcpy(fs->super->s_hash_seed, uuid, sizeof(uuid));
-  } else if (::getrandom(fs->super->s_hash_seed, sizeof(fs->super->s_hash_seed), 0) !=
-             sizeof(fs->super->s_hash_seed)) {
-    return Fail(OsError(errno, "getrandom"));
+  } else {
+    LX_TRY(sandbox::GetRandom(std::as_writable_bytes(std::span(fs->super->s_hash_seed))));
   }
   fs->super->s_def_hash_version = EXT2_HASH_HALF_MD4;
   fs->super->s_checksum_type = EXT2_CRC32C_CHKSUM;
