@@ -10,8 +10,8 @@
 
 #include <algorithm>
 #include <cstring>
-#include <span>
 #include <mutex>
+#include <span>
 #include <string_view>
 #include <unordered_map>
 #include <vector>
@@ -161,6 +161,26 @@ struct Run {
   uint64_t length;
 };
 
+// `blocks` blocks from `physical` on, mapped from logical block 0, cut to what
+// one ext4 extent holds (a directory's blocks).
+std::vector<Run> RunsFrom(uint64_t physical, uint64_t blocks) {
+  std::vector<Run> runs;
+  for (uint64_t logical = 0; logical < blocks; logical += kMaxExtentBlocks) {
+    uint64_t n = std::min<uint64_t>(blocks - logical, kMaxExtentBlocks);
+    runs.push_back(Run{logical, physical + logical, n});
+  }
+  return runs;
+}
+
+// Extent tree blocks for `runs` extents: four fit in the inode; past that,
+// leaves, and past four leaves a level of index blocks.
+uint64_t ExtentTreeBlocks(uint64_t runs, uint64_t bs) {
+  if (runs <= 4) return 0;
+  const uint64_t per_block = (bs - 12) / 12;
+  uint64_t leaves = DivUp(runs, per_block);
+  return leaves + (leaves > 4 ? DivUp(leaves, per_block) + 1 : 0);
+}
+
 // The runs of a file's data extents (checked by ImageTree: block-aligned,
 // ascending), cut to what one ext4 extent holds.
 std::vector<Run> RunsOf(const std::vector<extractor::DataExtent>& extents, uint64_t bs) {
@@ -259,7 +279,17 @@ class Layout {
     }
     // lost+found, as mke2fs makes it, unless the image brings its own name.
     bool named = false;
-    for (const Node::Child& c : nodes_[0].children) named |= c.name == "lost+found";
+    for (const Node::Child& c : nodes_[0].children) {
+      if (c.name != "lost+found") continue;
+      named = true;
+      // e2fsck insists on a directory there (it would report the image
+      // broken): refused, naming it, rather than an image that fails.
+      if (nodes_[c.node].kind() != Kind::kDir) {
+        return Fail(MakeError(ErrorKind::kInvalidInput,
+                              "\"lost+found\" is a {}: an ext4 image needs a directory there",
+                              extractor::KindName(nodes_[c.node].kind())));
+      }
+    }
     if (!named) {
       lost_found_ = static_cast<uint32_t>(nodes_.size());
       nodes_.push_back(Node{.meta = nullptr, .path = "lost+found", .names = 1});
@@ -327,7 +357,6 @@ struct Sizing {
 Sizing Measure(const Layout& layout, uint64_t bs, uint64_t data_start) {
   Sizing s;
   s.data_end_block = data_start / bs;
-  const uint64_t per_extent_block = (bs - 12) / 12;
   for (const Node& n : layout.nodes()) {
     ++s.inodes;
     if (n.meta != nullptr && Layout::XattrsNeedBlock(*n.meta)) ++s.meta_blocks;
@@ -338,16 +367,12 @@ Sizing Measure(const Layout& layout, uint64_t bs, uint64_t data_start) {
           s.data_blocks += r.length;
           s.data_end_block = std::max(s.data_end_block, r.physical + r.length);
         }
-        if (runs.size() > 4) {
-          // Leaves of extents, and past four leaves a level of index blocks.
-          uint64_t leaves = DivUp(runs.size(), per_extent_block);
-          s.meta_blocks += leaves + (leaves > 4 ? DivUp(leaves, per_extent_block) + 1 : 0);
-        }
+        s.meta_blocks += ExtentTreeBlocks(runs.size(), bs);
         break;
       }
       case Kind::kDir: {
         uint64_t blocks = layout.DirBlocks(n);
-        s.meta_blocks += blocks;
+        s.meta_blocks += blocks + ExtentTreeBlocks(DivUp(blocks, kMaxExtentBlocks), bs);
         if (blocks == 1) ++s.single_blocks;
         break;
       }
@@ -591,7 +616,7 @@ class Builder {
     errcode_t rc = ext2fs_iblk_set(fs_, reinterpret_cast<ext2_inode*>(&in), blocks);
     if (!rc) rc = ext2fs_inode_size_set(fs_, reinterpret_cast<ext2_inode*>(&in), blocks * bs);
     if (rc) return Fail(Ext2Error(rc, "inode size"));
-    LX_TRY(WriteWithExtents(n.ino, in, {Run{0, first, blocks}}));
+    LX_TRY(WriteWithExtents(n.ino, in, RunsFrom(first, blocks)));
 
     std::vector<char> buf(blocks * bs, 0);
     const std::vector<Node>& nodes = layout_.nodes();
@@ -668,6 +693,18 @@ uint64_t MaxImageBytes(const Ext4Options& options, uint64_t max_data_bytes) {
   return max;
 }
 
+Status PwriteBytes(int fd, const char* buf, size_t size, loff_t offset) {
+  while (size > 0) {
+    ssize_t n = ::pwrite(fd, buf, size, offset);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return Fail(OsError(errno, "ext4: move data within the image"));
+    buf += n;
+    size -= static_cast<size_t>(n);
+    offset += n;
+  }
+  return {};
+}
+
 // Copies `blocks` blocks of the image from `from` to `to` (non-overlapping),
 // in the kernel.
 Status CopyBlocks(int fd, uint64_t from, uint64_t to, uint64_t blocks, uint64_t bs) {
@@ -676,6 +713,22 @@ Status CopyBlocks(int fd, uint64_t from, uint64_t to, uint64_t blocks, uint64_t 
   while (left > 0) {
     ssize_t n = ::copy_file_range(fd, &in, fd, &out, left, 0);
     if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EXDEV || errno == EOPNOTSUPP || errno == EINVAL || errno == ENOSYS)) {
+      // A filesystem without copy_file_range (some FUSE, NFS, overlay):
+      // through a buffer, at most the dead blocks' worth.
+      std::vector<char> buf(1 << 20);
+      while (left > 0) {
+        ssize_t got = ::pread(fd, buf.data(), std::min<uint64_t>(left, buf.size()), in);
+        if (got < 0 && errno == EINTR) continue;
+        if (got < 0) return Fail(OsError(errno, "ext4: move data within the image"));
+        if (got == 0) break;
+        LX_TRY(PwriteBytes(fd, buf.data(), static_cast<size_t>(got), out));
+        in += got;
+        out += got;
+        left -= static_cast<uint64_t>(got);
+      }
+      break;
+    }
     if (n < 0) return Fail(OsError(errno, "ext4: move data within the image"));
     if (n == 0) {  // past the end of the file: the rest is a hole already
       break;
@@ -1027,8 +1080,8 @@ Result<Ext4Report> BuildExt4(int image_fd, const ImageTree& tree, uint64_t data_
     // The ratio decides the inode count from the size, and the inode tables
     // grow the size: solve for both.
     for (int i = 0; i < 8; ++i) {
-      uint64_t count = std::max(needed_inodes, need * bs / *options.inode_ratio);
-      need = std::max<uint64_t>(size_for(count, &journal_blocks), (1u << 20) / bs);
+      inode_count = std::max(needed_inodes, need * bs / *options.inode_ratio);
+      need = std::max<uint64_t>(size_for(inode_count, &journal_blocks), (1u << 20) / bs);
     }
   }
   log->debug("plan: data_end={} data={} meta={} singles={} inodes={} journal={} blocks={}",
@@ -1045,6 +1098,12 @@ Result<Ext4Report> BuildExt4(int image_fd, const ImageTree& tree, uint64_t data_
     // The journal mke2fs would give this size, where it fits.
     if (given - need + journal_blocks >= journal_for(given)) journal_blocks = journal_for(given);
     blocks = given;
+    if (options.inode_ratio)
+      inode_count = std::max(inode_count, blocks * bs / *options.inode_ratio);
+  }
+  if (inode_count > UINT32_MAX - 1024) {
+    return Fail(
+        MakeError(ErrorKind::kPolicy, "ext4: {} inodes, more than ext4 holds", inode_count));
   }
 
   // The blocks no live file holds get punched out: data of removed and

@@ -1,5 +1,6 @@
 #include "broker/image_tree.h"
 
+#include <algorithm>
 #include <iterator>
 #include <vector>
 
@@ -100,9 +101,13 @@ Status ImageTree::ValidateExtents(const EntryRecord& r) {
   const uint64_t bs = window_.block_size;
   uint64_t next_logical = 0, total = 0;
   for (const extractor::DataExtent& x : r.extents) {
+    // Ascending in the data fd too, over the whole layer (the extractor
+    // appends): no two records of a layer can name one block, and a layer
+    // cannot name more blocks than its window holds.
+    const uint64_t next_physical = (layer_data_end_ + bs - 1) / bs * bs;
     if (x.length == 0 || x.logical % bs != 0 || x.physical % bs != 0 || x.logical < next_logical ||
-        x.physical < window_.start || x.length > r.size || x.logical > r.size - x.length ||
-        x.physical > UINT64_MAX - x.length - bs) {
+        x.physical < window_.start || x.physical < next_physical || x.length > r.size ||
+        x.logical > r.size - x.length || x.physical > UINT64_MAX - x.length - bs) {
       return Fail(Bad(
           fmt::format("data extent {}+{} at {} of {:?}", x.logical, x.length, x.physical, r.path)));
     }
@@ -114,13 +119,22 @@ Status ImageTree::ValidateExtents(const EntryRecord& r) {
   return {};
 }
 
+uint64_t AccountedBytes(const EntryRecord& r) {
+  // What the limits count: the data the record says it has, or the data its
+  // extents place, whichever is more (a lying dataBytes of 0 counts all the
+  // same).
+  uint64_t placed = 0;
+  for (const extractor::DataExtent& x : r.extents) placed += x.length;
+  return std::max(r.data_bytes, placed);
+}
+
 Status ImageTree::Add(EntryRecord r) {
   LX_TRY(Validate(r));
   LX_TRY(ValidateExtents(r));
   LX_ASSIGN_OR_RETURN(bool admitted, extractor::ApplyEntryRules(rules_, r));
   if (!admitted) return {};
   // The total is the broker's own count: no extractor can talk it down.
-  file_bytes_ += r.data_bytes;
+  file_bytes_ += AccountedBytes(r);
   if (file_bytes_ > limits_.max_image_bytes) {
     return Fail(MakeError(ErrorKind::kLimitExceeded, "image data over max_image_bytes={}",
                           limits_.max_image_bytes));

@@ -28,6 +28,10 @@ struct DataWindow {
   uint32_t block_size = 4096;
 };
 
+// The bytes of file data a record stands for, for the limits: its dataBytes,
+// or what its extents place if that is more.
+uint64_t AccountedBytes(const extractor::EntryRecord& r);
+
 class ImageTree : public extractor::RecordSink {
  public:
   explicit ImageTree(const policy::Limits& limits, const policy::EntryRules& rules = {});

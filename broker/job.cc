@@ -409,6 +409,11 @@ Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest&
   for (size_t i = 0; i < image.layers.size(); ++i) {
     const LayerSource& source = image.layers[i];
     LayerInput input{.index = i + 1, .dir_fd = source.dir_fd, .path = source.path, .fd = source.fd};
+    if (want_ext4 && ::ftruncate(image_fd.get(), static_cast<off_t>(ctx.data.start)) != 0) {
+      // The file ends where this layer's window starts: even a write that
+      // got to append would land inside the window.
+      return Fail(OsError(errno, "ext4 {:?}: size the image", ext4_out ? *request.ext4 : "(fd)"));
+    }
     auto layer = RunLayer(ctx, input, tree);
     if (layer) {
       Status verified = VerifyLayer(source, *layer);

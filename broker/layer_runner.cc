@@ -476,7 +476,7 @@ Status MergeBatch(capnp::List<wire::Record>::Reader batch, ImageTree& tree,
       case wire::Record::ENTRY: {
         auto entry = wire::FromWire(record.getEntry());
         if (!entry) return Fail(MakeError(ErrorKind::kPeer, "bad record: unknown kind"));
-        uint64_t data_bytes = entry->data_bytes;
+        uint64_t data_bytes = AccountedBytes(*entry);
         LX_TRY(tree.Add(std::move(*entry)));
         LX_TRY(on_entry(data_bytes));
         break;

@@ -150,14 +150,10 @@ Result<std::vector<sock_filter>> CompileDataFdFilter(const policy::Policy& polic
   for (const char* name : kNotOnDataFd) {
     int nr = seccomp_syscall_resolve_name(name);
     if (nr == __NR_SCMP_ERROR) continue;
-    if (nr == SCMP_SYS(fcntl)) continue;  // below: only its dup commands
+    // fcntl among them, every command: F_DUPFD would alias it, and F_SETFL
+    // with O_APPEND would make pwrite64 ignore the offset the rule below checks
+    // (the review found it). The extractor never needs one on fd 6.
     LX_TRY(Check(seccomp_rule_add(ctx.get(), deny, nr, 1, is_data_fd(0)), name));
-  }
-  for (int cmd : {F_DUPFD, F_DUPFD_CLOEXEC}) {
-    LX_TRY(Check(seccomp_rule_add(ctx.get(), deny, SCMP_SYS(fcntl), 2, is_data_fd(0),
-                                  scmp_arg_cmp{1, SCMP_CMP_MASKED_EQ, 0xffffffffu,
-                                               static_cast<scmp_datum_t>(cmd)}),
-                 "fcntl"));
   }
   // pwrite64 only from this layer's start on: the lower layers' data and the
   // image's first blocks stay out of reach.

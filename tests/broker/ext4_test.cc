@@ -385,6 +385,17 @@ TEST_F(Ext4Test, ManySubdirectoriesUseDirNlink) {
   EXPECT_NE(out.find("Links: 2 "), std::string::npos) << out.substr(0, 300);
 }
 
+// e2fsck insists that /lost+found is a directory: an image whose layers make
+// it a file is refused in one line, not written broken.
+TEST_F(Ext4Test, LostFoundThatIsNoDirectoryIsRefused) {
+  LayerWriter(dir_ + "/lf.tar").File("lost+found", "not a dir");
+  std::string err;
+  EXPECT_EQ(ExtractOnly({"lf.tar"}, "lf.img", &err), 1);
+  EXPECT_NE(err.find("lost+found"), std::string::npos) << err;
+  EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+  EXPECT_NE(access((dir_ + "/lf.img").c_str(), F_OK), 0);
+}
+
 TEST_F(Ext4Test, ReproducibleModeIsByteIdentical) {
   ASSERT_EQ(Extract("r1.img", "--reproducible"), 0);
   ASSERT_EQ(Extract("r2.img", "--reproducible"), 0);

@@ -121,6 +121,33 @@ INSTANTIATE_TEST_SUITE_P(
         BadExtents{"WrappingPhysical", FileWith(10, {{0, UINT64_MAX - 4095, 10}})}),
     [](const auto& info) { return std::string("Rejects") + info.param.name; });
 
+TEST(ImageTreeTest, RejectsALayersRecordsNamingOneBlockTwice) {
+  // Each record alone is fine; the second names the block the first has.
+  ImageTree tree(policy::Limits{});
+  tree.BeginLayer(DataWindow{.enabled = true, .start = 8192, .block_size = 4096});
+  ASSERT_TRUE(tree.Add(EntryRecord{
+      .path = "a", .kind = Kind::kFile, .size = 10, .data_bytes = 10, .extents = {{0, 8192, 10}}}));
+  Status status = tree.Add(EntryRecord{
+      .path = "b", .kind = Kind::kFile, .size = 10, .data_bytes = 10, .extents = {{0, 8192, 10}}});
+  ASSERT_FALSE(status);
+  EXPECT_EQ(status.error().kind(), ErrorKind::kPeer);
+}
+
+TEST(ImageTreeTest, ExtentsCountAgainstTheImageLimitWhateverDataBytesSays) {
+  // dataBytes 0, and 1 MiB placed: the limit counts the megabyte.
+  policy::Limits limits;
+  limits.max_image_bytes = 64 * 1024;
+  ImageTree tree(limits);
+  tree.BeginLayer(DataWindow{.enabled = true, .start = 8192, .block_size = 4096});
+  Status status = tree.Add(EntryRecord{.path = "big",
+                                       .kind = Kind::kFile,
+                                       .size = 1 << 20,
+                                       .data_bytes = 0,
+                                       .extents = {{0, 8192, 1 << 20}}});
+  ASSERT_FALSE(status);
+  EXPECT_EQ(status.error().kind(), ErrorKind::kLimitExceeded);
+}
+
 TEST(ImageTreeTest, AcceptsSparseExtentsInTheWindow) {
   ImageTree tree(policy::Limits{});
   tree.BeginLayer(DataWindow{.enabled = true, .start = 8192, .block_size = 4096});

@@ -207,7 +207,12 @@ int main(int argc, char** argv) {
     char c;
     return Check(pread(data, &c, 1, 0) < 0 && errno == EBADF, "pread of the data fd");
   }
-  if (mode == "data-getfl") return Check(fcntl(data, F_GETFL) >= 0, "F_GETFL on the data fd");
+  if (mode == "data-getfl") fcntl(data, F_GETFL);
+  if (mode == "data-append") {
+    // O_APPEND would make pwrite64 write at the end, whatever the offset.
+    fcntl(data, F_SETFL, O_APPEND);
+    pwrite(data, "evil", 4, start);
+  }
   // Each of these must be killed by seccomp before it returns.
   if (mode == "data-pwrite-below") pwrite(data, "evil", 4, start - 4);
   if (mode == "data-pwrite-high-fd") {
