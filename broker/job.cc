@@ -53,9 +53,8 @@ class Workspace {
     for (int attempt = 0; attempt < 100; ++attempt) {
       // Unguessable (getrandom, not random()): the parent may be a shared dir,
       // where another user could otherwise make the names first.
-      uint64_t nonce = 0;
-      LX_TRY(sandbox::GetRandom(std::as_writable_bytes(std::span(&nonce, 1))));
-      std::string name = fmt::format(".layerx-work-{}-{:016x}", ::getpid(), nonce);
+      LX_ASSIGN_OR_RETURN(std::string name,
+                          sandbox::UnguessableName(fmt::format(".layerx-work-{}-", ::getpid())));
       if (::mkdirat(parent_fd_.get(), name.c_str(), 0700) == 0) {
         name_ = name;
         LX_ASSIGN_OR_RETURN(
@@ -122,8 +121,9 @@ class PendingOutput {
     LX_ASSIGN_OR_RETURN(dir_, sandbox::OpenAt(AT_FDCWD, out.dir, O_PATH | O_DIRECTORY));
     dir_path_ = out.dir;
     name_ = out.name;
-    temp_ = fmt::format(".{}.layerx-tmp-{}", out.name, ::getpid());
-    (void)::unlinkat(dir_.get(), temp_.c_str(), 0);  // a leftover of a killed run of ours
+    // Unguessable, and never a name that is there already (Create() is
+    // O_EXCL|O_NOFOLLOW): nothing of anyone else's is unlinked or written.
+    LX_ASSIGN_OR_RETURN(temp_, sandbox::UnguessableName(fmt::format(".{}.layerx-tmp-", out.name)));
     return {};
   }
   // An output the caller passed as an open fd (the service): the temp goes in

@@ -77,8 +77,7 @@ class ClientOutput {
     auto fd = sandbox::OpenAt(dir_.get(), ".", O_TMPFILE | O_WRONLY, 0644);
     if (!fd && (fd.error().err() == EOPNOTSUPP || fd.error().err() == EISDIR)) {
       // No O_TMPFILE here: a named temp, removed unless committed.
-      temp_ = fmt::format(".{}.layerx-tmp-{}", name_, ::getpid());
-      (void)::unlinkat(dir_.get(), temp_.c_str(), 0);
+      LX_ASSIGN_OR_RETURN(temp_, sandbox::UnguessableName(fmt::format(".{}.layerx-tmp-", name_)));
       fd = sandbox::OpenAt(dir_.get(), temp_, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0644);
     }
     if (!fd) return Fail(std::move(fd).error().With("{} {:?}", what, path));
@@ -91,8 +90,7 @@ class ClientOutput {
   // so that several outputs all appear or none does).
   Status Link() {
     if (!temp_.empty()) return {};  // the named fallback has one already
-    temp_ = fmt::format(".{}.layerx-tmp-{}", name_, ::getpid());
-    (void)::unlinkat(dir_.get(), temp_.c_str(), 0);
+    LX_ASSIGN_OR_RETURN(temp_, sandbox::UnguessableName(fmt::format(".{}.layerx-tmp-", name_)));
     std::string self = fmt::format("/proc/self/fd/{}", fd_.get());
     if (::linkat(AT_FDCWD, self.c_str(), dir_.get(), temp_.c_str(), AT_SYMLINK_FOLLOW) != 0) {
       int err = errno;

@@ -204,6 +204,12 @@ Status PunchHole(int fd, uint64_t offset, uint64_t length) {
   return {};
 }
 
+Result<std::string> UnguessableName(std::string_view prefix) {
+  uint64_t nonce = 0;
+  LX_TRY(GetRandom(std::as_writable_bytes(std::span(&nonce, 1))));
+  return fmt::format("{}{:016x}", prefix, nonce);
+}
+
 Status GetRandom(std::span<std::byte> out) {
   while (!out.empty()) {
     ssize_t n = ::getrandom(out.data(), out.size(), 0);

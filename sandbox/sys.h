@@ -63,6 +63,9 @@ Result<UniqueFd> ReopenFd(int fd, int flags);
 // fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE): the range reads as
 // zeros and takes no space.
 Status PunchHole(int fd, uint64_t offset, uint64_t length);
+// `prefix` and 16 hex digits from getrandom(2): a name for a temp file or dir
+// that no one else can guess and make first in a shared directory.
+Result<std::string> UnguessableName(std::string_view prefix);
 // Fills `out` from getrandom(2) (the kernel's CSPRNG; EINTR and short reads retried).
 // Blocks only before the kernel's pool is first seeded, early in boot.
 Status GetRandom(std::span<std::byte> out);
