@@ -1125,6 +1125,10 @@ Result<Ext4Report> BuildExt4(int image_fd, const ImageTree& tree, uint64_t data_
     return punch_to(file_end);
   };
   LX_TRY(punch_all_but_data(data_start, true));
+  // The front too: only the broker writes there (below, last), but a first
+  // layer could reach it (JailData::copy_input). Every block no one wrote
+  // reads as zeros: the inode tables are taken as zeroed.
+  if (data_start > 0) LX_TRY(sandbox::PunchHole(image_fd, 0, data_start));
 
   // Sizing counts every block; should libext2fs still want one more (its
   // extent or xattr blocks are estimated from above), one more attempt with

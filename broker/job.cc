@@ -414,6 +414,7 @@ Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest&
       // got to append would land inside the window.
       return Fail(OsError(errno, "ext4 {:?}: size the image", ext4_out ? *request.ext4 : "(fd)"));
     }
+    ctx.window_at_front = want_ext4 && ctx.data.start == data_start;
     auto layer = RunLayer(ctx, input, tree);
     if (layer) {
       Status verified = VerifyLayer(source, *layer);

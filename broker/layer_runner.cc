@@ -37,6 +37,7 @@ class Session {
 
  private:
   Status Feed();
+  Status HashSome();
   Status DrainBlob();
   Result<std::optional<size_t>> ReadBlob();
   Error TimeoutError() const;
@@ -58,6 +59,7 @@ class Session {
   std::vector<std::byte> feed_buf_;
   size_t feed_off_ = 0;
   bool blob_eof_ = false;
+  bool direct_ = false;  // the extractor reads the blob's file itself; we only hash it
   extractor::Sha256 sha_;
 
   // Word-aligned for capnp. Not a std::vector: capnp::word cannot be copied or
@@ -118,6 +120,16 @@ Status Session::Feed() {
     }
     feed_off_ += static_cast<size_t>(w);
   }
+}
+
+// One chunk of a blob the extractor reads itself (direct_), hashed meanwhile.
+Status Session::HashSome() {
+  LX_TRY(ReadBlob());
+  if (report_.compressed_bytes > ctx_.policy->limits.max_layer_bytes) {
+    return Fail(MakeError(ErrorKind::kLimitExceeded, "blob is over max_layer_bytes={}",
+                          ctx_.policy->limits.max_layer_bytes));
+  }
+  return {};
 }
 
 // Reads and hashes the rest of the blob, so the digest always covers all of it.
@@ -370,7 +382,26 @@ Status Session::Run(const LayerInput& layer) {
   LX_ASSIGN_OR_RETURN(struct stat st, sandbox::Fstat(blob_.get()));
   if (S_ISDIR(st.st_mode)) return Fail(MakeError(ErrorKind::kInvalidInput, "is a directory"));
   if (S_ISREG(st.st_mode)) blob_bytes_ = static_cast<uint64_t>(st.st_size);
+  // A file found by name that no one but us (or root) can change: the
+  // extractor reads it itself, through its own read-only open, while we hash
+  // it here, so its bytes pass through no pipe. Both see the same bytes only
+  // because no one else can write them in between; anything else (a client's
+  // fd, a stream, a file others may write) is fed through the pipe, hashed as
+  // it goes in.
+  sandbox::JailData data = ctx_.data;
+  UniqueFd direct_input;
+  if (layer.fd < 0 && S_ISREG(st.st_mode) &&
+      (st.st_uid == ::geteuid() || st.st_uid == 0) && (st.st_mode & 022) == 0 &&
+      (data.mode == sandbox::DataMode::kImage || data.mode == sandbox::DataMode::kDiscard)) {
+    LX_ASSIGN_OR_RETURN(direct_input, sandbox::ReopenFd(blob_.get(), O_RDONLY));
+    direct_ = true;
+    data.copy_input = data.mode == sandbox::DataMode::kImage && ctx_.window_at_front ? 1 : 0;
+  }
   LX_ASSIGN_OR_RETURN(sandbox::Pipe input, sandbox::MakePipe(0));
+  if (direct_) {
+    input.write.reset();
+    input.read = std::move(direct_input);
+  }
   LX_ASSIGN_OR_RETURN(sandbox::Pipe errpipe, sandbox::MakePipe(0));
   LX_ASSIGN_OR_RETURN(auto sockets, sandbox::MakeSocketPair());
   // The extractor's own open of the image: write-only, so it can neither read
@@ -379,7 +410,7 @@ Status Session::Run(const LayerInput& layer) {
   if (ctx_.data_fd >= 0) {
     LX_ASSIGN_OR_RETURN(data_fd, sandbox::ReopenFd(ctx_.data_fd, O_WRONLY));
   }
-  ::fcntl(input.write.get(), F_SETPIPE_SZ, 1 << 20);  // fewer wakeups; best effort
+  if (!direct_) ::fcntl(input.write.get(), F_SETPIPE_SZ, 1 << 20);  // fewer wakeups; best effort
 
   int64_t start = sandbox::MonotonicNs();
   sandbox::SpawnRequest request{
@@ -391,7 +422,7 @@ Status Session::Run(const LayerInput& layer) {
       .stderr_fd = errpipe.write.get(),
       .policy = ctx_.policy,
       .data_fd = data_fd.get(),
-      .data = ctx_.data,
+      .data = data,
   };
   request.argv.insert(request.argv.end(), ctx_.extractor_args.begin(), ctx_.extractor_args.end());
   LX_ASSIGN_OR_RETURN(sandbox::Child child, sandbox::Spawn(request));
@@ -403,7 +434,9 @@ Status Session::Run(const LayerInput& layer) {
   feed_ = std::move(input.write);
   channel_ = std::move(sockets.first);
   stderr_ = std::move(errpipe.read);
-  for (int fd : {feed_.get(), channel_.get(), stderr_.get()}) LX_TRY(sandbox::SetNonBlocking(fd));
+  for (int fd : {feed_.get(), channel_.get(), stderr_.get()}) {
+    if (fd >= 0) LX_TRY(sandbox::SetNonBlocking(fd));
+  }
   log_->debug("spawned: layer={} pid={} spawn_ms={:.2f}", layer.index, child.pid(),
               (sandbox::MonotonicNs() - start) / 1e6);
 
@@ -432,13 +465,18 @@ Status Session::Run(const LayerInput& layer) {
     if (!channel_eof_) fds[chan_idx = n++] = {channel_.get(), POLLIN, 0};
     if (stderr_.valid()) fds[err_idx = n++] = {stderr_.get(), POLLIN, 0};
     if (!exited) fds[pid_idx = n++] = {child.pidfd(), POLLIN, 0};
-    int timeout_ms = static_cast<int>(std::min<int64_t>((deadline_ - now) / 1'000'000 + 1, 100));
+    // A blob the extractor reads itself is hashed between polls.
+    const bool hashing = direct_ && !blob_eof_;
+    int timeout_ms = hashing ? 0
+                             : static_cast<int>(
+                                   std::min<int64_t>((deadline_ - now) / 1'000'000 + 1, 100));
     int rc = ::poll(fds, static_cast<nfds_t>(n), timeout_ms);
     if (rc < 0) {
       if (errno == EINTR) continue;
       return Fail(OsError(errno, "poll"));
     }
     if (feed_idx >= 0 && fds[feed_idx].revents) LX_TRY(Feed());
+    if (hashing) LX_TRY(HashSome());
     if (chan_idx >= 0 && fds[chan_idx].revents) LX_TRY(ReadChannel());
     Report(layer.index, false);
     if (err_idx >= 0 && fds[err_idx].revents) ReadStderr(false);

@@ -69,6 +69,10 @@ struct RunContext {
   // the extractor, whose window starts at data.start.
   sandbox::JailData data;
   int data_fd = -1;
+  // The window starts at the image's front: below it is only what the broker
+  // punches out and writes last. Such a layer may copy_file_range file data
+  // from its file (sandbox::JailData::copy_input).
+  bool window_at_front = false;
 };
 
 // Merges one batch of records into `tree`, in order, calling `on_entry` with

@@ -391,6 +391,35 @@ Status PwriteAll(int fd, std::span<const std::byte> b, uint64_t offset) {
 
 uint64_t RoundUp(uint64_t v, uint64_t to) { return (v + to - 1) / to * to; }
 
+// copy_file_range(2) of `length` bytes, in the kernel: false when this pair of
+// files cannot (another filesystem: EXDEV; a kernel or filesystem without it)
+// and nothing was copied, so the caller reads the bytes instead.
+Result<bool> CopyAll(int in_fd, uint64_t in_offset, int out_fd, uint64_t out_offset,
+                     uint64_t length) {
+  auto in = static_cast<loff_t>(in_offset), out = static_cast<loff_t>(out_offset);
+  bool copied = false;
+  while (length > 0) {
+    ssize_t n = ::copy_file_range(in_fd, &in, out_fd, &out, length, 0);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (!copied && (errno == EXDEV || errno == EINVAL || errno == EOPNOTSUPP ||
+                      errno == ENOSYS || errno == EPERM)) {
+        return false;
+      }
+      if (errno == EFBIG) {
+        return Fail(Error(ErrorKind::kLimitExceeded, EFBIG, "file over rlimit file_size"));
+      }
+      return Fail(Error(ErrorKind::kOs, errno, "copy file data"));
+    }
+    if (n == 0) {
+      return Fail(MakeError(ErrorKind::kInvalidInput, "layer ends inside the file's data"));
+    }
+    copied = true;
+    length -= static_cast<uint64_t>(n);
+  }
+  return true;
+}
+
 }  // namespace
 
 Result<uint64_t> Applier::WriteFile(int fd, const TarEntry& e, const DataFeed& data,
@@ -406,31 +435,61 @@ Result<uint64_t> Applier::WriteFile(int fd, const TarEntry& e, const DataFeed& d
   const uint64_t bs = options_.data.block_size;
   if (to_image && data_pos_ < options_.data.start) data_pos_ = options_.data.start;
   uint64_t next = 0;  // the file's data arrives in ascending order
-  LX_ASSIGN_OR_RETURN(
-      uint64_t written, data([&](int64_t offset, std::span<const std::byte> b) -> Status {
-        if (offset < 0 || static_cast<uint64_t>(offset) + b.size() > e.size) {
-          return Fail(MakeError(ErrorKind::kInvalidInput, "file data beyond its size"));
-        }
-        const auto at = static_cast<uint64_t>(offset);
-        if (at < next) return Fail(MakeError(ErrorKind::kInvalidInput, "file data out of order"));
-        if (b.empty()) return {};
-        next = at + b.size();
-        if (to_tree) LX_TRY(PwriteAll(fd, b, at));
-        if (!to_image) return {};
-        // The same run while the data starts in its last block or the next
-        // one (the bytes between are zeros: the data fd is fresh past
-        // data_pos_); past a hole of whole blocks, a new run at the next
-        // free block.
-        DataExtent* run = extents->empty() ? nullptr : &extents->back();
-        if (run == nullptr || at / bs > RoundUp(run->logical + run->length, bs) / bs) {
-          extents->push_back(DataExtent{.logical = at / bs * bs, .physical = data_pos_});
-          run = &extents->back();
-        }
-        LX_TRY(PwriteAll(options_.data_fd, b, run->physical + (at - run->logical)));
-        run->length = at + b.size() - run->logical;
-        data_pos_ = RoundUp(run->physical + run->length, bs);
-        return {};
-      }));
+  auto check = [&](uint64_t at, uint64_t length) -> Status {
+    if (at + length > e.size || at + length < at) {
+      return Fail(MakeError(ErrorKind::kInvalidInput, "file data beyond its size"));
+    }
+    if (at < next) return Fail(MakeError(ErrorKind::kInvalidInput, "file data out of order"));
+    return {};
+  };
+  // Where the file's bytes from `at` go in the data fd: the same run while
+  // they start in its last block or the next one (the bytes between are
+  // zeros: the data fd is fresh past data_pos_); past a hole of whole blocks,
+  // a new run at the next free block.
+  auto place = [&](uint64_t at) -> uint64_t {
+    const DataExtent* run = extents->empty() ? nullptr : &extents->back();
+    if (run == nullptr || at / bs > RoundUp(run->logical + run->length, bs) / bs) {
+      return data_pos_ + at % bs;
+    }
+    return run->physical + (at - run->logical);
+  };
+  auto placed = [&](uint64_t at, uint64_t length) {
+    DataExtent* run = extents->empty() ? nullptr : &extents->back();
+    if (run == nullptr || at / bs > RoundUp(run->logical + run->length, bs) / bs) {
+      extents->push_back(DataExtent{.logical = at / bs * bs, .physical = data_pos_});
+      run = &extents->back();
+    }
+    run->length = at + length - run->logical;
+    data_pos_ = RoundUp(run->physical + run->length, bs);
+    next = at + length;
+  };
+  DataSink sink;
+  sink.bytes = [&](int64_t offset, std::span<const std::byte> b) -> Status {
+    if (offset < 0) return Fail(MakeError(ErrorKind::kInvalidInput, "file data beyond its size"));
+    const auto at = static_cast<uint64_t>(offset);
+    LX_TRY(check(at, b.size()));
+    if (b.empty()) return {};
+    if (to_tree) LX_TRY(PwriteAll(fd, b, at));
+    if (!to_image) {
+      next = at + b.size();
+      return {};
+    }
+    LX_TRY(PwriteAll(options_.data_fd, b, place(at)));
+    placed(at, b.size());
+    return {};
+  };
+  // Only the image wants the bytes, and the jail may copy into it.
+  if (mode == sandbox::DataMode::kImage && options_.data.copy_input != 0) {
+    sink.copy = [&](uint64_t at, uint64_t length, int in_fd, uint64_t in_offset) -> Result<bool> {
+      LX_TRY(check(at, length));
+      if (length == 0) return true;
+      LX_ASSIGN_OR_RETURN(bool copied,
+                          CopyAll(in_fd, in_offset, options_.data_fd, place(at), length));
+      if (copied) placed(at, length);
+      return copied;
+    };
+  }
+  LX_ASSIGN_OR_RETURN(uint64_t written, data(sink));
   file_bytes_ += written;
   // Sparse files end in a hole, placeholders are all hole: ftruncate gives the
   // file its full size.

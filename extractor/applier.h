@@ -46,9 +46,8 @@ struct ApplyOptions {
   int data_fd = -1;  // borrowed
 };
 
-// Delivers the current entry's file data block by block.
-using DataFeed = std::function<Result<uint64_t>(
-    const std::function<Status(int64_t, std::span<const std::byte>)>&)>;
+// Delivers the current entry's file data to a sink; returns the bytes delivered.
+using DataFeed = std::function<Result<uint64_t>(const DataSink&)>;
 
 class Applier {
  public:

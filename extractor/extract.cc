@@ -9,7 +9,7 @@ std::expected<LayerTotals, ExtractFailure> ExtractLayer(LayerReader& reader, App
   auto fail = [&](Error error) {
     return std::unexpected(ExtractFailure{std::move(error), current});
   };
-  DataFeed feed = [&reader](const auto& sink) { return reader.ReadData(sink); };
+  DataFeed feed = [&reader](const DataSink& sink) { return reader.ReadData(sink); };
   while (true) {
     auto next = reader.Next();
     if (!next) {

@@ -3,6 +3,8 @@
 #include <archive.h>
 #include <archive_entry.h>
 #include <errno.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <locale.h>
 #include <openssl/crypto.h>
 
@@ -13,6 +15,9 @@ namespace layerx::extractor {
 namespace {
 
 constexpr size_t kBlock = 256 * 1024;
+// Below this, the rest of a file's data is read like the rest of the stream
+// (one read(2) brings it with the next headers).
+constexpr uint64_t kMinCopy = 64 * 1024;
 
 }  // namespace
 
@@ -41,6 +46,7 @@ struct LayerReaderCallbacks {
         n = static_cast<la_ssize_t>(self->prefix_.size());
         std::memcpy(self->buffer_.data(), self->prefix_.data(), self->prefix_.size());
         self->prefix_.clear();
+        self->buffer_pos_ = self->prefix_pos_;
       } else {
         do {
           n = ::read(self->input_fd_, self->buffer_.data(), self->buffer_.size());
@@ -50,7 +56,10 @@ struct LayerReaderCallbacks {
           archive_set_error(inner, EIO, "read failed");
           return -1;
         }
+        self->buffer_pos_ = self->read_pos_;
+        self->read_pos_ += static_cast<uint64_t>(n);
       }
+      self->buffer_len_ = static_cast<size_t>(n);
     } else if (self->gzip_) {
       auto got = self->gzip_->Read(std::span(self->buffer_));
       if (!got) {
@@ -78,6 +87,25 @@ struct LayerReaderCallbacks {
     if (!self->plain_) self->sha_->Update(self->buffer_.data(), static_cast<size_t>(n));
     *out = self->buffer_.data();
     return n;
+  }
+
+  // A plain tar in a regular file: data the tar reader skips (what was
+  // copied, trailing padding) is seeked over, never past the file's end (the
+  // reads that follow then find the archive truncated, as they should).
+  static la_int64_t Skip(struct archive* inner, void* self_ptr, la_int64_t request) {
+    auto* self = static_cast<LayerReader*>(self_ptr);
+    if (!self->prefix_.empty() || request <= 0 || self->read_pos_ >= self->file_size_) return 0;
+    uint64_t n = std::min(static_cast<uint64_t>(request), self->file_size_ - self->read_pos_);
+    if (::lseek(self->input_fd_, static_cast<off_t>(self->read_pos_ + n), SEEK_SET) < 0) return 0;
+    self->read_pos_ += n;
+    self->buffer_len_ = 0;
+    self->uncompressed_bytes_ += n;
+    if (Status within = self->CheckInflation(); !within) {
+      self->outer_error_ = std::move(within).error();
+      archive_set_error(inner, EFBIG, "layer over a limit");
+      return -1;
+    }
+    return static_cast<la_int64_t>(n);
   }
 };
 
@@ -158,6 +186,15 @@ Status LayerReader::Open(int fd) {
   // Sniff: gzip (most layers) goes to ISA-L; everything else to libarchive's
   // built-in filters, which detect the format from the same bytes.
   input_fd_ = fd;
+  struct stat st;
+  if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) {
+    off_t at = ::lseek(fd, 0, SEEK_CUR);
+    if (at >= 0 && at <= st.st_size) {
+      seekable_ = true;
+      file_size_ = static_cast<uint64_t>(st.st_size);
+      prefix_pos_ = static_cast<uint64_t>(at);
+    }
+  }
   // Up to a tar header's worth: gzip's magic, or ustar's at offset 257.
   std::byte magic[512];
   size_t got = 0;
@@ -174,6 +211,7 @@ Status LayerReader::Open(int fd) {
   } else if (got == sizeof(magic) && std::memcmp(magic + 257, "ustar", 5) == 0) {
     plain_ = true;
     prefix_.assign(magic, magic + got);
+    read_pos_ = prefix_pos_ + got;
   } else {
     prefix_.assign(magic, magic + got);
     input_.resize(kBlock);
@@ -182,7 +220,8 @@ Status LayerReader::Open(int fd) {
     }
     LX_TRY(OpenOuterEntry());
   }
-  if (archive_read_open2(inner_, this, nullptr, &LayerReaderCallbacks::Read, nullptr, nullptr) !=
+  auto skip = plain_ && seekable_ ? &LayerReaderCallbacks::Skip : nullptr;
+  if (archive_read_open2(inner_, this, nullptr, &LayerReaderCallbacks::Read, skip, nullptr) !=
       ARCHIVE_OK) {
     if (outer_error_) return Fail(*outer_error_);
     return Fail(ArchiveError(inner_, ErrorKind::kInvalidInput, "read tar"));
@@ -279,6 +318,8 @@ Result<std::optional<TarEntry>> LayerReader::Next() {
       return Fail(MakeError(ErrorKind::kInvalidInput, "negative size"));
     e.size = static_cast<uint64_t>(archive_entry_size(ae));
   }
+  entry_size_ = e.kind == Kind::kFile ? e.size : 0;
+  entry_sparse_ = archive_entry_sparse_count(ae) > 0;
   size_t xattr_bytes = 0;
   archive_entry_xattr_reset(ae);
   const char* xname;
@@ -300,8 +341,7 @@ Result<std::optional<TarEntry>> LayerReader::Next() {
   return e;
 }
 
-Result<uint64_t> LayerReader::ReadData(
-    const std::function<Status(int64_t offset, std::span<const std::byte>)>& sink) {
+Result<uint64_t> LayerReader::ReadData(const DataSink& sink) {
   uint64_t total = 0;
   while (true) {
     const void* buf;
@@ -314,7 +354,32 @@ Result<uint64_t> LayerReader::ReadData(
       return Fail(ArchiveError(inner_, ErrorKind::kInvalidInput, "read file data"));
     if (size == 0) continue;
     total += size;
-    LX_TRY(sink(offset, std::span(static_cast<const std::byte*>(buf), size)));
+    const auto* bytes = static_cast<const std::byte*>(buf);
+    LX_TRY(sink.bytes(offset, std::span(bytes, size)));
+    // This block ended what was read of the input and the file goes on: the
+    // rest of its data is where the fd stands, one range (not sparse), and
+    // may be copied from there in the kernel, then skipped.
+    const uint64_t done = static_cast<uint64_t>(offset) + size;
+    if (!copy_ || !sink.copy || entry_sparse_ || done >= entry_size_ ||
+        bytes + size != buffer_.data() + buffer_len_ || bytes < buffer_.data()) {
+      continue;
+    }
+    const uint64_t rest = entry_size_ - done;
+    if (rest < kMinCopy) continue;
+    if (read_pos_ + rest > file_size_) {
+      return Fail(MakeError(ErrorKind::kInvalidInput, "layer ends inside the file's data"));
+    }
+    LX_ASSIGN_OR_RETURN(bool copied, sink.copy(done, rest, input_fd_, read_pos_));
+    if (!copied) {
+      copy_ = false;  // not between these files: read from now on
+      continue;
+    }
+    total += rest;
+    if (archive_read_data_skip(inner_) != ARCHIVE_OK) {
+      if (outer_error_) return Fail(*outer_error_);
+      return Fail(ArchiveError(inner_, ErrorKind::kInvalidInput, "read file data"));
+    }
+    return total;
   }
 }
 

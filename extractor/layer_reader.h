@@ -39,6 +39,16 @@ struct TarEntry {
   std::vector<std::pair<std::string, std::string>> xattrs;
 };
 
+// Where the current entry's file data goes. `bytes` takes it block by block,
+// at offsets in the file (a sparse file skips its holes). `copy`, when set, may
+// be offered the rest of the data as a range of the layer's own file instead,
+// to copy in the kernel (copy_file_range); it answers false when it cannot, and
+// the bytes keep coming.
+struct DataSink {
+  std::function<Status(int64_t offset, std::span<const std::byte>)> bytes;
+  std::function<Result<bool>(uint64_t offset, uint64_t length, int in_fd, uint64_t in_offset)>
+      copy;
+};
 // Everything that must happen before the jail is locked down: the locale that
 // keeps names as UTF-8/bytes without iconv, and OpenSSL's SHA-256 fetched with no
 // config file read. After the pivot these would read the image's files.
@@ -59,9 +69,14 @@ class LayerReader {
   // the header got as far as a name ("" when it did not).
   const std::string& failed_name() const { return failed_name_; }
   // Feeds the current entry's data to `sink` block by block (sparse files come
-  // as blocks at offsets). Returns the bytes delivered.
-  Result<uint64_t> ReadData(
-      const std::function<Status(int64_t offset, std::span<const std::byte>)>& sink);
+  // as blocks at offsets). With copying enabled, the rest of a file's data past
+  // what was read already is offered to sink.copy as a range of the input file.
+  // Returns the bytes delivered.
+  Result<uint64_t> ReadData(const DataSink& sink);
+  // The input is a plain tar in a regular file (fd 0 is the layer's file, see
+  // sandbox::JailData::copy_input): file data may be copied from it in the
+  // kernel instead of read. A no-op for any other input.
+  void EnableCopy() { copy_ = plain_ && seekable_; }
 
   // After the end: "sha256:<hex>" and the size of the decompressed stream;
   // "" when the stream was not compressed (it is the blob, which the broker
@@ -84,6 +99,18 @@ class LayerReader {
   std::unique_ptr<GzipInflater> gzip_;  // gzip layers; otherwise outer_ decompresses
   bool plain_ = false;                  // an uncompressed tar: read straight from the fd
   int input_fd_ = -1;
+  // A plain tar in a regular file: skipped data is seeked over, and with copy_
+  // the rest of a file's data goes by copy_file_range. buffer_ holds the input
+  // from file offset buffer_pos_, buffer_len_ bytes; the fd stands at read_pos_.
+  bool seekable_ = false;
+  bool copy_ = false;
+  uint64_t file_size_ = 0;
+  uint64_t read_pos_ = 0;
+  uint64_t prefix_pos_ = 0;
+  uint64_t buffer_pos_ = 0;
+  size_t buffer_len_ = 0;
+  uint64_t entry_size_ = 0;     // the current entry's data size
+  bool entry_sparse_ = false;   // its data is not one contiguous range
   std::vector<std::byte> prefix_;  // sniffed bytes the outer reader has yet to see
   std::vector<std::byte> input_;   // the outer reader's input block
   uint64_t uncompressed_bytes_ = 0;

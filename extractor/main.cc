@@ -38,6 +38,9 @@ int Run() {
   if (!reader) return report(reader.error(), "");
   if (Status opened = (*reader)->Open(sandbox::kInputFd); !opened)
     return report(opened.error(), "");
+  if (config.data.copy_input != 0 && config.data.mode == sandbox::DataMode::kImage) {
+    (*reader)->EnableCopy();
+  }
   auto root = sandbox::OpenAt(AT_FDCWD, "/", O_PATH | O_DIRECTORY);
   if (!root) return report(root.error(), "");
   extractor::Applier applier(

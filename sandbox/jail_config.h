@@ -27,10 +27,18 @@ enum class DataMode : uint32_t {
 // offsets >= `start`, so a layer cannot touch a lower layer's data (or anything
 // else about the image file: no truncate, chmod, xattrs or dup of it); see
 // sandbox/seccomp.h, CompileDataFdFilter.
+//
+// `copy_input` (kImage only): fd 0 is the layer's file itself, not a pipe, and
+// nothing of anyone else's lies below `start` (the first layer: only the
+// image's front, which the broker punches out and writes last). Then the
+// extractor may also copy_file_range(2) from fd 0 into the data fd, which
+// seccomp cannot bound by offset (it cannot read the offset pointer).
 struct JailData {
   DataMode mode = DataMode::kTree;
   uint32_t block_size = 4096;
   uint64_t start = 0;
+  uint32_t copy_input = 0;
+  uint32_t reserved = 0;
 };
 
 struct JailConfigHeader {
@@ -47,7 +55,7 @@ struct JailConfigHeader {
 };
 
 // The fds every jailed child finds after exec; everything else is closed.
-inline constexpr int kInputFd = 0;    // the layer stream (a pipe the broker feeds)
+inline constexpr int kInputFd = 0;    // the layer: a pipe the broker feeds, or its file (copy_input)
 inline constexpr int kStderrFd = 2;   // a pipe the broker reads and re-logs (fd 1 too)
 inline constexpr int kChannelFd = 3;  // the record socket
 inline constexpr int kRootfsFd = 4;   // the image rootfs dir; closed after the pivot

@@ -137,7 +137,7 @@ uint32_t DenyAction(const policy::Policy& policy) {
 }  // namespace
 
 Result<std::vector<sock_filter>> CompileDataFdFilter(const policy::Policy& policy,
-                                                     uint64_t data_start) {
+                                                     uint64_t data_start, bool allow_copy) {
   std::unique_ptr<void, CtxDeleter> ctx(seccomp_init(SCMP_ACT_ALLOW));
   if (!ctx) return Fail(MakeError(ErrorKind::kOs, "seccomp_init failed"));
   LX_TRY(Check(seccomp_attr_set(ctx.get(), SCMP_FLTATR_CTL_NNP, 0), "attr nnp"));
@@ -162,6 +162,12 @@ Result<std::vector<sock_filter>> CompileDataFdFilter(const policy::Policy& polic
                "pwrite64"));
   // Never mapped (it is write-only anyway).
   LX_TRY(Check(seccomp_rule_add(ctx.get(), deny, SCMP_SYS(mmap), 1, is_data_fd(4)), "mmap"));
+  // copy_file_range's offset is behind a pointer, out of the filter's sight:
+  // only a window with nothing below it may use it.
+  if (!allow_copy) {
+    LX_TRY(Check(seccomp_rule_add(ctx.get(), deny, SCMP_SYS(copy_file_range), 1, is_data_fd(2)),
+                 "copy_file_range"));
+  }
   return Export(ctx.get());
 }
 
@@ -189,6 +195,14 @@ Result<std::vector<sock_filter>> CompileSeccompFilter(const policy::Policy& poli
     LX_TRY(Check(seccomp_rule_add(ctx.get(), SCMP_ACT_ALLOW, nr, 0), name));
   }
   LX_TRY(Check(seccomp_rule_add(ctx.get(), SCMP_ACT_ALLOW, SCMP_SYS(pwrite64), 0), "pwrite64"));
+  // copy_file_range only from the layer's file (fd 0) into the data fd, no
+  // flags; the data fd filter allows it only where nothing lies below the window.
+  auto fd_is = [](unsigned arg, int fd) {
+    return scmp_arg_cmp{arg, SCMP_CMP_MASKED_EQ, 0xffffffffu, static_cast<scmp_datum_t>(fd)};
+  };
+  LX_TRY(Check(seccomp_rule_add(ctx.get(), SCMP_ACT_ALLOW, SCMP_SYS(copy_file_range), 3,
+                                fd_is(0, kInputFd), fd_is(2, kDataFd), SCMP_A5(SCMP_CMP_EQ, 0)),
+               "copy_file_range rule"));
   // Memory may be mapped but never executable: even a loader that somehow ran
   // could not map the image's code (rule 6, second wall).
   // Nor is the data fd ever mapped (it is write-only anyway).

@@ -22,9 +22,11 @@ Result<std::vector<sock_filter>> CompileSeccompFilter(const policy::Policy& poli
 // (kDataFd, the ext4 image): on that fd only pwrite64 at offsets >=
 // `data_start` and looking (fstat, F_GETFL) pass; writing it otherwise,
 // truncating, punching, chmod/chown, xattrs, times, linking it, mapping it or
-// duplicating it take the policy's action. Everything else it allows (the
-// allowlist decides). The kernel runs both; the stricter answer wins.
+// duplicating it take the policy's action; copy_file_range into it too, unless
+// `allow_copy` (JailData::copy_input: nothing below the window to protect).
+// Everything else it allows (the allowlist decides). The kernel runs both; the
+// stricter answer wins.
 Result<std::vector<sock_filter>> CompileDataFdFilter(const policy::Policy& policy,
-                                                     uint64_t data_start);
+                                                     uint64_t data_start, bool allow_copy);
 
 }  // namespace layerx::sandbox

@@ -90,7 +90,8 @@ Result<UniqueFd> MakeJailConfig(const policy::Policy& policy, const JailData& da
   LX_ASSIGN_OR_RETURN(std::vector<sock_filter> program, CompileSeccompFilter(policy));
   std::vector<sock_filter> data_program;
   if (data.mode == DataMode::kImage || data.mode == DataMode::kTreeAndImage) {
-    LX_ASSIGN_OR_RETURN(data_program, CompileDataFdFilter(policy, data.start));
+    LX_ASSIGN_OR_RETURN(data_program, CompileDataFdFilter(policy, data.start,
+                                                              data.copy_input != 0 && data.mode == DataMode::kImage));
   }
   JailConfigHeader header;
   header.rlimits = policy.rlimits;

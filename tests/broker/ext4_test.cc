@@ -354,6 +354,69 @@ TEST_F(Ext4Test, NoOtherProgramRuns) {
   EXPECT_GE(execs, 3);  // layerx, then an extractor per layer
 }
 
+// A plain tar in a file only its owner (or root) can write: the jail reads it
+// itself (no pipe) and the first layer's big files go into the image by
+// copy_file_range, in the kernel. Their bytes must read back exactly, as those
+// of the second layer (written: a copy there could reach the layer below); a
+// layer cut inside a copied file is one line and leaves nothing; a file others
+// may write goes through the broker's pipe instead (no copy).
+TEST_F(Ext4Test, BigFilesOfAPlainTarAreCopiedByTheKernelExactly) {
+  if (Shell("command -v strace >/dev/null 2>&1") != 0) GTEST_SKIP() << "strace not installed";
+  auto noise = [](size_t n, uint32_t seed) {
+    std::string s(n, '\0');
+    for (char& c : s) {
+      seed = seed * 1103515245u + 12345u;
+      c = static_cast<char>(seed >> 16);
+    }
+    return s;
+  };
+  const std::string big = noise((3 << 20) + 123, 1), mid = noise(100 << 10, 2),
+                    odd = noise((70 << 10) + 1, 3), upper = noise(1 << 20, 4);
+  LayerWriter(dir_ + "/c1.tar")
+      .File("small", "s")
+      .File("big", big)
+      .File("small2", "t")
+      .File("mid", mid)
+      .File("odd", odd);
+  LayerWriter(dir_ + "/c2.tar").File("upper", upper);
+  auto traced = [&](const std::string& image, std::string* trace) {
+    std::string out;
+    std::string cmd = "ASAN_OPTIONS=detect_leaks=0 strace -f -qq -e trace=copy_file_range -o " +
+                      dir_ + "/copies " + std::string(LAYERX_BIN) + " extract " + dir_ +
+                      "/c1.tar " + dir_ + "/c2.tar --ext4 " + dir_ + "/" + image + " -q 2>&1";
+    int rc = Shell(cmd, &out);
+    std::ifstream in(dir_ + "/copies");
+    trace->assign(std::istreambuf_iterator<char>(in), {});
+    return rc == 0 ? std::string() : out;
+  };
+  std::string trace;
+  ASSERT_EQ(traced("copy.img", &trace), "");
+  EXPECT_NE(trace.find("copy_file_range(0,"), std::string::npos) << trace;
+  EXPECT_EQ(Shell("e2fsck -fn " + dir_ + "/copy.img >/dev/null 2>&1"), 0) << "e2fsck";
+  for (const auto& [name, want] : std::map<std::string, std::string>{
+           {"big", big}, {"mid", mid}, {"odd", odd}, {"upper", upper}, {"small2", "t"}}) {
+    ASSERT_EQ(Shell("debugfs -R 'dump /" + name + " " + dir_ + "/" + name + ".out' " + dir_ +
+                    "/copy.img >/dev/null 2>&1"),
+              0);
+    std::ifstream in(dir_ + "/" + name + ".out", std::ios::binary);
+    EXPECT_TRUE(std::string(std::istreambuf_iterator<char>(in), {}) == want) << name;
+  }
+
+  // Others may write the layer: the broker feeds it, nothing is copied.
+  ASSERT_EQ(chmod((dir_ + "/c1.tar").c_str(), 0666), 0);
+  ASSERT_EQ(traced("fed.img", &trace), "");
+  EXPECT_EQ(trace.find("copy_file_range(0,"), std::string::npos) << trace;
+  ASSERT_EQ(chmod((dir_ + "/c1.tar").c_str(), 0644), 0);
+
+  // Cut inside "big", past what one read brings.
+  ASSERT_EQ(truncate((dir_ + "/c1.tar").c_str(), 2 << 20), 0);
+  std::string err;
+  EXPECT_EQ(ExtractOnly({"c1.tar"}, "cut.img", &err), 1);
+  EXPECT_NE(err.find("big"), std::string::npos) << err;
+  EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+  EXPECT_NE(access((dir_ + "/cut.img").c_str(), F_OK), 0);
+}
+
 // ext4 counts links in 16 bits (the kernel stops at 65,000): a file with more
 // names is refused with one line, a directory with more subdirectories
 // counts 1 (dir_nlink), and a hardlinked symlink stays one inode.

@@ -195,9 +195,12 @@ class DataFdTest : public SpawnTest, public ::testing::WithParamInterface<const 
     ASSERT_TRUE(fd);
     data_fd_ = std::move(*fd);
   }
-  ExitStatus RunWithData(const std::string& mode, std::string* err) {
+  ExitStatus RunWithData(const std::string& mode, std::string* err, uint32_t copy_input = 0) {
     return Run(mode, err, data_fd_.get(),
-               JailData{.mode = DataMode::kImage, .block_size = 4096, .start = 8192});
+               JailData{.mode = DataMode::kImage,
+                        .block_size = 4096,
+                        .start = 8192,
+                        .copy_input = copy_input});
   }
   std::string Image() {
     std::ifstream in(image_);
@@ -228,6 +231,21 @@ TEST_F(DataFdTest, LayerWritesItsWindowAndCannotReadTheLowerData) {
   ExpectLowerDataUntouched();
 }
 
+// copy_file_range's offsets are behind pointers, where no filter looks: it is
+// allowed only where nothing lies below the window (copy_input, the first
+// layer of an image), only from fd 0 into the data fd, and with no flags.
+TEST_F(DataFdTest, CopyFromTheLayerFileOnlyWhereNothingLiesBelow) {
+  std::string err;
+  ExitStatus s = RunWithData("data-copy-allowed", &err, 1);
+  EXPECT_TRUE(s.exited && s.code == 0) << "signal " << s.signal << ": " << err;
+  for (const char* mode : {"data-copy-from-other-fd", "data-copy-flags"}) {
+    s = RunWithData(mode, &err, 1);
+    EXPECT_FALSE(s.exited) << "probe survived " << mode << ": " << err;
+    EXPECT_EQ(s.signal, SIGSYS) << mode << ": " << err;
+  }
+  ExpectLowerDataUntouched();
+}
+
 TEST_P(DataFdTest, CannotTouchTheImageOtherwise) {
   std::string err;
   ExitStatus s = RunWithData(GetParam(), &err);
@@ -238,7 +256,8 @@ TEST_P(DataFdTest, CannotTouchTheImageOtherwise) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Attempts, DataFdTest,
-                         ::testing::Values("data-pwrite-below", "data-pwrite-high-fd", "data-write",
+                         ::testing::Values("data-pwrite-below", "data-pwrite-high-fd", "data-copy",
+                                           "data-copy-from-other-fd", "data-write",
                                            "data-writev", "data-ftruncate", "data-fallocate",
                                            "data-fchmod", "data-fchown", "data-fchownat",
                                            "data-fsetxattr", "data-utimensat", "data-dup",

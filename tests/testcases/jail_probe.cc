@@ -213,7 +213,26 @@ int main(int argc, char** argv) {
     fcntl(data, F_SETFL, O_APPEND);
     pwrite(data, "evil", 4, start);
   }
+  if (mode == "data-copy-allowed") {
+    // With copy_input, copy_file_range from fd 0 into the data fd passes the
+    // filters (fd 0 is a pipe here: the kernel then refuses it, EINVAL).
+    loff_t out = start;
+    return Check(copy_file_range(0, nullptr, data, &out, 4, 0) < 0 && errno == EINVAL,
+                 "copy_file_range from fd 0 reaches the kernel");
+  }
   // Each of these must be killed by seccomp before it returns.
+  if (mode == "data-copy") {
+    loff_t out = start - 4;  // the offset is behind a pointer: no filter can see it
+    copy_file_range(0, nullptr, data, &out, 4, 0);
+  }
+  if (mode == "data-copy-from-other-fd") {
+    loff_t out = start;
+    copy_file_range(2, nullptr, data, &out, 4, 0);
+  }
+  if (mode == "data-copy-flags") {
+    loff_t out = start;
+    copy_file_range(0, nullptr, data, &out, 4, 1);
+  }
   if (mode == "data-pwrite-below") pwrite(data, "evil", 4, start - 4);
   if (mode == "data-pwrite-high-fd") {
     // The kernel reads only the fd's low 32 bits: so must the filter.
