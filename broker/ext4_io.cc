@@ -1,8 +1,11 @@
 #include "broker/ext4_io.h"
 
 #include <errno.h>
+#include <limits.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -57,20 +60,39 @@ errcode_t PwriteAll(int fd, const char* buf, size_t size, off_t offset) {
   return 0;
 }
 
+// pwritev(2) of all of `iov` (which it may advance) at `offset`.
+errcode_t PwritevAll(int fd, std::vector<struct iovec>& iov, off_t offset) {
+  size_t first = 0;
+  while (first < iov.size()) {
+    ssize_t n = ::pwritev(fd, iov.data() + first, static_cast<int>(iov.size() - first), offset);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return errno;
+    offset += n;
+    for (auto left = static_cast<size_t>(n); left > 0;) {
+      size_t step = std::min(left, iov[first].iov_len);
+      iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + step;
+      iov[first].iov_len -= step;
+      left -= step;
+      if (iov[first].iov_len == 0) ++first;
+    }
+  }
+  return 0;
+}
+
+// Each run of consecutive dirty blocks in one pwritev, straight from the
+// blocks (IOV_MAX at a time).
 errcode_t FlushDirty(io_channel channel) {
   Private* p = Data(channel);
   const size_t bs = static_cast<size_t>(channel->block_size);
-  std::vector<char> run;
+  std::vector<struct iovec> iov;
   auto it = p->dirty.begin();
   while (it != p->dirty.end()) {
     unsigned long long first = it->first, next = first;
-    run.clear();
-    for (; it != p->dirty.end() && it->first == next; ++it, ++next) {
-      run.insert(run.end(), it->second.begin(), it->second.end());
+    iov.clear();
+    for (; it != p->dirty.end() && it->first == next && iov.size() < IOV_MAX; ++it, ++next) {
+      iov.push_back({it->second.data(), it->second.size()});
     }
-    if (errcode_t rc = PwriteAll(p->fd, run.data(), run.size(), static_cast<off_t>(first * bs))) {
-      return rc;
-    }
+    if (errcode_t rc = PwritevAll(p->fd, iov, static_cast<off_t>(first * bs))) return rc;
   }
   p->dirty.clear();
   return 0;
