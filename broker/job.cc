@@ -133,8 +133,11 @@ class SharedDirNotes {
     if (st.st_uid != ::geteuid() && (st.st_mode & S_IWUSR) != 0) {
       add(fmt::format("uid {}", st.st_uid));
     }
-    if ((st.st_mode & S_IWGRP) != 0) add(fmt::format("group {}", st.st_gid));
-    if ((st.st_mode & S_IWOTH) != 0) add("others");
+    if ((st.st_mode & S_IWOTH) != 0) {
+      add("others");
+    } else if ((st.st_mode & S_IWGRP) != 0) {
+      add(fmt::format("group {}", st.st_gid));
+    }
     if (who.empty()) return;
     Logger("broker")->info(
         "{} {:?} is writable {} (mode {:04o}): layerx uses only unguessable names and fds there",
@@ -156,12 +159,14 @@ class SharedDirNotes {
 // through that fd from then on; the work tree is made inside it (so on its
 // filesystem) and its entries are moved up into it one by one at the end.
 //
-// SECURITY: an existing dir is mode 0700 from the start of the job until the
-// job has succeeded, so the image's setuid binaries and device nodes cannot be
-// reached by another user meanwhile (a new one is made inside the 0700 work
-// dir and appears only when done); only then does it take the mode, times
-// and, as root with a full id range, the owner of the image's root. On any
-// failure it is left as found: emptied of what the job moved in, its mode,
+// SECURITY: the rootfs is mode 0700 until the job has succeeded, so the
+// image's setuid binaries and device nodes cannot be reached by another user
+// meanwhile: an existing dir from the start of the job (before anything is
+// made in it), a new one while it is built (inside the 0700 work dir) and
+// when it is renamed into place; only then does it take the mode and times of
+// the image's root (an existing dir, as root with a full id range, its owner
+// too: a new one is the jail's root and has it already). On any failure an
+// existing dir is left as found: emptied of what the job moved in, its mode,
 // owner and times put back, never removed (it was there before).
 class RootfsTarget {
  public:
@@ -209,42 +214,46 @@ class RootfsTarget {
     return CheckEmpty(dir_.get());
   }
 
-  // The finished tree of `work` in place, still 0700 for an existing dir.
+  // The finished tree of `work` in place, its top still 0700.
   Status Place(Workspace& work) {
+    // The root's metadata now: the chmod and moving entries out change it.
+    LX_ASSIGN_OR_RETURN(root_, sandbox::Fstat(work.rootfs_fd()));
+    LX_ASSIGN_OR_RETURN(UniqueFd tree,
+                        sandbox::OpenAt(work.rootfs_fd(), ".", O_RDONLY | O_DIRECTORY));
+    // A new dir appears closed, and opens up only in OpenUp(). Rootless, the
+    // image's root mode is on disk (0555, say), which would keep us from
+    // moving its entries out.
+    LX_TRY(sandbox::Fchmod(tree.get(), 0700));
     if (!existing()) {
       if (Status s = sandbox::RenameNoReplace(work.dir_fd(), "rootfs", parent_.get(), name_); !s) {
         return Fail(std::move(s).error().With("rootfs {:?}", path_));
       }
+      placed_ = std::move(tree);
       return {};
     }
-    // The root's metadata now: moving its entries out changes its times.
-    LX_ASSIGN_OR_RETURN(root_, sandbox::Fstat(work.rootfs_fd()));
-    LX_ASSIGN_OR_RETURN(UniqueFd from,
-                        sandbox::OpenAt(work.rootfs_fd(), ".", O_RDONLY | O_DIRECTORY));
-    // Rootless, the image's root mode is on disk (0555, say): we own it, and
-    // it is thrown away after this.
-    LX_TRY(sandbox::Fchmod(from.get(), 0700));
-    LX_ASSIGN_OR_RETURN(std::vector<std::string> names, sandbox::ListDir(from.get()));
+    LX_ASSIGN_OR_RETURN(std::vector<std::string> names, sandbox::ListDir(tree.get()));
     for (const std::string& name : names) {
-      Status moved = sandbox::RenameNoReplace(from.get(), name, dir_.get(), name);
+      Status moved = sandbox::RenameNoReplace(tree.get(), name, dir_.get(), name);
       if (moved) {
         moved_.push_back(name);
         continue;
       }
-      if (moved.error().err() == EACCES) moved = MoveReadOnlyDir(from.get(), name);
+      if (moved.error().err() == EACCES) moved = MoveReadOnlyDir(tree.get(), name);
       if (!moved) return Fail(std::move(moved).error().With("rootfs {:?}", path_));
     }
     return {};
   }
 
-  // An existing dir, its tree moved in and the work dir gone: the image
-  // root's mode, times and (`chown`) owner. The job has succeeded.
+  // The job has succeeded (the work dir is gone): the top of the tree takes
+  // the image root's mode and times, and an existing dir (`chown`) its owner.
+  // A new dir that fails here stays, 0700 (never removed by name: the name is
+  // in a dir others may write, and could be someone else's by now).
   Status OpenUp(bool chown) {
-    if (!existing()) return {};
+    int fd = existing() ? dir_.get() : placed_.get();
     Status s;
-    if (chown) s = sandbox::Fchown(dir_.get(), root_.st_uid, root_.st_gid);
-    if (s) s = sandbox::Fchmod(dir_.get(), root_.st_mode & 07777);
-    if (s) s = sandbox::Futimens(dir_.get(), root_.st_atim, root_.st_mtim);
+    if (chown && existing()) s = sandbox::Fchown(fd, root_.st_uid, root_.st_gid);
+    if (s) s = sandbox::Fchmod(fd, root_.st_mode & 07777);
+    if (s) s = sandbox::Futimens(fd, root_.st_atim, root_.st_mtim);
     if (!s) return Fail(std::move(s).error().With("rootfs {:?}", path_));
     held_ = false;
     return {};
@@ -299,6 +308,7 @@ class RootfsTarget {
   std::string path_, name_;
   UniqueFd parent_;  // O_PATH
   UniqueFd dir_;     // O_RDONLY: an existing dir only
+  UniqueFd placed_;  // O_RDONLY: a new dir, once renamed into place
   struct stat found_ = {};
   struct stat root_ = {};  // the work tree's root, before its entries moved
   bool held_ = false;      // an existing dir, changed by this job, not yet done
