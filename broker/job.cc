@@ -201,10 +201,9 @@ class RootfsTarget {
   bool existing() const { return dir_.get() >= 0; }
   // The directory the job writes into: the existing dir, else the parent.
   int written_dir_fd() const { return existing() ? dir_.get() : parent_.get(); }
-  int dir_fd() const { return dir_.get(); }
 
   // An existing dir: closed to everyone but its owner (0700) before anything
-  // is made in it, then checked to be empty still.
+  // is made in it, then checked to be empty still. A new one: nothing to do.
   Status Hold() {
     if (!existing()) return {};
     if (Status s = sandbox::Fchmod(dir_.get(), 0700); !s) {
@@ -233,12 +232,15 @@ class RootfsTarget {
     }
     LX_ASSIGN_OR_RETURN(std::vector<std::string> names, sandbox::ListDir(tree.get()));
     for (const std::string& name : names) {
+      LX_ASSIGN_OR_RETURN(struct stat st, sandbox::FstatAt(tree.get(), name, AT_SYMLINK_NOFOLLOW));
       Status moved = sandbox::RenameNoReplace(tree.get(), name, dir_.get(), name);
       if (moved) {
-        moved_.push_back(name);
+        moved_.emplace_back(name, st.st_ino);
         continue;
       }
-      if (moved.error().err() == EACCES) moved = MoveReadOnlyDir(tree.get(), name);
+      if (moved.error().err() == EACCES && S_ISDIR(st.st_mode) && (st.st_mode & S_IWUSR) == 0) {
+        moved = MoveReadOnlyDir(tree.get(), name, st);
+      }
       if (!moved) return Fail(std::move(moved).error().With("rootfs {:?}", path_));
     }
     return {};
@@ -266,7 +268,15 @@ class RootfsTarget {
     if (!held_) return;
     held_ = false;
     auto log = Logger("broker");
-    for (const std::string& name : moved_) {
+    for (const auto& [name, ino] : moved_) {
+      // Still what we moved there? The dir's owner (another user, root
+      // extracting into their dir) may have swapped a name meanwhile: what
+      // is theirs is left alone.
+      auto st = sandbox::FstatAt(dir_.get(), name, AT_SYMLINK_NOFOLLOW);
+      if (!st || st->st_ino != ino) {
+        log->warn("cleanup: rootfs {:?}: {:?} is not what the job put there; left", path_, name);
+        continue;
+      }
       if (Status s = sandbox::RemoveTreeAt(dir_.get(), name); !s) {
         log->error("cleanup: rootfs {:?}: {:?} not removed: {}", path_, name, s.error().ToString());
       }
@@ -293,15 +303,11 @@ class RootfsTarget {
   // image's /proc is 0555) cannot be moved to another parent (its ".." is
   // rewritten): made writable for the move, its mode put back after. By
   // name below our own dirs: the work tree (0700, no jail runs any more) and
-  // the held target. Recorded in moved_ once moved.
-  Status MoveReadOnlyDir(int from, const std::string& name) {
-    LX_ASSIGN_OR_RETURN(struct stat st, sandbox::FstatAt(from, name, AT_SYMLINK_NOFOLLOW));
-    if (!S_ISDIR(st.st_mode) || (st.st_mode & S_IWUSR) != 0) {
-      return Fail(OsError(EACCES, "renameat2 {:?}", name));
-    }
+  // the held target. `st`: the dir's. Recorded in moved_ once moved.
+  Status MoveReadOnlyDir(int from, const std::string& name, const struct stat& st) {
     LX_TRY(sandbox::FchmodAtNoFollow(from, name, (st.st_mode & 07777) | S_IWUSR));
     LX_TRY(sandbox::RenameNoReplace(from, name, dir_.get(), name));
-    moved_.push_back(name);
+    moved_.emplace_back(name, st.st_ino);
     return sandbox::FchmodAtNoFollow(dir_.get(), name, st.st_mode & 07777);
   }
 
@@ -312,7 +318,7 @@ class RootfsTarget {
   struct stat found_ = {};
   struct stat root_ = {};  // the work tree's root, before its entries moved
   bool held_ = false;      // an existing dir, changed by this job, not yet done
-  std::vector<std::string> moved_;
+  std::vector<std::pair<std::string, ino_t>> moved_;  // names moved in, their inodes
 };
 
 // An output file being written under a temp name beside its place; removed
@@ -523,13 +529,15 @@ Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest&
                            const std::optional<OutputPath>& ext4_out,
                            const std::optional<OutputPath>& config_out) {
   auto log = Logger("broker");
-  // An existing rootfs dir: 0700 before anything is made in it, the work
-  // tree inside it (its entries are moved up at the end).
-  const bool into_existing = rootfs != nullptr && rootfs->existing();
-  if (into_existing) LX_TRY(rootfs->Hold());
+  // With a rootfs, the work dir goes where it is renamed or moved from, in
+  // the dir opened when the rootfs was checked (not looked up again): beside
+  // a new one, inside an existing one, which is 0700 before anything is made
+  // in it.
   Workspace work;
-  if (into_existing) {
-    LX_TRY(work.CreateIn(rootfs->dir_fd(), *request.rootfs));
+  if (rootfs != nullptr) {
+    LX_TRY(rootfs->Hold());
+    LX_TRY(work.CreateIn(rootfs->written_dir_fd(),
+                         rootfs->existing() ? *request.rootfs : work_parent));
   } else {
     LX_TRY(work.Create(work_parent));
   }

@@ -312,6 +312,22 @@ TEST_F(JobTest, FailingLayerLeavesTheExistingDirAsFound) {
   EXPECT_EQ(testing::ReadFile(dir_ + "/out/etc/f"), "f");
 }
 
+// The last step that can fail comes after the tree is moved in: the manifest
+// renamed over a directory (EISDIR). What was moved in goes again, a 0555
+// dir included, and the dir is as found.
+TEST_F(JobTest, FailureAfterTheTreeIsMovedInLeavesTheExistingDirAsFound) {
+  LayerWriter(dir_ + "/l.tar").Dir("./", 0751).File("etc/f", "f").Dir("ro", 0555).File("ro/f", "");
+  ASSERT_EQ(mkdir((dir_ + "/out").c_str(), 0755), 0);
+  ASSERT_EQ(mkdir((dir_ + "/out.jsonl").c_str(), 0755), 0);
+  std::ofstream(dir_ + "/out.jsonl/x") << "x";
+  std::string found = Found(dir_ + "/out");
+  request_.layers = {dir_ + "/l.tar"};
+  auto report = RunExtract(request_);
+  ASSERT_FALSE(report);
+  EXPECT_EQ(report.error().err(), EISDIR) << report.error().ToString();
+  EXPECT_EQ(Found(dir_ + "/out"), found);
+}
+
 // While a job runs, the tree it makes (setuid-root binaries, devices) is
 // reachable by no other user: an existing dir is 0700 until the job has
 // succeeded, a new one is in the 0700 work dir. Layer 2 is a pipe the test
