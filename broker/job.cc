@@ -12,6 +12,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <system_error>
 #include <thread>
 
@@ -48,8 +49,15 @@ class Workspace {
   ~Workspace() { Cleanup(); }
 
   Status Create(const std::string& parent) {
+    LX_ASSIGN_OR_RETURN(UniqueFd parent_fd,
+                        sandbox::OpenAt(AT_FDCWD, parent, O_PATH | O_DIRECTORY));
+    return CreateIn(parent_fd.get(), parent);
+  }
+  // In the directory open at `parent_fd` (borrowed; duplicated), never looked
+  // up by name again; `parent` names it in messages.
+  Status CreateIn(int parent_fd, const std::string& parent) {
     parent_ = parent;
-    LX_ASSIGN_OR_RETURN(parent_fd_, sandbox::OpenAt(AT_FDCWD, parent, O_PATH | O_DIRECTORY));
+    LX_ASSIGN_OR_RETURN(parent_fd_, sandbox::Dup(parent_fd));
     for (int attempt = 0; attempt < 100; ++attempt) {
       // Unguessable (getrandom, not random()): the parent may be a shared dir,
       // where another user could otherwise make the names first.
@@ -108,6 +116,209 @@ class Workspace {
   UniqueFd dir_fd_;
   UniqueFd rootfs_fd_;
   std::thread dropper_;
+};
+
+// SECURITY: root writing into a directory another user can write (a shared
+// output dir, /dev/shm, --scratch) is said in -v, once per directory. It
+// changes nothing: every name layerx makes there is unguessable and created
+// O_EXCL|O_NOFOLLOW, and what it made is reached only through fds.
+class SharedDirNotes {
+ public:
+  void Note(int dir_fd, const std::string& path, const char* what) {
+    auto stat = sandbox::Fstat(dir_fd);
+    if (!stat || !seen_.emplace(stat->st_dev, stat->st_ino).second) return;
+    const struct stat& st = *stat;
+    std::string who;
+    auto add = [&who](const std::string& one) { who += (who.empty() ? "by " : " / by ") + one; };
+    if (st.st_uid != ::geteuid() && (st.st_mode & S_IWUSR) != 0) {
+      add(fmt::format("uid {}", st.st_uid));
+    }
+    if ((st.st_mode & S_IWOTH) != 0) {
+      add("others");
+    } else if ((st.st_mode & S_IWGRP) != 0) {
+      add(fmt::format("group {}", st.st_gid));
+    }
+    if (who.empty()) return;
+    Logger("broker")->info(
+        "{} {:?} is writable {} (mode {:04o}): layerx uses only unguessable names and fds there",
+        what, path, who, st.st_mode & 07777);
+  }
+  void Note(const std::string& path, const char* what) {
+    if (auto fd = sandbox::OpenAt(AT_FDCWD, path, O_PATH | O_DIRECTORY))
+      Note(fd->get(), path, what);
+  }
+
+ private:
+  std::set<std::pair<dev_t, ino_t>> seen_;
+};
+
+// Where --rootfs goes. A new directory: the finished work tree (made beside
+// it) is renamed into place with RENAME_NOREPLACE. An existing empty
+// directory, which nothing can be renamed over when it is a mount point or on
+// another filesystem: opened once without following a link and reached only
+// through that fd from then on; the work tree is made inside it (so on its
+// filesystem) and its entries are moved up into it one by one at the end.
+//
+// SECURITY: the rootfs is mode 0700 until the job has succeeded, so the
+// image's setuid binaries and device nodes cannot be reached by another user
+// meanwhile: an existing dir from the start of the job (before anything is
+// made in it), a new one while it is built (inside the 0700 work dir) and
+// when it is renamed into place; only then does it take the mode and times of
+// the image's root (an existing dir, as root with a full id range, its owner
+// too: a new one is the jail's root and has it already). On any failure an
+// existing dir is left as found: emptied of what the job moved in, its mode,
+// owner and times put back, never removed (it was there before).
+class RootfsTarget {
+ public:
+  ~RootfsTarget() { Revert(); }
+
+  // Missing: a new dir. An empty directory: taken. A symlink (to a dir or
+  // not), any other file, or a non-empty dir: kPolicy, and left untouched.
+  Status Open(const std::string& path, const OutputPath& out) {
+    path_ = path;
+    name_ = out.name;
+    LX_ASSIGN_OR_RETURN(parent_, sandbox::OpenAt(AT_FDCWD, out.dir, O_PATH | O_DIRECTORY));
+    auto fd = sandbox::OpenAt(parent_.get(), name_, O_PATH | O_NOFOLLOW);
+    if (!fd) {
+      if (fd.error().err() == ENOENT) return {};
+      return Fail(std::move(fd).error().With("rootfs {:?}", path));
+    }
+    LX_ASSIGN_OR_RETURN(found_, sandbox::Fstat(fd->get()));
+    if (S_ISLNK(found_.st_mode)) {
+      return Fail(MakeError(ErrorKind::kPolicy,
+                            "rootfs {:?} is a symlink: give the directory itself", path));
+    }
+    if (!S_ISDIR(found_.st_mode)) {
+      return Fail(MakeError(ErrorKind::kPolicy, "rootfs {:?} already exists", path));
+    }
+    // "." below the fd: the same inode, whatever the name means by now.
+    auto dir = sandbox::OpenAt(fd->get(), ".", O_RDONLY | O_DIRECTORY);
+    if (!dir) return Fail(std::move(dir).error().With("rootfs {:?}", path));
+    LX_TRY(CheckEmpty(dir->get()));
+    dir_ = std::move(*dir);
+    return {};
+  }
+  bool existing() const { return dir_.get() >= 0; }
+  // The directory the job writes into: the existing dir, else the parent.
+  int written_dir_fd() const { return existing() ? dir_.get() : parent_.get(); }
+
+  // An existing dir: closed to everyone but its owner (0700) before anything
+  // is made in it, then checked to be empty still. A new one: nothing to do.
+  Status Hold() {
+    if (!existing()) return {};
+    if (Status s = sandbox::Fchmod(dir_.get(), 0700); !s) {
+      return Fail(std::move(s).error().With("rootfs {:?}", path_));
+    }
+    held_ = true;
+    return CheckEmpty(dir_.get());
+  }
+
+  // The finished tree of `work` in place, its top still 0700.
+  Status Place(Workspace& work) {
+    // The root's metadata now: the chmod and moving entries out change it.
+    LX_ASSIGN_OR_RETURN(root_, sandbox::Fstat(work.rootfs_fd()));
+    LX_ASSIGN_OR_RETURN(UniqueFd tree,
+                        sandbox::OpenAt(work.rootfs_fd(), ".", O_RDONLY | O_DIRECTORY));
+    // A new dir appears closed, and opens up only in OpenUp(). Rootless, the
+    // image's root mode is on disk (0555, say), which would keep us from
+    // moving its entries out.
+    LX_TRY(sandbox::Fchmod(tree.get(), 0700));
+    if (!existing()) {
+      if (Status s = sandbox::RenameNoReplace(work.dir_fd(), "rootfs", parent_.get(), name_); !s) {
+        return Fail(std::move(s).error().With("rootfs {:?}", path_));
+      }
+      placed_ = std::move(tree);
+      return {};
+    }
+    LX_ASSIGN_OR_RETURN(std::vector<std::string> names, sandbox::ListDir(tree.get()));
+    for (const std::string& name : names) {
+      LX_ASSIGN_OR_RETURN(struct stat st, sandbox::FstatAt(tree.get(), name, AT_SYMLINK_NOFOLLOW));
+      Status moved = sandbox::RenameNoReplace(tree.get(), name, dir_.get(), name);
+      if (moved) {
+        moved_.emplace_back(name, st.st_ino);
+        continue;
+      }
+      if (moved.error().err() == EACCES && S_ISDIR(st.st_mode) && (st.st_mode & S_IWUSR) == 0) {
+        moved = MoveReadOnlyDir(tree.get(), name, st);
+      }
+      if (!moved) return Fail(std::move(moved).error().With("rootfs {:?}", path_));
+    }
+    return {};
+  }
+
+  // The job has succeeded (the work dir is gone): the top of the tree takes
+  // the image root's mode and times, and an existing dir (`chown`) its owner.
+  // A new dir that fails here stays, 0700 (never removed by name: the name is
+  // in a dir others may write, and could be someone else's by now).
+  Status OpenUp(bool chown) {
+    int fd = existing() ? dir_.get() : placed_.get();
+    Status s;
+    if (chown && existing()) s = sandbox::Fchown(fd, root_.st_uid, root_.st_gid);
+    if (s) s = sandbox::Fchmod(fd, root_.st_mode & 07777);
+    if (s) s = sandbox::Futimens(fd, root_.st_atim, root_.st_mtim);
+    if (!s) return Fail(std::move(s).error().With("rootfs {:?}", path_));
+    held_ = false;
+    return {};
+  }
+
+  // An existing dir the job failed in: what it moved in removed, mode, owner
+  // and times as found. The work dir inside is gone by now (the Workspace
+  // lives in RunJobIn, this in RunExtract).
+  void Revert() {
+    if (!held_) return;
+    held_ = false;
+    auto log = Logger("broker");
+    for (const auto& [name, ino] : moved_) {
+      // Still what we moved there? The dir's owner (another user, root
+      // extracting into their dir) may have swapped a name meanwhile: what
+      // is theirs is left alone.
+      auto st = sandbox::FstatAt(dir_.get(), name, AT_SYMLINK_NOFOLLOW);
+      if (!st || st->st_ino != ino) {
+        log->warn("cleanup: rootfs {:?}: {:?} is not what the job put there; left", path_, name);
+        continue;
+      }
+      if (Status s = sandbox::RemoveTreeAt(dir_.get(), name); !s) {
+        log->error("cleanup: rootfs {:?}: {:?} not removed: {}", path_, name, s.error().ToString());
+      }
+    }
+    moved_.clear();
+    Status s;
+    if (::geteuid() == 0) s = sandbox::Fchown(dir_.get(), found_.st_uid, found_.st_gid);
+    if (s) s = sandbox::Fchmod(dir_.get(), found_.st_mode & 07777);
+    if (s) s = sandbox::Futimens(dir_.get(), found_.st_atim, found_.st_mtim);
+    if (!s) log->error("cleanup: rootfs {:?} not restored: {}", path_, s.error().ToString());
+  }
+
+ private:
+  Status CheckEmpty(int dir_fd) {
+    auto names = sandbox::ListDir(dir_fd);
+    if (!names) return Fail(std::move(names).error().With("rootfs {:?}", path_));
+    if (!names->empty()) {
+      return Fail(
+          MakeError(ErrorKind::kPolicy, "rootfs {:?} already exists and is not empty", path_));
+    }
+    return {};
+  }
+  // Rootless, a directory without write permission for its owner (the
+  // image's /proc is 0555) cannot be moved to another parent (its ".." is
+  // rewritten): made writable for the move, its mode put back after. By
+  // name below our own dirs: the work tree (0700, no jail runs any more) and
+  // the held target. `st`: the dir's. Recorded in moved_ once moved.
+  Status MoveReadOnlyDir(int from, const std::string& name, const struct stat& st) {
+    LX_TRY(sandbox::FchmodAtNoFollow(from, name, (st.st_mode & 07777) | S_IWUSR));
+    LX_TRY(sandbox::RenameNoReplace(from, name, dir_.get(), name));
+    moved_.emplace_back(name, st.st_ino);
+    return sandbox::FchmodAtNoFollow(dir_.get(), name, st.st_mode & 07777);
+  }
+
+  std::string path_, name_;
+  UniqueFd parent_;  // O_PATH
+  UniqueFd dir_;     // O_RDONLY: an existing dir only
+  UniqueFd placed_;  // O_RDONLY: a new dir, once renamed into place
+  struct stat found_ = {};
+  struct stat root_ = {};  // the work tree's root, before its entries moved
+  bool held_ = false;      // an existing dir, changed by this job, not yet done
+  std::vector<std::pair<std::string, ino_t>> moved_;  // names moved in, their inodes
 };
 
 // An output file being written under a temp name beside its place; removed
@@ -313,13 +524,23 @@ uint64_t InputBytes(const ResolvedImage& image, const std::optional<DockerArchiv
 Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest& request,
                            ResolvedImage& image, const std::optional<DockerArchiveSpec>& docker,
                            int64_t start, int extractor_fd,
-                           const std::optional<OutputPath>& rootfs_out,
+                           const std::optional<OutputPath>& rootfs_out, RootfsTarget* rootfs,
                            const std::optional<OutputPath>& manifest_out,
                            const std::optional<OutputPath>& ext4_out,
                            const std::optional<OutputPath>& config_out) {
   auto log = Logger("broker");
+  // With a rootfs, the work dir goes where it is renamed or moved from, in
+  // the dir opened when the rootfs was checked (not looked up again): beside
+  // a new one, inside an existing one, which is 0700 before anything is made
+  // in it.
   Workspace work;
-  LX_TRY(work.Create(work_parent));
+  if (rootfs != nullptr) {
+    LX_TRY(rootfs->Hold());
+    LX_TRY(work.CreateIn(rootfs->written_dir_fd(),
+                         rootfs->existing() ? *request.rootfs : work_parent));
+  } else {
+    LX_TRY(work.Create(work_parent));
+  }
 
   ImageTree tree(request.policy.limits, request.policy.rules);
   const int64_t deadline =
@@ -432,7 +653,8 @@ Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest&
   }
   report.final_entries = tree.size();
   if (!rootfs_out) work.DropTreeAsync();
-  if (request.rootfs && ::geteuid() == 0 && request.policy.ids.full_range()) {
+  const bool true_owners = ::geteuid() == 0 && request.policy.ids.full_range();
+  if (request.rootfs && true_owners) {
     if (Status s = FinishRootfsAsRoot(work.rootfs_fd(), tree); !s) {
       return Fail(std::move(s).error().With("rootfs"));
     }
@@ -470,14 +692,7 @@ Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest&
   }
   // The last moment a stop can still leave nothing behind.
   LX_TRY(check_stop());
-  if (rootfs_out) {
-    LX_ASSIGN_OR_RETURN(UniqueFd parent,
-                        sandbox::OpenAt(AT_FDCWD, rootfs_out->dir, O_PATH | O_DIRECTORY));
-    if (::renameat2(work.dir_fd(), "rootfs", parent.get(), rootfs_out->name.c_str(),
-                    RENAME_NOREPLACE) != 0) {
-      return Fail(OsError(errno, "rename rootfs into {:?}", *request.rootfs));
-    }
-  }
+  if (rootfs != nullptr) LX_TRY(rootfs->Place(work));
   for (PendingOutput* file : {&ext4_file, &config_file, &manifest_file}) {
     if (Status s = file->Commit(); !s) {
       for (PendingOutput* f : {&ext4_file, &config_file, &manifest_file}) f->Revert();
@@ -485,6 +700,8 @@ Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest&
     }
   }
   work.Cleanup();
+  // Only now, everything done, does an existing rootfs dir open up.
+  if (rootfs != nullptr) LX_TRY(rootfs->OpenUp(true_owners));
   report.total_ns = sandbox::MonotonicNs() - start;
   return report;
 }
@@ -564,12 +781,12 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
   if (request.ext4) {
     LX_ASSIGN_OR_RETURN(ext4_out, SplitOutput(*request.ext4, "ext4 image"));
   }
+  // Declared before the job runs and destroyed after it: an existing dir the
+  // job failed in is put back once the work dir inside it is gone.
+  RootfsTarget rootfs;
   if (request.rootfs) {
     LX_ASSIGN_OR_RETURN(rootfs_out, SplitOutput(*request.rootfs, "rootfs"));
-    struct stat st;
-    if (::lstat(request.rootfs->c_str(), &st) == 0) {
-      return Fail(MakeError(ErrorKind::kPolicy, "rootfs {:?} already exists", *request.rootfs));
-    }
+    LX_TRY(rootfs.Open(*request.rootfs, *rootfs_out));
   }
   if (request.manifest) {
     LX_ASSIGN_OR_RETURN(manifest_out, SplitOutput(*request.manifest, "manifest"));
@@ -636,9 +853,22 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
                                                             : "/var/tmp";
   std::optional<std::string> scratch;
   if (!rootfs_out) scratch = ChooseScratch(request, image, docker);
+  if (::geteuid() == 0) {
+    SharedDirNotes notes;
+    if (rootfs_out) {
+      notes.Note(rootfs.written_dir_fd(), rootfs.existing() ? *request.rootfs : rootfs_out->dir,
+                 rootfs.existing() ? "rootfs dir" : "output dir");
+    }
+    for (const auto* out : {&ext4_out, &manifest_out, &config_out}) {
+      if (*out) notes.Note((*out)->dir, "output dir");
+    }
+    if (scratch) notes.Note(*scratch, "scratch dir");
+    if (!rootfs_out) notes.Note(beside, "scratch dir");
+  }
+  RootfsTarget* rootfs_target = rootfs_out ? &rootfs : nullptr;
   if (scratch) {
     auto report = RunJobIn(*scratch, request, image, docker, start, extractor_fd.get(), rootfs_out,
-                           manifest_out, ext4_out, config_out);
+                           rootfs_target, manifest_out, ext4_out, config_out);
     if (report || report.error().err() != ENOSPC || !request.scratch_dir.empty() ||
         !Rereadable(image, docker)) {
       return report;
@@ -646,7 +876,7 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
     log->warn("scratch: {} is full; extracting again beside the output", *scratch);
   }
   return RunJobIn(beside, request, image, docker, start, extractor_fd.get(), rootfs_out,
-                  manifest_out, ext4_out, config_out);
+                  rootfs_target, manifest_out, ext4_out, config_out);
 }
 
 }  // namespace layerx::broker

@@ -19,7 +19,10 @@ struct ExtractRequest {
   std::vector<std::string> layers;       // sources: "oci:DIR[:REF]", or layer files lowest first
   Platform platform = Platform::Host();  // which manifest of a multi-platform index
   std::optional<std::string> config;     // write the image config JSON here (OCI sources)
-  std::optional<std::string> rootfs;     // must not exist; its parent must
+  // Must not exist (its parent must), or be an empty directory (a mount
+  // point, say), kept 0700 until the job succeeded and then given the image
+  // root's mode (and owner, as root), left empty as found on failure.
+  std::optional<std::string> rootfs;
   std::optional<std::string> manifest;   // replaced on success only
   std::optional<std::string> ext4;       // the ext4 image; replaced on success only
   Ext4Options ext4_options;

@@ -143,7 +143,7 @@ int main(int argc, char** argv) {
                       "os/arch[/variant] to pick from a multi-platform index (default: this "
                       "machine's)");
   extract->add_option("--config", config, "write the image's config JSON here (image sources)");
-  extract->add_option("--rootfs", rootfs, "write the rootfs here (must not exist)");
+  extract->add_option("--rootfs", rootfs, "write the rootfs here (must not exist, or be an empty dir)");
   extract->add_option("--manifest", manifest, "write the JSON-lines manifest here");
   std::string ext4, label, uuid;
   uint64_t size = 0;

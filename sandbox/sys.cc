@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/socket.h>
@@ -82,6 +83,14 @@ Status RenameAt(int olddirfd, const std::string& oldpath, int newdirfd,
   return {};
 }
 
+Status RenameNoReplace(int olddirfd, const std::string& oldpath, int newdirfd,
+                       const std::string& newpath) {
+  if (::renameat2(olddirfd, oldpath.c_str(), newdirfd, newpath.c_str(), RENAME_NOREPLACE) != 0) {
+    return Fail(OsError(errno, "renameat2 {:?} -> {:?}", oldpath, newpath));
+  }
+  return {};
+}
+
 Status FchmodAtNoFollow(int dirfd, const std::string& path, mode_t mode) {
 #ifndef SYS_fchmodat2
 #define SYS_fchmodat2 452
@@ -101,6 +110,34 @@ Status FchmodAtNoFollow(int dirfd, const std::string& path, mode_t mode) {
 Status Fchmod(int fd, mode_t mode) {
   if (::fchmod(fd, mode) != 0) return Fail(OsError(errno, "fchmod"));
   return {};
+}
+
+Status Fchown(int fd, uid_t uid, gid_t gid) {
+  if (::fchown(fd, uid, gid) != 0) return Fail(OsError(errno, "fchown {}:{}", uid, gid));
+  return {};
+}
+
+Status Futimens(int fd, const struct timespec& atime, const struct timespec& mtime) {
+  const struct timespec times[2] = {atime, mtime};
+  if (::futimens(fd, times) != 0) return Fail(OsError(errno, "futimens"));
+  return {};
+}
+
+Result<std::vector<std::string>> ListDir(int dir_fd) {
+  LX_ASSIGN_OR_RETURN(UniqueFd fd, OpenAt(dir_fd, ".", O_RDONLY | O_DIRECTORY));
+  DIR* d = ::fdopendir(fd.get());
+  if (d == nullptr) return Fail(OsError(errno, "fdopendir"));
+  (void)fd.release();  // closedir closes it
+  std::vector<std::string> names;
+  errno = 0;
+  while (struct dirent* ent = ::readdir(d)) {
+    std::string name = ent->d_name;
+    if (name != "." && name != "..") names.push_back(std::move(name));
+  }
+  int err = errno;
+  ::closedir(d);
+  if (err != 0) return Fail(OsError(err, "readdir"));
+  return names;
 }
 
 const char* FileTypeName(mode_t mode) {

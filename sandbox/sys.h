@@ -14,6 +14,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "policy/result.h"
 #include "sandbox/fd.h"
@@ -30,10 +31,20 @@ Result<struct stat> Fstat(int fd);
 Status MkdirAt(int dirfd, const std::string& path, mode_t mode);
 Status UnlinkAt(int dirfd, const std::string& path, int flags);
 Status RenameAt(int olddirfd, const std::string& oldpath, int newdirfd, const std::string& newpath);
+// renameat2(RENAME_NOREPLACE): EEXIST where `newpath` is taken, never replaced.
+Status RenameNoReplace(int olddirfd, const std::string& oldpath, int newdirfd,
+                       const std::string& newpath);
 // chmod that never follows a symlink: fchmodat2(AT_SYMLINK_NOFOLLOW) where the
 // kernel has it (6.6+), else fchmodat on a path lstat just showed is no symlink.
 Status FchmodAtNoFollow(int dirfd, const std::string& path, mode_t mode);
 Status Fchmod(int fd, mode_t mode);
+Status Fchown(int fd, uid_t uid, gid_t gid);
+// futimens(2): atime and mtime of the file open at `fd` (not an O_PATH fd).
+Status Futimens(int fd, const struct timespec& atime, const struct timespec& mtime);
+// The names in the directory open at `dir_fd` ("." and ".." left out), read
+// through a new O_RDONLY open of "." below it: `dir_fd` may be O_PATH, and no
+// name is looked up but the directory itself.
+Result<std::vector<std::string>> ListDir(int dir_fd);
 
 // Opens an existing file for reading so that opening cannot block and nothing
 // but a regular file is ever opened (DESIGN rule 8): an O_PATH open first,

@@ -74,7 +74,7 @@ LAYERX_C_API void layerx_request_free(layerx_request *request);
 LAYERX_C_API layerx_status layerx_request_add_source(layerx_request *request, const char *source);
 
 typedef enum layerx_output {
-  LAYERX_OUTPUT_ROOTFS = 1,   /* a directory that must not exist yet */
+  LAYERX_OUTPUT_ROOTFS = 1,   /* a new directory, or an existing empty one */
   LAYERX_OUTPUT_EXT4 = 2,     /* an ext4 image with true ownership */
   LAYERX_OUTPUT_MANIFEST = 3, /* JSON lines, one per path */
   LAYERX_OUTPUT_CONFIG = 4    /* the image config JSON (image sources) */

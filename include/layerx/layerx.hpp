@@ -134,7 +134,7 @@ struct ExtractRequest {
 
   // Outputs; at least one of rootfs, ext4, manifest. Each appears only when
   // everything succeeded.
-  std::string rootfs;    // a directory that must not exist yet
+  std::string rootfs;    // a directory that must not exist yet, or an empty one
   std::string ext4;      // an ext4 image with true ownership (no root needed)
   std::string manifest;  // JSON lines, one per path: owner, mode, kind, xattrs...
   std::string config;    // the image config JSON (image sources only)

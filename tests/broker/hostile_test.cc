@@ -726,5 +726,143 @@ TEST_F(HostileTest, ExistingRootfsIsNotTouched) {
   EXPECT_FALSE(IsFile(Out("a")));
 }
 
+// --- an existing empty dir as --rootfs ---------------------------------------
+
+// stat -c "%a %u:%g %Y" and the entries of `path` (what a failed job must put back).
+std::string Found(const std::string& path) {
+  struct stat st;
+  if (lstat(path.c_str(), &st) != 0) return "missing";
+  std::ostringstream s;
+  s << std::oct << st.st_mode << std::dec << " " << st.st_uid << ":" << st.st_gid << " "
+    << st.st_mtim.tv_sec << "." << st.st_mtim.tv_nsec;
+  for (const std::string& name : testing::Listing(path)) s << " " << name;
+  return s.str();
+}
+
+TEST_F(HostileTest, ExistingEmptyRootfsIsLeftAsFoundWhenALayerFails) {
+  // Layer 1 is good (a setuid binary, a read-only dir), layer 2 a corrupt tar.
+  LayerWriter(Layer(1)).Dir("./", 0755).File("usr/bin/su", "s", 04755).Dir("ro", 0555);
+  std::string tar(10240, '\0');
+  std::memcpy(tar.data(), "file", 4);
+  std::memcpy(tar.data() + 148, "garbage!", 8);  // bad checksum field
+  std::ofstream(Layer(2)) << tar;
+  ASSERT_EQ(mkdir(Out().c_str(), 0750), 0);
+  std::string found = Found(Out());
+  EXPECT_EQ(Extract(2), 1) << err_;
+  EXPECT_EQ(std::count(err_.begin(), err_.end(), '\n'), 1) << err_;
+  EXPECT_NE(err_.find("layer 2"), std::string::npos) << err_;
+  EXPECT_EQ(Found(Out()), found);
+  EXPECT_FALSE(IsFile(dir_ + "/m.jsonl"));
+  // The same dir, one good layer: the tree and the root entry's mode.
+  ASSERT_EQ(Extract(1), 0) << err_;
+  EXPECT_TRUE(IsFile(Out("usr/bin/su")));
+  struct stat st;
+  ASSERT_EQ(stat(Out().c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0755u);
+}
+
+TEST_F(HostileTest, RejectsSymlinkAsRootfsAndNonEmptyDir) {
+  // --rootfs out, out -> an empty dir of the probe's: refused, the dir as found.
+  LayerWriter(Layer(1)).File("a", "a");
+  ASSERT_EQ(mkdir((probe_ + "/sub/empty").c_str(), 0777), 0);
+  ASSERT_EQ(chmod((probe_ + "/sub/empty").c_str(), 0777), 0);
+  probe_before_ = Snapshot(probe_);
+  ASSERT_EQ(symlink((probe_ + "/sub/empty").c_str(), Out().c_str()), 0);
+  EXPECT_EQ(Extract(1), 2) << err_;  // like any existing rootfs: a usage error
+  EXPECT_EQ(std::count(err_.begin(), err_.end(), '\n'), 1) << err_;
+  EXPECT_NE(err_.find("symlink"), std::string::npos) << err_;
+  EXPECT_TRUE(IsLink(Out()));
+  // A dir with one entry: "already exists and is not empty", as found.
+  ASSERT_EQ(unlink(Out().c_str()), 0);
+  ASSERT_EQ(mkdir(Out().c_str(), 0755), 0);
+  ASSERT_EQ(mkdir(Out("x").c_str(), 0755), 0);
+  std::string found = Found(Out());
+  EXPECT_EQ(Extract(1), 2) << err_;
+  EXPECT_EQ(std::count(err_.begin(), err_.end(), '\n'), 1) << err_;
+  EXPECT_NE(err_.find("not empty"), std::string::npos) << err_;
+  EXPECT_EQ(Found(Out()), found);
+}
+
+TEST_F(HostileTest, VerboseSaysWhenRootWritesIntoASharedDir) {
+  if (geteuid() != 0) GTEST_SKIP() << "said for root only";
+  LayerWriter(Layer(1)).File("a", "a");
+  ASSERT_EQ(chmod(dir_.c_str(), 01777), 0);
+  std::string cmd = std::string(LAYERX_BIN) + " extract " + Layer(1) + " --rootfs " + Out() +
+                    " --manifest " + dir_ + "/m.jsonl -v 2>" + dir_ + "/err";
+  ASSERT_EQ(system(cmd.c_str()), 0);
+  err_ = ReadFile(dir_ + "/err");
+  EXPECT_NE(err_.find("output dir \"" + dir_ + "\" is writable by others (mode 1777)"),
+            std::string::npos)
+      << err_;
+  // Once per directory, though the rootfs and the manifest both go there.
+  EXPECT_EQ(err_.find("is writable"), err_.rfind("is writable")) << err_;
+  // Another user's dir.
+  ASSERT_EQ(chmod(dir_.c_str(), 0755), 0);
+  ASSERT_EQ(chown(dir_.c_str(), 1000, 1000), 0);
+  ASSERT_TRUE(sandbox::RemoveTreeAt(AT_FDCWD, Out()));
+  ASSERT_EQ(system(cmd.c_str()), 0);
+  err_ = ReadFile(dir_ + "/err");
+  EXPECT_NE(err_.find("output dir \"" + dir_ + "\" is writable by uid 1000 (mode 0755)"),
+            std::string::npos)
+      << err_;
+  // An existing rootfs dir is where the job writes; its parent, root's own
+  // and private now, is not.
+  ASSERT_EQ(chown(dir_.c_str(), 0, 0), 0);
+  ASSERT_EQ(chmod(dir_.c_str(), 0700), 0);
+  ASSERT_TRUE(sandbox::RemoveTreeAt(AT_FDCWD, Out()));
+  ASSERT_EQ(mkdir(Out().c_str(), 0777), 0);
+  ASSERT_EQ(chmod(Out().c_str(), 0777), 0);
+  ASSERT_EQ(system(cmd.c_str()), 0);
+  err_ = ReadFile(dir_ + "/err");
+  EXPECT_NE(err_.find("rootfs dir \"" + Out() + "\" is writable by others (mode 0777)"),
+            std::string::npos)
+      << err_;
+  EXPECT_EQ(err_.find("output dir"), std::string::npos) << err_;
+  // Nothing shared: nothing said.
+  ASSERT_TRUE(sandbox::RemoveTreeAt(AT_FDCWD, Out()));
+  ASSERT_EQ(system(cmd.c_str()), 0);
+  err_ = ReadFile(dir_ + "/err");
+  EXPECT_EQ(err_.find("is writable"), std::string::npos) << err_;
+}
+
+TEST_F(HostileTest, ExtractsOntoAFreshTmpfsMount) {
+  // A tmpfs mounted at the target (a private mount namespace; rootless, in a
+  // user namespace too, where layerx is rootless): nothing can be renamed over
+  // a mount point, so the tree is made inside and moved up. A failing job
+  // leaves the mount's root as found (1777, empty); a good one gives it the
+  // image root's mode, and (root) owner.
+  LayerWriter(Layer(1)).Dir("./", 0751, 1000, 1000).File("etc/f", "f").Dir("proc", 0555);
+  std::ofstream(Layer(2)) << "this is not a tar archive at all";
+  std::string sh = dir_ + "/mnt.sh", mnt = dir_ + "/mnt";
+  std::string x = std::string(LAYERX_BIN) + " extract ";
+  std::ofstream(sh) << "set -u\nmkdir " << mnt << "\n"
+                    << "mount -t tmpfs -o size=16m tmpfs " << mnt
+                    << " || { echo nomount; exit 0; }\n"
+                    << "stat -c 'found %a' " << mnt << "\n"
+                    << x << Layer(1) << " " << Layer(2) << " --rootfs " << mnt << " -q 2>" << dir_
+                    << "/err1; echo rc=$?\n"
+                    << "stat -c 'failed %a' " << mnt << "; ls -A " << mnt << "; echo end\n"
+                    << x << Layer(1) << " --rootfs " << mnt << " -q 2>" << dir_
+                    << "/err2; echo rc=$?\n"
+                    << "stat -c 'done %a %u' " << mnt << "; cat " << mnt << "/etc/f; echo; ls -A "
+                    << mnt << "; stat -c 'proc %a' " << mnt << "/proc\n";
+  std::string cmd = (geteuid() == 0 ? "unshare --mount --propagation private sh "
+                                    : "unshare --user --map-root-user --mount sh ") +
+                    sh + " >" + dir_ + "/mnt.out 2>&1";
+  int status = system(cmd.c_str());
+  std::string out = ReadFile(dir_ + "/mnt.out");
+  if (status != 0 || out.find("nomount") != std::string::npos) {
+    GTEST_SKIP() << "no tmpfs mount in a private mount namespace here: " << out;
+  }
+  std::string err1 = ReadFile(dir_ + "/err1");
+  EXPECT_NE(out.find("found 1777\nrc=1\nfailed 1777\nend\n"), std::string::npos) << out << err1;
+  EXPECT_NE(err1.find("layer 2"), std::string::npos) << err1;
+  // Inside the user namespace the caller is uid 0.
+  EXPECT_NE(out.find(std::string("rc=0\ndone 751 ") + (geteuid() == 0 ? "1000" : "0") +
+                     "\nf\netc\nproc\nproc 555\n"),
+            std::string::npos)
+      << out << ReadFile(dir_ + "/err2");
+}
+
 }  // namespace
 }  // namespace layerx

@@ -6,20 +6,26 @@
 #include <archive_entry.h>
 #include <dirent.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <gtest/gtest.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <thread>
 
 #include "sandbox/sys.h"
+#include "tests/fixtures/layer_writer.h"
 #include "tests/fixtures/test_util.h"
 
 namespace layerx::broker {
 namespace {
+
+using testing::LayerWriter;
 
 // A one-file layer, written with libarchive: "hello" at etc/greeting.
 void WriteSmallLayer(const std::string& path) {
@@ -186,6 +192,227 @@ TEST_F(JobTest, FailureKeepsAnOldManifestAndASecondRunSucceeds) {
   auto report = RunExtract(request_);
   ASSERT_TRUE(report) << report.error().ToString();
 }
+
+// --- an existing empty dir as --rootfs ---------------------------------------
+
+// What a failed job must put back: type and mode, owner, mtime, entries.
+std::string Found(const std::string& path) {
+  struct stat st;
+  if (lstat(path.c_str(), &st) != 0) return "missing";
+  std::string out = std::to_string(st.st_mode) + " " + std::to_string(st.st_uid) + ":" +
+                    std::to_string(st.st_gid) + " " + std::to_string(st.st_mtim.tv_sec) + "." +
+                    std::to_string(st.st_mtim.tv_nsec);
+  for (const std::string& name : testing::Listing(path)) out += " " + name;
+  return out;
+}
+
+// stat(path) as uid and gid 65534 with no groups, in a child: 0 when it could,
+// else its errno.
+int StatAsNobody(const std::string& path) {
+  const char* p = path.c_str();
+  pid_t pid = fork();
+  if (pid == 0) {
+    if (setgroups(0, nullptr) != 0 || setresgid(65534, 65534, 65534) != 0 ||
+        setresuid(65534, 65534, 65534) != 0) {
+      _exit(200);
+    }
+    struct stat st;
+    _exit(stat(p, &st) == 0 ? 0 : errno);
+  }
+  int status = 0;
+  if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFEXITED(status)) return -1;
+  return WEXITSTATUS(status);
+}
+
+// A fresh filesystem's root is an empty directory that exists, and nothing can
+// be renamed over it: the tree goes in, the dir takes the root entry's mode,
+// mtime and (as root) owner, and nothing else of the job stays inside.
+TEST_F(JobTest, ExtractsIntoAnExistingEmptyDir) {
+  // The root at 0751 owned by 1000:1000, a file, a 0555 dir (rootless, a dir
+  // the owner cannot write is still moved in) and a hardlink across dirs.
+  LayerWriter(dir_ + "/l.tar")
+      .Dir("./", 0751, 1000, 1000)
+      .File("etc/greeting", "hello")
+      .Dir("proc", 0555)
+      .Hardlink("bin/greeting", "etc/greeting");
+  ASSERT_EQ(mkdir((dir_ + "/out").c_str(), 0755), 0);
+  request_.layers = {dir_ + "/l.tar"};
+  auto report = RunExtract(request_);
+  ASSERT_TRUE(report) << report.error().ToString();
+  EXPECT_EQ(Listing(),
+            (std::vector<std::string>{".", "..", "good.tar.gz", "l.tar", "out", "out.jsonl"}));
+  EXPECT_EQ(testing::Listing(dir_ + "/out"),
+            (std::vector<std::string>{".", "..", "bin", "etc", "proc"}));
+  EXPECT_EQ(testing::ReadFile(dir_ + "/out/etc/greeting"), "hello");
+  struct stat st, link;
+  ASSERT_EQ(stat((dir_ + "/out").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0751u);
+  EXPECT_EQ(st.st_uid, geteuid() == 0 ? 1000u : geteuid());
+  EXPECT_EQ(st.st_gid, geteuid() == 0 ? 1000u : getegid());
+  EXPECT_EQ(st.st_mtim.tv_sec, 1700000000);
+  EXPECT_EQ(st.st_mtim.tv_nsec, 123456789);
+  ASSERT_EQ(stat((dir_ + "/out/proc").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0555u);
+  ASSERT_EQ(stat((dir_ + "/out/etc/greeting").c_str(), &st), 0);
+  ASSERT_EQ(stat((dir_ + "/out/bin/greeting").c_str(), &link), 0);
+  EXPECT_EQ(st.st_ino, link.st_ino);
+}
+
+TEST_F(JobTest, NonEmptyDirIsRefusedAsFound) {
+  ASSERT_EQ(mkdir((dir_ + "/out").c_str(), 01777), 0);
+  ASSERT_EQ(chmod((dir_ + "/out").c_str(), 01777), 0);
+  std::ofstream(dir_ + "/out/.hidden") << "mine";
+  std::string found = Found(dir_ + "/out");
+  request_.layers = {dir_ + "/good.tar.gz"};
+  auto report = RunExtract(request_);
+  ASSERT_FALSE(report);
+  EXPECT_EQ(report.error().kind(), ErrorKind::kPolicy) << report.error().ToString();
+  EXPECT_EQ(Found(dir_ + "/out"), found);
+  EXPECT_EQ(testing::ReadFile(dir_ + "/out/.hidden"), "mine");
+}
+
+TEST_F(JobTest, RejectsSymlinkToAnEmptyDir) {
+  // out -> real, an empty dir: the link is not followed, real is not touched.
+  ASSERT_EQ(mkdir((dir_ + "/real").c_str(), 0755), 0);
+  ASSERT_EQ(symlink("real", (dir_ + "/out").c_str()), 0);
+  std::string found = Found(dir_ + "/real");
+  request_.layers = {dir_ + "/good.tar.gz"};
+  auto report = RunExtract(request_);
+  ASSERT_FALSE(report);
+  EXPECT_EQ(report.error().kind(), ErrorKind::kPolicy) << report.error().ToString();
+  EXPECT_NE(report.error().ToString().find("symlink"), std::string::npos)
+      << report.error().ToString();
+  EXPECT_EQ(Found(dir_ + "/real"), found);
+  struct stat st;
+  ASSERT_EQ(lstat((dir_ + "/out").c_str(), &st), 0);
+  EXPECT_TRUE(S_ISLNK(st.st_mode));
+}
+
+TEST_F(JobTest, FailingLayerLeavesTheExistingDirAsFound) {
+  // Layer 1 is good, layer 2 no tar at all: the dir (1777 with an old mtime,
+  // like a fresh tmpfs) is empty again, mode, owner and mtime as they were.
+  std::ofstream(dir_ + "/bad.tar") << "this is not a tar archive at all";
+  LayerWriter(dir_ + "/l.tar").Dir("./", 0755).File("etc/f", "f").Dir("ro", 0555).File("ro/f", "");
+  ASSERT_EQ(mkdir((dir_ + "/out").c_str(), 0), 0);
+  ASSERT_EQ(chmod((dir_ + "/out").c_str(), 01777), 0);
+  struct timespec old[2] = {{1600000000, 1}, {1600000000, 2}};
+  ASSERT_EQ(utimensat(AT_FDCWD, (dir_ + "/out").c_str(), old, 0), 0);
+  std::string found = Found(dir_ + "/out");
+  request_.layers = {dir_ + "/l.tar", dir_ + "/bad.tar"};
+  auto report = RunExtract(request_);
+  ASSERT_FALSE(report);
+  EXPECT_EQ(report.error().kind(), ErrorKind::kInvalidInput) << report.error().ToString();
+  EXPECT_NE(report.error().ToString().find("layer 2"), std::string::npos);
+  EXPECT_EQ(Found(dir_ + "/out"), found);
+  EXPECT_EQ(Children(), 0);
+  // And the same dir takes the next job.
+  request_.layers = {dir_ + "/l.tar"};
+  auto again = RunExtract(request_);
+  ASSERT_TRUE(again) << again.error().ToString();
+  EXPECT_EQ(testing::ReadFile(dir_ + "/out/etc/f"), "f");
+}
+
+// The last step that can fail comes after the tree is moved in: the manifest
+// renamed over a directory (EISDIR). What was moved in goes again, a 0555
+// dir included, and the dir is as found.
+TEST_F(JobTest, FailureAfterTheTreeIsMovedInLeavesTheExistingDirAsFound) {
+  LayerWriter(dir_ + "/l.tar").Dir("./", 0751).File("etc/f", "f").Dir("ro", 0555).File("ro/f", "");
+  ASSERT_EQ(mkdir((dir_ + "/out").c_str(), 0755), 0);
+  ASSERT_EQ(mkdir((dir_ + "/out.jsonl").c_str(), 0755), 0);
+  std::ofstream(dir_ + "/out.jsonl/x") << "x";
+  std::string found = Found(dir_ + "/out");
+  request_.layers = {dir_ + "/l.tar"};
+  auto report = RunExtract(request_);
+  ASSERT_FALSE(report);
+  EXPECT_EQ(report.error().err(), EISDIR) << report.error().ToString();
+  EXPECT_EQ(Found(dir_ + "/out"), found);
+}
+
+// While a job runs, the tree it makes (setuid-root binaries, devices) is
+// reachable by no other user: an existing dir is 0700 until the job has
+// succeeded, a new one is in the 0700 work dir. Layer 2 is a pipe the test
+// keeps silent while it looks, then feeds a good layer; afterwards the dir
+// has the image root's mode and uid 65534 can reach inside (so the refusals
+// before were the mode's doing).
+class RootfsHeldTest : public JobTest, public ::testing::WithParamInterface<bool> {};
+
+TEST_P(RootfsHeldTest, SetuidTreeIsClosedToOthersUntilTheJobSucceeded) {
+  const bool existing = GetParam();
+  const std::string out = dir_ + "/out";
+  ASSERT_EQ(chmod(dir_.c_str(), 0755), 0);
+  // Layer 1: the root at 0755 and a setuid-root binary.
+  LayerWriter(dir_ + "/l1.tar").Dir("./", 0755).Dir("usr", 0755).File("usr/sudo", "s", 04755);
+  LayerWriter(dir_ + "/l2.tar").File("etc/motd", "hi");
+  std::string layer2 = testing::ReadFile(dir_ + "/l2.tar");
+  if (existing) {
+    ASSERT_EQ(mkdir(out.c_str(), 0755), 0);
+  }
+  int fds[2];
+  ASSERT_EQ(pipe2(fds, O_CLOEXEC), 0);
+  request_.layers = {dir_ + "/l1.tar", "/dev/fd/" + std::to_string(fds[0])};
+  std::optional<Result<JobReport>> report;
+  std::thread job([&] { report.emplace(RunExtract(request_)); });
+  int writer = fds[1];
+  auto finish = [&] {
+    if (writer >= 0) close(writer);
+    writer = -1;
+    if (job.joinable()) job.join();
+  };
+  // Layer 1 done: its setuid binary is in the work tree.
+  const std::string where = existing ? out : dir_;
+  std::string work, sudo;
+  for (int i = 0; i < 1000 && sudo.empty(); ++i) {
+    for (const std::string& name : testing::Listing(where)) {
+      struct stat st;
+      std::string p = where + "/" + name + "/rootfs/usr/sudo";
+      if (name.rfind(".layerx-work-", 0) == 0 && lstat(p.c_str(), &st) == 0) {
+        work = where + "/" + name;
+        sudo = p;
+      }
+    }
+    if (sudo.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  if (sudo.empty()) {
+    finish();
+    FAIL() << "layer 1 never showed up in a work dir";
+  }
+  struct stat st;
+  EXPECT_EQ(stat(work.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0700u) << "work dir";
+  if (existing) {
+    EXPECT_EQ(stat(out.c_str(), &st), 0);
+    EXPECT_EQ(st.st_mode & 07777, 0700u) << "rootfs dir while the job runs";
+  } else {
+    EXPECT_NE(lstat(out.c_str(), &st), 0) << "the rootfs appeared before the job ended";
+  }
+  if (geteuid() == 0) {
+    EXPECT_EQ(StatAsNobody(sudo), EACCES);
+    EXPECT_EQ(StatAsNobody(work + "/rootfs"), EACCES);
+    if (existing) {
+      EXPECT_EQ(StatAsNobody(work), EACCES);
+    }
+  }
+  EXPECT_EQ(write(writer, layer2.data(), layer2.size()), static_cast<ssize_t>(layer2.size()));
+  finish();
+  ASSERT_TRUE(report.has_value() && *report) << report->error().ToString();
+  ASSERT_EQ(stat(out.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0755u);
+  ASSERT_EQ(stat((out + "/usr/sudo").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 04755u);
+  EXPECT_EQ(st.st_uid, geteuid());
+  EXPECT_EQ(testing::ReadFile(out + "/etc/motd"), "hi");
+  if (geteuid() == 0) {
+    EXPECT_EQ(StatAsNobody(out + "/usr/sudo"), 0);
+  }
+  for (const std::string& name : testing::Listing(out)) {
+    EXPECT_EQ(name.rfind(".layerx-", 0), std::string::npos) << name << " left in the rootfs";
+  }
+  close(fds[0]);
+}
+
+INSTANTIATE_TEST_SUITE_P(Dirs, RootfsHeldTest, ::testing::Bool(), [](const auto& info) {
+  return info.param ? "ExistingEmptyDir" : "NewDir";
+});
 
 // Open fds of this process, by number.
 std::vector<std::string> OpenFds() { return testing::Listing("/proc/self/fd"); }
