@@ -1204,6 +1204,16 @@ TEST_F(ServiceTest, IdleConnectionsAreClosedButNotThoseWithAJob) {
   EXPECT_LT(Clock::now() - t0, std::chrono::seconds(3));
   ::close(idle);
   EXPECT_NE(ReadFile(log_).find("no call for 1 s: closed"), std::string::npos);
+  if (Root()) {  // and the tenant's, from its own uid
+    pid_t tenant = RunAs(uid, [this] {
+      int fd = ConnectRaw(Socket());
+      auto start = Clock::now();
+      if (fd < 0 || ReadUntilClosed(fd, start + std::chrono::seconds(5)) != 0) return 1;
+      auto took = Clock::now() - start;
+      return took > std::chrono::milliseconds(900) && took < std::chrono::seconds(3) ? 0 : 2;
+    });
+    EXPECT_EQ(Wait(tenant), 0);
+  }
 
   std::string running = MakeFifo("running.tar.gz"), queued = MakeFifo("queued.tar.gz");
   pid_t first = Client(uid, {running}, "running");
