@@ -71,7 +71,9 @@ blobs or the docker-archive, and the output files. The service never opens a
 client's path, so it cannot be made to read or write what the client could
 not. Who a client is comes from the kernel (SO_PEERCRED); --config maps uids
 and gids to tenants, each with its own policy, concurrency and queue limits,
-and byte and time budgets. A peer of no tenant is refused. Jobs wait in one
+and byte and time budgets. A peer of no tenant is answered "unauthorized"
+and disconnected at once; a tenant over its max_connections is "busy"; a
+connection idle for idle_timeout_seconds is closed. Jobs wait in one
 queue per tenant and are started round-robin across tenants; beyond the
 limits the answer is "busy" (exit status 75 for the client), never a hang.
 A client that disconnects or is interrupted stops its job at once.

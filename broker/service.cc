@@ -5,11 +5,15 @@
 // reports through its JobShared (progress under a mutex, the result once) and
 // a cross-thread fulfiller; the loop reads progress on its 100 ms tick.
 //
-// Who a client is: SO_PEERCRED, read once at accept. What it may read or
+// Who a client is: SO_PEERCRED, read once at accept; a peer of no tenant and
+// no operator gets one sentence and no connection (Hub::TurnAway), and the
+// others are capped per tenant and closed when idle. What it may read or
 // write: only the descriptors it passed, checked here (readable inputs that are
 // regular files or pipes, never O_PATH; writable, empty, non-append regular
 // outputs). The service never opens a path a client named.
 #include <capnp/rpc-twoparty.h>
+#include <capnp/rpc.capnp.h>
+#include <capnp/serialize.h>
 #include <fcntl.h>
 #include <kj/async-io.h>
 #include <kj/async-unix.h>
@@ -45,10 +49,11 @@ using sandbox::UniqueFd;
 
 constexpr uint kMaxFdsPerMessage = 250;  // layers + outputs of one request (SCM_MAX_FD is 253)
 constexpr size_t kMaxLayers = 240;
-constexpr size_t kMaxConfigBytes = 4 << 20;  // as broker/source.cc reads configs
-constexpr auto kFdWait = 10 * kj::SECONDS;   // for the fds of a request to come
-constexpr size_t kMaxConnections = 1024;     // all peers together
-constexpr size_t kMaxConnectionsPerUid = 64;
+constexpr size_t kMaxConfigBytes = 4 << 20;       // as broker/source.cc reads configs
+constexpr auto kFdWait = 10 * kj::SECONDS;        // for the fds of a request to come
+constexpr size_t kMaxConnections = 1024;          // all tenants' and operators' (never strangers)
+constexpr size_t kMaxTurnedAway = 64;             // peers turned away, waited for at once
+constexpr int64_t kTurnedAwayNs = 2'000'000'000;  // the longest one is waited for
 constexpr size_t kFlowLimitWords = 1 << 20;       // 8 MiB of calls in flight per connection
 constexpr uint64_t kReceiveLimitWords = 2 << 20;  // 16 MiB per message
 
@@ -57,6 +62,21 @@ struct Peer {
   gid_t gid = 0;
   pid_t pid = 0;
 };
+
+// What the idle clock of one connection needs: its calls in flight (an
+// extract's lasts while its job waits and runs and its progress streams),
+// and since when it has had none.
+struct Activity {
+  uint32_t calls = 0;
+  int64_t idle_since_ns = 0;
+};
+
+// An error for a client: exactly `sentence`. (KJ_EXCEPTION and KJ_REQUIRE
+// would add the C++ expressions that built it, and their values.)
+kj::Exception ClientError(std::string_view sentence) {
+  return kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__,
+                       kj::heapString(sentence.data(), sentence.size()));
+}
 
 // Between the loop and one job's worker thread.
 struct JobShared {
@@ -95,6 +115,7 @@ struct Job {
 
 struct TenantState {
   const broker::TenantConfig* config = nullptr;
+  uint32_t connections = 0;
   uint32_t running = 0;
   uint32_t pending = 0;  // calls whose fds are still coming
   std::deque<uint64_t> queue;
@@ -250,26 +271,45 @@ class Hub;
 using ExtractCall = capnp::CallContext<rpc::Service::ExtractParams, rpc::Service::ExtractResults>;
 
 // The bootstrap capability of one connection: bound to its peer and tenant.
+// Only tenants and operators get one; strangers are turned away at accept.
 class ServiceImpl final : public rpc::Service::Server {
  public:
-  ServiceImpl(Hub& server, Peer peer, int tenant) : server_(server), peer_(peer), tenant_(tenant) {}
+  ServiceImpl(Hub& server, Peer peer, int tenant, std::shared_ptr<Activity> activity)
+      : server_(server), peer_(peer), tenant_(tenant), activity_(std::move(activity)) {}
   kj::Promise<void> extract(ExtractContext context) override;
   kj::Promise<void> status(StatusContext context) override;
   kj::Promise<void> metrics(MetricsContext context) override;
 
  private:
+  // Counts the call in flight for as long as its promise lives.
+  kj::Promise<void> Counted(kj::Promise<void> call) {
+    ++activity_->calls;
+    return call.attach(kj::defer([activity = activity_]() {
+      --activity->calls;
+      activity->idle_since_ns = sandbox::MonotonicNs();
+    }));
+  }
+
   Hub& server_;
   Peer peer_;
-  int tenant_;  // -1: no tenant
+  int tenant_;  // -1: an operator of no tenant
+  std::shared_ptr<Activity> activity_;
 };
 
 struct Connection {
-  Connection(kj::Own<kj::AsyncCapabilityStream> s, capnp::Capability::Client bootstrap)
-      : stream(kj::mv(s)),
+  Connection(kj::Own<kj::AsyncCapabilityStream> s, Peer p, int t, std::shared_ptr<Activity> a,
+             capnp::Capability::Client bootstrap)
+      : peer(p),
+        tenant(t),
+        activity(std::move(a)),
+        stream(kj::mv(s)),
         network(
             *stream, kMaxFdsPerMessage, capnp::rpc::twoparty::Side::SERVER,
             capnp::ReaderOptions{.traversalLimitInWords = kReceiveLimitWords, .nestingLimit = 64}),
         rpc(capnp::makeRpcServer(network, kj::mv(bootstrap))) {}
+  Peer peer;
+  int tenant;  // -1: an operator of no tenant
+  std::shared_ptr<Activity> activity;
   kj::Own<kj::AsyncCapabilityStream> stream;
   capnp::TwoPartyVatNetwork network;
   capnp::RpcSystem<capnp::rpc::twoparty::VatId> rpc;
@@ -360,7 +400,12 @@ class Hub final : public kj::TaskSet::ErrorHandler {
  private:
   kj::Promise<void> AcceptLoop();
   kj::Promise<void> AcceptSome();
-  void Accept(int fd);
+  void Accept(UniqueFd fd);
+  void TurnAway(UniqueFd fd, const std::string& sentence);
+  void DrainTurnedAway();
+  void LogTurnedAway(int tenant, const std::string& what);
+  void Drop(uint64_t connection);
+  void CloseIdle();
   kj::Promise<void> Tick();
   kj::Promise<void> WatchSignals();
   void Dispatch();
@@ -389,7 +434,13 @@ class Hub final : public kj::TaskSet::ErrorHandler {
   uint64_t next_job_ = 1, next_conn_ = 1;
   std::map<uint64_t, std::unique_ptr<Job>> jobs_;
   std::map<uint64_t, kj::Own<Connection>> connections_;
-  std::map<uid_t, size_t> conns_by_uid_;
+  struct TurnedAway {
+    UniqueFd fd;
+    int64_t until_ns;
+  };
+  std::vector<TurnedAway> turned_away_;
+  int64_t turned_away_logged_ns_ = -1'000'000'000;
+  uint64_t turned_away_unlogged_ = 0;
   std::map<std::string, Counters> counters_;  // by tenant
   std::map<std::pair<std::string, std::string>, uint64_t> refusals_;
   UniqueFd listen_fd_, signal_fd_;
@@ -405,29 +456,23 @@ class Hub final : public kj::TaskSet::ErrorHandler {
 };
 
 kj::Promise<void> ServiceImpl::extract(ExtractContext context) {
-  return server_.Extract(peer_, tenant_, context);
+  return Counted(server_.Extract(peer_, tenant_, context));
 }
 
 kj::Promise<void> ServiceImpl::status(StatusContext context) {
-  if (tenant_ < 0 && !server_.IsOperator(peer_)) {
-    server_.CountRefusal(tenant_, FailureKind::kUnauthorized);
-    return KJ_EXCEPTION(FAILED, fmt::format("unauthorized: uid {} gid {} is no tenant of this "
-                                            "service",
-                                            peer_.uid, peer_.gid));
-  }
   server_.FillStatus(peer_, tenant_, context.getResults().initStatus());
-  return kj::READY_NOW;
+  return Counted(kj::READY_NOW);
 }
 
 kj::Promise<void> ServiceImpl::metrics(MetricsContext context) {
   if (!server_.IsOperator(peer_)) {
     server_.CountRefusal(tenant_, FailureKind::kUnauthorized);
-    return KJ_EXCEPTION(FAILED, fmt::format("unauthorized: metrics are for operators (uid 0 or "
-                                            "{}), not uid {}",
-                                            ::geteuid(), peer_.uid));
+    return Counted(ClientError(fmt::format(
+        "unauthorized: metrics are for the service's operators (root and its own uid), not uid {}",
+        peer_.uid)));
   }
   context.getResults().setText(server_.Metrics());
-  return kj::READY_NOW;
+  return Counted(kj::READY_NOW);
 }
 
 // Binds `sock` at `dir`/`name` with mode 0666 (anyone who can reach the path
@@ -566,7 +611,7 @@ kj::Promise<void> Hub::AcceptSome() {
   while (!draining_) {
     int fd = ::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
     if (fd >= 0) {
-      Accept(fd);
+      Accept(UniqueFd(fd));
       continue;
     }
     if (errno == EINTR || errno == ECONNABORTED) continue;
@@ -579,52 +624,140 @@ kj::Promise<void> Hub::AcceptSome() {
   return kj::READY_NOW;
 }
 
-void Hub::Accept(int fd) {
+void Hub::Accept(UniqueFd fd) {
   struct ucred cred = {};
   socklen_t len = sizeof(cred);
-  if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
-    ::close(fd);
-    return;
-  }
+  if (::getsockopt(fd.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return;
   Peer peer{.uid = cred.uid, .gid = cred.gid, .pid = cred.pid};
-  // Idle connections cost an fd each: capped per uid and in all.
-  if (connections_.size() >= kMaxConnections || conns_by_uid_[cred.uid] >= kMaxConnectionsPerUid) {
-    CountRefusal(-1, FailureKind::kBusy);
-    Log(LogLevel::kWarn, "service", "", 0,
-        fmt::format("peer uid={} pid={}: over {} connections (or {} for one uid): closed", cred.uid,
-                    cred.pid, kMaxConnections, kMaxConnectionsPerUid));
-    ::close(fd);
-    return;
-  }
   const broker::TenantConfig* tenant = config_.TenantFor(cred.uid, cred.gid);
   int index = tenant == nullptr ? -1 : static_cast<int>(tenant - config_.tenants.data());
+  // SECURITY: a peer of no tenant is answered and closed right here. It
+  // holds no place under any cap, however many connections and uids it has
+  // (one user with a subuid range has 65536), and no RPC state.
   if (tenant == nullptr && !IsOperator(peer)) {
-    Log(LogLevel::kWarn, "service", "", 0,
-        fmt::format("peer uid={} gid={} pid={}: no tenant; its calls are refused", cred.uid,
-                    cred.gid, cred.pid));
-  } else {
-    Log(LogLevel::kDebug, "service", TenantName(index), 0,
-        fmt::format("connection from uid={} gid={} pid={}", cred.uid, cred.gid, cred.pid));
+    CountRefusal(-1, FailureKind::kUnauthorized);
+    LogTurnedAway(-1, fmt::format("peer uid={} gid={} pid={}: no tenant: turned away", cred.uid,
+                                  cred.gid, cred.pid));
+    TurnAway(std::move(fd), fmt::format("unauthorized: uid {} gid {} is no tenant of this service",
+                                        cred.uid, cred.gid));
+    return;
   }
-  auto stream =
-      io_.lowLevelProvider->wrapUnixSocketFd(fd, kj::LowLevelAsyncIoProvider::TAKE_OWNERSHIP |
-                                                     kj::LowLevelAsyncIoProvider::ALREADY_CLOEXEC |
-                                                     kj::LowLevelAsyncIoProvider::ALREADY_NONBLOCK);
-  auto conn = kj::heap<Connection>(kj::mv(stream), kj::heap<ServiceImpl>(*this, peer, index));
+  // Each connection costs an fd: capped per tenant, and in all.
+  std::string busy;
+  if (tenant != nullptr && tenants_[index].connections >= tenant->max_connections) {
+    busy = fmt::format("busy: tenant {} has {} connections open (max_connections={})", tenant->name,
+                       tenants_[index].connections, tenant->max_connections);
+  } else if (connections_.size() >= kMaxConnections) {
+    busy =
+        fmt::format("busy: the service has {} connections open (its limit)", connections_.size());
+  }
+  if (!busy.empty()) {
+    CountRefusal(index, FailureKind::kBusy);
+    LogTurnedAway(index, fmt::format("peer uid={} pid={}: {}", cred.uid, cred.pid, busy));
+    TurnAway(std::move(fd), busy);
+    return;
+  }
+  Log(LogLevel::kDebug, "service", TenantName(index), 0,
+      fmt::format("connection from uid={} gid={} pid={}", cred.uid, cred.gid, cred.pid));
+  auto stream = io_.lowLevelProvider->wrapUnixSocketFd(
+      fd.release(), kj::LowLevelAsyncIoProvider::TAKE_OWNERSHIP |
+                        kj::LowLevelAsyncIoProvider::ALREADY_CLOEXEC |
+                        kj::LowLevelAsyncIoProvider::ALREADY_NONBLOCK);
+  auto activity = std::make_shared<Activity>(Activity{.idle_since_ns = sandbox::MonotonicNs()});
+  auto conn = kj::heap<Connection>(kj::mv(stream), peer, index, activity,
+                                   kj::heap<ServiceImpl>(*this, peer, index, activity));
   conn->rpc.setFlowLimit(kFlowLimitWords);  // a peer that pipelines calls is read no further
   uint64_t id = next_conn_++;
   auto disconnected = conn->network.onDisconnect();
   connections_.emplace(id, kj::mv(conn));
-  ++conns_by_uid_[cred.uid];
+  if (index >= 0) ++tenants_[index].connections;
   // Dropping the connection drops its calls: each extract's Abandon then
-  // stops its job.
-  uid_t uid = cred.uid;
-  tasks_.add(disconnected.then([this, id, uid]() {
-    return kj::evalLater([this, id, uid]() {
-      connections_.erase(id);
-      if (--conns_by_uid_[uid] == 0) conns_by_uid_.erase(uid);
-    });
-  }));
+  // stops its job. (Dropped here first, its network's promise is broken.)
+  tasks_.add(disconnected.then([this, id]() { return kj::evalLater([this, id]() { Drop(id); }); },
+                               [](kj::Exception&&) {}));
+}
+
+// Answers a peer that gets no connection (no tenant, or over a cap): one
+// Cap'n Proto RPC Abort message, which fails the client's calls with exactly
+// `sentence`, written at once into the socket just accepted (its buffer
+// takes the few bytes), and the end of our side. The socket is closed when
+// the peer closes its end, reading and dropping what it sends meanwhile (fds
+// in it are closed by the kernel), or after kTurnedAwayNs; closed at once
+// beyond kMaxTurnedAway. (A close that meets the client's own first
+// messages unread makes its write fail with EPIPE before it reads the
+// answer, and it would show only that.)
+void Hub::TurnAway(UniqueFd fd, const std::string& sentence) {
+  capnp::MallocMessageBuilder message(64);
+  auto abort = message.initRoot<capnp::rpc::Message>().initAbort();
+  abort.setReason(sentence.c_str());
+  abort.setType(capnp::rpc::Exception::Type::FAILED);
+  kj::Array<capnp::word> words = capnp::messageToFlatArray(message);
+  kj::ArrayPtr<const kj::byte> bytes = words.asBytes();
+  (void)::send(fd.get(), bytes.begin(), bytes.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+  (void)::shutdown(fd.get(), SHUT_WR);
+  if (turned_away_.size() < kMaxTurnedAway) {
+    turned_away_.push_back({std::move(fd), sandbox::MonotonicNs() + kTurnedAwayNs});
+  }
+}
+
+// On each tick: what the peers turned away sent is dropped (at most 64 KiB
+// each); those that closed their end, or whose time is over, are closed.
+void Hub::DrainTurnedAway() {
+  const int64_t now = sandbox::MonotonicNs();
+  std::erase_if(turned_away_, [now](const TurnedAway& peer) {
+    char buf[16384];
+    for (int i = 0; i < 4; ++i) {
+      ssize_t n = ::recv(peer.fd.get(), buf, sizeof(buf), MSG_DONTWAIT);
+      if (n > 0) continue;
+      if (n < 0 && (errno == EAGAIN || errno == EINTR)) break;
+      return true;  // its end is closed
+    }
+    return now >= peer.until_ns;
+  });
+}
+
+// At most one line a second for peers turned away at accept: a flood of
+// connections must not flood the journal (the metrics count every one).
+void Hub::LogTurnedAway(int tenant, const std::string& what) {
+  int64_t now = sandbox::MonotonicNs();
+  if (now - turned_away_logged_ns_ < 1'000'000'000) {
+    ++turned_away_unlogged_;
+    return;
+  }
+  std::string more =
+      turned_away_unlogged_ == 0
+          ? ""
+          : fmt::format(" ({} more turned away since the last such line)", turned_away_unlogged_);
+  Log(LogLevel::kWarn, "service", tenant < 0 ? "" : TenantName(tenant), 0, what + more);
+  turned_away_logged_ns_ = now;
+  turned_away_unlogged_ = 0;
+}
+
+void Hub::Drop(uint64_t connection) {
+  auto it = connections_.find(connection);
+  if (it == connections_.end()) return;
+  if (it->second->tenant >= 0) --tenants_[static_cast<size_t>(it->second->tenant)].connections;
+  connections_.erase(it);
+}
+
+// A connection with no call in flight for idle_timeout_seconds is closed: it
+// is an fd and a place under the caps, held for nothing.
+void Hub::CloseIdle() {
+  const int64_t now = sandbox::MonotonicNs();
+  const int64_t limit = static_cast<int64_t>(config_.idle_timeout_seconds) * 1'000'000'000;
+  std::vector<uint64_t> idle;
+  for (const auto& [id, conn] : connections_) {
+    if (conn->activity->calls == 0 && now - conn->activity->idle_since_ns >= limit) {
+      idle.push_back(id);
+    }
+  }
+  for (uint64_t id : idle) {
+    const Connection& conn = *connections_.at(id);
+    Log(LogLevel::kInfo, "service", conn.tenant < 0 ? "" : TenantName(conn.tenant), 0,
+        fmt::format("connection of uid={} pid={}: no call for {} s: closed", conn.peer.uid,
+                    conn.peer.pid, config_.idle_timeout_seconds));
+    Drop(id);
+  }
 }
 
 Result<std::unique_ptr<Job>> Hub::BuildJob(const Peer& peer, size_t tenant,
@@ -1170,6 +1303,8 @@ kj::Promise<void> Hub::Tick() {
         for (auto& [id, job] : jobs_) {
           if (job->running && job->waiter) SendProgress(*job);
         }
+        CloseIdle();
+        DrainTurnedAway();
         if (!draining_ && options_.stop != nullptr && options_.stop->cancelled())
           BeginStop("stop token");
         if (draining_ && sandbox::MonotonicNs() >= stop_deadline_ns_) {

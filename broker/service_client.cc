@@ -173,16 +173,24 @@ ExtractResult FromWire(rpc::Result::Reader result) {
   return ExtractResult(std::move(out));
 }
 
+// One sentence for a failed exchange. The service's own answers come as
+// "remote exception: SENTENCE" (a call's error, or the Abort that turns a
+// peer away as it connects: `unauthorized: ...`, `busy: ...`) and are shown
+// as they are. What kj made on this side describes our C++ (expressions,
+// syscalls and their arguments), not the service's answer: it is not shown.
 ExtractError ServiceError(const std::string& socket, const kj::Exception& e) {
   std::string what = e.getDescription().cStr();
-  // "remote exception: unauthorized: ..." is the service's own answer.
   constexpr std::string_view kRemote = "remote exception: ";
-  if (what.rfind(kRemote, 0) == 0) what.erase(0, kRemote.size());
-  FailureKind kind = what.rfind("unauthorized", 0) == 0                 ? FailureKind::kUnauthorized
-                     : e.getType() == kj::Exception::Type::DISCONNECTED ? FailureKind::kIo
-                                                                        : FailureKind::kInternal;
-  if (e.getType() == kj::Exception::Type::DISCONNECTED) {
-    what = "the service closed the connection (" + what + ")";
+  FailureKind kind = FailureKind::kInternal;
+  if (what.rfind(kRemote, 0) == 0) {
+    what = what.substr(kRemote.size(), what.find('\n') - kRemote.size());
+    if (what.rfind("unauthorized:", 0) == 0) kind = FailureKind::kUnauthorized;
+    if (what.rfind("busy:", 0) == 0) kind = FailureKind::kBusy;
+  } else if (e.getType() == kj::Exception::Type::DISCONNECTED) {
+    kind = FailureKind::kIo;
+    what = "the service closed the connection";
+  } else {
+    what = "the exchange with the service failed";
   }
   return detail::MakePublicError(kind, fmt::format("layerx service {:?}: {}", socket, what));
 }

@@ -67,6 +67,9 @@ Status ParseService(std::string_view source, const toml::table& table, ServiceCo
     } else if (name == "shutdown_grace_seconds") {
       LX_ASSIGN_OR_RETURN(uint64_t v, Number(source, node, full, 0, 86400));
       out.shutdown_grace_seconds = static_cast<uint32_t>(v);
+    } else if (name == "idle_timeout_seconds") {
+      LX_ASSIGN_OR_RETURN(uint64_t v, Number(source, node, full, 1, 86400));
+      out.idle_timeout_seconds = static_cast<uint32_t>(v);
     } else if (name == "log_format") {
       LX_ASSIGN_OR_RETURN(out.log_format, Text(source, node, full));
       if (out.log_format != "text" && out.log_format != "json") {
@@ -110,6 +113,9 @@ Result<TenantConfig> ParseTenant(std::string_view source, const toml::table& tab
                           Number(source, node, full, 0, std::numeric_limits<int64_t>::max()));
     } else if (name == "time_budget_seconds") {
       LX_ASSIGN_OR_RETURN(t.time_budget_seconds, Number(source, node, full, 0, 30 * 86400));
+    } else if (name == "max_connections") {
+      LX_ASSIGN_OR_RETURN(uint64_t v, Number(source, node, full, 1, 1024));
+      t.max_connections = static_cast<uint32_t>(v);
     } else if (name == "policy") {
       LX_ASSIGN_OR_RETURN(t.policy_file, Text(source, node, full));
     } else {

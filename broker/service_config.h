@@ -25,6 +25,7 @@ struct TenantConfig {
   uint32_t max_queued = 8;           // waiting; beyond it: busy
   uint64_t byte_budget = 0;          // uncompressed bytes per job; 0: the policy's limits only
   uint64_t time_budget_seconds = 0;  // per job, queue included; 0: the policy's only
+  uint32_t max_connections = 64;     // open at once, all its peers together; beyond: busy
   std::string policy_file;           // empty: the default policy
   policy::Policy policy;             // loaded from policy_file
 };
@@ -33,8 +34,9 @@ struct ServiceConfig {
   uint32_t max_concurrent_jobs = 0;  // 0: the number of online CPUs
   uint32_t queue_limit = 256;
   uint32_t shutdown_grace_seconds = 60;
-  std::string log_format = "text";  // "text" or "json"
-  std::string scratch_dir;          // empty: as `layerx extract --scratch` decides
+  uint32_t idle_timeout_seconds = 60;  // a connection with no call in flight is closed after it
+  std::string log_format = "text";     // "text" or "json"
+  std::string scratch_dir;             // empty: as `layerx extract --scratch` decides
   std::vector<TenantConfig> tenants;
 
   // The tenant of a peer: the one listing its uid, else the one listing its

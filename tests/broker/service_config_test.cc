@@ -30,9 +30,12 @@ TEST(ServiceConfigTest, ShippedExampleReads) {
   EXPECT_EQ(config->max_concurrent_jobs, 0u);
   EXPECT_EQ(config->queue_limit, 256u);
   EXPECT_EQ(config->log_format, "text");
+  EXPECT_EQ(config->idle_timeout_seconds, 60u);
   ASSERT_EQ(config->tenants.size(), 2u);
   EXPECT_EQ(config->tenants[0].name, "ci");
   EXPECT_EQ(config->tenants[0].max_concurrent, 4u);
+  EXPECT_EQ(config->tenants[0].max_connections, 64u);
+  EXPECT_EQ(config->tenants[1].max_connections, 16u);
   EXPECT_EQ(config->tenants[0].byte_budget, 34359738368u);
   EXPECT_EQ(config->tenants[0].policy.limits.max_entries, 77u);
 }
@@ -48,6 +51,8 @@ TEST(ServiceConfigTest, PeersMapByUidThenGid) {
   EXPECT_EQ(config->TenantFor(4242, 3000)->name, "b");
   EXPECT_EQ(config->TenantFor(4242, 4242), nullptr);  // unknown peers are refused
   EXPECT_EQ(config->tenants[0].max_concurrent, 1u);   // defaults
+  EXPECT_EQ(config->tenants[0].max_connections, 64u);
+  EXPECT_EQ(config->idle_timeout_seconds, 60u);
   EXPECT_EQ(config->tenants[0].policy.limits.max_entries,
             policy::DefaultPolicy().limits.max_entries);
 }
@@ -80,6 +85,13 @@ INSTANTIATE_TEST_SUITE_P(
         BadCase{"BadLogFormat", "[service]\nlog_format = \"xml\"\n", "service.log_format"},
         BadCase{"ZeroConcurrency", "[[tenant]]\nname = \"a\"\nuids = [1]\nmax_concurrent = 0\n",
                 "tenant[0].max_concurrent"},
+        BadCase{"ZeroConnections", "[[tenant]]\nname = \"a\"\nuids = [1]\nmax_connections = 0\n",
+                "tenant[0].max_connections"},
+        BadCase{"ConnectionsOverTheServicesCap",
+                "[[tenant]]\nname = \"a\"\nuids = [1]\nmax_connections = 1025\n",
+                "tenant[0].max_connections: want a whole number from 1 to 1024"},
+        BadCase{"NoIdleTimeout", "[service]\nidle_timeout_seconds = 0\n",
+                "service.idle_timeout_seconds"},
         BadCase{"NoName", "[[tenant]]\nuids = [1]\n", "tenant[0]: no name"},
         BadCase{"NoIds", "[[tenant]]\nname = \"a\"\n", "no uids or gids"},
         BadCase{"NoIdUidMinusOne", "[[tenant]]\nname = \"a\"\nuids = [4294967295]\n",

@@ -151,6 +151,52 @@ uint64_t RssKib(pid_t pid) {
   return 0;
 }
 
+// Runs `fn` in a child process as `uid` (when root and uid != -1); its
+// return value is the child's exit status.
+pid_t RunAs(int uid, const std::function<int()>& fn) {
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    if (uid >= 0 && Root()) {
+      if (::setgroups(0, nullptr) != 0 || ::setresgid(uid, uid, uid) != 0 ||
+          ::setresuid(uid, uid, uid) != 0) {
+        ::_exit(126);
+      }
+    }
+    ::_exit(fn());
+  }
+  return pid;
+}
+
+// A plain connection to the service that says nothing; -1 if it failed.
+int ConnectRaw(const std::string& socket) {
+  int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  struct sockaddr_un addr = {};
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, socket.data(), socket.size());
+  if (::connect(fd, reinterpret_cast<struct sockaddr*>(&addr), sizeof(addr)) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+// Reads what the service sends on `fd` until it closes the connection:
+// the bytes read, or -1 if it is still open at `deadline`.
+ssize_t ReadUntilClosed(int fd, Clock::time_point deadline) {
+  ssize_t total = 0;
+  char buf[4096];
+  while (true) {
+    int left = static_cast<int>(
+        std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count());
+    struct pollfd pfd = {fd, POLLIN, 0};
+    if (left <= 0 || ::poll(&pfd, 1, left) != 1) return -1;
+    ssize_t n = ::read(fd, buf, sizeof(buf));
+    if (n == 0 || (n < 0 && errno == ECONNRESET)) return total;
+    if (n < 0 && errno != EINTR) return -1;
+    total += std::max<ssize_t>(n, 0);
+  }
+}
+
 class ServiceTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -327,6 +373,21 @@ class ServiceTest : public ::testing::Test {
   const std::string kSelf = "[[tenant]]\nname = \"self\"\nuids = [" + std::to_string(::geteuid()) +
                             "]\nmax_concurrent = 2\nmax_queued = 64\n";
 
+  // The one line a CLI printed for the service's answer: the sentence, and
+  // none of what kj adds to an error built from C++ expressions
+  // (`fmt::format(...) = ...`, `expected ...;`), no source file and line,
+  // nothing that calls itself remote.
+  void ExpectPlainSentence(const std::string& log, const std::string& sentence) {
+    std::string text = ReadFile(log);
+    EXPECT_EQ(CountLines(log), 1) << text;
+    EXPECT_NE(text.find(sentence), std::string::npos) << text;
+    for (size_t at; (at = text.find(dir_)) != std::string::npos;) text.erase(at, dir_.size());
+    for (const char* junk : {"fmt::", "format(", " = ", "KJ", "kj::", "expected ",
+                             ".cc:", ".c++:", ".h:", "remote exception", "(remote)", "capnp"}) {
+      EXPECT_EQ(text.find(junk), std::string::npos) << "\"" << junk << "\" in: " << text;
+    }
+  }
+
   std::string dir_, log_;
   pid_t service_ = -1;
 };
@@ -387,11 +448,11 @@ TEST_F(ServiceTest, OciLayoutAndConfigOutput) {
 TEST_F(ServiceTest, UnknownUidIsRefusedBeforeAnyWork) {
   if (!Root()) GTEST_SKIP() << "needs a second uid (root runs it)";
   StartService(kTwoTenants);
+  auto t0 = Clock::now();
   pid_t c = Client(kStranger, Layers(), "s");
   EXPECT_EQ(Wait(c), 1);
-  std::string err = ReadFile(Out("s.log"));
-  EXPECT_NE(err.find("unauthorized: uid 4242"), std::string::npos) << err;
-  EXPECT_EQ(CountLines(Out("s.log")), 1) << err;
+  EXPECT_LT(Clock::now() - t0, std::chrono::seconds(5));
+  ExpectPlainSentence(Out("s.log"), "unauthorized: uid 4242 gid 4242 is no tenant of this service");
   EXPECT_EQ(CountEntries(dir_ + "/out"), 1);  // its log only
   EXPECT_NE(Metrics().find("layerx_requests_refused_total{tenant=\"-\",reason=\"unauthorized\"} 1"),
             std::string::npos);
@@ -399,8 +460,17 @@ TEST_F(ServiceTest, UnknownUidIsRefusedBeforeAnyWork) {
   // Its status call is refused too; an operator's is not.
   pid_t st = Spawn({LAYERX_BINARY, "status", "--socket", Socket()}, kStranger, Out("st.log"));
   EXPECT_EQ(Wait(st), 1);
-  EXPECT_NE(ReadFile(Out("st.log")).find("unauthorized"), std::string::npos);
+  ExpectPlainSentence(Out("st.log"),
+                      "unauthorized: uid 4242 gid 4242 is no tenant of this service");
   EXPECT_EQ(Status()["tenants"].size(), 2u);
+  // A tenant's call for metrics (an error of a call, not of the connection).
+  pid_t m =
+      Spawn({LAYERX_BINARY, "status", "--socket", Socket(), "--metrics"}, kAlpha, Out("m.log"));
+  EXPECT_EQ(Wait(m), 1);
+  ExpectPlainSentence(Out("m.log"),
+                      "unauthorized: metrics are for the service's operators (root "
+                      "and its own uid), not uid " +
+                          std::to_string(kAlpha));
 }
 
 // A tenant at its concurrency limit with no queue gets "busy" at once (exit
@@ -793,6 +863,14 @@ class RawClient {
       return result.isFailure() ? std::string(result.getFailure().getMessage().cStr()) : "ok";
     });
   }
+  // A status call: the connection is then surely one the service counts.
+  bool Status() {
+    auto svc = client_->bootstrap().castAs<service::Service>();
+    return svc.statusRequest()
+        .send()
+        .then([](auto) { return true; }, [](kj::Exception&&) { return false; })
+        .wait(io_.waitScope);
+  }
   kj::WaitScope& wait_scope() { return io_.waitScope; }
   kj::Timer& timer() { return io_.provider->getTimer(); }
   // One layer blob fd and one ext4 output fd (-1: a capability with no fd).
@@ -901,6 +979,13 @@ TEST_F(ServiceTest, LibraryClientSeesUnauthorized) {
   ASSERT_FALSE(result.ok());
   EXPECT_EQ(result.error().kind, FailureKind::kUnauthorized) << result.error().message;
   EXPECT_EQ(::access(Out("u.img").c_str(), F_OK), -1);
+  // The CLI shows the service's sentence, and nothing of kj or C++.
+  pid_t c = Client(-1, Layers(), "cli");
+  EXPECT_EQ(Wait(c), 1);
+  ExpectPlainSentence(Out("cli.log"),
+                      fmt::format("unauthorized: uid {} gid {} is no tenant of this "
+                                  "service",
+                                  ::geteuid(), ::getegid()));
   // Its status call too, unless it is an operator (root, or the service's uid: rootless here).
   std::string text;
   ExtractError error;
@@ -1025,6 +1110,184 @@ TEST_F(ServiceTest, Soak200JobsFrom8Clients) {
                                      kClients * kJobsEach)),
             std::string::npos)
       << metrics;
+}
+
+// A stranger's connections cost the service nothing: 20 uids of no tenant
+// (a subuid range has 65536) open 60 connections each, more than the 1024
+// the service holds in all, and keep them open. Each is answered
+// `unauthorized` and closed by the service within moments, none is counted,
+// and a tenant is served meanwhile.
+TEST_F(ServiceTest, StrangersHoardingConnectionsCannotLockATenantOut) {
+  if (!Root()) GTEST_SKIP() << "needs uids of no tenant (root runs it)";
+  StartService(kTwoTenants);
+  auto service_fds = [this] { return CountEntries("/proc/" + std::to_string(service_) + "/fd"); };
+  const int fds0 = service_fds();
+  constexpr int kUids = 20, kEach = 60;
+  int ready[2], release[2];
+  ASSERT_EQ(::pipe2(ready, O_CLOEXEC), 0);
+  ASSERT_EQ(::pipe2(release, O_CLOEXEC), 0);
+  std::vector<pid_t> hoarders;
+  for (int i = 0; i < kUids; ++i) {
+    // Exit status: 0 when the service answered every connection and ended
+    // it within 5 s; else how many it did not. The hoarder keeps its ends
+    // open until released.
+    hoarders.push_back(RunAs(5000 + i, [&] {
+      ::close(release[1]);
+      std::vector<int> fds;
+      for (int k = 0; k < kEach; ++k) {
+        int fd = ConnectRaw(Socket());
+        if (fd < 0) return 100;
+        fds.push_back(fd);
+      }
+      (void)!::write(ready[1], "r", 1);
+      auto deadline = Clock::now() + std::chrono::seconds(5);
+      int open = 0;
+      for (int fd : fds) open += ReadUntilClosed(fd, deadline) > 0 ? 0 : 1;
+      char c;
+      (void)!::read(release[0], &c, 1);
+      return open;
+    }));
+  }
+  ::close(ready[1]);
+  ::close(release[0]);
+  struct Release {
+    int fd;
+    ~Release() { ::close(fd); }
+  } release_on_exit{release[1]};
+  char r;
+  for (int i = 0; i < kUids; ++i) ASSERT_EQ(::read(ready[0], &r, 1), 1) << "hoarder " << i;
+  ::close(ready[0]);
+  // All 1200 are open on the strangers' side now: a tenant is still served.
+  auto t0 = Clock::now();
+  pid_t a = Client(kAlpha, Layers(), "a");
+  EXPECT_EQ(Wait(a), 0) << ReadFile(Out("a.log"));
+  EXPECT_LT(Clock::now() - t0, std::chrono::seconds(10));
+  // And the service holds none of them (it waits 2 s at most for a peer
+  // it turned away to close its end), while the strangers still do.
+  auto end = Clock::now() + std::chrono::seconds(5);
+  while (Clock::now() < end && service_fds() > fds0) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_LE(service_fds(), fds0);  // (fds0 may count the start's status query)
+  ::close(release_on_exit.fd);
+  release_on_exit.fd = -1;
+  for (pid_t pid : hoarders) EXPECT_EQ(Wait(pid, 20), 0) << "connections not answered and ended";
+  std::string metrics = Metrics();
+  EXPECT_NE(metrics.find(fmt::format(
+                "layerx_requests_refused_total{{tenant=\"-\",reason=\"unauthorized\"}} {}",
+                kUids * kEach)),
+            std::string::npos)
+      << metrics;
+  EXPECT_NE(metrics.find("layerx_connections 1\n"), std::string::npos) << metrics;  // this one
+  // A line a second at most for them, not 1200.
+  std::string log = ReadFile(log_);
+  size_t lines = 0;
+  for (size_t at = 0; (at = log.find("turned away", at)) != std::string::npos; ++at) ++lines;
+  EXPECT_GE(lines, 1u);
+  EXPECT_LE(lines, 15u) << log;
+}
+
+// A connection with no call in flight for idle_timeout_seconds is closed;
+// one whose job runs, or waits in the queue, longer than that is not.
+TEST_F(ServiceTest, IdleConnectionsAreClosedButNotThoseWithAJob) {
+  int uid = Root() ? static_cast<int>(kAlpha) : -1;
+  StartService("[[tenant]]\nname = \"t\"\nuids = [" +
+                   std::to_string(Root() ? kAlpha : ::geteuid()) +
+                   "]\nmax_concurrent = 1\nmax_queued = 4\n",
+               "idle_timeout_seconds = 1\n");
+  // (As root this one is an operator's; rootless, the tenant's.)
+  int idle = ConnectRaw(Socket());
+  ASSERT_GE(idle, 0);
+  auto t0 = Clock::now();
+  EXPECT_EQ(ReadUntilClosed(idle, t0 + std::chrono::seconds(5)), 0) << "not closed within 5 s";
+  EXPECT_GT(Clock::now() - t0, std::chrono::milliseconds(900));
+  EXPECT_LT(Clock::now() - t0, std::chrono::seconds(3));
+  ::close(idle);
+  EXPECT_NE(ReadFile(log_).find("no call for 1 s: closed"), std::string::npos);
+  if (Root()) {  // and the tenant's, from its own uid
+    pid_t tenant = RunAs(uid, [this] {
+      int fd = ConnectRaw(Socket());
+      auto start = Clock::now();
+      if (fd < 0 || ReadUntilClosed(fd, start + std::chrono::seconds(5)) != 0) return 1;
+      auto took = Clock::now() - start;
+      return took > std::chrono::milliseconds(900) && took < std::chrono::seconds(3) ? 0 : 2;
+    });
+    EXPECT_EQ(Wait(tenant), 0);
+  }
+
+  std::string running = MakeFifo("running.tar.gz"), queued = MakeFifo("queued.tar.gz");
+  pid_t first = Client(uid, {running}, "running");
+  ASSERT_TRUE(WaitFor([](const nlohmann::json& s) { return s["running"] == 1; }));
+  pid_t second = Client(uid, {queued}, "queued");
+  ASSERT_TRUE(WaitFor([](const nlohmann::json& s) { return s["queued"] == 1; }));
+  std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+  Feed(running, In("l1.tar.gz"));
+  Feed(queued, In("l1.tar.gz"));
+  EXPECT_EQ(Wait(first), 0) << ReadFile(Out("running.log"));
+  EXPECT_EQ(Wait(second), 0) << ReadFile(Out("queued.log"));
+  ExpectServiceClean();
+}
+
+// A tenant at its max_connections gets `busy` for one more connection (exit
+// 75, one sentence) while another tenant is served; when one of its own
+// closes, it is served again.
+TEST_F(ServiceTest, TenantOverItsConnectionCapIsBusyAndOthersAreNot) {
+  int uid = Root() ? static_cast<int>(kAlpha) : -1;
+  StartService("[[tenant]]\nname = \"alpha\"\nuids = [" +
+               std::to_string(Root() ? kAlpha : ::geteuid()) +
+               "]\nmax_connections = 2\n[[tenant]]\nname = \"beta\"\nuids = [" +
+               std::to_string(kBeta) + "]\n");
+  // Two connections of alpha's, held by children that each made a call on
+  // theirs (so the service has surely counted it) and hold it until they
+  // are killed or this process goes (`release` reads end of file).
+  int ready[2], release[2];
+  ASSERT_EQ(::pipe2(ready, O_CLOEXEC), 0);
+  ASSERT_EQ(::pipe2(release, O_CLOEXEC), 0);
+  std::vector<pid_t> holders;
+  for (int i = 0; i < 2; ++i) {
+    holders.push_back(RunAs(uid, [&] {
+      ::close(release[1]);
+      RawClient raw(Socket());
+      if (!raw.Status()) return 1;
+      (void)!::write(ready[1], "r", 1);
+      char c;
+      (void)!::read(release[0], &c, 1);
+      return 0;
+    }));
+  }
+  ::close(ready[1]);
+  ::close(release[0]);
+  struct Release {
+    int fd;
+    ~Release() { ::close(fd); }
+  } release_on_exit{release[1]};
+  char r;
+  for (int i = 0; i < 2; ++i) ASSERT_EQ(::read(ready[0], &r, 1), 1) << "holder " << i;
+  ::close(ready[0]);
+  auto t0 = Clock::now();
+  pid_t over = Client(uid, Layers(), "over");
+  EXPECT_EQ(Wait(over), 75);
+  EXPECT_LT(Clock::now() - t0, std::chrono::seconds(5));
+  ExpectPlainSentence(Out("over.log"),
+                      "busy: tenant alpha has 2 connections open (max_connections=2)");
+  EXPECT_EQ(CountEntries(dir_ + "/out"), 1);  // its log only
+  if (Root()) {
+    pid_t b = Client(kBeta, Layers(), "b");
+    EXPECT_EQ(Wait(b), 0) << ReadFile(Out("b.log"));
+    EXPECT_NE(Metrics().find("layerx_requests_refused_total{tenant=\"alpha\",reason=\"busy\"} 1"),
+              std::string::npos);
+  }
+  ::kill(holders[0], SIGKILL);
+  EXPECT_EQ(Wait(holders[0]), 128 + SIGKILL);
+  // The service sees that connection go within moments.
+  int status = -1;
+  for (int attempt = 0; attempt < 20 && status != 0; ++attempt) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    status = Wait(Client(uid, Layers(), "again"));
+  }
+  EXPECT_EQ(status, 0) << ReadFile(Out("again.log"));
+  ::kill(holders[1], SIGKILL);
+  EXPECT_EQ(Wait(holders[1]), 128 + SIGKILL);
 }
 
 }  // namespace
