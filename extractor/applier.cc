@@ -474,7 +474,7 @@ Result<uint64_t> Applier::WriteFile(int fd, const TarEntry& e, const DataFeed& d
       next = at + b.size();
       return {};
     }
-    LX_TRY(PwriteAll(options_.data_fd, b, place(at)));
+    LX_TRY(WriteData(b, place(at)));
     placed(at, b.size());
     return {};
   };
@@ -497,6 +497,28 @@ Result<uint64_t> Applier::WriteFile(int fd, const TarEntry& e, const DataFeed& d
     if (errno == EFBIG) return Fail(Error(ErrorKind::kLimitExceeded, EFBIG, "file over rlimit"));
     return Fail(Os(errno, "ftruncate"));
   }
+  return written;
+}
+
+Status Applier::WriteData(std::span<const std::byte> b, uint64_t offset) {
+  constexpr size_t kGather = 1 << 20;  // written out when this full
+  const uint64_t end = gathered_at_ + gathered_.size();
+  const bool follows = !gathered_.empty() && offset >= end &&
+                       offset - end < options_.data.block_size;
+  if (!follows || gathered_.size() + (offset - end) + b.size() > kGather) {
+    LX_TRY(FlushData());
+    if (b.size() >= kGather / 4) return PwriteAll(options_.data_fd, b, offset);  // big: as it is
+    gathered_at_ = offset;
+  }
+  gathered_.resize(static_cast<size_t>(offset - gathered_at_), std::byte{0});
+  gathered_.insert(gathered_.end(), b.begin(), b.end());
+  return {};
+}
+
+Status Applier::FlushData() {
+  if (gathered_.empty()) return {};
+  Status written = PwriteAll(options_.data_fd, gathered_, gathered_at_);
+  gathered_.clear();
   return written;
 }
 
@@ -725,6 +747,7 @@ Status Applier::Apply(const TarEntry& untrusted, const DataFeed& data) {
 }
 
 Status Applier::Finish() {
+  LX_TRY(FlushData());  // the broker looks at the image's size once the layer is done
   std::vector<PendingLink> pending = std::move(pending_links_);
   pending_links_.clear();
   for (const PendingLink& link : pending) {

@@ -133,6 +133,13 @@ class Applier {
   std::vector<PendingLink> pending_links_;
   uint64_t file_bytes_ = 0;
   uint64_t data_pos_ = 0;  // next free byte of the data fd (block-aligned)
+  // Small files' data bound for the data fd, gathered while it is contiguous
+  // (each file starts at the block after the last one ends: the bytes between
+  // are zeros) and written in one pwrite: one syscall for many files.
+  Status WriteData(std::span<const std::byte> bytes, uint64_t offset);
+  Status FlushData();
+  std::vector<std::byte> gathered_;
+  uint64_t gathered_at_ = 0;
   std::string failed_entry_;  // the pending hardlink Finish() failed on
 };
 
