@@ -3,9 +3,11 @@
 #include <capnp/serialize.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/magic.h>
 #include <poll.h>
 #include <signal.h>
 #include <spdlog/spdlog.h>
+#include <sys/vfs.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -25,6 +27,23 @@ using sandbox::UniqueFd;
 namespace {
 
 constexpr size_t kFeedChunk = 1 << 20;
+
+// A filesystem whose files' owner and mode are the kernel's own word.
+bool OnLocalFilesystem(int fd) {
+  struct statfs fs;
+  if (::fstatfs(fd, &fs) != 0) return false;
+  switch (static_cast<unsigned long>(fs.f_type)) {
+    case EXT4_SUPER_MAGIC:  // ext2, ext3 too
+    case XFS_SUPER_MAGIC:
+    case BTRFS_SUPER_MAGIC:
+    case TMPFS_MAGIC:
+    case F2FS_SUPER_MAGIC:
+    case OVERLAYFS_SUPER_MAGIC:
+      return true;
+    default:
+      return false;
+  }
+}
 constexpr size_t kMaxStderrBytes = 64 * 1024;
 
 // The broker's side of one extractor: the fds it polls and what came back.
@@ -385,14 +404,16 @@ Status Session::Run(const LayerInput& layer) {
   // A file found by name that no one but us (or root) can change: the
   // extractor reads it itself, through its own read-only open, while we hash
   // it here, so its bytes pass through no pipe. Both see the same bytes only
-  // because no one else can write them in between; anything else (a client's
-  // fd, a stream, a file others may write) is fed through the pipe, hashed as
-  // it goes in.
+  // because no one else can write them in between: owner and mode say so on a
+  // local filesystem (on a network or FUSE one the server decides). Anything
+  // else (a client's fd, a stream, a file others may write) is fed through
+  // the pipe, hashed as it goes in. The jail can only read its fd 0
+  // (sandbox::CompileFdFilter).
   sandbox::JailData data = ctx_.data;
   UniqueFd direct_input;
-  if (layer.fd < 0 && S_ISREG(st.st_mode) &&
-      (st.st_uid == ::geteuid() || st.st_uid == 0) && (st.st_mode & 022) == 0 &&
-      (data.mode == sandbox::DataMode::kImage || data.mode == sandbox::DataMode::kDiscard)) {
+  if (layer.fd < 0 && S_ISREG(st.st_mode) && (st.st_uid == ::geteuid() || st.st_uid == 0) &&
+      (st.st_mode & 022) == 0 && data.mode == sandbox::DataMode::kImage &&
+      OnLocalFilesystem(blob_.get())) {
     LX_ASSIGN_OR_RETURN(direct_input, sandbox::ReopenFd(blob_.get(), O_RDONLY));
     direct_ = true;
     data.copy_input = data.mode == sandbox::DataMode::kImage && ctx_.window_at_front ? 1 : 0;

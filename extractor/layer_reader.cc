@@ -348,7 +348,13 @@ Result<uint64_t> LayerReader::ReadData(const DataSink& sink) {
     size_t size;
     la_int64_t offset;
     int rc = archive_read_data_block(inner_, &buf, &size, &offset);
-    if (rc == ARCHIVE_EOF) return total;
+    if (rc == ARCHIVE_EOF) {
+      // A header may name a size past the data stored (pax SCHILY.realsize,
+      // GNU realsize) without a sparse map: libarchive would end the file in
+      // a hole. Neither path makes up bytes the archive does not hold.
+      if (!entry_sparse_ && total != entry_size_) return Fail(ShortData());
+      return total;
+    }
     if (outer_error_) return Fail(*outer_error_);
     if (rc != ARCHIVE_OK)
       return Fail(ArchiveError(inner_, ErrorKind::kInvalidInput, "read file data"));
@@ -369,18 +375,49 @@ Result<uint64_t> LayerReader::ReadData(const DataSink& sink) {
     if (read_pos_ + rest > file_size_) {
       return Fail(MakeError(ErrorKind::kInvalidInput, "layer ends inside the file's data"));
     }
-    LX_ASSIGN_OR_RETURN(bool copied, sink.copy(done, rest, input_fd_, read_pos_));
-    if (!copied) {
-      copy_ = false;  // not between these files: read from now on
-      continue;
-    }
-    total += rest;
+    // Skipped first, then copied (by offset): the skip must have moved the
+    // stream by exactly the rest and its padding, or the archive stores less
+    // than the header's size (see above) and the range would take the next
+    // entry's bytes.
+    const uint64_t from = read_pos_;
     if (archive_read_data_skip(inner_) != ARCHIVE_OK) {
       if (outer_error_) return Fail(*outer_error_);
       return Fail(ArchiveError(inner_, ErrorKind::kInvalidInput, "read file data"));
     }
-    return total;
+    if (read_pos_ - from != rest + (512 - entry_size_ % 512) % 512) return Fail(ShortData());
+    LX_ASSIGN_OR_RETURN(bool copied, sink.copy(done, rest, input_fd_, from));
+    if (!copied) {
+      // Not between these files (another filesystem): this file's rest by
+      // pread, the next ones read with the stream.
+      copy_ = false;
+      LX_TRY(PreadInto(sink, done, rest, from));
+    }
+    return total + rest;
   }
+}
+
+Error LayerReader::ShortData() const {
+  return MakeError(ErrorKind::kInvalidInput,
+                   "file data shorter than its size {} (a realsize without a sparse map)",
+                   entry_size_);
+}
+
+// `length` bytes of the input from `in_offset` to sink.bytes at `offset`.
+Status LayerReader::PreadInto(const DataSink& sink, uint64_t offset, uint64_t length,
+                              uint64_t in_offset) {
+  while (length > 0) {
+    ssize_t n = ::pread(input_fd_, buffer_.data(), std::min<uint64_t>(length, buffer_.size()),
+                        static_cast<off_t>(in_offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return Fail(Error(ErrorKind::kOs, errno, "read layer"));
+    if (n == 0) return Fail(MakeError(ErrorKind::kInvalidInput, "layer ends inside the file's data"));
+    buffer_len_ = 0;  // nothing of the stream's is there any more
+    LX_TRY(sink.bytes(static_cast<int64_t>(offset), std::span(buffer_.data(), static_cast<size_t>(n))));
+    offset += static_cast<uint64_t>(n);
+    in_offset += static_cast<uint64_t>(n);
+    length -= static_cast<uint64_t>(n);
+  }
+  return {};
 }
 
 Result<std::string> LayerReader::UncompressedDigest() {

@@ -89,6 +89,8 @@ class LayerReader {
   Error ArchiveError(struct archive* a, ErrorKind kind, std::string_view what);
   // kLimitExceeded past max_layer_bytes or max_compression_ratio.
   Status CheckInflation() const;
+  Error ShortData() const;
+  Status PreadInto(const DataSink& sink, uint64_t offset, uint64_t length, uint64_t in_offset);
   Status OpenOuterEntry();
   static ssize_t OuterRead(struct archive*, void* self, const void** out);
 

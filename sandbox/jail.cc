@@ -70,19 +70,16 @@ namespace {
 JailSetupResult Failed(SetupStep step) { return {step, errno}; }
 
 std::vector<sock_filter> g_seccomp_program;  // read before the pivot, installed last
-std::vector<sock_filter> g_data_program;     // the data fd filter, stacked on it (or empty)
+std::vector<sock_filter> g_data_program;     // the fd filter (fd 0, the data fd), stacked on it
 
 bool ReadConfig(JailConfigHeader* config) {
   if (::pread(kConfigFd, config, sizeof(*config), 0) != static_cast<ssize_t>(sizeof(*config))) {
     if (errno == 0) errno = EPROTO;
     return false;
   }
-  bool wants_data =
-      config->data.mode == DataMode::kImage || config->data.mode == DataMode::kTreeAndImage;
   if (config->magic != kJailConfigMagic || config->header_size != sizeof(*config) ||
       config->bpf_instructions == 0 || config->bpf_instructions > BPF_MAXINSNS ||
-      config->data_bpf_instructions > BPF_MAXINSNS ||
-      wants_data != (config->data_bpf_instructions != 0)) {
+      config->data_bpf_instructions == 0 || config->data_bpf_instructions > BPF_MAXINSNS) {
     errno = EPROTO;
     return false;
   }
@@ -238,8 +235,8 @@ JailSetupResult EnterJail(JailConfigHeader* config) {
   struct sock_fprog prog = {static_cast<unsigned short>(g_seccomp_program.size()),
                             g_seccomp_program.data()};
   // Seccomp last: every step above needs a syscall the filter forbids.
-  if (!g_data_program.empty()) {
-    // The data fd's filter first: the allowlist forbids seccomp(2) itself.
+  {
+    // The fd filter first: the allowlist forbids seccomp(2) itself.
     // Stacked filters only ever narrow; the kernel takes the stricter answer.
     struct sock_fprog data_prog = {static_cast<unsigned short>(g_data_program.size()),
                                    g_data_program.data()};

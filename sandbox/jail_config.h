@@ -26,7 +26,7 @@ enum class DataMode : uint32_t {
 // file's record. SECURITY: seccomp lets it write to that fd only with pwrite64 at
 // offsets >= `start`, so a layer cannot touch a lower layer's data (or anything
 // else about the image file: no truncate, chmod, xattrs or dup of it); see
-// sandbox/seccomp.h, CompileDataFdFilter.
+// sandbox/seccomp.h, CompileFdFilter.
 //
 // `copy_input` (kImage only): fd 0 is the layer's file itself, not a pipe, and
 // nothing of anyone else's lies below `start` (the first layer: only the
@@ -50,7 +50,7 @@ struct JailConfigHeader {
   uint32_t keep_fs_caps = 0;  // 1: keep CHOWN, DAC_OVERRIDE, FOWNER, FSETID (full id range)
   JailData data;
   uint32_t bpf_instructions = 0;
-  uint32_t data_bpf_instructions = 0;  // the data fd filter; 0 without a data fd
+  uint32_t data_bpf_instructions = 0;  // the fd filter (fd 0, the data fd); never 0
   // followed by bpf_instructions, then data_bpf_instructions, sock_filters
 };
 

@@ -74,7 +74,7 @@ constexpr const char* kAllowed[] = {
 };
 
 // Allowed by the allowlist, but never on the data fd (the ext4 image, fd 6),
-// which a second filter (CompileDataFdFilter) sees to: what could
+// which a second filter (CompileFdFilter) sees to: what could
 // write it other than pwrite64 past this layer's start, change its size, mode,
 // owner, times or xattrs, link it into the tree, or make a second fd for it.
 // The fd is compared on its low 32 bits, as the kernel reads it.
@@ -136,8 +136,8 @@ uint32_t DenyAction(const policy::Policy& policy) {
 
 }  // namespace
 
-Result<std::vector<sock_filter>> CompileDataFdFilter(const policy::Policy& policy,
-                                                     uint64_t data_start, bool allow_copy) {
+Result<std::vector<sock_filter>> CompileFdFilter(const policy::Policy& policy,
+                                                 const JailData& data) {
   std::unique_ptr<void, CtxDeleter> ctx(seccomp_init(SCMP_ACT_ALLOW));
   if (!ctx) return Fail(MakeError(ErrorKind::kOs, "seccomp_init failed"));
   LX_TRY(Check(seccomp_attr_set(ctx.get(), SCMP_FLTATR_CTL_NNP, 0), "attr nnp"));
@@ -147,6 +147,26 @@ Result<std::vector<sock_filter>> CompileDataFdFilter(const policy::Policy& polic
   auto is_data_fd = [](unsigned arg) {
     return scmp_arg_cmp{arg, SCMP_CMP_MASKED_EQ, 0xffffffffu, static_cast<scmp_datum_t>(kDataFd)};
   };
+  auto is_input_fd = [](unsigned arg) {
+    return scmp_arg_cmp{arg, SCMP_CMP_MASKED_EQ, 0xffffffffu, static_cast<scmp_datum_t>(kInputFd)};
+  };
+  // The layer's fd 0 is read and nothing else, ever: it may be a read-only
+  // open of the caller's own file (see broker/layer_runner.cc), whose inode
+  // the jail's uid owns (rootless: 0 is the caller) or may act on (root: the
+  // file caps). fchmod(0, 04755) would make a root-owned blob with the
+  // attacker's bytes setuid on the host (the review found it).
+  for (const char* name : kNotOnDataFd) {
+    int nr = seccomp_syscall_resolve_name(name);
+    if (nr == __NR_SCMP_ERROR) continue;
+    LX_TRY(Check(seccomp_rule_add(ctx.get(), deny, nr, 1, is_input_fd(0)), name));
+  }
+  LX_TRY(Check(seccomp_rule_add(ctx.get(), deny, SCMP_SYS(pwrite64), 1, is_input_fd(0)),
+               "pwrite64 on fd 0"));
+  if (data.mode != DataMode::kImage && data.mode != DataMode::kTreeAndImage) {
+    return Export(ctx.get());  // no data fd
+  }
+  const uint64_t data_start = data.start;
+  const bool allow_copy = data.copy_input != 0 && data.mode == DataMode::kImage;
   for (const char* name : kNotOnDataFd) {
     int nr = seccomp_syscall_resolve_name(name);
     if (nr == __NR_SCMP_ERROR) continue;

@@ -88,11 +88,7 @@ Status WriteProcFile(pid_t pid, const char* name, const std::string& content) {
 
 Result<UniqueFd> MakeJailConfig(const policy::Policy& policy, const JailData& data) {
   LX_ASSIGN_OR_RETURN(std::vector<sock_filter> program, CompileSeccompFilter(policy));
-  std::vector<sock_filter> data_program;
-  if (data.mode == DataMode::kImage || data.mode == DataMode::kTreeAndImage) {
-    LX_ASSIGN_OR_RETURN(data_program, CompileDataFdFilter(policy, data.start,
-                                                              data.copy_input != 0 && data.mode == DataMode::kImage));
-  }
+  LX_ASSIGN_OR_RETURN(std::vector<sock_filter> data_program, CompileFdFilter(policy, data));
   JailConfigHeader header;
   header.rlimits = policy.rlimits;
   header.limits = policy.limits;

@@ -417,6 +417,32 @@ TEST_F(Ext4Test, BigFilesOfAPlainTarAreCopiedByTheKernelExactly) {
   EXPECT_NE(access((dir_ + "/cut.img").c_str(), F_OK), 0);
 }
 
+// A pax header may name a size (SCHILY.realsize) past the data the archive
+// stores, with no sparse map: copied as a range of the file, the rest would be
+// the next entry's header and data (the review found it); read, a hole made up
+// by libarchive. Both paths refuse it in one line, naming the entry.
+TEST_F(Ext4Test, SizePastTheStoredDataIsRefusedOnBothPaths) {
+  std::string tar = dir_ + "/realsize.tar";
+  ASSERT_EQ(Shell("python3 -c 'import io, sys, tarfile\n"
+                  "with tarfile.open(sys.argv[1], \"w\", format=tarfile.PAX_FORMAT) as t:\n"
+                  "    a = tarfile.TarInfo(\"a\"); a.size = 300000\n"
+                  "    a.pax_headers = {\"SCHILY.realsize\": str(1 << 20)}\n"
+                  "    t.addfile(a, io.BytesIO(b\"A\" * 300000))\n"
+                  "    b = tarfile.TarInfo(\"b\"); b.size = 900000\n"
+                  "    t.addfile(b, io.BytesIO(b\"B\" * 900000))\n' " +
+                  tar),
+            0);
+  for (mode_t mode : {0644, 0666}) {  // read by the jail itself, then fed by the broker
+    ASSERT_EQ(chmod(tar.c_str(), mode), 0);
+    std::string err;
+    EXPECT_EQ(ExtractOnly({"realsize.tar"}, "realsize.img", &err), 1) << mode;
+    EXPECT_NE(err.find("shorter than its size"), std::string::npos) << err;
+    EXPECT_NE(err.find("\"a\""), std::string::npos) << err;
+    EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+    EXPECT_NE(access((dir_ + "/realsize.img").c_str(), F_OK), 0);
+  }
+}
+
 // ext4 counts links in 16 bits (the kernel stops at 65,000): a file with more
 // names is refused with one line, a directory with more subdirectories
 // counts 1 (dir_nlink), and a hardlinked symlink stays one inode.

@@ -246,6 +246,51 @@ TEST_F(DataFdTest, CopyFromTheLayerFileOnlyWhereNothingLiesBelow) {
   ExpectLowerDataUntouched();
 }
 
+// With direct input (broker/layer_runner.cc) fd 0 is a read-only open of the
+// caller's (or root's) own layer file on the host, an inode the jail's uid
+// owns (rootless: 0 is the caller) or may act on (root: the file caps). It may
+// only be read: chmod, xattrs, times and dup of it are killed (the review
+// found fchmod(0, 04777) passing), and the file is as it was.
+TEST_F(SpawnTest, DirectInputFileMetadataIsOutOfReach) {
+  const std::string blob = dir_ + "/layer.tar";
+  std::ofstream(blob) << std::string(1024, '\0');
+  ASSERT_EQ(chmod(blob.c_str(), 0644), 0);
+  auto program = OpenAt(AT_FDCWD, LAYERX_JAIL_PROBE, O_PATH);
+  ASSERT_TRUE(program);
+  auto rootfs = OpenAt(AT_FDCWD, dir_ + "/rootfs", O_PATH | O_DIRECTORY);
+  ASSERT_TRUE(rootfs);
+  auto blob_fd = OpenAt(AT_FDCWD, blob, O_RDONLY);
+  ASSERT_TRUE(blob_fd);
+  auto input = ReopenFd(blob_fd->get(), O_RDONLY);  // as Session::Run does
+  ASSERT_TRUE(input);
+  auto errpipe = MakePipe(0);
+  auto sockets = MakeSocketPair();
+  SpawnRequest request{.program_fd = program->get(),
+                       .argv = {"jail_probe", "input-metadata"},
+                       .rootfs_fd = rootfs->get(),
+                       .input_fd = input->get(),
+                       .channel_fd = sockets->second.get(),
+                       .stderr_fd = errpipe->write.get(),
+                       .policy = &policy_};
+  auto child = Spawn(request);
+  ASSERT_TRUE(child) << child.error().ToString();
+  input->reset();
+  errpipe->write.reset();
+  sockets->second.reset();
+  sockets->first.reset();
+  auto status = child->Wait();
+  ASSERT_TRUE(status);
+  std::string text;
+  char buf[4096];
+  ssize_t n;
+  while ((n = read(errpipe->read.get(), buf, sizeof(buf))) > 0) text.append(buf, size_t(n));
+  struct stat st;
+  ASSERT_EQ(stat(blob.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0644u) << "host layer file's mode changed by the jail: " << text;
+  EXPECT_FALSE(status->exited) << "probe survived: " << text;
+  EXPECT_EQ(status->signal, SIGSYS) << text;
+}
+
 TEST_P(DataFdTest, CannotTouchTheImageOtherwise) {
   std::string err;
   ExitStatus s = RunWithData(GetParam(), &err);

@@ -145,8 +145,9 @@ int main(int argc, char** argv) {
     return rc;
   }
   if (mode == "fds") {
-    for (int fd = 0; fd < 4; ++fd) {
-      if (fcntl(fd, F_GETFD) < 0) return Check(false, "fd 0-3 not open");
+    for (int fd = 0; fd < 4; ++fd) {  // fstat: fcntl on fd 0 is forbidden
+      struct stat st;
+      if (fstat(fd, &st) < 0) return Check(false, "fd 0-3 not open");
     }
     for (int fd = 4; fd < 1024; ++fd) {
       if (fcntl(fd, F_GETFD) >= 0) {
@@ -212,6 +213,19 @@ int main(int argc, char** argv) {
     // O_APPEND would make pwrite64 write at the end, whatever the offset.
     fcntl(data, F_SETFL, O_APPEND);
     pwrite(data, "evil", 4, start);
+  }
+  if (mode == "input-metadata") {
+    // fd 0 is the layer's own host file (direct input): each of these must be
+    // killed before it returns; exits 1 naming the first that passed.
+    if (fchmod(0, 04777) == 0) return Check(false, "fchmod(0, 04777) changed the host layer file");
+    if (fsetxattr(0, "user.layerx_probe", "v", 1, 0) == 0)
+      return Check(false, "fsetxattr(0) changed the host layer file");
+    struct timespec ts[2] = {{0, 0}, {0, 0}};
+    if (syscall(SYS_utimensat, 0, nullptr, ts, 0) == 0)
+      return Check(false, "utimensat(0) changed the host layer file");
+    int copy = dup(0);
+    if (copy >= 0 && fchmod(copy, 0666) == 0) return Check(false, "fchmod(dup(0)) passed");
+    return 1;
   }
   if (mode == "data-copy-allowed") {
     // With copy_input, copy_file_range from fd 0 into the data fd passes the
