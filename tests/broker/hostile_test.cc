@@ -7,6 +7,8 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <grp.h>
+#include <sys/inotify.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <sys/xattr.h>
@@ -15,6 +17,7 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <set>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -823,6 +826,87 @@ TEST_F(HostileTest, VerboseSaysWhenRootWritesIntoASharedDir) {
   ASSERT_EQ(system(cmd.c_str()), 0);
   err_ = ReadFile(dir_ + "/err");
   EXPECT_EQ(err_.find("is writable"), std::string::npos) << err_;
+}
+
+// Root writes into a directory another user can write (0777, no sticky bit:
+// the worst case): the other user watches it with inotify and, for every name
+// layerx makes there (temporary outputs, the work dir, the outputs
+// themselves), at once moves it aside and puts a symlink in its place, to a
+// host file or a host dir. Nothing outside the shared dir may change (the
+// probe, checked at TearDown), and each run ends in its clock: exit 0, or 1
+// with one line.
+TEST_F(HostileTest, AnotherUserRacingWithInotifyReachesNothing) {
+  if (geteuid() != 0) GTEST_SKIP() << "needs root (a second uid)";
+  LayerWriter(Layer(1)).Dir("etc/").File("etc/passwd", "root:x:0:0::/root:/bin/sh\n").File(
+      "usr/bin/sudo", std::string(300000, 's'), 04755);
+  const std::string shared = dir_ + "/shared";
+  ASSERT_EQ(chmod(dir_.c_str(), 0755), 0);
+  ASSERT_EQ(mkdir(shared.c_str(), 0777), 0);
+  ASSERT_EQ(chmod(shared.c_str(), 0777), 0);
+  int ready[2];
+  ASSERT_EQ(pipe(ready), 0);
+  pid_t attacker = fork();
+  ASSERT_GE(attacker, 0);
+  if (attacker == 0) {
+    if (setgroups(0, nullptr) != 0 || setresgid(65534, 65534, 65534) != 0 ||
+        setresuid(65534, 65534, 65534) != 0) {
+      _exit(2);
+    }
+    int in = inotify_init1(IN_CLOEXEC);
+    if (in < 0 || inotify_add_watch(in, shared.c_str(), IN_CREATE | IN_MOVED_TO) < 0) _exit(3);
+    (void)!write(ready[1], "r", 1);
+    std::set<std::string> mine;
+    alignas(struct inotify_event) char buf[65536];
+    while (true) {
+      ssize_t n = read(in, buf, sizeof(buf));
+      if (n <= 0) continue;
+      for (char* p = buf; p < buf + n;) {
+        auto* ev = reinterpret_cast<struct inotify_event*>(p);
+        p += sizeof(*ev) + ev->len;
+        if (ev->len == 0) continue;
+        std::string name = ev->name;
+        if (mine.count(name) || name.ends_with(".moved")) continue;
+        std::string path = shared + "/" + name;
+        if (rename(path.c_str(), (path + ".moved").c_str()) != 0) continue;
+        const bool dir = (ev->mask & IN_ISDIR) != 0;
+        if (symlink((probe_ + (dir ? "/sub" : "/sentinel")).c_str(), path.c_str()) == 0) {
+          mine.insert(name);
+        }
+      }
+    }
+  }
+  close(ready[1]);
+  char c;
+  ASSERT_EQ(read(ready[0], &c, 1), 1) << "the attacker did not start";
+  close(ready[0]);
+  for (int run = 0; run < 4; ++run) {
+    const std::string tag = std::to_string(run);
+    std::string cmd = std::string(LAYERX_BIN) + " extract " + Layer(1) + " --rootfs " + shared +
+                      "/root" + tag + " --ext4 " + shared + "/img" + tag + " --manifest " +
+                      shared + "/m" + tag + ".json -q 2>" + dir_ + "/err";
+    int status = system(cmd.c_str());
+    err_ = ReadFile(dir_ + "/err");
+    ASSERT_TRUE(WIFEXITED(status)) << "run " << run;
+    int code = WEXITSTATUS(status);
+    EXPECT_TRUE(code == 0 || code == 1) << "run " << run << ": " << code << " " << err_;
+    if (code == 1) {
+      EXPECT_EQ(std::count(err_.begin(), err_.end(), '\n'), 1) << err_;
+    }
+  }
+  kill(attacker, SIGKILL);
+  waitpid(attacker, nullptr, 0);
+  // The attack took place: names of layerx's were moved aside.
+  auto names = testing::Listing(shared);
+  EXPECT_GT(std::count_if(names.begin(), names.end(),
+                          [](const std::string& n) { return n.ends_with(".moved"); }),
+            0)
+      << "the attacker moved nothing";
+  // The probe (TearDown) is as it was: no write, chmod, chown or removal went
+  // through any of the links.
+  struct stat st;
+  ASSERT_EQ(lstat((probe_ + "/sentinel").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0666u);
+  EXPECT_EQ(st.st_uid, geteuid());
 }
 
 TEST_F(HostileTest, ExtractsOntoAFreshTmpfsMount) {
