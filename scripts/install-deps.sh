@@ -8,7 +8,7 @@
 set -eu
 PKGS="cmake ninja-build g++ pkg-config git python3
   libarchive-dev libseccomp-dev libcap-dev capnproto libcapnp-dev libspdlog-dev libfmt-dev
-  libcli11-dev nlohmann-json3-dev libtomlplusplus-dev libssl-dev libext2fs-dev e2fsprogs
+  libcli11-dev nlohmann-json3-dev libtomlplusplus-dev libssl-dev libcurl4-openssl-dev libext2fs-dev e2fsprogs
   libgtest-dev libgmock-dev libbenchmark-dev
   libzstd-dev liblzma-dev libbz2-dev zlib1g-dev libisal-dev
   tar gzip zstd xz-utils bzip2 attr util-linux umoci strace

@@ -1,0 +1,369 @@
+// RegistryClient against the real distribution registry (Debian's
+// docker-registry), started by tests/registry/registry.sh on 127.0.0.1: one
+// https instance with a self-signed CA and an htpasswd user, one plain http
+// instance. The image pushed is the corpus's debian (ref debian:test) when it is
+// there, else a one-layer OCI layout written here; skopeo pushes it with its
+// digests kept, so the registry serves the layout's manifest bytes unchanged.
+#include "broker/registry_client.h"
+
+#include <gtest/gtest.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+
+#include "extractor/digest.h"
+#include "tests/fixtures/layer_writer.h"
+#include "tests/fixtures/oci_layout.h"
+#include "tests/fixtures/test_util.h"
+
+namespace layerx::broker {
+namespace {
+
+using testing::ReadFile;
+
+const std::string kScript = std::string(LAYERX_SOURCE_DIR) + "/tests/registry/registry.sh";
+const char kCorpusLayout[] = "/var/tmp/layerx-corpus/images/debian/oci";
+
+int Sh(const std::string& command) {
+  int rc = std::system(command.c_str());
+  return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
+}
+
+// DIR/env: KEY=value or KEY='value' lines.
+std::map<std::string, std::string> ReadEnv(const std::string& path) {
+  std::map<std::string, std::string> env;
+  std::ifstream in(path);
+  for (std::string line; std::getline(in, line);) {
+    if (line.empty() || line[0] == '#') continue;
+    size_t eq = line.find('=');
+    if (eq == std::string::npos) continue;
+    std::string value = line.substr(eq + 1);
+    if (value.size() >= 2 && value.front() == '\'' && value.back() == '\'') {
+      value = value.substr(1, value.size() - 2);
+    }
+    env[line.substr(0, eq)] = value;
+  }
+  return env;
+}
+
+class RegistryClientTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    if (Sh("sh " + kScript + " check >/dev/null 2>&1") != 0) {
+      skip_ = "the registry harness's tools (docker-registry, skopeo, htpasswd) are missing";
+      return;
+    }
+    char tmpl[] = "/tmp/layerx-registry-test-XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+    reg_ = dir_ + "/reg";
+    ASSERT_EQ(Sh("sh " + kScript + " start " + reg_ + " >/dev/null"), 0);
+    started_ = true;
+    env_ = ReadEnv(reg_ + "/env");
+    ASSERT_FALSE(env_["TLS_HOST"].empty());
+
+    std::string layout_ref;
+    if (access((std::string(kCorpusLayout) + "/index.json").c_str(), R_OK) == 0) {
+      layout_ = kCorpusLayout;
+      layout_ref = "debian:test";
+    } else {
+      // Not the corpus: one gzip layer with one file, and one empty layer.
+      layout_ = dir_ + "/layout";
+      testing::OciLayout layout(layout_);
+      std::string l1 = dir_ + "/l1.tar.gz", l2 = dir_ + "/l2.tar.gz";
+      testing::LayerWriter(l1, "gzip").Dir("etc").File("etc/hostname", "layerx\n");
+      { testing::LayerWriter w(l2, "gzip"); }
+      const char* gz = "application/vnd.oci.image.layer.v1.tar+gzip";
+      nlohmann::json m = layout.AddImage({layout.AddLayer(l1, gz), layout.AddLayer(l2, gz)});
+      layout.WriteIndex({{m, "test"}});
+      layout_ref = "test";
+    }
+    nlohmann::json index = nlohmann::json::parse(ReadFile(layout_ + "/index.json"));
+    for (const auto& d : index["manifests"]) {
+      auto ann = d.value("annotations", nlohmann::json::object());
+      if (ann.value("org.opencontainers.image.ref.name", "") == layout_ref) {
+        manifest_digest_ = d["digest"].get<std::string>();
+        manifest_media_type_ = d["mediaType"].get<std::string>();
+      }
+    }
+    ASSERT_FALSE(manifest_digest_.empty());
+    manifest_bytes_ = ReadFile(layout_ + "/blobs/sha256/" + manifest_digest_.substr(7));
+    manifest_ = nlohmann::json::parse(manifest_bytes_);
+    for (const char* kind : {"tls", "http"}) {
+      ASSERT_EQ(Sh("sh " + kScript + " push " + reg_ + " " + layout_ + ":" + layout_ref +
+                   " debian:test " + kind + " >/dev/null"),
+                0)
+          << kind;
+    }
+  }
+
+  static void TearDownTestSuite() {
+    if (started_) Sh("sh " + kScript + " stop " + reg_ + " >/dev/null 2>&1");
+    if (!dir_.empty()) std::filesystem::remove_all(dir_);
+  }
+
+  void SetUp() override {
+    if (!skip_.empty()) GTEST_SKIP() << skip_;
+    ASSERT_FALSE(manifest_bytes_.empty()) << "the suite's setup failed";
+  }
+
+  static RegistryRef Ref(const std::string& host_key, const std::string& tail = "debian:test") {
+    auto ref = ParseRegistryRef("docker://" + env_[host_key] + "/" + tail);
+    EXPECT_TRUE(ref) << ref.error().ToString();
+    return *ref;
+  }
+  static RegistryOptions TlsOptions() {
+    RegistryOptions o;
+    o.cert_dir = env_["CERT_DIR"];
+    o.credentials = Credentials{env_["REGISTRY_USER"], env_["REGISTRY_PASS"]};
+    return o;
+  }
+  static std::unique_ptr<RegistryClient> Client(const RegistryRef& ref, RegistryOptions options) {
+    auto c = RegistryClient::Create(ref, std::move(options));
+    EXPECT_TRUE(c) << c.error().ToString();
+    return c ? std::move(*c) : nullptr;
+  }
+  // The smallest layer's descriptor.
+  static std::pair<std::string, uint64_t> SmallLayer() {
+    const nlohmann::json* best = nullptr;
+    for (const auto& l : manifest_["layers"]) {
+      if (best == nullptr || l["size"].get<uint64_t>() < (*best)["size"].get<uint64_t>()) best = &l;
+    }
+    return {(*best)["digest"].get<std::string>(), (*best)["size"].get<uint64_t>()};
+  }
+  static void ExpectOneLine(const Error& e) {
+    EXPECT_EQ(e.ToString().find('\n'), std::string::npos) << e.ToString();
+    EXPECT_EQ(e.ToString().find(env_["REGISTRY_PASS"]), std::string::npos) << e.ToString();
+  }
+
+  static inline std::string skip_, dir_, reg_, layout_, manifest_digest_, manifest_bytes_,
+      manifest_media_type_;
+  static inline nlohmann::json manifest_;
+  static inline std::map<std::string, std::string> env_;
+  static inline bool started_ = false;
+};
+
+TEST_F(RegistryClientTest, ManifestByTagOverTlsIsTheLayoutsBytes) {
+  auto client = Client(Ref("TLS_HOST"), TlsOptions());
+  ASSERT_TRUE(client);
+  auto m = client->GetManifest();
+  ASSERT_TRUE(m) << m.error().ToString();
+  EXPECT_EQ(client->scheme(), "https");
+  EXPECT_EQ(m->digest, manifest_digest_);
+  EXPECT_TRUE(m->bytes == manifest_bytes_);
+  // The corpus manifest has no mediaType field: the index descriptor names it.
+  EXPECT_EQ(m->media_type, manifest_media_type_);
+}
+
+TEST_F(RegistryClientTest, ManifestByDigestIsVerified) {
+  auto client = Client(Ref("TLS_HOST", "debian@" + manifest_digest_), TlsOptions());
+  ASSERT_TRUE(client);
+  auto m = client->GetManifest();
+  ASSERT_TRUE(m) << m.error().ToString();
+  EXPECT_EQ(m->digest, manifest_digest_);
+}
+
+TEST_F(RegistryClientTest, CredentialsFromTheHarnessAuthFile) {
+  RegistryRef ref = Ref("TLS_HOST");
+  auto creds = FindCredentials(ref.registry, std::nullopt, {dir_ + "/missing.json",
+                                                            env_["AUTH_FILE"]});
+  ASSERT_TRUE(creds) << creds.error().ToString();
+  ASSERT_TRUE(creds->has_value());
+  RegistryOptions o = TlsOptions();
+  o.credentials = **creds;
+  auto client = Client(ref, o);
+  ASSERT_TRUE(client);
+  auto m = client->GetManifest();
+  ASSERT_TRUE(m) << m.error().ToString();
+  EXPECT_EQ(m->digest, manifest_digest_);
+}
+
+TEST_F(RegistryClientTest, RejectsWrongPasswordInOneLine) {
+  RegistryOptions o = TlsOptions();
+  o.credentials->password += "-wrong";
+  auto client = Client(Ref("TLS_HOST"), o);
+  ASSERT_TRUE(client);
+  auto m = client->GetManifest();
+  ASSERT_FALSE(m);
+  EXPECT_EQ(m.error().kind(), ErrorKind::kPolicy);
+  ExpectOneLine(m.error());
+  EXPECT_EQ(m.error().ToString().find(o.credentials->password), std::string::npos);
+  EXPECT_NE(m.error().ToString().find("unauthorized"), std::string::npos) << m.error().ToString();
+}
+
+TEST_F(RegistryClientTest, RejectsMissingCredentials) {
+  RegistryOptions o = TlsOptions();
+  o.credentials.reset();
+  auto client = Client(Ref("TLS_HOST"), o);
+  ASSERT_TRUE(client);
+  auto m = client->GetManifest();
+  ASSERT_FALSE(m);
+  EXPECT_EQ(m.error().kind(), ErrorKind::kPolicy);
+  ExpectOneLine(m.error());
+}
+
+TEST_F(RegistryClientTest, RejectsSelfSignedCertWithoutCertDir) {
+  RegistryOptions o = TlsOptions();
+  o.cert_dir.clear();
+  auto client = Client(Ref("TLS_HOST"), o);
+  ASSERT_TRUE(client);
+  auto m = client->GetManifest();
+  ASSERT_FALSE(m);
+  EXPECT_EQ(m.error().kind(), ErrorKind::kPolicy);
+  ExpectOneLine(m.error());
+}
+
+TEST_F(RegistryClientTest, TlsVerifyFalseOnTlsRegistryStaysHttps) {
+  RegistryOptions o = TlsOptions();
+  o.cert_dir.clear();
+  o.tls_verify = false;
+  auto client = Client(Ref("TLS_HOST"), o);
+  ASSERT_TRUE(client);
+  auto m = client->GetManifest();
+  ASSERT_TRUE(m) << m.error().ToString();
+  EXPECT_EQ(client->scheme(), "https");
+  EXPECT_EQ(m->digest, manifest_digest_);
+}
+
+TEST_F(RegistryClientTest, PlainHttpWithTlsVerifyFalse) {
+  RegistryOptions o;
+  o.tls_verify = false;
+  auto client = Client(Ref("HTTP_HOST"), o);
+  ASSERT_TRUE(client);
+  auto m = client->GetManifest();
+  ASSERT_TRUE(m) << m.error().ToString();
+  EXPECT_EQ(client->scheme(), "http");
+  EXPECT_EQ(m->digest, manifest_digest_);
+  EXPECT_TRUE(m->bytes == manifest_bytes_);
+}
+
+TEST_F(RegistryClientTest, RefusesPlainHttpWhenVerifyingTls) {
+  auto client = Client(Ref("HTTP_HOST"), RegistryOptions{});
+  ASSERT_TRUE(client);
+  auto m = client->GetManifest();
+  ASSERT_FALSE(m);
+  EXPECT_EQ(m.error().kind(), ErrorKind::kPolicy) << m.error().ToString();
+  ExpectOneLine(m.error());
+}
+
+TEST_F(RegistryClientTest, UnknownTagIsNotFound) {
+  auto client = Client(Ref("TLS_HOST", "debian:no-such-tag"), TlsOptions());
+  ASSERT_TRUE(client);
+  auto m = client->GetManifest();
+  ASSERT_FALSE(m);
+  EXPECT_EQ(m.error().kind(), ErrorKind::kPolicy);
+  ExpectOneLine(m.error());
+}
+
+TEST_F(RegistryClientTest, BlobStreamsWithItsDigestAndSize) {
+  auto client = Client(Ref("TLS_HOST"), TlsOptions());
+  ASSERT_TRUE(client);
+  for (const auto& l : manifest_["layers"]) {
+    const std::string digest = l["digest"].get<std::string>();
+    const uint64_t size = l["size"].get<uint64_t>();
+    extractor::Sha256 sha;
+    uint64_t seen = 0;
+    auto n = client->GetBlob(digest, size, [&](std::span<const char> b) -> Status {
+      sha.Update(b.data(), b.size());
+      seen += b.size();
+      return {};
+    });
+    ASSERT_TRUE(n) << n.error().ToString();
+    EXPECT_EQ(*n, size);
+    EXPECT_EQ(seen, size);
+    EXPECT_EQ(sha.Finish(), digest);
+  }
+}
+
+TEST_F(RegistryClientTest, ConfigBlobOverPlainHttpIsTheLayoutsBytes) {
+  RegistryOptions o;
+  o.tls_verify = false;
+  auto client = Client(Ref("HTTP_HOST"), o);
+  ASSERT_TRUE(client);
+  const std::string digest = manifest_["config"]["digest"].get<std::string>();
+  std::string got;
+  auto n = client->GetBlob(digest, manifest_["config"]["size"].get<uint64_t>(),
+                           [&](std::span<const char> b) -> Status {
+                             got.append(b.data(), b.size());
+                             return {};
+                           });
+  ASSERT_TRUE(n) << n.error().ToString();
+  EXPECT_TRUE(got == ReadFile(layout_ + "/blobs/sha256/" + digest.substr(7)));
+}
+
+TEST_F(RegistryClientTest, RejectsBlobOverOrUnderItsSize) {
+  auto client = Client(Ref("TLS_HOST"), TlsOptions());
+  ASSERT_TRUE(client);
+  auto [digest, size] = SmallLayer();
+  auto discard = [](std::span<const char>) -> Status { return {}; };
+  auto over = client->GetBlob(digest, size - 1, discard);
+  ASSERT_FALSE(over);
+  EXPECT_EQ(over.error().kind(), ErrorKind::kLimitExceeded);
+  EXPECT_NE(over.error().ToString().find(digest), std::string::npos);
+  auto under = client->GetBlob(digest, size + 1, discard);
+  ASSERT_FALSE(under);
+  EXPECT_EQ(under.error().kind(), ErrorKind::kIntegrity);
+  EXPECT_NE(under.error().ToString().find(digest), std::string::npos);
+}
+
+TEST_F(RegistryClientTest, SinkErrorStopsTheTransfer) {
+  auto client = Client(Ref("TLS_HOST"), TlsOptions());
+  ASSERT_TRUE(client);
+  auto [digest, size] = SmallLayer();
+  auto n = client->GetBlob(digest, size, [](std::span<const char>) -> Status {
+    return std::unexpected(MakeError(ErrorKind::kCancelled, "stop"));
+  });
+  ASSERT_FALSE(n);
+  EXPECT_EQ(n.error().kind(), ErrorKind::kCancelled);
+  // The handle is still usable afterwards.
+  auto m = client->GetManifest();
+  ASSERT_TRUE(m) << m.error().ToString();
+}
+
+// The registry serves a blob's stored bytes as they are (it does not re-hash on
+// GET): one byte flipped in the http instance's storage, same size.
+TEST_F(RegistryClientTest, RejectsTamperedBlobNamingIt) {
+  const std::string digest = manifest_["config"]["digest"].get<std::string>();
+  const std::string data = env_["HTTP_STORAGE"] + "/blobs/sha256/" + digest.substr(7, 2) + "/" +
+                           digest.substr(7) + "/data";
+  std::string original = ReadFile(data);
+  ASSERT_FALSE(original.empty()) << data;
+  std::string tampered = original;
+  tampered[tampered.size() / 2] ^= 0x20;
+  std::ofstream(data, std::ios::binary | std::ios::trunc) << tampered;
+  RegistryOptions o;
+  o.tls_verify = false;
+  auto client = Client(Ref("HTTP_HOST"), o);
+  ASSERT_TRUE(client);
+  auto n = client->GetBlob(digest, original.size(), [](std::span<const char>) -> Status {
+    return {};
+  });
+  std::ofstream(data, std::ios::binary | std::ios::trunc) << original;
+  ASSERT_FALSE(n);
+  EXPECT_EQ(n.error().kind(), ErrorKind::kIntegrity);
+  EXPECT_NE(n.error().ToString().find(digest), std::string::npos) << n.error().ToString();
+  ExpectOneLine(n.error());
+}
+
+TEST_F(RegistryClientTest, RejectsBadCertDir) {
+  RegistryOptions o = TlsOptions();
+  o.cert_dir = dir_ + "/no-such-dir";
+  auto c = RegistryClient::Create(Ref("TLS_HOST"), o);
+  ASSERT_FALSE(c);
+  EXPECT_EQ(c.error().kind(), ErrorKind::kPolicy);
+  std::filesystem::create_directories(dir_ + "/badcerts");
+  std::ofstream(dir_ + "/badcerts/x.crt") << "not a certificate\n";
+  o.cert_dir = dir_ + "/badcerts";
+  c = RegistryClient::Create(Ref("TLS_HOST"), o);
+  ASSERT_FALSE(c);
+  EXPECT_EQ(c.error().kind(), ErrorKind::kPolicy);
+}
+
+}  // namespace
+}  // namespace layerx::broker
