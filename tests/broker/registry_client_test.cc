@@ -9,6 +9,8 @@
 #include <gtest/gtest.h>
 #include <stdlib.h>
 #include <sys/stat.h>
+#include <signal.h>
+#include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -363,6 +365,121 @@ TEST_F(RegistryClientTest, RejectsBadCertDir) {
   c = RegistryClient::Create(Ref("TLS_HOST"), o);
   ASSERT_FALSE(c);
   EXPECT_EQ(c.error().kind(), ErrorKind::kPolicy);
+}
+
+// What the real registry cannot show without a token server: a fake one in
+// python's stdlib (tests/registry/fake_bearer.py), plain http on 127.0.0.1.
+class RegistryClientFakeTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    if (access("/usr/bin/python3", X_OK) != 0) {
+      skip_ = "/usr/bin/python3 is missing (the fake token server needs it)";
+      return;
+    }
+    char tmpl[] = "/tmp/layerx-fake-registry-XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+    const std::string script = std::string(LAYERX_SOURCE_DIR) + "/tests/registry/fake_bearer.py";
+    const std::string port_file = dir_ + "/port";
+    const char* argv[] = {"/usr/bin/python3", script.c_str(), port_file.c_str(), nullptr};
+    ASSERT_EQ(posix_spawn(&pid_, argv[0], nullptr, nullptr, const_cast<char**>(argv), environ), 0);
+    for (int i = 0; i < 200 && access(port_file.c_str(), R_OK) != 0; ++i) usleep(50'000);
+    host_ = "127.0.0.1:" + ReadFile(port_file);
+    ASSERT_NE(host_, "127.0.0.1:") << "the fake registry did not start";
+  }
+  static void TearDownTestSuite() {
+    if (pid_ > 0) {
+      kill(pid_, SIGTERM);
+      waitpid(pid_, nullptr, 0);
+    }
+    if (!dir_.empty()) std::filesystem::remove_all(dir_);
+  }
+  void SetUp() override {
+    if (!skip_.empty()) GTEST_SKIP() << skip_;
+  }
+  static std::unique_ptr<RegistryClient> Client(const std::string& tail,
+                                                std::optional<Credentials> creds) {
+    auto ref = ParseRegistryRef("docker://" + host_ + "/" + tail);
+    EXPECT_TRUE(ref) << ref.error().ToString();
+    RegistryOptions o;
+    o.tls_verify = false;
+    o.credentials = std::move(creds);
+    auto c = RegistryClient::Create(*ref, o);
+    EXPECT_TRUE(c) << c.error().ToString();
+    return c ? std::move(*c) : nullptr;
+  }
+  static inline std::string skip_, dir_, host_;
+  static inline pid_t pid_ = -1;
+};
+
+TEST_F(RegistryClientFakeTest, BearerTokenFromRealmWithBasicCreds) {
+  auto client = Client("app:v1", Credentials{"u", "p"});
+  ASSERT_TRUE(client);
+  auto m = client->GetManifest();
+  ASSERT_TRUE(m) << m.error().ToString();
+  EXPECT_EQ(client->scheme(), "http");
+  EXPECT_EQ(m->media_type, "application/vnd.oci.image.manifest.v1+json");
+  EXPECT_EQ(m->bytes.substr(0, 15), "{\"schemaVersion");
+}
+
+TEST_F(RegistryClientFakeTest, RejectsWrongPasswordAtTheTokenServer) {
+  auto client = Client("app:v1", Credentials{"u", "wrong-pass-zz"});
+  ASSERT_TRUE(client);
+  auto m = client->GetManifest();
+  ASSERT_FALSE(m);
+  EXPECT_EQ(m.error().kind(), ErrorKind::kPolicy);
+  EXPECT_EQ(m.error().ToString().find("wrong-pass-zz"), std::string::npos);
+  EXPECT_EQ(m.error().ToString().find('\n'), std::string::npos);
+}
+
+TEST_F(RegistryClientFakeTest, RejectsAnonymousWhenTheTokenServerDoes) {
+  auto client = Client("app:v1", std::nullopt);
+  ASSERT_TRUE(client);
+  auto m = client->GetManifest();
+  ASSERT_FALSE(m);
+  EXPECT_EQ(m.error().kind(), ErrorKind::kPolicy);
+}
+
+// The blob redirects to "localhost" (another host to curl); the data answers 400
+// if the token followed it there.
+TEST_F(RegistryClientFakeTest, RedirectToAnotherHostCarriesNoToken) {
+  auto client = Client("app:v1", Credentials{"u", "p"});
+  ASSERT_TRUE(client);
+  extractor::Sha256 sha;
+  sha.Update("hello\n", 6);
+  const std::string digest = sha.Finish();
+  std::string got;
+  auto n = client->GetBlob(digest, 6, [&](std::span<const char> b) -> Status {
+    got.append(b.data(), b.size());
+    return {};
+  });
+  ASSERT_TRUE(n) << n.error().ToString();
+  EXPECT_EQ(got, "hello\n");
+}
+
+TEST_F(RegistryClientFakeTest, RejectsRedirectLoop) {
+  auto client = Client("loop:x", Credentials{"u", "p"});
+  ASSERT_TRUE(client);
+  auto m = client->GetManifest();
+  ASSERT_FALSE(m);
+  EXPECT_EQ(m.error().kind(), ErrorKind::kInvalidInput) << m.error().ToString();
+}
+
+TEST_F(RegistryClientFakeTest, RejectsSchema1InOneLine) {
+  auto client = Client("old:v1", Credentials{"u", "p"});
+  ASSERT_TRUE(client);
+  auto m = client->GetManifest();
+  ASSERT_FALSE(m);
+  EXPECT_EQ(m.error().kind(), ErrorKind::kPolicy) << m.error().ToString();
+  EXPECT_NE(m.error().ToString().find("schema 1"), std::string::npos) << m.error().ToString();
+}
+
+TEST_F(RegistryClientFakeTest, RejectsManifestOver4MiB) {
+  auto client = Client("big:x", Credentials{"u", "p"});
+  ASSERT_TRUE(client);
+  auto m = client->GetManifest();
+  ASSERT_FALSE(m);
+  EXPECT_EQ(m.error().kind(), ErrorKind::kLimitExceeded) << m.error().ToString();
 }
 
 }  // namespace
