@@ -14,6 +14,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -480,6 +481,25 @@ TEST_F(RegistryClientFakeTest, RejectsManifestOver4MiB) {
   auto m = client->GetManifest();
   ASSERT_FALSE(m);
   EXPECT_EQ(m.error().kind(), ErrorKind::kLimitExceeded) << m.error().ToString();
+}
+
+// A blob that stalls after one byte fails on curl's low-speed clock.
+TEST_F(RegistryClientFakeTest, StalledBlobHitsTheLowSpeedTimeout) {
+  auto ref = ParseRegistryRef("docker://" + host_ + "/slow:x");
+  ASSERT_TRUE(ref);
+  RegistryOptions o;
+  o.tls_verify = false;
+  o.credentials = Credentials{"u", "p"};
+  o.low_speed_seconds = 1;
+  auto client = RegistryClient::Create(*ref, o);
+  ASSERT_TRUE(client);
+  const auto start = std::chrono::steady_clock::now();
+  auto n = (*client)->GetBlob("sha256:" + std::string(64, 'a'), 100,
+                              [](std::span<const char>) -> Status { return {}; });
+  const auto took = std::chrono::steady_clock::now() - start;
+  ASSERT_FALSE(n);
+  EXPECT_EQ(n.error().kind(), ErrorKind::kOs) << n.error().ToString();
+  EXPECT_LT(took, std::chrono::seconds(10));
 }
 
 }  // namespace

@@ -6,11 +6,12 @@ token server (tests/broker/registry_client_test.cc, RegistryClientFakeTest):
   /v2/app/manifests/v1 needs the token and serves MANIFEST;
   /v2/app/blobs/<digest> redirects to http://localhost:PORT/data/ (another host
   name): the data answers 400 if an Authorization header followed the redirect;
-  /v2/loop/... redirects to itself forever; /v2/big/manifests/x is over 4 MiB.
+  /v2/loop/... redirects to itself forever; /v2/big/manifests/x is over 4 MiB;
+  /v2/slow/blobs/* sends one byte and stalls.
 usage: fake_bearer.py PORT_FILE  (writes the port there once listening)
 stdlib only; plain http, so the realm may be http as the registry is.
 """
-import base64, http.server, sys
+import base64, http.server, sys, time
 
 TOKEN = "tok-123"
 USER, PASS = "u", "p"
@@ -69,6 +70,14 @@ class H(http.server.BaseHTTPRequestHandler):
         if p == "/v2/big/manifests/x":
             return self.send(200, b" " * (4 * 1024 * 1024 + 1),
                              [("Content-Type", "application/vnd.oci.image.manifest.v1+json")])
+        if p.startswith("/v2/slow/blobs/"):  # one byte of a hundred, then nothing
+            self.send_response(200)
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            self.wfile.write(b"x")
+            self.wfile.flush()
+            time.sleep(30)
+            return
         if p.startswith("/v2/app/blobs/"):
             return self.send(307, headers=[("Location", "http://localhost:%d/data/blob" % port)])
         self.send(404)
