@@ -9,6 +9,7 @@
 #include "broker/api_internal.h"
 #include "broker/job.h"
 #include "broker/logging.h"
+#include "broker/registry_auth.h"
 #include "layerx/layerx.hpp"
 #include "policy/policy_file.h"
 
@@ -180,6 +181,25 @@ Result<broker::Ext4Options> InternalExt4(const Ext4Settings& e) {
   return out;
 }
 
+Result<broker::PullOptions> PullOptionsFrom(const RegistrySettings& r) {
+  if (r.parallel_downloads < 0 || r.parallel_downloads > 16) {
+    return Fail(MakeError(ErrorKind::kPolicy, "parallel downloads: {} is not within 0..16",
+                          r.parallel_downloads));
+  }
+  broker::PullOptions out;
+  if (!r.creds.empty()) {
+    // A malformed --creds fails before anything runs.
+    if (auto creds = broker::ParseCreds(r.creds); !creds) return Fail(std::move(creds).error());
+    out.creds = r.creds;
+  }
+  out.auth_file = r.auth_file;
+  out.cert_dir = r.cert_dir;
+  out.tls_verify = r.tls_verify;
+  out.blob_cache = r.blob_cache;
+  out.parallel = static_cast<unsigned>(r.parallel_downloads);
+  return out;
+}
+
 Result<broker::ExtractRequest> InternalRequest(const ExtractRequest& r) {
   broker::ExtractRequest out;
   out.layers = r.sources;
@@ -197,6 +217,7 @@ Result<broker::ExtractRequest> InternalRequest(const ExtractRequest& r) {
   LX_ASSIGN_OR_RETURN(out.policy, builder.Build());
   out.scratch_dir = r.scratch_dir;
   out.extractor_path = r.extractor_path;
+  LX_ASSIGN_OR_RETURN(out.pull, PullOptionsFrom(r.registry));
   if (r.cancel != nullptr) out.cancel = r.cancel->flag();
   if (r.progress) {
     out.progress = [&fn = r.progress](const broker::LayerProgress& p) {
@@ -299,10 +320,13 @@ bool Inspect(const InspectRequest& request, ImageInfo* info, ExtractError* error
   if (!policy) return fail(policy.error());
   auto platform = ParsePlatform(request.platform);
   if (!platform) return fail(platform.error());
+  auto pull = PullOptionsFrom(request.registry);
+  if (!pull) return fail(pull.error());
   auto got = broker::Inspect(broker::InspectRequest{.sources = request.sources,
                                                     .platform = *platform,
                                                     .policy = *policy,
-                                                    .extractor_path = request.extractor_path});
+                                                    .extractor_path = request.extractor_path,
+                                                    .pull = *pull});
   if (!got) return fail(got.error());
   if (info == nullptr) return true;
   *info = ImageInfo{.manifest_digest = got->manifest_digest,

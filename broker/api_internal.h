@@ -18,6 +18,8 @@ LogLevel PublicLevel(spdlog::level::level_enum level);
 spdlog::level::level_enum InternalLevel(LogLevel level);
 Result<broker::Ext4Options> InternalExt4(const Ext4Settings& settings);
 Result<broker::Platform> ParsePlatform(const std::string& text);
+// kPolicy for malformed --creds or parallel downloads out of 0..16.
+Result<broker::PullOptions> PullOptionsFrom(const RegistrySettings& settings);
 
 // An error of the client side of the service, as one line.
 ExtractError MakePublicError(FailureKind kind, std::string reason, int sys_errno = 0);

@@ -179,6 +179,14 @@ layerx_status layerx_request_set_string(layerx_request* request, layerx_option o
       return SetString(r.ext4_settings.uuid, value);
     case LAYERX_OPT_CONNECT:
       return SetString(r.connect, value);
+    case LAYERX_OPT_CREDS:
+      return SetString(r.registry.creds, value);
+    case LAYERX_OPT_AUTH_FILE:
+      return SetString(r.registry.auth_file, value);
+    case LAYERX_OPT_CERT_DIR:
+      return SetString(r.registry.cert_dir, value);
+    case LAYERX_OPT_BLOB_CACHE:
+      return SetString(r.registry.blob_cache, value);
     default:
       return LAYERX_E_USAGE;
   }
@@ -215,6 +223,13 @@ layerx_status layerx_request_set_int(layerx_request* request, layerx_option opti
     case LAYERX_OPT_JOB_TIMEOUT_MS:
       if (negative) return LAYERX_E_USAGE;
       r.job_timeout_ms = u64;
+      return LAYERX_OK;
+    case LAYERX_OPT_TLS_VERIFY:
+      r.registry.tls_verify = value != 0;
+      return LAYERX_OK;
+    case LAYERX_OPT_PARALLEL_DOWNLOADS:
+      if (negative || value > 16) return LAYERX_E_USAGE;
+      r.registry.parallel_downloads = static_cast<int>(value);
       return LAYERX_OK;
     default:
       return LAYERX_E_USAGE;
@@ -289,7 +304,8 @@ layerx_status layerx_inspect(const layerx_request* request, layerx_result** out)
     if (!layerx::Inspect(layerx::InspectRequest{.sources = r.sources,
                                                 .platform = r.platform,
                                                 .policy_file = r.policy_file,
-                                                .extractor_path = r.extractor_path},
+                                                .extractor_path = r.extractor_path,
+                                                .registry = r.registry},
                          &info, &error)) {
       return SetFailure(result, std::move(error));
     }

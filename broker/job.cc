@@ -441,6 +441,8 @@ Result<ImageInfo> Inspect(const InspectRequest& request) {
                    .rootfs_fd = work.rootfs_fd(),
                    .extractor_fd = extractor_fd.get()};
     LX_ASSIGN_OR_RETURN(image, StageDockerArchive(*docker, work, ctx));
+  } else if (IsRegistrySource(request.sources)) {
+    LX_ASSIGN_OR_RETURN(image, ResolveRegistry(request.sources[0], request.platform, request.pull));
   } else {
     LX_ASSIGN_OR_RETURN(image, ResolveSources(request.sources, request.platform));
   }
@@ -642,6 +644,10 @@ Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest&
       if (!verified) layer = Fail(std::move(verified).error());
     }
     if (!layer) {
+      // A stream fed from the network that ended early: the download says why.
+      if (image.feed_failure) {
+        if (std::optional<Error> why = image.feed_failure(i)) layer = Fail(std::move(*why));
+      }
       return Fail(std::move(layer).error().WithLayer(input.index, source.display));
     }
     log->info(
@@ -797,12 +803,15 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
   }
   std::optional<DockerArchiveSpec> docker =
       from_fds ? request.docker : ParseDockerArchiveSpec(request.layers);
+  // docker://: the downloads run until the job is over, whichever way.
+  std::unique_ptr<RegistryPull> pull;
   ResolvedImage image;
   if (request.resolved != nullptr) {
     image.layers = request.resolved->layers;
     image.manifest_digest = request.resolved->manifest_digest;
     image.config = request.resolved->config;
     image.config_digest = request.resolved->config_digest;
+    image.feed_failure = request.resolved->feed_failure;
     if (request.config_fd >= 0 && image.config.empty()) {
       return Fail(MakeError(ErrorKind::kPolicy, "a config was asked for, and the source has none"));
     }
@@ -820,6 +829,15 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
     if (auto fd = sandbox::OpenRegularFile(AT_FDCWD, docker->file, 0); !fd) {
       return Fail(std::move(fd).error().With("docker-archive"));
     }
+  } else if (IsRegistrySource(request.layers)) {
+    PullOptions options = request.pull;
+    options.cancel = request.cancel;
+    LX_ASSIGN_OR_RETURN(pull, RegistryPull::Start(request.layers[0], request.platform, options));
+    image.layers = pull->image().layers;
+    image.manifest_digest = pull->image().manifest_digest;
+    image.config = pull->image().config;
+    image.config_digest = pull->image().config_digest;
+    image.feed_failure = [p = pull.get()](size_t i) { return p->Failure(i); };
   } else {
     LX_ASSIGN_OR_RETURN(image, ResolveSources(request.layers, request.platform));
     // Every blob found by name, plain or in the layout, is opened now the way

@@ -10,13 +10,16 @@
 
 #include "broker/ext4.h"
 #include "broker/layer_runner.h"
+#include "broker/registry_pull.h"
 #include "broker/source.h"
 #include "policy/policy.h"
 
 namespace layerx::broker {
 
 struct ExtractRequest {
-  std::vector<std::string> layers;       // sources: "oci:DIR[:REF]", or layer files lowest first
+  // sources: "oci:DIR[:REF]", "docker-archive:FILE[:REF]", "docker://REF", or
+  // layer files lowest first
+  std::vector<std::string> layers;
   Platform platform = Platform::Host();  // which manifest of a multi-platform index
   std::optional<std::string> config;     // write the image config JSON here (OCI sources)
   // Must not exist (its parent must), or be an empty directory (a mount
@@ -35,6 +38,9 @@ struct ExtractRequest {
   // manifest only). Empty: /dev/shm when it is a tmpfs with room, else beside
   // the output (also the fallback when the tmpfs fills up).
   std::string scratch_dir;
+  // docker:// sources: credentials, TLS, the blob cache, downloads ahead
+  // (its cancel is `cancel`).
+  PullOptions pull;
 
   // The service (layerx serve) never opens a tenant's path: its client sends
   // open descriptors. Then `layers` is unused and the image is `resolved`
@@ -66,6 +72,7 @@ struct InspectRequest {
   Platform platform = Platform::Host();
   policy::Policy policy;
   std::string extractor_path;  // docker-archive sources are unpacked by a jailed extractor
+  PullOptions pull;            // docker:// sources
 };
 struct ImageInfo {
   struct Layer {

@@ -39,9 +39,19 @@ a docker save / skopeo tarball (REF a RepoTag). Every blob is checked against
 its digest as it streams, every tar stream against the config's diff_ids.
 Plain layer files are applied in the order given.
 
+docker://[REGISTRY[:PORT]/]REPO[:TAG|@sha256:...] pulls from a registry, with
+Docker Hub's defaults (docker://debian is docker.io/library/debian:latest).
+Layers stream from the network into their jails; --parallel-downloads more
+download at the same time and wait their turn, and a dropped connection is
+resumed. Credentials: --creds, else --authfile, else $REGISTRY_AUTH_FILE,
+$XDG_RUNTIME_DIR/containers/auth.json, ~/.config/containers/auth.json and
+~/.docker/config.json, as skopeo and podman read them.
+
 Examples:
   layerx extract oci:./image:latest --ext4 rootfs.img --config config.json
   layerx extract docker-archive:app.tar:app:v1 --rootfs ./rootfs
+  layerx extract docker://debian:bookworm --ext4 rootfs.img --blob-cache ~/.cache/layerx
+  layerx extract docker://localhost:5000/app:v1 --tls-verify=false --rootfs ./rootfs
   layerx extract oci:./image:@sha256:... --platform linux/arm64 --rootfs ./rootfs
   layerx extract base.tar.gz app.tar.zst --rootfs ./rootfs
   layerx extract layer1.tar layer2.tar --rootfs out --manifest out.jsonl
@@ -87,6 +97,27 @@ Examples:
   layerx serve --socket /run/layerx/layerx.sock --config /etc/layerx/serve.toml
   layerx status --socket /run/layerx/layerx.sock
   layerx status --socket /run/layerx/layerx.sock --metrics   # Prometheus text)";
+
+// The docker:// flags, as skopeo spells them, for `extract` and `inspect`.
+void AddRegistryOptions(CLI::App* cmd, layerx::RegistrySettings& r) {
+  cmd->add_option("--creds", r.creds,
+                  "USER:PASS for a docker:// registry (default: from the auth files)");
+  cmd->add_option("--authfile", r.auth_file,
+                  "read credentials from this auth.json only (default: $REGISTRY_AUTH_FILE, "
+                  "then containers' and docker's usual files)");
+  cmd->add_option("--cert-dir", r.cert_dir,
+                  "trust the CAs (*.crt) in this dir for the registry, besides the system's");
+  cmd->add_option("--tls-verify", r.tls_verify,
+                  "--tls-verify=false: no certificate checks, and plain http is allowed (a "
+                  "local registry)")
+      ->default_str("true");
+  cmd->add_option("--blob-cache", r.blob_cache,
+                  "keep verified blobs here by digest and reuse them in later pulls");
+  cmd->add_option("--parallel-downloads", r.parallel_downloads,
+                  "docker:// layers downloaded ahead of the one being applied")
+      ->check(CLI::Range(0, 16))
+      ->capture_default_str();
+}
 
 int Inspect(const layerx::InspectRequest& request, bool as_json) {
   layerx::ImageInfo info;
@@ -138,8 +169,8 @@ int main(int argc, char** argv) {
   std::string platform, config;
   extract
       ->add_option("SOURCE", layers,
-                   "oci:DIR[:REF], docker-archive:FILE[:REF], or layer files "
-                   "lowest first")
+                   "oci:DIR[:REF], docker-archive:FILE[:REF], docker://REF, or layer "
+                   "files lowest first")
       ->required();
   extract->add_option("--platform", platform,
                       "os/arch[/variant] to pick from a multi-platform index (default: this "
@@ -186,22 +217,27 @@ int main(int argc, char** argv) {
                       "run the job on the layerx service at this unix socket (layerx serve); "
                       "sources and outputs are passed as open files, the service's policy for "
                       "your tenant applies; not with --rootfs or --policy");
+  layerx::RegistrySettings registry;
+  AddRegistryOptions(extract, registry);
   extract->add_flag("-v,--verbose", verbosity, "more logging (-vv for debug)");
   extract->add_flag("-q,--quiet", quiet, "errors only");
 
   CLI::App* inspect =
       app.add_subcommand("inspect", "show the layers and config of an image source");
   inspect->footer(
-      "Resolves SOURCE as extract would (oci:DIR[:REF], docker-archive:FILE[:REF] or layer\n"
-      "files) and prints each layer's digest, diff_id, media type and size, and the config.\n"
-      "Manifest and config are checked against their digests; layers are not read.\n\n"
-      "Example:\n  layerx inspect oci:./image:latest --json");
+      "Resolves SOURCE as extract would (oci:DIR[:REF], docker-archive:FILE[:REF],\n"
+      "docker://REF or layer files) and prints each layer's digest, diff_id, media type and\n"
+      "size, and the config. Manifest and config are checked against their digests; layers are not read.\n\n"
+      "Examples:\n  layerx inspect oci:./image:latest --json\n"
+      "  layerx inspect docker://debian:bookworm --platform linux/arm64/v8");
   std::vector<std::string> inspect_sources;
   std::string inspect_platform;
   bool inspect_json = false;
   inspect->add_option("SOURCE", inspect_sources, "the image")->required();
   inspect->add_option("--platform", inspect_platform, "os/arch[/variant]");
   inspect->add_flag("--json", inspect_json, "print JSON");
+  layerx::RegistrySettings inspect_registry;
+  AddRegistryOptions(inspect, inspect_registry);
   std::string policy_file;
   inspect->add_option("--policy", policy_file, "policy TOML file (see layerx policy show)");
   extract->add_option("--policy", policy_file,
@@ -271,7 +307,8 @@ int main(int argc, char** argv) {
     return Inspect(layerx::InspectRequest{.sources = inspect_sources,
                                           .platform = inspect_platform,
                                           .policy_file = policy_file,
-                                          .extractor_path = {}},
+                                          .extractor_path = {},
+                                          .registry = inspect_registry},
                    inspect_json);
   }
   if (status->parsed()) {
@@ -347,6 +384,7 @@ int main(int argc, char** argv) {
   if (timeout_s > 0) request.layer_timeout_ms = static_cast<uint64_t>(timeout_s * 1000);
   if (job_timeout_s > 0) request.job_timeout_ms = static_cast<uint64_t>(job_timeout_s * 1000);
   request.connect = connect;
+  request.registry = registry;
   request.cancel = &g_cancel;
   request.log = log;
   request.min_log_level = level;

@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "broker/api_internal.h"
+#include "broker/registry_pull.h"
 #include "broker/service.capnp.h"
 #include "broker/service_wire.h"
 #include "sandbox/sys.h"
@@ -255,7 +256,26 @@ ExtractResult RunRemote(const ExtractRequest& request) {
   };
   std::optional<broker::DockerArchiveSpec> docker = broker::ParseDockerArchiveSpec(request.sources);
   broker::ResolvedImage image;
-  if (docker) {
+  // docker://: pulled here, with this process's network and credentials; the
+  // service is handed one pipe per layer (it never opens a connection).
+  std::unique_ptr<broker::RegistryPull> pull;
+  if (broker::IsRegistrySource(request.sources)) {
+    auto options = detail::PullOptionsFrom(request.registry);
+    if (!options) return ExtractResult(PublicError(options.error()));
+    if (request.cancel != nullptr) options->cancel = request.cancel->flag();
+    auto started = broker::RegistryPull::Start(request.sources[0], *platform, *options);
+    if (!started) return ExtractResult(PublicError(started.error()));
+    pull = std::move(*started);
+    image.layers = pull->image().layers;
+    image.manifest_digest = pull->image().manifest_digest;
+    image.config = pull->image().config;
+    image.config_digest = pull->image().config_digest;
+    for (size_t i = 0; i < image.layers.size(); ++i) {
+      if (Status s = open_input(image.layers[i].fd, -1, ""); !s) {
+        return ExtractResult(PublicError(std::move(s).error()));
+      }
+    }
+  } else if (docker) {
     Status s = docker->fd >= 0 ? broker::CheckPassedFd(docker->fd, docker->file) : Status();
     if (s) s = open_input(docker->fd, -1, docker->file);
     if (!s) return ExtractResult(PublicError(std::move(s).error().With("docker-archive")));
@@ -333,7 +353,18 @@ ExtractResult RunRemote(const ExtractRequest& request) {
         WaitOrCancel(call.send().then([](auto r) { return kj::mv(r); }), request.cancel, io);
     KJ_IF_MAYBE (r, response) {
       ExtractResult result = FromWire(r->getResult());
-      if (!result.ok()) return result;
+      if (!result.ok()) {
+        // A layer's stream that ended early because its download failed: the
+        // download says why, not the service's view of a short stream.
+        size_t index = result.error().layer_index;
+        if (pull && index > 0 && index <= image.layers.size()) {
+          if (std::optional<Error> why = pull->Failure(index - 1)) {
+            return ExtractResult(
+                PublicError(std::move(*why).WithLayer(index, image.layers[index - 1].display)));
+          }
+        }
+        return result;
+      }
       for (ClientOutput* out : {&ext4, &manifest, &config}) {
         if (!out->open()) continue;
         if (Status c = out->Link(); !c) return ExtractResult(PublicError(c.error()));

@@ -5,6 +5,7 @@
 #include <sys/utsname.h>
 
 #include <cstring>
+#include <functional>
 #include <nlohmann/json.hpp>
 
 #include "extractor/digest.h"
@@ -175,9 +176,18 @@ bool Matches(const json& platform, const Platform& want) {
   return want.variant.empty() || variant.empty() || variant == want.variant;
 }
 
+// Walks index -> manifest -> config -> layers. Documents come from `read`
+// (checked against their descriptor there); layers are blobs below `dir` (an
+// OCI layout), or, with dir -1, streams the caller opens (a registry's).
 class OciResolver {
  public:
-  OciResolver(int dir, const Platform& platform) : dir_(dir), platform_(platform) {}
+  using Reader = std::function<Result<std::string>(const Descriptor&, bool manifest)>;
+  OciResolver(int dir, const Platform& platform)
+      : dir_(dir), platform_(platform), read_([dir](const Descriptor& d, bool) {
+          return ReadBlob(dir, d);
+        }) {}
+  OciResolver(const Platform& platform, Reader read)
+      : dir_(-1), platform_(platform), read_(std::move(read)) {}
 
   Status Resolve(const std::string& ref, ResolvedImage* out) {
     LX_ASSIGN_OR_RETURN(std::string layout, ReadBounded(dir_, "oci-layout", kMaxDocumentBytes));
@@ -239,7 +249,13 @@ class OciResolver {
 
   Status ResolveDescriptor(const Descriptor& d, int depth, ResolvedImage* out) {
     if (depth > kMaxIndexDepth) return Fail(Bad("image indexes nested too deep"));
-    LX_ASSIGN_OR_RETURN(std::string text, ReadBlob(dir_, d));
+    LX_ASSIGN_OR_RETURN(std::string text, read_(d, true));
+    return ResolveText(d, text, depth, out);
+  }
+
+ public:
+  // `text` is the document `d` names, already checked against it.
+  Status ResolveText(const Descriptor& d, const std::string& text, int depth, ResolvedImage* out) {
     LX_ASSIGN_OR_RETURN(json doc, ParseJson(text, d.digest));
     std::string type = !d.media_type.empty() ? d.media_type : Str(doc, "mediaType");
     if (type.empty()) type = doc.contains("manifests") ? kIndexTypes[0] : kManifestTypes[0];
@@ -260,11 +276,12 @@ class OciResolver {
     return ResolveManifest(doc, out);
   }
 
+ private:
   Status ResolveManifest(const json& manifest, ResolvedImage* out) {
     auto cfg = manifest.find("config");
     if (cfg == manifest.end()) return Fail(Bad("manifest has no config"));
     LX_ASSIGN_OR_RETURN(Descriptor config_desc, ParseDescriptor(*cfg, "config"));
-    LX_ASSIGN_OR_RETURN(out->config, ReadBlob(dir_, config_desc));
+    LX_ASSIGN_OR_RETURN(out->config, read_(config_desc, false));
     out->config_digest = config_desc.digest;
     LX_ASSIGN_OR_RETURN(json config, ParseJson(out->config, "config"));
     LX_ASSIGN_OR_RETURN(std::vector<std::string> diff_ids, ParseDiffIds(config));
@@ -282,7 +299,7 @@ class OciResolver {
       }
       out->layers.push_back(LayerSource{.display = l.digest.substr(0, 19),
                                         .dir_fd = dir_,
-                                        .path = BlobPath(l.digest),
+                                        .path = dir_ >= 0 ? BlobPath(l.digest) : std::string(),
                                         .digest = l.digest,
                                         .diff_id = diff_ids[i],
                                         .size = l.size,
@@ -293,6 +310,7 @@ class OciResolver {
 
   int dir_;
   Platform platform_;
+  Reader read_;
 };
 
 }  // namespace
@@ -344,6 +362,18 @@ Result<Platform> Platform::Parse(const std::string& text) {
 
 std::string Platform::ToString() const {
   return variant.empty() ? os + "/" + arch : os + "/" + arch + "/" + variant;
+}
+
+Result<ResolvedImage> ResolveFromDocument(const std::string& text, const std::string& media_type,
+                                         const std::string& digest, const Platform& platform,
+                                         const ReadByDigest& read) {
+  ResolvedImage image;
+  OciResolver resolver(platform, [&read](const Descriptor& d, bool manifest) {
+    return read(d.digest, d.size, manifest);
+  });
+  Descriptor top{.media_type = media_type, .digest = digest, .size = text.size()};
+  LX_TRY(resolver.ResolveText(top, text, 0, &image));
+  return image;
 }
 
 Result<ResolvedImage> ResolveSources(const std::vector<std::string>& specs,

@@ -20,6 +20,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -57,6 +58,9 @@ struct ResolvedImage {
   std::string config;               // the image config JSON, verified; empty for plain files
   std::string config_digest;
   sandbox::UniqueFd dir;  // the OCI layout, kept open for the layers
+  // Streams fed from elsewhere (a registry's): why layer i (0-based) ended
+  // early, when its feed failed; a better line than the stream's short end.
+  std::function<std::optional<Error>(size_t index)> feed_failure;
 };
 
 // Errors: kPolicy for a malformed source name or a platform not in the index;
@@ -64,6 +68,18 @@ struct ResolvedImage {
 // unknown media type, or do not match their digests.
 Result<ResolvedImage> ResolveSources(const std::vector<std::string>& specs,
                                      const Platform& platform);
+
+// What a store by digest gives the resolver: the manifest or index
+// (manifest=true) or config blob `digest`, checked against it and against
+// `size` when there is one.
+using ReadByDigest = std::function<Result<std::string>(
+    const std::string& digest, std::optional<uint64_t> size, bool manifest)>;
+// An image from its top document (a manifest or an index, already checked
+// against `digest`), the rest read through `read`: a registry's (docker://).
+// Its layers have neither dir_fd nor path: the caller opens their streams.
+Result<ResolvedImage> ResolveFromDocument(const std::string& text, const std::string& media_type,
+                                         const std::string& digest, const Platform& platform,
+                                         const ReadByDigest& read);
 
 // docker-archive:FILE[:REF] (REF a RepoTag such as "debian:test"). Its outer
 // tar is attacker-controlled like a layer, so the broker never parses it: the

@@ -69,7 +69,8 @@ typedef struct layerx_cancel layerx_cancel;
 LAYERX_C_API layerx_request *layerx_request_new(void); /* NULL when out of memory */
 LAYERX_C_API void layerx_request_free(layerx_request *request);
 
-/* "oci:DIR[:REF]", "docker-archive:FILE[:REF]", or a layer file; layer files
+/* "oci:DIR[:REF]", "docker-archive:FILE[:REF]", "docker://REF", or a layer
+ * file; layer files
  * are applied in the order added. */
 LAYERX_C_API layerx_status layerx_request_add_source(layerx_request *request, const char *source);
 
@@ -92,13 +93,19 @@ typedef enum layerx_option {
   LAYERX_OPT_EXT4_LABEL = 6,     /* string: at most 16 bytes */
   LAYERX_OPT_EXT4_UUID = 7,      /* string */
   LAYERX_OPT_CONNECT = 8,        /* string: run on the layerx service at this socket */
+  LAYERX_OPT_CREDS = 9,          /* string: "USER:PASS" for a docker:// registry */
+  LAYERX_OPT_AUTH_FILE = 10,     /* string: the only auth.json to look in */
+  LAYERX_OPT_CERT_DIR = 11,      /* string: CAs (*.crt) for the registry */
+  LAYERX_OPT_BLOB_CACHE = 12,    /* string: a dir of verified blobs, reused */
   LAYERX_OPT_EXT4_SIZE = 100,    /* integer: bytes; 0 computes it */
   LAYERX_OPT_EXT4_BLOCK_SIZE = 101,   /* integer: 1024, 2048, 4096 */
   LAYERX_OPT_EXT4_INODE_RATIO = 102,  /* integer: bytes per inode; 0 computes it */
   LAYERX_OPT_REPRODUCIBLE = 103,      /* integer: 1 for a byte-identical image */
   LAYERX_OPT_SOURCE_DATE_EPOCH = 104, /* integer: seconds; -1 the newest mtime */
   LAYERX_OPT_LAYER_TIMEOUT_MS = 105,  /* integer: 0 keeps the policy's */
-  LAYERX_OPT_JOB_TIMEOUT_MS = 106     /* integer: 0 keeps the policy's */
+  LAYERX_OPT_JOB_TIMEOUT_MS = 106,    /* integer: 0 keeps the policy's */
+  LAYERX_OPT_TLS_VERIFY = 107,        /* integer: 0 allows plain http, no cert checks */
+  LAYERX_OPT_PARALLEL_DOWNLOADS = 108 /* integer: docker:// layers fetched ahead, 0..16 */
 } layerx_option;
 /* A string option (value NULL resets it) or an integer option; the wrong
  * setter for an option is LAYERX_E_USAGE. */

@@ -126,9 +126,25 @@ struct Ext4Settings {
   int64_t source_date_epoch = -1;
 };
 
+// docker:// sources: how the registry is reached. Credentials are looked up
+// as skopeo and podman look them up: `creds`, else `auth_file`, else
+// $REGISTRY_AUTH_FILE, $XDG_RUNTIME_DIR/containers/auth.json,
+// ~/.config/containers/auth.json and ~/.docker/config.json (`auths`).
+struct RegistrySettings {
+  std::string creds;      // "USER:PASS"; empty: from the auth files, else anonymous
+  std::string auth_file;  // only this auth file; empty: the list above
+  std::string cert_dir;   // CAs (*.crt) for the registry, as skopeo's --cert-dir
+  bool tls_verify = true;  // false: no certificate checks, and plain http is allowed
+  // Verified compressed blobs kept by digest (DIR/sha256/HEX) and reused by
+  // the next pull of any image sharing them; safe for concurrent processes.
+  std::string blob_cache;
+  int parallel_downloads = 3;  // layers downloaded ahead of the one applied (0..16)
+};
+
 struct ExtractRequest {
-  // "oci:DIR[:REF]", "docker-archive:FILE[:REF]", or layer files lowest first
-  // (tar, tar.gz, tar.zst, tar.xz, tar.bz2).
+  // "oci:DIR[:REF]", "docker-archive:FILE[:REF]",
+  // "docker://[REGISTRY[:PORT]/]REPO[:TAG|@sha256:...]", or layer files lowest
+  // first (tar, tar.gz, tar.zst, tar.xz, tar.bz2).
   std::vector<std::string> sources;
   std::string platform;  // "os/arch[/variant]"; empty: this machine's
 
@@ -170,6 +186,9 @@ struct ExtractRequest {
   // a kj event loop of its own on the calling thread: a thread that already
   // has one (a Cap'n Proto user's) must call from another thread.
   std::string connect;
+  // docker:// sources. With `connect`, the pull runs here, with the caller's
+  // network and credentials; the service is handed one pipe per layer.
+  RegistrySettings registry;
 };
 
 struct LayerSummary {
@@ -229,6 +248,7 @@ struct InspectRequest {
   std::string platform;
   std::string policy_file;
   std::string extractor_path;  // docker-archive sources are unpacked by a jailed extractor
+  RegistrySettings registry;   // docker:// sources
 };
 struct ImageInfo {
   struct Layer {
