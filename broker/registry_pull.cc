@@ -2,9 +2,11 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 
 #include <condition_variable>
+#include <cstring>
 #include <deque>
 #include <mutex>
 #include <thread>
@@ -24,6 +26,17 @@ namespace {
 constexpr std::string_view kPrefix = "docker://";
 constexpr uint64_t kMaxConfigBytes = 4 * 1024 * 1024;
 constexpr size_t kCopyChunk = 256 * 1024;
+// Spool besides the budget for the layer being fed: it always drains.
+constexpr uint64_t kCurrentReserve = 8 * 1024 * 1024;
+
+// What a registry answered (unauthorized, not found, a schema 1 manifest, TLS
+// refused) fails the job like any other input, exit status 1: the same command
+// may succeed once the registry or its credentials change. Only what is wrong
+// in the command itself (a bad name, --creds, --cert-dir) is a usage error.
+Error Answered(Error e) {
+  if (e.kind() != ErrorKind::kPolicy) return e;
+  return Error(ErrorKind::kOs, 0, e.ToString());
+}
 
 Result<std::unique_ptr<RegistryClient>> Connect(const RegistryRef& ref, const PullOptions& options) {
   std::vector<std::string> files =
@@ -45,11 +58,15 @@ Result<std::unique_ptr<RegistryClient>> Connect(const RegistryRef& ref, const Pu
 }
 
 Result<ResolvedImage> Resolve(RegistryClient& client, const Platform& platform) {
-  LX_ASSIGN_OR_RETURN(RegistryManifest top, client.GetManifest());
+  auto got = client.GetManifest();
+  if (!got) return Fail(Answered(std::move(got).error()));
+  RegistryManifest top = std::move(*got);
   auto read = [&client](const std::string& digest, std::optional<uint64_t> size,
                         bool manifest) -> Result<std::string> {
     if (manifest) {
-      LX_ASSIGN_OR_RETURN(RegistryManifest m, client.GetManifest(digest));
+      auto got = client.GetManifest(digest);
+      if (!got) return Fail(Answered(std::move(got).error()));
+      RegistryManifest m = std::move(*got);
       if (size && *size != m.bytes.size()) {
         return Fail(MakeError(ErrorKind::kIntegrity, "manifest {} is {} bytes, its descriptor says {}",
                               digest, m.bytes.size(), *size));
@@ -69,7 +86,7 @@ Result<ResolvedImage> Resolve(RegistryClient& client, const Platform& platform) 
       bytes.append(chunk.data(), chunk.size());
       return {};
     });
-    if (!got) return Fail(std::move(got).error());
+    if (!got) return Fail(Answered(std::move(got).error()));
     return bytes;
   };
   return ResolveFromDocument(top.bytes, top.media_type, top.digest, platform, read);
@@ -90,15 +107,25 @@ Result<ResolvedImage> ResolveRegistry(const std::string& spec, const Platform& p
 
 // Everything the workers and the feeder share, under one mutex.
 struct RegistryPull::State {
+  // A block of a downloaded blob: filled by a worker, then moved into its pipe
+  // by the feeder. Blocks come from one arena, mapped once and backed by huge
+  // pages where the kernel allows (a fresh 4 KiB page per 4 KiB downloaded
+  // cost more than the copy), and are reused: no allocation per chunk.
+  struct Block {
+    char* bytes = nullptr;
+    size_t size = 0;
+  };
+
   struct Layer {
     std::string digest;
     std::optional<uint64_t> size;
     std::string display;
-    UniqueFd write;                  // the pipe's write end, the feeder's
-    std::deque<std::string> chunks;  // downloaded, not yet fed
-    UniqueFd cached;                 // a verified blob from the cache, fed whole
-    bool done = false;               // the download finished (or the cache had it)
-    std::optional<Error> error;      // the download failed
+    UniqueFd write;              // the pipe's write end, the feeder's
+    std::deque<Block> blocks;    // downloaded, not yet fed
+    uint64_t held = 0;           // bytes of blocks this layer holds
+    UniqueFd cached;             // a verified blob from the cache, fed whole
+    bool done = false;           // the download finished (or the cache had it)
+    std::optional<Error> error;  // the download failed
   };
 
   RegistryRef ref;
@@ -108,9 +135,14 @@ struct RegistryPull::State {
   UniqueFd cache_dir;                                    // DIR/sha256, or -1
 
   std::mutex mu;
-  std::condition_variable cv;
-  size_t current = 0;  // the layer the feeder is on: never held back by the budget
-  uint64_t spooled = 0;
+  std::condition_variable space;  // workers wait for room in the spool
+  std::condition_variable fed;    // the feeder waits for blocks
+  size_t current = 0;             // the layer the feeder is on
+  uint64_t spooled = 0;           // bytes of blocks held, all layers
+  std::vector<char*> free_blocks;
+  char* arena = nullptr;
+  size_t arena_size = 0, arena_used = 0;
+  std::vector<std::unique_ptr<char[]>> overflow;  // blocks past the arena (not expected)
   bool stop = false;
   size_t next = 0;  // the next layer a worker takes
   Counts counts;
@@ -119,33 +151,111 @@ struct RegistryPull::State {
   std::vector<std::thread> workers;
   std::thread feeder;
 
+  ~State() {
+    if (arena != nullptr) ::munmap(arena, arena_size);
+  }
+
   bool Stopped() const {
     return stop || (options.cancel != nullptr && options.cancel->load());
   }
 
-  // A downloaded chunk into layer i's spool: waits while the spool is full,
-  // unless layer i is the one being fed (it drains) or the spool is empty.
-  Status Append(size_t i, std::span<const char> bytes) {
+  void StopAll() {
+    stop = true;
+    space.notify_all();
+    fed.notify_all();
+  }
+
+  // The spool: `spool_bytes` for all layers, and besides it kCurrentReserve
+  // for the layer being fed, which always drains (so it can never wait on
+  // layers that wait for it).
+  void MapArena(size_t workers_count) {
+    constexpr size_t kHuge = 2 << 20;
+    arena_size = (options.spool_bytes + kCurrentReserve + (workers_count + 1) * kCopyChunk +
+                  2 * kHuge - 1) / kHuge * kHuge;
+    void* p = ::mmap(nullptr, arena_size, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) {
+      arena_size = 0;
+      return;
+    }
+    arena = static_cast<char*>(p);
+    (void)::madvise(arena, arena_size, MADV_HUGEPAGE);  // best effort
+    // Blocks from the first 2 MiB boundary: whole huge pages.
+    arena_used = (kHuge - reinterpret_cast<uintptr_t>(arena) % kHuge) % kHuge;
+  }
+
+  char* NewBlock() {
+    if (!free_blocks.empty()) {
+      char* b = free_blocks.back();
+      free_blocks.pop_back();
+      return b;
+    }
+    if (arena != nullptr && arena_used + kCopyChunk <= arena_size) {
+      char* b = arena + arena_used;
+      arena_used += kCopyChunk;
+      return b;
+    }
+    overflow.push_back(std::make_unique_for_overwrite<char[]>(kCopyChunk));
+    return overflow.back().get();
+  }
+
+  // A block for layer i's download, once there is room for it.
+  Result<Block> Acquire(size_t i) {
     std::unique_lock lock(mu);
-    cv.wait(lock, [&] {
-      return Stopped() || i == current || spooled == 0 ||
-             spooled + bytes.size() <= options.spool_bytes;
+    Layer& l = layers[i];
+    space.wait(lock, [&] {
+      return Stopped() || spooled + kCopyChunk <= options.spool_bytes ||
+             (i == current && l.held + kCopyChunk <= kCurrentReserve);
     });
     if (Stopped()) return Fail(MakeError(ErrorKind::kCancelled, "pull stopped"));
-    layers[i].chunks.emplace_back(bytes.data(), bytes.size());
-    spooled += bytes.size();
-    cv.notify_all();
+    spooled += kCopyChunk;
+    l.held += kCopyChunk;
+    return Block{NewBlock(), 0};
+  }
+
+  void ReleaseLocked(size_t i, Block b) {
+    spooled -= kCopyChunk;
+    layers[i].held -= kCopyChunk;
+    free_blocks.push_back(b.bytes);
+    space.notify_all();
+  }
+
+  void Push(size_t i, Block b) {
+    std::lock_guard lock(mu);
+    layers[i].blocks.push_back(b);
+    if (i == current) fed.notify_one();
+  }
+
+  // Downloaded bytes into layer i's blocks (`tail`: the one being filled).
+  Status Append(size_t i, Block& tail, std::span<const char> bytes) {
+    while (!bytes.empty()) {
+      if (tail.bytes == nullptr) {
+        LX_ASSIGN_OR_RETURN(tail, Acquire(i));
+      }
+      size_t n = std::min(bytes.size(), kCopyChunk - tail.size);
+      std::memcpy(tail.bytes + tail.size, bytes.data(), n);
+      tail.size += n;
+      bytes = bytes.subspan(n);
+      if (tail.size == kCopyChunk) Push(i, std::exchange(tail, Block{}));
+    }
     return {};
   }
 
-  void Finish(size_t i, Status status) {
+  void Finish(size_t i, Block tail, Status status) {
     std::lock_guard lock(mu);
+    if (tail.bytes != nullptr) {
+      if (status && tail.size > 0) {
+        layers[i].blocks.push_back(tail);
+      } else {
+        ReleaseLocked(i, tail);
+      }
+    }
     if (status) {
       layers[i].done = true;
     } else {
       layers[i].error = std::move(status).error();
     }
-    cv.notify_all();
+    fed.notify_one();
   }
 
   // Blob i from the cache, verified: true when it is there and good. A blob
@@ -177,7 +287,7 @@ struct RegistryPull::State {
     l.cached = std::move(*fd);
     l.done = true;
     ++counts.cached;
-    cv.notify_all();
+    fed.notify_one();
     return true;
   }
 
@@ -204,9 +314,10 @@ struct RegistryPull::State {
       }
     }
     bool cache_ok = temp.get() >= 0;
+    Block tail;
     auto got = clients[worker]->GetBlob(l.digest, l.size, [&](std::span<const char> bytes) {
       if (cache_ok && !sandbox::WriteAll(temp.get(), std::as_bytes(bytes))) cache_ok = false;
-      return Append(i, bytes);
+      return Append(i, tail, bytes);
     });
     if (temp.get() >= 0) {
       temp.reset();
@@ -219,7 +330,7 @@ struct RegistryPull::State {
       std::lock_guard lock(mu);
       ++counts.fetched;
     }
-    Finish(i, got ? Status() : Status(Fail(std::move(got).error())));
+    Finish(i, std::move(tail), got ? Status() : Status(Fail(Answered(std::move(got).error()))));
   }
 
   void Work(size_t worker) {
@@ -242,31 +353,26 @@ struct RegistryPull::State {
       Layer& l = layers[i];
       std::unique_lock lock(mu);
       current = i;
-      cv.notify_all();
+      space.notify_all();  // its worker may use the reserve now
       for (;;) {
-        cv.wait(lock, [&] { return Stopped() || !l.chunks.empty() || l.done || l.error; });
+        fed.wait(lock, [&] { return Stopped() || !l.blocks.empty() || l.done || l.error; });
         if (Stopped()) return;
-        if (!l.chunks.empty()) {
-          std::string chunk = std::move(l.chunks.front());
-          l.chunks.pop_front();
-          spooled -= chunk.size();
-          cv.notify_all();
-          lock.unlock();
-          Status written = sandbox::WriteAll(l.write.get(), std::as_bytes(std::span(chunk)));
-          lock.lock();
-          if (!written) {  // the job stopped reading: it is over
-            stop = true;
-            cv.notify_all();
-            return;
-          }
-          continue;
+        if (l.blocks.empty()) break;
+        Block b = l.blocks.front();
+        l.blocks.pop_front();
+        lock.unlock();
+        Status written =
+            sandbox::WriteAll(l.write.get(), std::as_bytes(std::span(b.bytes, b.size)));
+        lock.lock();
+        ReleaseLocked(i, b);
+        if (!written) {  // the job stopped reading: it is over
+          StopAll();
+          return;
         }
-        break;
       }
       if (l.error) {  // the job sees the stream end early; Failure() says why
         l.write.reset();
-        stop = true;
-        cv.notify_all();
+        StopAll();
         return;
       }
       UniqueFd cached = std::move(l.cached);
@@ -276,8 +382,7 @@ struct RegistryPull::State {
         if (!n || *n == 0) break;
         if (!sandbox::WriteAll(l.write.get(), std::span(buf).first(*n))) {
           std::lock_guard relock(mu);
-          stop = true;
-          cv.notify_all();
+          StopAll();
           return;
         }
         if (Stopped()) return;
@@ -328,7 +433,8 @@ Result<std::unique_ptr<RegistryPull>> RegistryPull::Start(const std::string& spe
     source.fd = pipe.read.get();
     reads.push_back(std::move(pipe.read));
   }
-  size_t workers = std::min<size_t>(state->layers.size(), options.parallel + 1);
+  size_t workers = std::min<size_t>(state->layers.size(), state->options.parallel + 1);
+  state->MapArena(workers);
   for (size_t w = 0; w < workers; ++w) {
     if (w == 0) {
       state->clients.push_back(std::move(client));
@@ -349,8 +455,7 @@ RegistryPull::~RegistryPull() {
   if (!state_) return;
   {
     std::lock_guard lock(state_->mu);
-    state_->stop = true;
-    state_->cv.notify_all();
+    state_->StopAll();
   }
   state_->cancel = true;
   reads_.clear();  // a feeder blocked on a full pipe gets EPIPE

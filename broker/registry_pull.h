@@ -45,7 +45,7 @@ struct PullOptions {
   bool tls_verify = true;            // false: no certificate checks, plain http allowed
   std::string blob_cache;            // empty: none
   unsigned parallel = 3;             // layers downloaded ahead of the one being applied
-  uint64_t spool_bytes = 256ull << 20;  // downloaded ahead, all layers together
+  uint64_t spool_bytes = 32ull << 20;   // downloaded ahead, all layers together
   long low_speed_seconds = 60;          // a transfer with no byte for this long fails
   int blob_retries = 5;                 // a blob transfer cut short resumes this often
   long retry_backoff_ms = 250;          // before the first resume, doubled after each
