@@ -632,6 +632,13 @@ Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest&
   for (size_t i = 0; i < image.layers.size(); ++i) {
     const LayerSource& source = image.layers[i];
     LayerInput input{.index = i + 1, .dir_fd = source.dir_fd, .path = source.path, .fd = source.fd};
+    UniqueFd taken;  // a stream made for this layer now (docker://), closed after it
+    if (image.take_input) {
+      auto fd = image.take_input(i);
+      if (!fd) return Fail(std::move(fd).error().WithLayer(input.index, source.display));
+      taken = std::move(*fd);
+      input.fd = taken.get();
+    }
     if (want_ext4 && ::ftruncate(image_fd.get(), static_cast<off_t>(ctx.data.start)) != 0) {
       // The file ends where this layer's window starts: even a write that
       // got to append would land inside the window.
@@ -812,6 +819,7 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
     image.config = request.resolved->config;
     image.config_digest = request.resolved->config_digest;
     image.feed_failure = request.resolved->feed_failure;
+    image.take_input = request.resolved->take_input;
     if (request.config_fd >= 0 && image.config.empty()) {
       return Fail(MakeError(ErrorKind::kPolicy, "a config was asked for, and the source has none"));
     }
@@ -838,6 +846,7 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
     image.config = pull->image().config;
     image.config_digest = pull->image().config_digest;
     image.feed_failure = [p = pull.get()](size_t i) { return p->Failure(i); };
+    image.take_input = [p = pull.get()](size_t i) { return p->Input(i); };
   } else {
     LX_ASSIGN_OR_RETURN(image, ResolveSources(request.layers, request.platform));
     // Every blob found by name, plain or in the layout, is opened now the way

@@ -2,6 +2,8 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <poll.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 
@@ -120,7 +122,8 @@ struct RegistryPull::State {
     std::string digest;
     std::optional<uint64_t> size;
     std::string display;
-    UniqueFd write;              // the pipe's write end, the feeder's
+    UniqueFd write;              // the pipe's write end, the feeder's (once taken)
+    bool taken = false;          // Input() made its pipe
     std::deque<Block> blocks;    // downloaded, not yet fed
     uint64_t held = 0;           // bytes of blocks this layer holds
     UniqueFd cached;             // a verified blob from the cache, fed whole
@@ -134,6 +137,7 @@ struct RegistryPull::State {
   std::vector<std::unique_ptr<RegistryClient>> clients;  // one per worker
   UniqueFd cache_dir;                                    // DIR/sha256, or -1
 
+  UniqueFd wake;  // an eventfd: StopAll() wakes a feeder waiting on a full pipe
   std::mutex mu;
   std::condition_variable space;  // workers wait for room in the spool
   std::condition_variable fed;    // the feeder waits for blocks
@@ -163,6 +167,8 @@ struct RegistryPull::State {
     stop = true;
     space.notify_all();
     fed.notify_all();
+    uint64_t one = 1;
+    (void)!::write(wake.get(), &one, sizeof(one));  // a feeder waiting on a full pipe
   }
 
   // The spool: `spool_bytes` for all layers, and besides it kCurrentReserve
@@ -265,6 +271,13 @@ struct RegistryPull::State {
     std::string name = l.digest.substr(7);
     auto fd = sandbox::OpenRegularFile(cache_dir.get(), name, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS);
     if (!fd) return false;
+    // Of another size: dropped unread (a planted huge file is never hashed).
+    auto st = sandbox::Fstat(fd->get());
+    if (!st || (l.size && static_cast<uint64_t>(st->st_size) != *l.size)) {
+      Logger("broker")->warn("blob cache: {} is not the size its manifest says: dropped", l.digest);
+      (void)sandbox::UnlinkAt(cache_dir.get(), name, 0);
+      return false;
+    }
     extractor::Sha256 sha;
     uint64_t total = 0;
     std::vector<std::byte> buf(kCopyChunk);
@@ -345,7 +358,26 @@ struct RegistryPull::State {
     }
   }
 
-  // Moves layer after layer into its pipe, in order, as the job reads them.
+  // Writes all of `bytes` into the pipe `fd` (non-blocking), waiting for room
+  // or for StopAll(). False when stopped or the reader is gone (EPIPE).
+  bool Put(int fd, std::span<const std::byte> bytes) {
+    while (!bytes.empty()) {
+      ssize_t n = ::write(fd, bytes.data(), bytes.size());
+      if (n > 0) {
+        bytes = bytes.subspan(static_cast<size_t>(n));
+        continue;
+      }
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && errno != EAGAIN) return false;
+      struct pollfd fds[2] = {{.fd = fd, .events = POLLOUT, .revents = 0},
+                              {.fd = wake.get(), .events = POLLIN, .revents = 0}};
+      if (::poll(fds, 2, -1) < 0 && errno != EINTR) return false;
+      if (fds[1].revents != 0) return false;
+    }
+    return true;
+  }
+
+  // Moves layer after layer into its pipe, in order, as the job takes them.
   void Feed() {
     sandbox::ScopedSigpipeBlock no_sigpipe;  // a reader gone is EPIPE here
     std::vector<std::byte> buf(kCopyChunk);
@@ -355,14 +387,15 @@ struct RegistryPull::State {
       current = i;
       space.notify_all();  // its worker may use the reserve now
       for (;;) {
-        fed.wait(lock, [&] { return Stopped() || !l.blocks.empty() || l.done || l.error; });
+        fed.wait(lock, [&] {
+          return Stopped() || (l.write.get() >= 0 && (!l.blocks.empty() || l.done || l.error));
+        });
         if (Stopped()) return;
         if (l.blocks.empty()) break;
         Block b = l.blocks.front();
         l.blocks.pop_front();
         lock.unlock();
-        Status written =
-            sandbox::WriteAll(l.write.get(), std::as_bytes(std::span(b.bytes, b.size)));
+        bool written = Put(l.write.get(), std::as_bytes(std::span(b.bytes, b.size)));
         lock.lock();
         ReleaseLocked(i, b);
         if (!written) {  // the job stopped reading: it is over
@@ -380,15 +413,31 @@ struct RegistryPull::State {
       while (cached.get() >= 0) {
         auto n = sandbox::ReadSome(cached.get(), buf);
         if (!n || *n == 0) break;
-        if (!sandbox::WriteAll(l.write.get(), std::span(buf).first(*n))) {
+        if (!Put(l.write.get(), std::span(buf).first(*n))) {
           std::lock_guard relock(mu);
           StopAll();
           return;
         }
-        if (Stopped()) return;
       }
+      lock.lock();
       l.write.reset();
     }
+  }
+
+  // Layer i's pipe, made now: its read end for the caller, the write end the
+  // feeder's. Made as the job reaches each layer, so a many-layer image holds
+  // two descriptors at a time, not two per layer.
+  Result<UniqueFd> Input(size_t i) {
+    std::lock_guard lock(mu);
+    Layer& l = layers[i];
+    if (l.taken) return Fail(MakeError(ErrorKind::kInternal, "layer {} taken twice", i + 1));
+    LX_ASSIGN_OR_RETURN(sandbox::Pipe pipe, sandbox::MakePipe(0));
+    (void)::fcntl(pipe.write.get(), F_SETPIPE_SZ, 1 << 20);  // fewer wakeups; best effort
+    LX_TRY(sandbox::SetNonBlocking(pipe.write.get()));
+    l.write = std::move(pipe.write);
+    l.taken = true;
+    fed.notify_one();
+    return std::move(pipe.read);
   }
 };
 
@@ -418,20 +467,16 @@ Result<std::unique_ptr<RegistryPull>> RegistryPull::Start(const std::string& spe
     if (!sha) return Fail(std::move(sha).error().With("blob cache {:?}", options.blob_cache));
     state->cache_dir = std::move(*sha);
   }
-  std::vector<UniqueFd> reads;
+  int wake = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (wake < 0) return Fail(OsError(errno, "eventfd"));
+  state->wake = UniqueFd(wake);
   state->layers.resize(pull->image_.layers.size());
   for (size_t i = 0; i < pull->image_.layers.size(); ++i) {
-    LayerSource& source = pull->image_.layers[i];
-    LX_ASSIGN_OR_RETURN(sandbox::Pipe pipe, sandbox::MakePipe(0));
-    // A bigger pipe: fewer wakeups between the feeder and the job.
-    (void)::fcntl(pipe.write.get(), F_SETPIPE_SZ, 1 << 20);
+    const LayerSource& source = pull->image_.layers[i];
     State::Layer& l = state->layers[i];
     l.digest = source.digest.value_or("");
     l.size = source.size;
     l.display = source.display;
-    l.write = std::move(pipe.write);
-    source.fd = pipe.read.get();
-    reads.push_back(std::move(pipe.read));
   }
   size_t workers = std::min<size_t>(state->layers.size(), state->options.parallel + 1);
   state->MapArena(workers);
@@ -443,7 +488,6 @@ Result<std::unique_ptr<RegistryPull>> RegistryPull::Start(const std::string& spe
       state->clients.push_back(std::move(more));
     }
   }
-  pull->reads_ = std::move(reads);
   pull->state_ = std::move(state);
   State* s = pull->state_.get();
   for (size_t w = 0; w < workers; ++w) s->workers.emplace_back([s, w] { s->Work(w); });
@@ -458,9 +502,15 @@ RegistryPull::~RegistryPull() {
     state_->StopAll();
   }
   state_->cancel = true;
-  reads_.clear();  // a feeder blocked on a full pipe gets EPIPE
   if (state_->feeder.joinable()) state_->feeder.join();
   for (std::thread& t : state_->workers) t.join();
+}
+
+Result<UniqueFd> RegistryPull::Input(size_t index) {
+  if (!state_ || index >= state_->layers.size()) {
+    return Fail(MakeError(ErrorKind::kInternal, "no layer {}", index + 1));
+  }
+  return state_->Input(index);
 }
 
 std::optional<Error> RegistryPull::Failure(size_t index) const {

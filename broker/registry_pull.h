@@ -72,8 +72,13 @@ class RegistryPull {
   RegistryPull(const RegistryPull&) = delete;
   RegistryPull& operator=(const RegistryPull&) = delete;
 
-  // layers[i].fd: the read end of layer i's pipe (owned here).
+  // The image; its layers have no fd: take each with Input().
   const ResolvedImage& image() const { return image_; }
+  // The read end of layer `index`'s pipe (0-based), made now, once per layer:
+  // the job takes each as it reaches it (the service's client takes all at
+  // once). The feeder fills the pipes in order; closing one early stops the
+  // pull.
+  Result<sandbox::UniqueFd> Input(size_t index);
   // Why layer `index` (0-based) ended early: its download failed. nullopt
   // while it has not, or when the stream was whole (the job's checks decide).
   std::optional<Error> Failure(size_t index) const;
@@ -89,7 +94,6 @@ class RegistryPull {
  private:
   RegistryPull() = default;
   ResolvedImage image_;
-  std::vector<sandbox::UniqueFd> reads_;  // the pipes' read ends
   std::unique_ptr<State> state_;
 };
 

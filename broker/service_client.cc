@@ -271,9 +271,12 @@ ExtractResult RunRemote(const ExtractRequest& request) {
     image.config = pull->image().config;
     image.config_digest = pull->image().config_digest;
     for (size_t i = 0; i < image.layers.size(); ++i) {
-      if (Status s = open_input(image.layers[i].fd, -1, ""); !s) {
-        return ExtractResult(PublicError(std::move(s).error()));
+      auto fd = pull->Input(i);
+      if (!fd) {
+        return ExtractResult(
+            PublicError(std::move(fd).error().WithLayer(i + 1, image.layers[i].display)));
       }
+      inputs.push_back(std::move(*fd));
     }
   } else if (docker) {
     Status s = docker->fd >= 0 ? broker::CheckPassedFd(docker->fd, docker->file) : Status();

@@ -61,6 +61,9 @@ struct ResolvedImage {
   // Streams fed from elsewhere (a registry's): why layer i (0-based) ended
   // early, when its feed failed; a better line than the stream's short end.
   std::function<std::optional<Error>(size_t index)> feed_failure;
+  // Streams made as the job reaches each layer (a registry's): layer i's fd,
+  // owned by the caller for the layer's run. Unset: LayerSource::fd/path.
+  std::function<Result<sandbox::UniqueFd>(size_t index)> take_input;
 };
 
 // Errors: kPolicy for a malformed source name or a platform not in the index;
