@@ -442,7 +442,9 @@ Result<ImageInfo> Inspect(const InspectRequest& request) {
                    .extractor_fd = extractor_fd.get()};
     LX_ASSIGN_OR_RETURN(image, StageDockerArchive(*docker, work, ctx));
   } else if (IsRegistrySource(request.sources)) {
-    LX_ASSIGN_OR_RETURN(image, ResolveRegistry(request.sources[0], request.platform, request.pull));
+    PullOptions options = request.pull;
+    options.total_timeout_ms = static_cast<long>(request.policy.limits.job_timeout_ms);
+    LX_ASSIGN_OR_RETURN(image, ResolveRegistry(request.sources[0], request.platform, options));
   } else {
     LX_ASSIGN_OR_RETURN(image, ResolveSources(request.sources, request.platform));
   }
@@ -840,6 +842,8 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
   } else if (IsRegistrySource(request.layers)) {
     PullOptions options = request.pull;
     options.cancel = request.cancel;
+    // No request outlives the job's clock (a manifest dripped a byte a second).
+    options.total_timeout_ms = static_cast<long>(request.policy.limits.job_timeout_ms);
     LX_ASSIGN_OR_RETURN(pull, RegistryPull::Start(request.layers[0], request.platform, options));
     image.layers = pull->image().layers;
     image.manifest_digest = pull->image().manifest_digest;

@@ -55,7 +55,8 @@ Result<std::unique_ptr<RegistryClient>> Connect(const RegistryRef& ref, const Pu
   RegistryOptions o{.credentials = std::move(credentials),
                     .tls_verify = options.tls_verify,
                     .cert_dir = options.cert_dir,
-                    .low_speed_seconds = options.low_speed_seconds};
+                    .low_speed_seconds = options.low_speed_seconds,
+                    .total_timeout_ms = options.total_timeout_ms};
   return RegistryClient::Create(ref, std::move(o));
 }
 

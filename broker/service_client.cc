@@ -263,6 +263,10 @@ ExtractResult RunRemote(const ExtractRequest& request) {
     auto options = detail::PullOptionsFrom(request.registry);
     if (!options) return ExtractResult(PublicError(options.error()));
     if (request.cancel != nullptr) options->cancel = request.cancel->flag();
+    // The service's clock stops the layers' streams; this bounds the requests
+    // made here, before the service has the job.
+    options->total_timeout_ms =
+        static_cast<long>(request.job_timeout_ms > 0 ? request.job_timeout_ms : 7'200'000);
     auto started = broker::RegistryPull::Start(request.sources[0], *platform, *options);
     if (!started) return ExtractResult(PublicError(started.error()));
     pull = std::move(*started);
