@@ -2,24 +2,28 @@
 // docker-registry), started by tests/registry/registry.sh on 127.0.0.1: one
 // https instance with a self-signed CA and an htpasswd user, one plain http
 // instance. The image pushed is the corpus's debian (ref debian:test) when it is
-// there, else a one-layer OCI layout written here; skopeo pushes it with its
+// there, else a two-layer OCI layout written here; skopeo pushes it with its
 // digests kept, so the registry serves the layout's manifest bytes unchanged.
 #include "broker/registry_client.h"
 
 #include <gtest/gtest.h>
-#include <stdlib.h>
-#include <sys/stat.h>
 #include <signal.h>
 #include <spawn.h>
+#include <stdlib.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <sstream>
+#include <thread>
 
+#include "broker/logging.h"
 #include "extractor/digest.h"
 #include "tests/fixtures/layer_writer.h"
 #include "tests/fixtures/oci_layout.h"
@@ -76,11 +80,18 @@ class RegistryClientTest : public ::testing::Test {
       layout_ = kCorpusLayout;
       layout_ref = "debian:test";
     } else {
-      // Not the corpus: one gzip layer with one file, and one empty layer.
+      // Not the corpus: one gzip layer with a small file and 24 MiB that do not
+      // compress (a blob big enough to cut in the middle: more than curl's
+      // HTTP/2 window and the socket buffers hold), and one empty layer.
       layout_ = dir_ + "/layout";
       testing::OciLayout layout(layout_);
       std::string l1 = dir_ + "/l1.tar.gz", l2 = dir_ + "/l2.tar.gz";
-      testing::LayerWriter(l1, "gzip").Dir("etc").File("etc/hostname", "layerx\n");
+      std::string noise(24 << 20, '\0');
+      std::ifstream("/dev/urandom", std::ios::binary).read(noise.data(), noise.size());
+      testing::LayerWriter(l1, "gzip")
+          .Dir("etc")
+          .File("etc/hostname", "layerx\n")
+          .File("etc/noise", noise);
       { testing::LayerWriter w(l2, "gzip"); }
       const char* gz = "application/vnd.oci.image.layer.v1.tar+gzip";
       nlohmann::json m = layout.AddImage({layout.AddLayer(l1, gz), layout.AddLayer(l2, gz)});
@@ -354,6 +365,57 @@ TEST_F(RegistryClientTest, RejectsTamperedBlobNamingIt) {
   ExpectOneLine(n.error());
 }
 
+// The registry is killed in the middle of the biggest layer and started again on
+// its port: GetBlob resumes with a Range request (the access log shows the 206)
+// and the sink sees each byte once.
+TEST_F(RegistryClientTest, ResumesBlobAfterTheRegistryRestarts) {
+  std::string digest;
+  uint64_t size = 0;
+  for (const auto& l : manifest_["layers"]) {
+    if (l["size"].get<uint64_t>() > size) {
+      size = l["size"].get<uint64_t>();
+      digest = l["digest"].get<std::string>();
+    }
+  }
+  ASSERT_GT(size, 2u << 20) << "no layer big enough to cut";
+  RegistryOptions o = TlsOptions();
+  o.retry_backoff_ms = 200;  // 200 + 400 + ... 3200 ms: the restart takes 1-2 s
+  auto client = Client(Ref("TLS_HOST"), o);
+  ASSERT_TRUE(client);
+  extractor::Sha256 sha;
+  uint64_t seen = 0;
+  std::thread restart;
+  std::vector<std::string> lines;
+  LogTarget target([&](spdlog::level::level_enum, std::string_view,
+                       std::string_view line) { lines.emplace_back(line); },
+                   spdlog::level::info);
+  auto n = client->GetBlob(digest, size, [&](std::span<const char> b) -> Status {
+    sha.Update(b.data(), b.size());
+    if (seen < (1u << 20) && seen + b.size() >= (1u << 20)) {
+      EXPECT_EQ(Sh("sh " + kScript + " kill " + reg_ + " tls >/dev/null 2>&1"), 0);
+      restart = std::thread(
+          [] { EXPECT_EQ(Sh("sh " + kScript + " restart " + reg_ + " tls >/dev/null"), 0); });
+    }
+    seen += b.size();
+    return {};
+  });
+  if (restart.joinable()) restart.join();
+  ASSERT_TRUE(n) << n.error().ToString();
+  EXPECT_EQ(*n, size);
+  EXPECT_EQ(seen, size);
+  EXPECT_EQ(sha.Finish(), digest);
+  ASSERT_FALSE(lines.empty()) << "no retry logged";
+  EXPECT_NE(lines[0].find("blob " + digest), std::string::npos) << lines[0];
+  // Access log lines: "GET /v2/debian/blobs/sha256:... HTTP/2.0" 206 ...
+  std::istringstream log(ReadFile(env_["TLS_ACCESS_LOG"]));
+  int ranged = 0;
+  for (std::string line; std::getline(log, line);) {
+    size_t at = line.find("/blobs/" + digest + " HTTP/");
+    if (at != std::string::npos && line.find("\" 206 ", at) != std::string::npos) ++ranged;
+  }
+  EXPECT_EQ(ranged, 1) << "Range requests answered 206 for " << digest;
+}
+
 TEST_F(RegistryClientTest, RejectsBadCertDir) {
   RegistryOptions o = TlsOptions();
   o.cert_dir = dir_ + "/no-such-dir";
@@ -387,6 +449,10 @@ class RegistryClientFakeTest : public ::testing::Test {
     for (int i = 0; i < 200 && access(port_file.c_str(), R_OK) != 0; ++i) usleep(50'000);
     host_ = "127.0.0.1:" + ReadFile(port_file);
     ASSERT_NE(host_, "127.0.0.1:") << "the fake registry did not start";
+    big_ = ReadFile(port_file + ".blob");
+    extractor::Sha256 sha;
+    sha.Update(big_.data(), big_.size());
+    big_digest_ = sha.Finish();
   }
   static void TearDownTestSuite() {
     if (pid_ > 0) {
@@ -409,7 +475,51 @@ class RegistryClientFakeTest : public ::testing::Test {
     EXPECT_TRUE(c) << c.error().ToString();
     return c ? std::move(*c) : nullptr;
   }
-  static inline std::string skip_, dir_, host_;
+  // Fast retries; the fake's user.
+  static RegistryOptions Options() {
+    RegistryOptions o;
+    o.tls_verify = false;
+    o.credentials = Credentials{"u", "p"};
+    o.retry_backoff_ms = 5;
+    return o;
+  }
+  static std::unique_ptr<RegistryClient> Client(const std::string& tail, RegistryOptions o) {
+    auto ref = ParseRegistryRef("docker://" + host_ + "/" + tail);
+    EXPECT_TRUE(ref) << ref.error().ToString();
+    auto c = RegistryClient::Create(*ref, std::move(o));
+    EXPECT_TRUE(c) << c.error().ToString();
+    return c ? std::move(*c) : nullptr;
+  }
+  // The fake's log lines about repository `repo` ("blob REPO RANGE STATUS ...",
+  // "token REPO"), without the repository.
+  static std::vector<std::string> Log(const std::string& kind, const std::string& repo) {
+    std::vector<std::string> out;
+    std::istringstream in(ReadFile(dir_ + "/port.log"));
+    const std::string prefix = kind + " " + repo;
+    for (std::string line; std::getline(in, line);) {
+      if (line == prefix) out.push_back("");
+      if (line.starts_with(prefix + " ")) out.push_back(line.substr(prefix.size() + 1));
+    }
+    return out;
+  }
+  // A sink that keeps what it is given, and how often.
+  struct Collect {
+    std::string bytes;
+    int calls = 0;
+    std::function<Status(std::span<const char>)> Sink() {
+      return [this](std::span<const char> b) -> Status {
+        bytes.append(b.data(), b.size());
+        ++calls;
+        return {};
+      };
+    }
+  };
+  static void ExpectOneLine(const Error& e) {
+    EXPECT_EQ(e.ToString().find('\n'), std::string::npos) << e.ToString();
+    EXPECT_EQ(e.ToString().find("tok-"), std::string::npos) << e.ToString();
+  }
+
+  static inline std::string skip_, dir_, host_, big_, big_digest_;
   static inline pid_t pid_ = -1;
 };
 
@@ -483,7 +593,7 @@ TEST_F(RegistryClientFakeTest, RejectsManifestOver4MiB) {
   EXPECT_EQ(m.error().kind(), ErrorKind::kLimitExceeded) << m.error().ToString();
 }
 
-// A blob that stalls after one byte fails on curl's low-speed clock.
+// A blob that stalls after one byte fails on the low-speed clock, and is not retried.
 TEST_F(RegistryClientFakeTest, StalledBlobHitsTheLowSpeedTimeout) {
   auto ref = ParseRegistryRef("docker://" + host_ + "/slow:x");
   ASSERT_TRUE(ref);
@@ -499,7 +609,271 @@ TEST_F(RegistryClientFakeTest, StalledBlobHitsTheLowSpeedTimeout) {
   const auto took = std::chrono::steady_clock::now() - start;
   ASSERT_FALSE(n);
   EXPECT_EQ(n.error().kind(), ErrorKind::kOs) << n.error().ToString();
+  ExpectOneLine(n.error());
+  EXPECT_EQ(n.error().ToString().find("retries"), std::string::npos) << n.error().ToString();
   EXPECT_LT(took, std::chrono::seconds(10));
+}
+
+// Cut three times after 100000 bytes: resumed from 100000, 200000, 300000.
+TEST_F(RegistryClientFakeTest, ResumesDroppedBlobWithRangeRequests) {
+  auto client = Client("drop-3-100000", Options());
+  ASSERT_TRUE(client);
+  Collect got;
+  std::vector<std::string> lines;
+  LogTarget target(
+      [&](spdlog::level::level_enum level, std::string_view component, std::string_view line) {
+        EXPECT_EQ(level, spdlog::level::info);
+        EXPECT_EQ(component, "broker");
+        lines.emplace_back(line);
+      },
+      spdlog::level::info);
+  auto n = client->GetBlob(big_digest_, big_.size(), got.Sink());
+  ASSERT_TRUE(n) << n.error().ToString();
+  // One line per retry, naming the blob and where it resumes; no token.
+  ASSERT_EQ(lines.size(), 3u);
+  for (size_t i = 0; i < lines.size(); ++i) {
+    EXPECT_NE(lines[i].find("blob " + big_digest_), std::string::npos) << lines[i];
+    EXPECT_NE(lines[i].find(fmt::format("offset={}", (i + 1) * 100000)), std::string::npos)
+        << lines[i];
+    EXPECT_EQ(lines[i].find("tok-"), std::string::npos) << lines[i];
+  }
+  EXPECT_EQ(*n, big_.size());
+  EXPECT_TRUE(got.bytes == big_) << got.bytes.size() << " bytes";
+  EXPECT_EQ(Log("blob", "drop-3-100000"),
+            (std::vector<std::string>{"- 200 dropped", "bytes=100000- 206 dropped",
+                                      "bytes=200000- 206 dropped", "bytes=300000- 206"}));
+}
+
+// A storage backend behind a redirect: each retry asks the registry again.
+TEST_F(RegistryClientFakeTest, ResumesThroughARedirect) {
+  auto client = Client("redir-drop-2-50000", Options());
+  ASSERT_TRUE(client);
+  Collect got;
+  auto n = client->GetBlob(big_digest_, big_.size(), got.Sink());
+  ASSERT_TRUE(n) << n.error().ToString();
+  EXPECT_TRUE(got.bytes == big_);
+  EXPECT_EQ(
+      Log("blob", "redir-drop-2-50000"),
+      (std::vector<std::string>{"- 200 dropped", "bytes=50000- 206 dropped", "bytes=100000- 206"}));
+}
+
+// The server ignores Range: each answer is the whole blob, whose first bytes the
+// sink has seen already and does not see again.
+TEST_F(RegistryClientFakeTest, RestartsWhenTheRangeIsIgnored) {
+  auto client = Client("norange-2-100000", Options());
+  ASSERT_TRUE(client);
+  Collect got;
+  auto n = client->GetBlob(big_digest_, big_.size(), got.Sink());
+  ASSERT_TRUE(n) << n.error().ToString();
+  EXPECT_TRUE(got.bytes == big_) << got.bytes.size() << " bytes";
+  EXPECT_EQ(Log("blob", "norange-2-100000"),
+            (std::vector<std::string>{"- 200 dropped", "bytes=100000- 200 dropped",
+                                      "bytes=100000- 200"}));
+}
+
+// A 206 starting elsewhere than asked would splice the wrong bytes in.
+TEST_F(RegistryClientFakeTest, RejectsContentRangeNotWhereItStopped) {
+  auto client = Client("badrange-1-100000", Options());
+  ASSERT_TRUE(client);
+  Collect got;
+  auto n = client->GetBlob(big_digest_, big_.size(), got.Sink());
+  ASSERT_FALSE(n);
+  EXPECT_EQ(n.error().kind(), ErrorKind::kInvalidInput) << n.error().ToString();
+  ExpectOneLine(n.error());
+  EXPECT_TRUE(got.bytes == big_.substr(0, 100000)) << got.bytes.size() << " bytes";
+}
+
+TEST_F(RegistryClientFakeTest, RetriesA503) {
+  auto client = Client("e503-2-0", Options());
+  ASSERT_TRUE(client);
+  Collect got;
+  auto n = client->GetBlob(big_digest_, big_.size(), got.Sink());
+  ASSERT_TRUE(n) << n.error().ToString();
+  EXPECT_TRUE(got.bytes == big_);
+  EXPECT_EQ(Log("blob", "e503-2-0"), (std::vector<std::string>{"- 503", "- 503", "- 200"}));
+}
+
+TEST_F(RegistryClientFakeTest, RetriesAManifestWhole) {
+  for (const char* repo : {"drop-2-10-m", "e503-2-0-m"}) {
+    auto client = Client(std::string(repo) + ":v1", Options());
+    ASSERT_TRUE(client);
+    auto m = client->GetManifest();
+    ASSERT_TRUE(m) << repo << ": " << m.error().ToString();
+    EXPECT_EQ(m->bytes.substr(0, 15), "{\"schemaVersion") << repo;
+    EXPECT_EQ(Log("manifest", repo).size(), std::string(repo).starts_with("drop") ? 3u : 1u)
+        << repo;
+  }
+}
+
+TEST_F(RegistryClientFakeTest, GivesUpAfterItsRetriesInOneLine) {
+  auto client = Client("drop-100-1000-giveup", Options());
+  ASSERT_TRUE(client);
+  Collect got;
+  auto n = client->GetBlob(big_digest_, big_.size(), got.Sink());
+  ASSERT_FALSE(n);
+  EXPECT_EQ(n.error().kind(), ErrorKind::kOs) << n.error().ToString();
+  ExpectOneLine(n.error());
+  EXPECT_NE(n.error().ToString().find("blob " + big_digest_), std::string::npos)
+      << n.error().ToString();
+  EXPECT_TRUE(n.error().ToString().ends_with(" (after 5 retries)")) << n.error().ToString();
+  EXPECT_EQ(Log("blob", "drop-100-1000-giveup").size(), 6u);
+  EXPECT_TRUE(got.bytes == big_.substr(0, 6000)) << got.bytes.size() << " bytes";
+}
+
+TEST_F(RegistryClientFakeTest, NoRetriesWhenTheyAreOff) {
+  RegistryOptions o = Options();
+  o.blob_retries = 0;
+  auto client = Client("drop-100-1000-none", o);
+  ASSERT_TRUE(client);
+  auto n = client->GetBlob(big_digest_, big_.size(), Collect().Sink());
+  ASSERT_FALSE(n);
+  EXPECT_EQ(n.error().kind(), ErrorKind::kOs) << n.error().ToString();
+  EXPECT_EQ(n.error().ToString().find("retries"), std::string::npos) << n.error().ToString();
+  EXPECT_EQ(Log("blob", "drop-100-1000-none").size(), 1u);
+}
+
+// verify_digest=false: a caller that checks the digest downstream; the size is
+// still enforced.
+TEST_F(RegistryClientFakeTest, VerifyDigestFalseSkipsTheDigestNotTheSize) {
+  auto client = Client("drop-1-1000-verify", Options());
+  ASSERT_TRUE(client);
+  const std::string wrong = "sha256:" + std::string(64, 'b');
+  auto checked = client->GetBlob(wrong, big_.size(), Collect().Sink());
+  ASSERT_FALSE(checked);
+  EXPECT_EQ(checked.error().kind(), ErrorKind::kIntegrity) << checked.error().ToString();
+  Collect got;
+  auto unchecked = client->GetBlob(wrong, big_.size(), got.Sink(), {.verify_digest = false});
+  ASSERT_TRUE(unchecked) << unchecked.error().ToString();
+  EXPECT_TRUE(got.bytes == big_);
+  auto over = client->GetBlob(wrong, big_.size() - 1, Collect().Sink(), {.verify_digest = false});
+  ASSERT_FALSE(over);
+  EXPECT_EQ(over.error().kind(), ErrorKind::kLimitExceeded) << over.error().ToString();
+  auto under = client->GetBlob(wrong, big_.size() + 1, Collect().Sink(), {.verify_digest = false});
+  ASSERT_FALSE(under);
+  EXPECT_EQ(under.error().kind(), ErrorKind::kIntegrity) << under.error().ToString();
+}
+
+// Sets `flag` after `delay`; the time it did so in `at`.
+std::thread CancelLater(std::atomic<bool>& flag, std::chrono::milliseconds delay,
+                        std::chrono::steady_clock::time_point& at) {
+  return std::thread([&flag, delay, &at] {
+    std::this_thread::sleep_for(delay);
+    at = std::chrono::steady_clock::now();
+    flag = true;
+  });
+}
+
+TEST_F(RegistryClientFakeTest, CancelStopsAStalledTransferWithinASecond) {
+  std::atomic<bool> cancel{false};
+  RegistryOptions o = Options();
+  o.cancel = &cancel;
+  auto client = Client("slow:x", o);
+  ASSERT_TRUE(client);
+  ASSERT_TRUE(client->Ping());
+  std::chrono::steady_clock::time_point at;
+  std::thread t = CancelLater(cancel, std::chrono::milliseconds(300), at);
+  auto n = client->GetBlob("sha256:" + std::string(64, 'a'), 100, Collect().Sink());
+  const auto done = std::chrono::steady_clock::now();
+  t.join();
+  ASSERT_FALSE(n);
+  EXPECT_EQ(n.error().kind(), ErrorKind::kCancelled) << n.error().ToString();
+  EXPECT_LT(done - at, std::chrono::seconds(1));
+}
+
+TEST_F(RegistryClientFakeTest, CancelStopsTheWaitBetweenRetries) {
+  std::atomic<bool> cancel{false};
+  RegistryOptions o = Options();
+  o.cancel = &cancel;
+  o.retry_backoff_ms = 60'000;
+  auto client = Client("drop-100-1000-cancel", o);
+  ASSERT_TRUE(client);
+  ASSERT_TRUE(client->Ping());
+  std::chrono::steady_clock::time_point at;
+  std::thread t = CancelLater(cancel, std::chrono::milliseconds(300), at);
+  auto n = client->GetBlob(big_digest_, big_.size(), Collect().Sink());
+  const auto done = std::chrono::steady_clock::now();
+  t.join();
+  ASSERT_FALSE(n);
+  EXPECT_EQ(n.error().kind(), ErrorKind::kCancelled) << n.error().ToString();
+  EXPECT_LT(done - at, std::chrono::seconds(1));
+  EXPECT_EQ(Log("blob", "drop-100-1000-cancel").size(), 1u);
+}
+
+// A sink that blocks (a full spool) for longer than low_speed_seconds is not a
+// stalled transfer.
+TEST_F(RegistryClientFakeTest, BlockingSinkDoesNotTripTheLowSpeedClock) {
+  RegistryOptions o = Options();
+  o.low_speed_seconds = 1;
+  auto client = Client("drop-0-0-sleep", o);
+  ASSERT_TRUE(client);
+  Collect got;
+  auto n = client->GetBlob(big_digest_, big_.size(), [&](std::span<const char> b) -> Status {
+    if (got.calls == 0) std::this_thread::sleep_for(std::chrono::seconds(3));
+    return got.Sink()(b);
+  });
+  ASSERT_TRUE(n) << n.error().ToString();
+  EXPECT_TRUE(got.bytes == big_);
+}
+
+// Each expire* token is good for one request: the blob after the manifest gets
+// 401, and one new token.
+TEST_F(RegistryClientFakeTest, RenewsAnExpiredToken) {
+  auto client = Client("expire-a:v1", Options());
+  ASSERT_TRUE(client);
+  auto m = client->GetManifest();
+  ASSERT_TRUE(m) << m.error().ToString();
+  EXPECT_EQ(Log("token", "expire-a").size(), 1u);
+  Collect got;
+  auto n = client->GetBlob(big_digest_, big_.size(), got.Sink());
+  ASSERT_TRUE(n) << n.error().ToString();
+  EXPECT_TRUE(got.bytes == big_);
+  EXPECT_EQ(Log("token", "expire-a").size(), 2u);
+  m = client->GetManifest();
+  ASSERT_TRUE(m) << m.error().ToString();
+  EXPECT_EQ(Log("token", "expire-a").size(), 3u);
+}
+
+// One new token, not more: a second 401 is the error.
+TEST_F(RegistryClientFakeTest, RenewsATokenOnlyOnce) {
+  auto client = Client("deny-a:v1", Options());
+  ASSERT_TRUE(client);
+  auto m = client->GetManifest();
+  ASSERT_FALSE(m);
+  EXPECT_EQ(m.error().kind(), ErrorKind::kPolicy) << m.error().ToString();
+  ExpectOneLine(m.error());
+  EXPECT_NE(m.error().ToString().find("unauthorized"), std::string::npos) << m.error().ToString();
+  EXPECT_EQ(Log("token", "deny-a").size(), 2u);
+}
+
+// Clones, each in its own thread, share one authentication: one token for all.
+TEST_F(RegistryClientFakeTest, ClonesFetchInParallelWithOneToken) {
+  auto client = Client("drop-1-200000-clone", Options());
+  ASSERT_TRUE(client);
+  std::vector<std::unique_ptr<RegistryClient>> clones;
+  for (int i = 0; i < 3; ++i) {
+    auto c = client->Clone();
+    ASSERT_TRUE(c) << c.error().ToString();
+    clones.push_back(std::move(*c));
+  }
+  std::vector<Collect> got(clones.size());
+  std::vector<Result<uint64_t>> results(clones.size(), 0);
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < clones.size(); ++i) {
+    threads.emplace_back(
+        [&, i] { results[i] = clones[i]->GetBlob(big_digest_, big_.size(), got[i].Sink()); });
+  }
+  for (auto& t : threads) t.join();
+  for (size_t i = 0; i < clones.size(); ++i) {
+    ASSERT_TRUE(results[i]) << results[i].error().ToString();
+    EXPECT_TRUE(got[i].bytes == big_) << i;
+    EXPECT_EQ(clones[i]->scheme(), "http");
+  }
+  EXPECT_EQ(Log("token", "drop-1-200000-clone").size(), 1u);
+  // The original learned it too, without asking.
+  Collect more;
+  auto n = client->GetBlob(big_digest_, big_.size(), more.Sink());
+  ASSERT_TRUE(n) << n.error().ToString();
+  EXPECT_EQ(Log("token", "drop-1-200000-clone").size(), 1u);
 }
 
 }  // namespace
