@@ -122,6 +122,9 @@ class RegistryClient {
   // again. May be called while this client is in use by another thread.
   // kInternal when libcurl cannot make a handle.
   Result<std::unique_ptr<RegistryClient>> Clone() const;
+  // The same, stopped by `cancel` instead of this client's flag (a pull's own,
+  // set when the job is over, whichever way).
+  Result<std::unique_ptr<RegistryClient>> Clone(const std::atomic<bool>* cancel) const;
 
   const RegistryRef& ref() const { return ref_; }
   // "https" or "http", once Ping succeeded.

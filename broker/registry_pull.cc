@@ -56,7 +56,10 @@ Result<std::unique_ptr<RegistryClient>> Connect(const RegistryRef& ref, const Pu
                     .tls_verify = options.tls_verify,
                     .cert_dir = options.cert_dir,
                     .low_speed_seconds = options.low_speed_seconds,
-                    .total_timeout_ms = options.total_timeout_ms};
+                    .total_timeout_ms = options.total_timeout_ms,
+                    .blob_retries = options.blob_retries,
+                    .retry_backoff_ms = options.retry_backoff_ms,
+                    .cancel = options.cancel};
   return RegistryClient::Create(ref, std::move(o));
 }
 
@@ -329,10 +332,15 @@ struct RegistryPull::State {
     }
     bool cache_ok = temp.get() >= 0;
     Block tail;
-    auto got = clients[worker]->GetBlob(l.digest, l.size, [&](std::span<const char> bytes) {
-      if (cache_ok && !sandbox::WriteAll(temp.get(), std::as_bytes(bytes))) cache_ok = false;
-      return Append(i, tail, bytes);
-    });
+    // The job checks the digest as it reads the pipe; the client checks it
+    // only for a blob that goes into the cache.
+    auto got = clients[worker]->GetBlob(
+        l.digest, l.size,
+        [&](std::span<const char> bytes) {
+          if (cache_ok && !sandbox::WriteAll(temp.get(), std::as_bytes(bytes))) cache_ok = false;
+          return Append(i, tail, bytes);
+        },
+        BlobOptions{.verify_digest = temp.get() >= 0});
     if (temp.get() >= 0) {
       temp.reset();
       if (!got || !cache_ok ||
@@ -481,13 +489,12 @@ Result<std::unique_ptr<RegistryPull>> RegistryPull::Start(const std::string& spe
   }
   size_t workers = std::min<size_t>(state->layers.size(), state->options.parallel + 1);
   state->MapArena(workers);
+  // Clones share what the first client learnt (scheme, token): no worker
+  // authenticates again. They stop on the pull's own flag, set when the job is
+  // over whichever way it ended (a cancelled job ends, too).
   for (size_t w = 0; w < workers; ++w) {
-    if (w == 0) {
-      state->clients.push_back(std::move(client));
-    } else {
-      LX_ASSIGN_OR_RETURN(std::unique_ptr<RegistryClient> more, Connect(ref, options));
-      state->clients.push_back(std::move(more));
-    }
+    LX_ASSIGN_OR_RETURN(std::unique_ptr<RegistryClient> clone, client->Clone(&state->cancel));
+    state->clients.push_back(std::move(clone));
   }
   pull->state_ = std::move(state);
   State* s = pull->state_.get();
