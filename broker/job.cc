@@ -636,10 +636,11 @@ Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest&
     LayerInput input{.index = i + 1, .dir_fd = source.dir_fd, .path = source.path, .fd = source.fd};
     UniqueFd taken;  // a stream made for this layer now (docker://), closed after it
     if (image.take_input) {
-      auto fd = image.take_input(i);
-      if (!fd) return Fail(std::move(fd).error().WithLayer(input.index, source.display));
-      taken = std::move(*fd);
+      auto got = image.take_input(i);
+      if (!got) return Fail(std::move(got).error().WithLayer(input.index, source.display));
+      taken = std::move(got->fd);
       input.fd = taken.get();
+      input.hashed = got->hashed;
     }
     if (want_ext4 && ::ftruncate(image_fd.get(), static_cast<off_t>(ctx.data.start)) != 0) {
       // The file ends where this layer's window starts: even a write that
@@ -850,7 +851,7 @@ Result<JobReport> RunExtract(const ExtractRequest& request) {
     image.config = pull->image().config;
     image.config_digest = pull->image().config_digest;
     image.feed_failure = [p = pull.get()](size_t i) { return p->Failure(i); };
-    image.take_input = [p = pull.get()](size_t i) { return p->Input(i); };
+    image.take_input = [p = pull.get()](size_t i) { return p->HashedInput(i); };
   } else {
     LX_ASSIGN_OR_RETURN(image, ResolveSources(request.layers, request.platform));
     // Every blob found by name, plain or in the layout, is opened now the way

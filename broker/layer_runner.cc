@@ -79,6 +79,9 @@ class Session {
   size_t feed_off_ = 0;
   bool blob_eof_ = false;
   bool direct_ = false;  // the extractor reads the blob's file itself; we only hash it
+  // The extractor reads a stream its maker hashes (LayerInput::hashed); blob_
+  // is our own open of it, to drain what the extractor leaves.
+  const HashedStream* hashed_ = nullptr;
   extractor::Sha256 sha_;
 
   // Word-aligned for capnp. Not a std::vector: capnp::word cannot be copied or
@@ -191,8 +194,12 @@ Result<std::optional<size_t>> Session::ReadBlob() {
   if (n < 0) return Fail(OsError(errno, "read layer"));
   feed_buf_.resize(static_cast<size_t>(n));
   feed_off_ = 0;
-  sha_.Update(feed_buf_.data(), static_cast<size_t>(n));
-  report_.compressed_bytes += static_cast<uint64_t>(n);
+  if (hashed_ != nullptr) {
+    report_.compressed_bytes = hashed_->BytesSoFar();
+  } else {
+    sha_.Update(feed_buf_.data(), static_cast<size_t>(n));
+    report_.compressed_bytes += static_cast<uint64_t>(n);
+  }
   blob_eof_ = n == 0;
   return std::optional<size_t>(static_cast<size_t>(n));
 }
@@ -379,7 +386,15 @@ Error Session::ExitError(const sandbox::ExitStatus& status) {
 
 Status Session::Run(const LayerInput& layer) {
   sandbox::ScopedSigpipeBlock no_sigpipe;  // a dead extractor is EPIPE on its input
-  if (layer.fd >= 0) {
+  UniqueFd hashed_input;
+  if (layer.fd >= 0 && layer.hashed != nullptr) {
+    // A pipe its maker feeds and hashes (a registry pull): the extractor gets
+    // it as its fd 0; we keep an open file description of our own, non-
+    // blocking, to drain what the extractor leaves after the tar stream.
+    hashed_ = layer.hashed;
+    LX_ASSIGN_OR_RETURN(hashed_input, sandbox::Dup(layer.fd));
+    LX_ASSIGN_OR_RETURN(blob_, sandbox::ReopenFd(layer.fd, O_RDONLY | O_NONBLOCK));
+  } else if (layer.fd >= 0) {
     // A descriptor a client passed (layerx serve): read from its start, never
     // blocking (a stream must not wedge the job past its clock or a cancel).
     LX_ASSIGN_OR_RETURN(blob_, sandbox::Dup(layer.fd));
@@ -422,6 +437,9 @@ Status Session::Run(const LayerInput& layer) {
   if (direct_) {
     input.write.reset();
     input.read = std::move(direct_input);
+  } else if (hashed_ != nullptr) {
+    input.write.reset();
+    input.read = std::move(hashed_input);
   }
   LX_ASSIGN_OR_RETURN(sandbox::Pipe errpipe, sandbox::MakePipe(0));
   LX_ASSIGN_OR_RETURN(auto sockets, sandbox::MakeSocketPair());
@@ -431,7 +449,7 @@ Status Session::Run(const LayerInput& layer) {
   if (ctx_.data_fd >= 0) {
     LX_ASSIGN_OR_RETURN(data_fd, sandbox::ReopenFd(ctx_.data_fd, O_WRONLY));
   }
-  if (!direct_) ::fcntl(input.write.get(), F_SETPIPE_SZ, 1 << 20);  // fewer wakeups; best effort
+  if (input.write.valid()) ::fcntl(input.write.get(), F_SETPIPE_SZ, 1 << 20);  // best effort
 
   int64_t start = sandbox::MonotonicNs();
   sandbox::SpawnRequest request{
@@ -498,6 +516,13 @@ Status Session::Run(const LayerInput& layer) {
     }
     if (feed_idx >= 0 && fds[feed_idx].revents) LX_TRY(Feed());
     if (hashing) LX_TRY(HashSome());
+    if (hashed_ != nullptr) {
+      report_.compressed_bytes = hashed_->BytesSoFar();
+      if (report_.compressed_bytes > ctx_.policy->limits.max_layer_bytes) {
+        return Fail(MakeError(ErrorKind::kLimitExceeded, "blob is over max_layer_bytes={}",
+                              ctx_.policy->limits.max_layer_bytes));
+      }
+    }
     if (chan_idx >= 0 && fds[chan_idx].revents) LX_TRY(ReadChannel());
     Report(layer.index, false);
     if (err_idx >= 0 && fds[err_idx].revents) ReadStderr(false);
@@ -513,7 +538,15 @@ Status Session::Run(const LayerInput& layer) {
   // The extractor is gone; hash what it did not read so the digest covers the blob.
   LX_TRY(DrainBlob());
   report_.total_ns = sandbox::MonotonicNs() - start;
-  report_.compressed_digest = sha_.Finish();
+  if (hashed_ != nullptr) {
+    // The stream ended: its maker hashed all of it before closing it.
+    std::optional<HashedStream::Whole> whole = hashed_->Finished();
+    if (!whole) return Fail(MakeError(ErrorKind::kIntegrity, "blob stream ended early"));
+    report_.compressed_digest = whole->digest;
+    report_.compressed_bytes = whole->bytes;
+  } else {
+    report_.compressed_digest = sha_.Finish();
+  }
   // An uncompressed layer's tar stream is the blob: the extractor leaves its
   // digest to us. (Claimed of a compressed layer, it would name the blob's
   // digest as the diff_id, which then fails the config's check.)

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "broker/image_tree.h"
+#include "broker/source.h"
 #include "extractor/wire/layer.capnp.h"
 #include "policy/policy.h"
 #include "policy/result.h"
@@ -23,6 +24,9 @@ struct LayerInput {
   int dir_fd = -1;   // borrowed; when set, `path` is opened below it (RESOLVE_BENEATH)
   std::string path;  // the blob file
   int fd = -1;       // borrowed; when set, the blob is read from this open fd (the service)
+  // With `fd`: a pipe its maker feeds and hashes (source.h); the extractor
+  // reads it itself and the digest comes from `hashed`.
+  const HashedStream* hashed = nullptr;
 };
 
 struct LayerReport {

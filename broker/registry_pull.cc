@@ -128,6 +128,12 @@ struct RegistryPull::State {
     std::string display;
     UniqueFd write;              // the pipe's write end, the feeder's (once taken)
     bool taken = false;          // Input() made its pipe
+    // Hashed by the feeder as it writes (Input(i, true)): the extractor reads
+    // the pipe itself, and the job takes the digest from here.
+    bool hash = false;
+    extractor::Sha256 sha;
+    std::atomic<uint64_t> written{0};
+    std::optional<HashedStream::Whole> whole;  // under mu
     std::deque<Block> blocks;    // downloaded, not yet fed
     uint64_t held = 0;           // bytes of blocks this layer holds
     UniqueFd cached;             // a verified blob from the cache, fed whole
@@ -404,6 +410,7 @@ struct RegistryPull::State {
         Block b = l.blocks.front();
         l.blocks.pop_front();
         lock.unlock();
+        Count(l, std::as_bytes(std::span(b.bytes, b.size)));
         bool written = Put(l.write.get(), std::as_bytes(std::span(b.bytes, b.size)));
         lock.lock();
         ReleaseLocked(i, b);
@@ -422,6 +429,7 @@ struct RegistryPull::State {
       while (cached.get() >= 0) {
         auto n = sandbox::ReadSome(cached.get(), buf);
         if (!n || *n == 0) break;
+        Count(l, std::span(buf).first(*n));
         if (!Put(l.write.get(), std::span(buf).first(*n))) {
           std::lock_guard relock(mu);
           StopAll();
@@ -429,14 +437,22 @@ struct RegistryPull::State {
         }
       }
       lock.lock();
+      // Whole: the digest is known before the stream ends.
+      if (l.hash) l.whole = HashedStream::Whole{l.sha.Finish(), l.written.load()};
       l.write.reset();
     }
+  }
+
+  void Count(Layer& l, std::span<const std::byte> bytes) {
+    if (!l.hash) return;
+    l.sha.Update(bytes.data(), bytes.size());
+    l.written.fetch_add(bytes.size(), std::memory_order_relaxed);
   }
 
   // Layer i's pipe, made now: its read end for the caller, the write end the
   // feeder's. Made as the job reaches each layer, so a many-layer image holds
   // two descriptors at a time, not two per layer.
-  Result<UniqueFd> Input(size_t i) {
+  Result<UniqueFd> Input(size_t i, bool hash) {
     std::lock_guard lock(mu);
     Layer& l = layers[i];
     if (l.taken) return Fail(MakeError(ErrorKind::kInternal, "layer {} taken twice", i + 1));
@@ -445,6 +461,7 @@ struct RegistryPull::State {
     LX_TRY(sandbox::SetNonBlocking(pipe.write.get()));
     l.write = std::move(pipe.write);
     l.taken = true;
+    l.hash = hash;
     fed.notify_one();
     return std::move(pipe.read);
   }
@@ -479,7 +496,7 @@ Result<std::unique_ptr<RegistryPull>> RegistryPull::Start(const std::string& spe
   int wake = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (wake < 0) return Fail(OsError(errno, "eventfd"));
   state->wake = UniqueFd(wake);
-  state->layers.resize(pull->image_.layers.size());
+  state->layers = std::vector<State::Layer>(pull->image_.layers.size());
   for (size_t i = 0; i < pull->image_.layers.size(); ++i) {
     const LayerSource& source = pull->image_.layers[i];
     State::Layer& l = state->layers[i];
@@ -497,6 +514,9 @@ Result<std::unique_ptr<RegistryPull>> RegistryPull::Start(const std::string& spe
     state->clients.push_back(std::move(clone));
   }
   pull->state_ = std::move(state);
+  for (size_t i = 0; i < pull->image_.layers.size(); ++i) {
+    pull->hashes_.push_back(std::make_unique<LayerHash>(pull->state_.get(), i));
+  }
   State* s = pull->state_.get();
   for (size_t w = 0; w < workers; ++w) s->workers.emplace_back([s, w] { s->Work(w); });
   s->feeder = std::thread([s] { s->Feed(); });
@@ -514,11 +534,36 @@ RegistryPull::~RegistryPull() {
   for (std::thread& t : state_->workers) t.join();
 }
 
+// What the job asks of layer i's stream as it reads it.
+class RegistryPull::LayerHash final : public HashedStream {
+ public:
+  LayerHash(State* state, size_t index) : state_(state), index_(index) {}
+  uint64_t BytesSoFar() const override {
+    return state_->layers[index_].written.load(std::memory_order_relaxed);
+  }
+  std::optional<Whole> Finished() const override {
+    std::lock_guard lock(state_->mu);
+    return state_->layers[index_].whole;
+  }
+
+ private:
+  State* state_;
+  size_t index_;
+};
+
 Result<UniqueFd> RegistryPull::Input(size_t index) {
   if (!state_ || index >= state_->layers.size()) {
     return Fail(MakeError(ErrorKind::kInternal, "no layer {}", index + 1));
   }
-  return state_->Input(index);
+  return state_->Input(index, false);
+}
+
+Result<ResolvedImage::Taken> RegistryPull::HashedInput(size_t index) {
+  if (!state_ || index >= state_->layers.size()) {
+    return Fail(MakeError(ErrorKind::kInternal, "no layer {}", index + 1));
+  }
+  LX_ASSIGN_OR_RETURN(UniqueFd fd, state_->Input(index, true));
+  return ResolvedImage::Taken{std::move(fd), hashes_[index].get()};
 }
 
 std::optional<Error> RegistryPull::Failure(size_t index) const {

@@ -80,6 +80,10 @@ class RegistryPull {
   // once). The feeder fills the pipes in order; closing one early stops the
   // pull.
   Result<sandbox::UniqueFd> Input(size_t index);
+  // The same for the job in this process: the feeder also hashes the stream as
+  // it writes it, and the extractor reads the pipe itself (no copy through
+  // the job's own pipe); `hashed` gives the digest once the stream ended.
+  Result<ResolvedImage::Taken> HashedInput(size_t index);
   // Why layer `index` (0-based) ended early: its download failed. nullopt
   // while it has not, or when the stream was whole (the job's checks decide).
   std::optional<Error> Failure(size_t index) const;
@@ -91,11 +95,13 @@ class RegistryPull {
   Counts counts() const;
 
   struct State;
+  class LayerHash;
 
  private:
   RegistryPull() = default;
   ResolvedImage image_;
   std::unique_ptr<State> state_;
+  std::vector<std::unique_ptr<LayerHash>> hashes_;  // one per layer
 };
 
 }  // namespace layerx::broker

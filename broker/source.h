@@ -40,6 +40,24 @@ struct Platform {
   std::string ToString() const;
 };
 
+// A stream its maker feeds and hashes itself (a registry pull): the
+// extractor reads it directly, so its bytes cross no pipe of the job's; the
+// job learns their count as they go and their sha256 once the stream ended.
+// SECURITY: only for a stream whose every byte passes through its maker (the
+// write end of a pipe it alone holds): the digest is of what was written.
+class HashedStream {
+ public:
+  virtual ~HashedStream() = default;
+  virtual uint64_t BytesSoFar() const = 0;
+  struct Whole {
+    std::string digest;  // "sha256:..."
+    uint64_t bytes = 0;
+  };
+  // Set once the maker wrote the last byte (before it closes the stream);
+  // nullopt while it goes on, or when it failed.
+  virtual std::optional<Whole> Finished() const = 0;
+};
+
 struct LayerSource {
   std::string display;                 // names the layer in errors: short digest or file
   int dir_fd = -1;                     // borrowed from the ResolvedImage; -1: `path` is plain
@@ -63,7 +81,11 @@ struct ResolvedImage {
   std::function<std::optional<Error>(size_t index)> feed_failure;
   // Streams made as the job reaches each layer (a registry's): layer i's fd,
   // owned by the caller for the layer's run. Unset: LayerSource::fd/path.
-  std::function<Result<sandbox::UniqueFd>(size_t index)> take_input;
+  struct Taken {
+    sandbox::UniqueFd fd;
+    const HashedStream* hashed = nullptr;  // set: read by the extractor directly
+  };
+  std::function<Result<Taken>(size_t index)> take_input;
 };
 
 // Errors: kPolicy for a malformed source name or a platform not in the index;
