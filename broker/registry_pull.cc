@@ -46,8 +46,11 @@ Result<std::unique_ptr<RegistryClient>> Connect(const RegistryRef& ref, const Pu
   LX_ASSIGN_OR_RETURN(std::optional<Credentials> credentials,
                       FindCredentials(ref.registry, options.creds, files));
   if (!options.tls_verify) {
-    Logger("broker")->warn(
-        "{}: TLS verification is off: certificates are not checked and plain http is allowed",
+    // Said with -v, where a user looks for why: a warning on every run would
+    // break the one line a failure prints.
+    Logger("broker")->info(
+        "{}: TLS VERIFICATION IS OFF (--tls-verify=false): certificates are not checked and "
+        "plain http is allowed",
         ref.registry);
   }
   Logger("broker")->info("registry {}: {} as {}", ref.registry, ref.ToString(),
