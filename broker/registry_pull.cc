@@ -472,6 +472,23 @@ struct RegistryPull::State {
   }
 };
 
+// What the job asks of layer i's stream as it reads it.
+class RegistryPull::LayerHash final : public HashedStream {
+ public:
+  LayerHash(State* state, size_t index) : state_(state), index_(index) {}
+  uint64_t BytesSoFar() const override {
+    return state_->layers[index_].written.load(std::memory_order_relaxed);
+  }
+  std::optional<Whole> Finished() const override {
+    std::lock_guard lock(state_->mu);
+    return state_->layers[index_].whole;
+  }
+
+ private:
+  State* state_;
+  size_t index_;
+};
+
 Result<std::unique_ptr<RegistryPull>> RegistryPull::Start(const std::string& spec,
                                                           const Platform& platform,
                                                           const PullOptions& options) {
@@ -538,23 +555,6 @@ RegistryPull::~RegistryPull() {
   if (state_->feeder.joinable()) state_->feeder.join();
   for (std::thread& t : state_->workers) t.join();
 }
-
-// What the job asks of layer i's stream as it reads it.
-class RegistryPull::LayerHash final : public HashedStream {
- public:
-  LayerHash(State* state, size_t index) : state_(state), index_(index) {}
-  uint64_t BytesSoFar() const override {
-    return state_->layers[index_].written.load(std::memory_order_relaxed);
-  }
-  std::optional<Whole> Finished() const override {
-    std::lock_guard lock(state_->mu);
-    return state_->layers[index_].whole;
-  }
-
- private:
-  State* state_;
-  size_t index_;
-};
 
 Result<UniqueFd> RegistryPull::Input(size_t index) {
   if (!state_ || index >= state_->layers.size()) {
