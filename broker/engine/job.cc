@@ -641,6 +641,7 @@ Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest&
       taken = std::move(got->fd);
       input.fd = taken.get();
       input.hashed = got->hashed;
+      input.expected_bytes = source.size.value_or(0);
     }
     if (want_ext4 && ::ftruncate(image_fd.get(), static_cast<off_t>(ctx.data.start)) != 0) {
       // The file ends where this layer's window starts: even a write that

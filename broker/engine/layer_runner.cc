@@ -415,7 +415,7 @@ Status Session::Run(const LayerInput& layer) {
   }
   LX_ASSIGN_OR_RETURN(struct stat st, sandbox::Fstat(blob_.get()));
   if (S_ISDIR(st.st_mode)) return Fail(MakeError(ErrorKind::kInvalidInput, "is a directory"));
-  if (S_ISREG(st.st_mode)) blob_bytes_ = static_cast<uint64_t>(st.st_size);
+  blob_bytes_ = S_ISREG(st.st_mode) ? static_cast<uint64_t>(st.st_size) : layer.expected_bytes;
   // A file found by name that no one but us (or root) can change: the
   // extractor reads it itself, through its own read-only open, while we hash
   // it here, so its bytes pass through no pipe. Both see the same bytes only

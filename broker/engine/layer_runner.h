@@ -27,6 +27,7 @@ struct LayerInput {
   // With `fd`: a pipe its maker feeds and hashes (source.h); the extractor
   // reads it itself and the digest comes from `hashed`.
   const HashedStream* hashed = nullptr;
+  uint64_t expected_bytes = 0;  // the manifest's size, for progress on a stream; 0: unknown
 };
 
 struct LayerReport {
