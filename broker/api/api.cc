@@ -1,6 +1,10 @@
-// The public C++ API (include/layerx/layerx.hpp) over the broker's job API:
-// requests in, reports or structured errors out. Nothing here decides anything
-// about layers; it translates (broker/bridge).
+// broker/api: the public C++ API (include/layerx/layerx.hpp; this file) and C
+// ABI (layerx.h; c_api.cc) over the engine and the service, and the public
+// library (liblayerx.so, liblayerx.a; liblayerx.map says what the .so
+// exports). May use: service, bridge, engine, log.
+//
+// Requests in, reports or structured errors out. Nothing here decides
+// anything about layers; it translates (broker/bridge).
 #include <nlohmann/json.hpp>
 
 #include "broker/bridge/bridge.h"

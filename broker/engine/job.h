@@ -1,3 +1,7 @@
+// broker/engine: the job: one jailed extractor per layer (layer_runner), the
+// records merged into the tree, the outputs (rootfs, ext4, manifest) renamed
+// into place only on success. May use: source, tree, ext4, log.
+//
 // One job = one image: layers applied lowest first, each by its own jailed
 // extractor, into a work dir beside the outputs; outputs are renamed into place
 // only when everything succeeded, and on any failure nothing is left behind.

@@ -1,3 +1,6 @@
+// broker/log: the component loggers and per-thread log targets every broker
+// folder logs through. May use: no other broker folder (spdlog only).
+//
 // Component loggers: `broker`, `sandbox`, `extractor`, `ext4`. Their sink sends
 // each line to the log target of the thread that logged it (a LogTarget in
 // scope: one per extraction, so concurrent extractions in one process each get

@@ -1,6 +1,6 @@
 # `layerx serve`: the extraction service's RPC interface (Cap'n Proto RPC over a
 # unix socket). What `layerx serve` and `layerx extract --connect` speak
-# (broker/service.cc, broker/service_client.cc). Ordinals are append-only.
+# (broker/service/hub.cc, broker/service/service_client.cc). Ordinals are append-only.
 #
 # No confused deputy: a client hands the service open file descriptors (an Fd
 # capability travels with its descriptor, SCM_RIGHTS, and the service reads it

@@ -1,6 +1,11 @@
 // broker/service: `layerx serve` and its client (include/layerx/layerx.hpp
-// Serve, QueryService, ExtractRequest::connect). What the public API calls
-// besides those two public functions. May use: bridge, engine, source, log.
+// Serve, QueryService, ExtractRequest::connect). The scheduler (scheduler.h,
+// plain logic), the loop and its jobs (hub.h), connections, request and
+// descriptor checks (request.h), workers, metrics and status, the listening
+// socket and stop signals (listen.h), the config and the RPC schema.
+// May use: bridge, engine, source, log.
+//
+// What the public API (broker/api) calls besides Serve and QueryService:
 #pragma once
 
 #include "layerx/layerx.hpp"

@@ -1,4 +1,4 @@
-// `layerx serve`'s configuration (broker/service.cc): TOML (toml++),
+// `layerx serve`'s configuration (broker/service/hub.cc): TOML (toml++),
 // packaging/serve.example.toml documents every key. Who a
 // peer is comes from SO_PEERCRED; this file maps its uid or gid to a tenant,
 // and each tenant to its limits and its policy file.

@@ -1,6 +1,6 @@
-// FailureKind on the service's wire (broker/service.capnp) and in the public
-// API, both ways: the server (broker/service.cc) and the client
-// (broker/service_client.cc) share one mapping. Not installed.
+// FailureKind on the service's wire (broker/service/service.capnp) and in the public
+// API, both ways: the server (broker/service/hub.cc) and the client
+// (broker/service/service_client.cc) share one mapping. Not installed.
 #pragma once
 
 #include "broker/service/service.capnp.h"

@@ -1,3 +1,8 @@
+// broker/source: image sources: OCI layouts, docker-archives, docker://
+// registries (registry_*), resolved to ordered layers with their digests and
+// opened without following links. May use: log (and extractor's digests,
+// sandbox, policy).
+//
 // Image sources, named the way skopeo names them, resolved to an ordered list
 // of layer blobs with what each must hash to:
 //   oci:DIR[:REF]   an OCI image layout; REF is a tag (org.opencontainers.image.ref.name)
@@ -14,7 +19,7 @@
 // opened by a digest that was validated first ("sha256:" + 64 hex), below the
 // layout dir (openat2 RESOLVE_BENEATH: a symlinked blob cannot lead out), and
 // the manifest and config are checked against their digests as they are read.
-// Layers are checked while they stream (broker/job.cc): compressed digest and
+// Layers are checked while they stream (broker/engine/job.cc): compressed digest and
 // size against the manifest, the tar stream's digest against the config's
 // rootfs.diff_ids.
 #pragma once
@@ -109,7 +114,7 @@ Result<ResolvedImage> ResolveFromDocument(const std::string& text, const std::st
 // docker-archive:FILE[:REF] (REF a RepoTag such as "debian:test"). Its outer
 // tar is attacker-controlled like a layer, so the broker never parses it: the
 // job unpacks it with a jailed extractor into a staging dir first
-// (broker/job.cc), then ResolveDockerArchive reads manifest.json there.
+// (broker/engine/job.cc), then ResolveDockerArchive reads manifest.json there.
 struct DockerArchiveSpec {
   std::string file;  // names it in errors
   std::string ref;

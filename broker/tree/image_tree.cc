@@ -93,7 +93,7 @@ void ImageTree::BeginLayer(DataWindow window) {
 // SECURITY: where the extractor says a file's data went is checked as closely as
 // its name: whole blocks, ascending, inside the file's size, and only inside
 // this layer's window of the data fd, where seccomp let it write. Two live
-// files sharing blocks is checked when the image is built (broker/ext4.cc),
+// files sharing blocks is checked when the image is built (broker/ext4/ext4.cc),
 // since only the final tree says which files live.
 Status ImageTree::ValidateExtents(const EntryRecord& r) {
   if (r.extents.empty()) return {};

@@ -1,3 +1,7 @@
+// broker/tree: the image's merged metadata, every record of a (possibly
+// compromised) extractor validated first. May use: no other broker folder
+// (extractor's records, policy).
+//
 // The image's merged metadata: one map keyed by resolved path, built from the
 // records of every layer in order. Every record is validated first (the
 // extractor may be compromised): a bad one is a kPeer error and nothing of it
