@@ -1,8 +1,8 @@
 #include "broker/source/registry_pull.h"
 
 #include <fcntl.h>
-#include <signal.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -40,14 +40,18 @@ Error Answered(Error e) {
   return Error(ErrorKind::kOs, 0, e.ToString());
 }
 
-Result<std::unique_ptr<RegistryClient>> Connect(const RegistryRef& ref, const PullOptions& options) {
+Result<std::unique_ptr<RegistryClient>> Connect(const RegistryRef& ref,
+                                                const PullOptions& options) {
   std::vector<std::string> files =
       options.auth_file.empty() ? AuthFilePaths() : std::vector<std::string>{options.auth_file};
   LX_ASSIGN_OR_RETURN(std::optional<Credentials> credentials,
                       FindCredentials(ref.registry, options.creds, files));
   if (!options.tls_verify) {
-    Logger("broker")->warn(
-        "{}: TLS verification is off: certificates are not checked and plain http is allowed",
+    // Said with -v, where a user looks for why: a warning on every run would
+    // break the one line a failure prints.
+    Logger("broker")->info(
+        "{}: TLS VERIFICATION IS OFF (--tls-verify=false): certificates are not checked and "
+        "plain http is allowed",
         ref.registry);
   }
   Logger("broker")->info("registry {}: {} as {}", ref.registry, ref.ToString(),
@@ -74,8 +78,9 @@ Result<ResolvedImage> Resolve(RegistryClient& client, const Platform& platform) 
       if (!got) return Fail(Answered(std::move(got).error()));
       RegistryManifest m = std::move(*got);
       if (size && *size != m.bytes.size()) {
-        return Fail(MakeError(ErrorKind::kIntegrity, "manifest {} is {} bytes, its descriptor says {}",
-                              digest, m.bytes.size(), *size));
+        return Fail(MakeError(ErrorKind::kIntegrity,
+                              "manifest {} is {} bytes, its descriptor says {}", digest,
+                              m.bytes.size(), *size));
       }
       return std::move(m.bytes);
     }
@@ -126,19 +131,19 @@ struct RegistryPull::State {
     std::string digest;
     std::optional<uint64_t> size;
     std::string display;
-    UniqueFd write;              // the pipe's write end, the feeder's (once taken)
-    bool taken = false;          // Input() made its pipe
+    UniqueFd write;      // the pipe's write end, the feeder's (once taken)
+    bool taken = false;  // Input() made its pipe
     // Hashed by the feeder as it writes (Input(i, true)): the extractor reads
     // the pipe itself, and the job takes the digest from here.
     bool hash = false;
     extractor::Sha256 sha;
     std::atomic<uint64_t> written{0};
     std::optional<HashedStream::Whole> whole;  // under mu
-    std::deque<Block> blocks;    // downloaded, not yet fed
-    uint64_t held = 0;           // bytes of blocks this layer holds
-    UniqueFd cached;             // a verified blob from the cache, fed whole
-    bool done = false;           // the download finished (or the cache had it)
-    std::optional<Error> error;  // the download failed
+    std::deque<Block> blocks;                  // downloaded, not yet fed
+    uint64_t held = 0;                         // bytes of blocks this layer holds
+    UniqueFd cached;                           // a verified blob from the cache, fed whole
+    bool done = false;                         // the download finished (or the cache had it)
+    std::optional<Error> error;                // the download failed
   };
 
   RegistryRef ref;
@@ -169,9 +174,7 @@ struct RegistryPull::State {
     if (arena != nullptr) ::munmap(arena, arena_size);
   }
 
-  bool Stopped() const {
-    return stop || (options.cancel != nullptr && options.cancel->load());
-  }
+  bool Stopped() const { return stop || (options.cancel != nullptr && options.cancel->load()); }
 
   void StopAll() {
     stop = true;
@@ -186,8 +189,9 @@ struct RegistryPull::State {
   // layers that wait for it).
   void MapArena(size_t workers_count) {
     constexpr size_t kHuge = 2 << 20;
-    arena_size = (options.spool_bytes + kCurrentReserve + (workers_count + 1) * kCopyChunk +
-                  2 * kHuge - 1) / kHuge * kHuge;
+    arena_size =
+        (options.spool_bytes + kCurrentReserve + (workers_count + 1) * kCopyChunk + 2 * kHuge - 1) /
+        kHuge * kHuge;
     void* p = ::mmap(nullptr, arena_size, PROT_READ | PROT_WRITE,
                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) {
@@ -279,7 +283,8 @@ struct RegistryPull::State {
   bool FromCache(size_t i) {
     Layer& l = layers[i];
     std::string name = l.digest.substr(7);
-    auto fd = sandbox::OpenRegularFile(cache_dir.get(), name, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS);
+    auto fd =
+        sandbox::OpenRegularFile(cache_dir.get(), name, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS);
     if (!fd) return false;
     // Of another size: dropped unread (a planted huge file is never hashed).
     auto st = sandbox::Fstat(fd->get());

@@ -33,23 +33,23 @@
 #include <vector>
 
 #include "broker/source/source.h"
-#include "sandbox/fd.h"
 #include "policy/result.h"
+#include "sandbox/fd.h"
 
 namespace layerx::broker {
 
 struct PullOptions {
-  std::optional<std::string> creds;  // --creds USER:PASS; SECURITY: a secret, never logged
-  std::string auth_file;             // --authfile: only this file; empty: AuthFilePaths()
-  std::string cert_dir;              // --cert-dir: CAs (*.crt) for the registry
-  bool tls_verify = true;            // false: no certificate checks, plain http allowed
-  std::string blob_cache;            // empty: none
-  unsigned parallel = 3;             // layers downloaded ahead of the one being applied
-  uint64_t spool_bytes = 32ull << 20;   // downloaded ahead, all layers together
-  long low_speed_seconds = 60;          // a transfer with no byte for this long fails
-  long total_timeout_ms = 0;            // any one request; 0: none (the job's clock)
-  int blob_retries = 5;                 // a blob transfer cut short resumes this often
-  long retry_backoff_ms = 250;          // before the first resume, doubled after each
+  std::optional<std::string> creds;    // --creds USER:PASS; SECURITY: a secret, never logged
+  std::string auth_file;               // --authfile: only this file; empty: AuthFilePaths()
+  std::string cert_dir;                // --cert-dir: CAs (*.crt) for the registry
+  bool tls_verify = true;              // false: no certificate checks, plain http allowed
+  std::string blob_cache;              // empty: none
+  unsigned parallel = 3;               // layers downloaded ahead of the one being applied
+  uint64_t spool_bytes = 32ull << 20;  // downloaded ahead, all layers together
+  long low_speed_seconds = 60;         // a transfer with no byte for this long fails
+  long total_timeout_ms = 0;           // any one request; 0: none (the job's clock)
+  int blob_retries = 5;                // a blob transfer cut short resumes this often
+  long retry_backoff_ms = 250;         // before the first resume, doubled after each
   const std::atomic<bool>* cancel = nullptr;
 };
 

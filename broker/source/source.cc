@@ -396,11 +396,11 @@ Result<ResolvedImage> ResolveSources(const std::vector<std::string>& specs,
     return image;
   }
   for (const std::string& spec : specs) {
-    if (spec.rfind("oci:", 0) == 0 || spec.rfind("docker-archive:", 0) == 0) {
-      return Fail(Error(ErrorKind::kPolicy, 0,
-                        spec.rfind("oci:", 0) == 0
-                            ? "an oci: source names a whole image: give it alone"
-                            : "a docker-archive: source names a whole image: give it alone"));
+    for (const char* prefix : {"oci:", "docker-archive:", "docker://"}) {
+      if (spec.starts_with(prefix)) {
+        return Fail(MakeError(ErrorKind::kPolicy,
+                              "a {} source names a whole image: give it alone", prefix));
+      }
     }
     if (int passed = PassedFd(spec); passed >= 0) {
       LX_TRY(CheckPassedFd(passed, spec));
