@@ -151,7 +151,7 @@ Result<std::vector<sock_filter>> CompileFdFilter(const policy::Policy& policy,
     return scmp_arg_cmp{arg, SCMP_CMP_MASKED_EQ, 0xffffffffu, static_cast<scmp_datum_t>(kInputFd)};
   };
   // The layer's fd 0 is read and nothing else, ever: it may be a read-only
-  // open of the caller's own file (see broker/layer_runner.cc), whose inode
+  // open of the caller's own file (see broker/engine/layer_runner.cc), whose inode
   // the jail's uid owns (rootless: 0 is the caller) or may act on (root: the
   // file caps). fchmod(0, 04755) would make a root-owned blob with the
   // attacker's bytes setuid on the host (the review found it).

@@ -27,7 +27,7 @@ if [ ! -e $dir ] && [ "$(id -u)" = 0 ] && command -v setpriv >/dev/null &&
 fi
 dir=$(readlink -f $dir 2>/dev/null || echo $dir)
 if [ "$stage" != test ]; then
-  # -O0: with ASan + UBSan, gcc takes 3.4x the CPU at -O2 (broker/main.cc: 60 s
+  # -O0: with ASan + UBSan, gcc takes 3.4x the CPU at -O2 (broker/cli/main.cc: 60 s
   # vs 204 s), while the suites spend their time in mkfs, e2fsck, umoci and
   # python, not in instrumented code. -g1: line tables are all a report needs.
   cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Debug -DLAYERX_SANITIZE=ON \

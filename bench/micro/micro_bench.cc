@@ -14,7 +14,7 @@
 #include <random>
 #include <string>
 
-#include "broker/image_tree.h"
+#include "broker/tree/image_tree.h"
 #include "extractor/applier.h"
 #include "extractor/digest.h"
 #include "extractor/entry_name.h"

@@ -268,7 +268,7 @@ LAYERX_API bool ShowPolicy(const std::string& policy_file, const std::string& po
                            std::string* toml, ExtractError* error);
 
 // The service: `layerx serve`. Runs until SIGTERM or SIGINT (or `stop` is
-// set): listens on a unix socket for Cap'n Proto RPC (broker/service.capnp),
+// set): listens on a unix socket for Cap'n Proto RPC (broker/service/service.capnp),
 // maps each peer to a tenant by SO_PEERCRED, and runs its jobs with the
 // tenant's policy and limits, fairly across tenants. On the stop signal it
 // stops accepting, lets running jobs finish within the configured grace, then

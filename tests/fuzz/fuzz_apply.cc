@@ -32,7 +32,7 @@
 #include <string_view>
 #include <vector>
 
-#include "broker/image_tree.h"
+#include "broker/tree/image_tree.h"
 #include "extractor/applier.h"
 #include "extractor/extract.h"
 #include "extractor/layer_reader.h"

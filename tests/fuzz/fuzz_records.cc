@@ -34,10 +34,10 @@
 #include <string>
 #include <vector>
 
-#include "broker/ext4.h"
-#include "broker/image_tree.h"
-#include "broker/layer_runner.h"
-#include "broker/manifest.h"
+#include "broker/ext4/ext4.h"
+#include "broker/tree/image_tree.h"
+#include "broker/engine/layer_runner.h"
+#include "broker/engine/manifest.h"
 #include "extractor/entry_name.h"
 #include "extractor/wire/codec.h"
 #include "sandbox/sys.h"

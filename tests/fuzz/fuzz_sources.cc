@@ -30,7 +30,7 @@
 #include <string_view>
 #include <vector>
 
-#include "broker/source.h"
+#include "broker/source/source.h"
 #include "extractor/digest.h"
 #include "sandbox/sys.h"
 

@@ -1,6 +1,6 @@
 #!/usr/bin/python3
 """A fake registry on 127.0.0.1 for what docker-registry cannot show without a
-token server (tests/broker/registry_client_test.cc, RegistryClientFakeTest):
+token server (tests/broker/source/registry_client_test.cc, RegistryClientFakeTest):
   /v2/ asks for a Bearer token from its own /token realm, which hands one out for
   Basic user:pass only (anonymous and wrong passwords get 401);
   /v2/app/manifests/v1 needs the token and serves MANIFEST;

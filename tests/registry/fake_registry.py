@@ -1,6 +1,6 @@
 #!/usr/bin/python3
 """A hostile registry on 127.0.0.1 (plain http, anonymous) for the docker://
-end-to-end tests (tests/broker/registry_pull_test.cc): it serves the images of
+end-to-end tests (tests/broker/source/registry_pull_test.cc): it serves the images of
 an OCI layout the test wrote, and the repository name says how it lies.
 
   /v2/                              200 {}

@@ -14,7 +14,7 @@
 #include <string>
 #include <vector>
 
-#include "broker/manifest.h"
+#include "broker/engine/manifest.h"
 
 namespace {
 

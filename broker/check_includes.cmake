@@ -1,0 +1,31 @@
+cmake_minimum_required(VERSION 3.25)
+# cmake -DPART=engine -DALLOWED=source,tree -DFILES=a.cc,b.h -DSTAMP=file -P check_includes.cmake
+# Fails when a file of broker/PART includes a header of a broker folder that is
+# neither PART nor in ALLOWED (the folders PART's target links), or a header
+# straight under broker/ (there are none: every unit lives in a folder).
+string(REPLACE "," ";" allowed "${ALLOWED}")
+string(REPLACE "," ";" files "${FILES}")
+set(bad "")
+foreach(file IN LISTS files)
+  file(STRINGS ${file} lines REGEX "^[ \t]*#[ \t]*include[ \t]*[\"<]broker/")
+  foreach(line IN LISTS lines)
+    if(line MATCHES "[\"<]broker/([^/\">]+)/")
+      set(used ${CMAKE_MATCH_1})
+      if(NOT used STREQUAL PART AND NOT used IN_LIST allowed)
+        string(APPEND bad "  ${file}: ${line}\n")
+      endif()
+    else()
+      string(APPEND bad "  ${file}: ${line}\n")
+    endif()
+  endforeach()
+endforeach()
+if(bad)
+  if(allowed)
+    list(JOIN allowed ", " allowed_text)
+  else()
+    set(allowed_text "no other broker folder")
+  endif()
+  message(FATAL_ERROR "broker/${PART} may use ${allowed_text} (its target_link_libraries); "
+                      "these includes reach further:\n${bad}")
+endif()
+file(TOUCH ${STAMP})

@@ -1,0 +1,614 @@
+#include "broker/engine/layer_runner.h"
+
+#include <capnp/serialize.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/magic.h>
+#include <poll.h>
+#include <signal.h>
+#include <spdlog/spdlog.h>
+#include <sys/vfs.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <memory>
+#include <vector>
+
+#include "broker/log/logging.h"
+#include "extractor/digest.h"
+#include "extractor/wire/codec.h"
+#include "sandbox/spawn.h"
+#include "sandbox/sys.h"
+
+namespace layerx::broker {
+
+using sandbox::UniqueFd;
+
+namespace {
+
+constexpr size_t kFeedChunk = 1 << 20;
+
+// A filesystem whose files' owner and mode are the kernel's own word.
+bool OnLocalFilesystem(int fd) {
+  struct statfs fs;
+  if (::fstatfs(fd, &fs) != 0) return false;
+  switch (static_cast<unsigned long>(fs.f_type)) {
+    case EXT4_SUPER_MAGIC:  // ext2, ext3 too
+    case XFS_SUPER_MAGIC:
+    case BTRFS_SUPER_MAGIC:
+    case TMPFS_MAGIC:
+    case F2FS_SUPER_MAGIC:
+    case OVERLAYFS_SUPER_MAGIC:
+      return true;
+    default:
+      return false;
+  }
+}
+constexpr size_t kMaxStderrBytes = 64 * 1024;
+
+// The broker's side of one extractor: the fds it polls and what came back.
+class Session {
+ public:
+  Session(const RunContext& ctx, ImageTree& tree, LayerReport& report)
+      : ctx_(ctx), tree_(tree), report_(report), log_(Logger("extractor")) {}
+
+  Status Run(const LayerInput& layer);
+
+ private:
+  Status Feed();
+  Status HashSome();
+  Status DrainBlob();
+  Result<std::optional<size_t>> ReadBlob();
+  Error TimeoutError() const;
+  Status ReadChannel();
+  Status HandleMessage(kj::ArrayPtr<const capnp::word> words);
+  Status CheckInflation(uint64_t data_bytes);
+  void ReadStderr(bool flush);
+  Error ExitError(const sandbox::ExitStatus& status);
+
+  const RunContext& ctx_;
+  ImageTree& tree_;
+  LayerReport& report_;
+  std::shared_ptr<spdlog::logger> log_;
+
+  UniqueFd blob_;
+  UniqueFd feed_;     // write end of the child's fd 0
+  UniqueFd channel_;  // our end of the record socket
+  UniqueFd stderr_;   // read end of the child's fds 1 and 2
+  std::vector<std::byte> feed_buf_;
+  size_t feed_off_ = 0;
+  bool blob_eof_ = false;
+  bool direct_ = false;  // the extractor reads the blob's file itself; we only hash it
+  // The extractor reads a stream its maker hashes (LayerInput::hashed); blob_
+  // is our own open of it, to drain what the extractor leaves.
+  const HashedStream* hashed_ = nullptr;
+  extractor::Sha256 sha_;
+
+  // Word-aligned for capnp. Not a std::vector: capnp::word cannot be copied or
+  // moved, which libstdc++ refuses to grow under clang.
+  kj::Array<capnp::word> msg_buf_;
+  size_t msg_bytes_ = 0;
+  bool channel_eof_ = false;
+  bool got_summary_ = false;
+  std::optional<Error> failure_;
+  std::string stderr_line_;
+  std::string last_stderr_;
+  size_t stderr_bytes_ = 0;
+  pid_t pid_ = 0;
+  uint64_t records_ = 0;
+  uint64_t layer_data_bytes_ = 0;
+  uint64_t blob_bytes_ = 0;
+  int64_t last_progress_ns_ = 0;
+  void Report(size_t index, bool done) {
+    if (!ctx_.progress) return;
+    int64_t now = sandbox::MonotonicNs();
+    if (!done && now - last_progress_ns_ < 100'000'000) return;
+    last_progress_ns_ = now;
+    ctx_.progress(LayerProgress{.index = index,
+                                .bytes_fed = report_.compressed_bytes,
+                                .blob_bytes = blob_bytes_,
+                                .records = records_,
+                                .done = done});
+  }
+  int64_t deadline_ = 0;
+  bool job_clock_ = false;  // the job's deadline comes before the layer's
+};
+
+Status Session::Feed() {
+  while (true) {
+    if (feed_off_ == feed_buf_.size()) {
+      if (blob_eof_) {
+        feed_.reset();  // EOF for the extractor
+        return {};
+      }
+      LX_ASSIGN_OR_RETURN(std::optional<size_t> n, ReadBlob());
+      if (!n) return {};  // a stream with nothing yet: poll waits for it
+      if (*n == 0) continue;
+    }
+    ssize_t w = ::write(feed_.get(), feed_buf_.data() + feed_off_, feed_buf_.size() - feed_off_);
+    if (w < 0) {
+      if (errno == EAGAIN) return {};
+      if (errno == EINTR) continue;
+      if (errno == EPIPE) {
+        // The extractor stopped reading (done or dead): its messages and exit
+        // status tell which. The rest of the blob is hashed once it is known
+        // to have succeeded (a failed layer's blob need not be read on).
+        feed_.reset();
+        feed_buf_.clear();
+        feed_off_ = 0;
+        return {};
+      }
+      return Fail(OsError(errno, "write layer to extractor"));
+    }
+    feed_off_ += static_cast<size_t>(w);
+  }
+}
+
+// One chunk of a blob the extractor reads itself (direct_), hashed meanwhile.
+Status Session::HashSome() {
+  LX_TRY(ReadBlob());
+  if (report_.compressed_bytes > ctx_.policy->limits.max_layer_bytes) {
+    return Fail(MakeError(ErrorKind::kLimitExceeded, "blob is over max_layer_bytes={}",
+                          ctx_.policy->limits.max_layer_bytes));
+  }
+  return {};
+}
+
+// Reads and hashes the rest of the blob, so the digest always covers all of it.
+Status Session::DrainBlob() {
+  while (!blob_eof_) {
+    LX_ASSIGN_OR_RETURN(std::optional<size_t> n, ReadBlob());
+    // Bytes after the end of the tar stream: a stream that never ends must
+    // not keep the broker hashing until the clock runs out.
+    if (report_.compressed_bytes > ctx_.policy->limits.max_layer_bytes) {
+      return Fail(MakeError(ErrorKind::kLimitExceeded,
+                            "blob goes on past max_layer_bytes={} after its tar stream ended",
+                            ctx_.policy->limits.max_layer_bytes));
+    }
+    if (n) continue;
+    // A stream that is slow to end: wait for it, within the clock.
+    if (ctx_.cancel && ctx_.cancel->load())
+      return Fail(MakeError(ErrorKind::kCancelled, "interrupted"));
+    if (sandbox::MonotonicNs() >= deadline_) return Fail(TimeoutError());
+    struct pollfd pfd = {blob_.get(), POLLIN, 0};
+    (void)::poll(&pfd, 1, 100);
+  }
+  feed_buf_.clear();
+  feed_off_ = 0;
+  return {};
+}
+
+// The next chunk of the blob into feed_buf_, hashed and counted; 0 at its end;
+// nullopt when the blob is a stream with nothing to read yet.
+Result<std::optional<size_t>> Session::ReadBlob() {
+  feed_buf_.resize(kFeedChunk);
+  ssize_t n;
+  do {
+    n = ::read(blob_.get(), feed_buf_.data(), feed_buf_.size());
+  } while (n < 0 && errno == EINTR);
+  if (n < 0 && errno == EAGAIN) {
+    feed_buf_.clear();
+    feed_off_ = 0;
+    return std::optional<size_t>();
+  }
+  if (n < 0) return Fail(OsError(errno, "read layer"));
+  feed_buf_.resize(static_cast<size_t>(n));
+  feed_off_ = 0;
+  if (hashed_ != nullptr) {
+    report_.compressed_bytes = hashed_->BytesSoFar();
+  } else {
+    sha_.Update(feed_buf_.data(), static_cast<size_t>(n));
+    report_.compressed_bytes += static_cast<uint64_t>(n);
+  }
+  blob_eof_ = n == 0;
+  return std::optional<size_t>(static_cast<size_t>(n));
+}
+
+Error Session::TimeoutError() const {
+  if (job_clock_) {
+    return MakeError(ErrorKind::kLimitExceeded, "job took longer than job_timeout_ms={}",
+                     ctx_.policy->limits.job_timeout_ms);
+  }
+  return MakeError(ErrorKind::kLimitExceeded, "layer took longer than layer_timeout_ms={}",
+                   ctx_.policy->limits.layer_timeout_ms);
+}
+
+// The layer's limits on the broker's own counts (file data from the records,
+// compressed bytes it fed), so an extractor that ignores them is stopped too.
+// The feed runs ahead of what the extractor consumed, so this is the looser
+// check; the extractor's own, on the tar stream, stops an honest one first.
+Status Session::CheckInflation(uint64_t data_bytes) {
+  const policy::Limits& limits = ctx_.policy->limits;
+  layer_data_bytes_ += data_bytes;
+  if (layer_data_bytes_ > limits.max_layer_bytes) {
+    return Fail(MakeError(ErrorKind::kLimitExceeded, "layer data over max_layer_bytes={}",
+                          limits.max_layer_bytes));
+  }
+  uint64_t fed = std::max<uint64_t>(report_.compressed_bytes, 1);
+  if (limits.max_compression_ratio != 0 && layer_data_bytes_ > policy::kRatioGraceBytes &&
+      layer_data_bytes_ / fed >= limits.max_compression_ratio) {
+    return Fail(MakeError(ErrorKind::kLimitExceeded,
+                          "layer data {} bytes from {}: over max_compression_ratio={}",
+                          layer_data_bytes_, fed, limits.max_compression_ratio));
+  }
+  return {};
+}
+
+Status Session::HandleMessage(kj::ArrayPtr<const capnp::word> words) {
+  if (got_summary_ || failure_) return Fail(MakeError(ErrorKind::kPeer, "message after the end"));
+  capnp::ReaderOptions options;
+  options.traversalLimitInWords = ctx_.policy->limits.max_record_message_bytes / 8;
+  options.nestingLimit = 8;
+  try {
+    capnp::FlatArrayMessageReader reader(words, options);
+    auto message = reader.getRoot<wire::Message>();
+    switch (message.which()) {
+      case wire::Message::BATCH:
+        return MergeBatch(message.getBatch(), tree_, [this](uint64_t data_bytes) {
+          ++records_;
+          return CheckInflation(data_bytes);
+        });
+      case wire::Message::SUMMARY: {
+        auto s = message.getSummary();
+        got_summary_ = true;
+        report_.entries = s.getEntries();
+        report_.file_bytes = s.getFileBytes();
+        report_.uncompressed_bytes = s.getUncompressedBytes();
+        report_.uncompressed_digest = std::string(s.getUncompressedDigest().cStr());
+        if (report_.uncompressed_bytes > ctx_.policy->limits.max_layer_bytes) {
+          return Fail(MakeError(ErrorKind::kLimitExceeded, "layer inflates past max_layer_bytes={}",
+                                ctx_.policy->limits.max_layer_bytes));
+        }
+        report_.setup_ns = s.getReadyMonotonicNs();  // made relative by the caller
+        report_.extract_ns = s.getDoneMonotonicNs() - s.getReadyMonotonicNs();
+        report_.send_ns = s.getSendNs();
+        report_.extractor_peak_rss_kib = s.getPeakRssKib();
+        return {};
+      }
+      case wire::Message::FAILURE: {
+        auto f = message.getFailure();
+        uint16_t kind = f.getKind();
+        if (kind > static_cast<uint16_t>(ErrorKind::kInternal))
+          kind = static_cast<uint16_t>(ErrorKind::kPeer);
+        // The errno is the extractor's word, used only to tell a full disk
+        // (a scratch tmpfs is retried on disk), never trusted for more.
+        int err = f.getErrno() > 0 && f.getErrno() < 4096 ? f.getErrno() : 0;
+        std::string message(f.getMessage().cStr());
+        std::string suffix = err != 0 ? ": " + ErrnoName(err) : std::string();
+        if (err != 0 && message.ends_with(suffix)) {
+          message.resize(message.size() - suffix.size());  // ToString() adds it back
+        }
+        Error error(static_cast<ErrorKind>(kind), err, std::move(message));
+        auto entry = f.getEntry();
+        if (entry.size() > 0) {
+          error = std::move(error).WithEntry(
+              std::string(reinterpret_cast<const char*>(entry.begin()), entry.size()));
+        }
+        failure_ = std::move(error);
+        return {};
+      }
+      default:
+        return Fail(MakeError(ErrorKind::kPeer, "unknown message"));
+    }
+  } catch (const kj::Exception& e) {
+    return Fail(
+        MakeError(ErrorKind::kPeer, "malformed record message: {}", e.getDescription().cStr()));
+  }
+}
+
+Status Session::ReadChannel() {
+  const size_t max_bytes = ctx_.policy->limits.max_record_message_bytes;
+  while (true) {
+    if (msg_buf_.size() * sizeof(capnp::word) - msg_bytes_ < 64 * 1024) {
+      auto bigger = kj::heapArray<capnp::word>(std::max<size_t>(msg_buf_.size() * 2, 16 * 1024));
+      if (msg_bytes_ > 0) std::memcpy(bigger.asBytes().begin(), msg_buf_.begin(), msg_bytes_);
+      msg_buf_ = kj::mv(bigger);
+    }
+    auto* base = reinterpret_cast<std::byte*>(msg_buf_.begin());
+    ssize_t n = ::read(channel_.get(), base + msg_bytes_,
+                       msg_buf_.size() * sizeof(capnp::word) - msg_bytes_);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN) break;
+      return Fail(OsError(errno, "read records"));
+    }
+    if (n == 0) {
+      channel_eof_ = true;
+      break;
+    }
+    msg_bytes_ += static_cast<size_t>(n);
+    // Every complete message in the buffer, in order.
+    size_t consumed = 0;
+    while (true) {
+      size_t avail_words = (msg_bytes_ - consumed) / sizeof(capnp::word);
+      if (avail_words == 0) break;
+      kj::ArrayPtr<const capnp::word> prefix(msg_buf_.begin() + consumed / sizeof(capnp::word),
+                                             avail_words);
+      size_t need = capnp::expectedSizeInWordsFromPrefix(prefix);
+      if (need * sizeof(capnp::word) > max_bytes) {
+        return Fail(MakeError(ErrorKind::kPeer, "record message over {} bytes", max_bytes));
+      }
+      if (need > avail_words) break;
+      int64_t merge_start = sandbox::MonotonicNs();
+      LX_TRY(HandleMessage(prefix.slice(0, need)));
+      report_.merge_ns += sandbox::MonotonicNs() - merge_start;
+      consumed += need * sizeof(capnp::word);
+    }
+    if (consumed > 0) {
+      std::memmove(base, base + consumed, msg_bytes_ - consumed);
+      msg_bytes_ -= consumed;
+    }
+  }
+  if (channel_eof_ && msg_bytes_ != 0) {
+    return Fail(MakeError(ErrorKind::kPeer, "record stream ends inside a message"));
+  }
+  return {};
+}
+
+void Session::ReadStderr(bool flush) {
+  char buf[4096];
+  while (stderr_.valid()) {
+    ssize_t n = ::read(stderr_.get(), buf, sizeof(buf));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      if (n == 0) stderr_.reset();
+      break;
+    }
+    for (ssize_t i = 0; i < n; ++i) {
+      if (buf[i] == '\n' || stderr_line_.size() >= 1024) {
+        if (stderr_bytes_ < kMaxStderrBytes) log_->warn("stderr: pid={} {:?}", pid_, stderr_line_);
+        stderr_bytes_ += stderr_line_.size();
+        last_stderr_ = std::move(stderr_line_);
+        stderr_line_.clear();
+        if (buf[i] == '\n') continue;
+      }
+      stderr_line_ += buf[i];
+    }
+  }
+  if (flush && !stderr_line_.empty()) {
+    last_stderr_ = std::move(stderr_line_);
+    stderr_line_.clear();
+  }
+}
+
+Error Session::ExitError(const sandbox::ExitStatus& status) {
+  if (!status.exited) {
+    const char* name = sigabbrev_np(status.signal);
+    std::string why = status.signal == SIGSYS ? " (forbidden syscall, seccomp)" : "";
+    return MakeError(ErrorKind::kPeer, "extractor killed by SIG{}{}", name ? name : "?", why);
+  }
+  if (!last_stderr_.empty()) {
+    return MakeError(ErrorKind::kPeer, "extractor exited with status {}: {:?}", status.code,
+                     last_stderr_);
+  }
+  return MakeError(ErrorKind::kPeer, "extractor exited with status {}", status.code);
+}
+
+Status Session::Run(const LayerInput& layer) {
+  sandbox::ScopedSigpipeBlock no_sigpipe;  // a dead extractor is EPIPE on its input
+  UniqueFd hashed_input;
+  if (layer.fd >= 0 && layer.hashed != nullptr) {
+    // A pipe its maker feeds and hashes (a registry pull): the extractor gets
+    // it as its fd 0; we keep an open file description of our own, non-
+    // blocking, to drain what the extractor leaves after the tar stream.
+    hashed_ = layer.hashed;
+    LX_ASSIGN_OR_RETURN(hashed_input, sandbox::Dup(layer.fd));
+    LX_ASSIGN_OR_RETURN(blob_, sandbox::ReopenFd(layer.fd, O_RDONLY | O_NONBLOCK));
+  } else if (layer.fd >= 0) {
+    // A descriptor a client passed (layerx serve): read from its start, never
+    // blocking (a stream must not wedge the job past its clock or a cancel).
+    LX_ASSIGN_OR_RETURN(blob_, sandbox::Dup(layer.fd));
+    int flags = ::fcntl(blob_.get(), F_GETFL);
+    if (flags < 0 || ::fcntl(blob_.get(), F_SETFL, flags | O_NONBLOCK) != 0) {
+      return Fail(OsError(errno, "fcntl"));
+    }
+    (void)::lseek(blob_.get(), 0, SEEK_SET);  // ESPIPE for a stream
+  } else if (layer.dir_fd >= 0) {
+    // Found by name (a layout, a staged archive): a regular file only, opened
+    // so that the open cannot block; a fifo or device is refused here.
+    LX_ASSIGN_OR_RETURN(blob_, sandbox::OpenRegularFile(layer.dir_fd, layer.path,
+                                                        RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS));
+  } else {
+    // A plain file named by the caller: the same. Only a descriptor the
+    // caller passed (above) may be a stream.
+    LX_ASSIGN_OR_RETURN(blob_, sandbox::OpenRegularFile(AT_FDCWD, layer.path, 0));
+  }
+  LX_ASSIGN_OR_RETURN(struct stat st, sandbox::Fstat(blob_.get()));
+  if (S_ISDIR(st.st_mode)) return Fail(MakeError(ErrorKind::kInvalidInput, "is a directory"));
+  blob_bytes_ = S_ISREG(st.st_mode) ? static_cast<uint64_t>(st.st_size) : layer.expected_bytes;
+  // A file found by name that no one but us (or root) can change: the
+  // extractor reads it itself, through its own read-only open, while we hash
+  // it here, so its bytes pass through no pipe. Both see the same bytes only
+  // because no one else can write them in between: owner and mode say so on a
+  // local filesystem (on a network or FUSE one the server decides). Anything
+  // else (a client's fd, a stream, a file others may write) is fed through
+  // the pipe, hashed as it goes in. The jail can only read its fd 0
+  // (sandbox::CompileFdFilter).
+  sandbox::JailData data = ctx_.data;
+  UniqueFd direct_input;
+  if (layer.fd < 0 && S_ISREG(st.st_mode) && (st.st_uid == ::geteuid() || st.st_uid == 0) &&
+      (st.st_mode & 022) == 0 && data.mode == sandbox::DataMode::kImage &&
+      OnLocalFilesystem(blob_.get())) {
+    LX_ASSIGN_OR_RETURN(direct_input, sandbox::ReopenFd(blob_.get(), O_RDONLY));
+    direct_ = true;
+    data.copy_input = data.mode == sandbox::DataMode::kImage && ctx_.window_at_front ? 1 : 0;
+  }
+  LX_ASSIGN_OR_RETURN(sandbox::Pipe input, sandbox::MakePipe(0));
+  if (direct_) {
+    input.write.reset();
+    input.read = std::move(direct_input);
+  } else if (hashed_ != nullptr) {
+    input.write.reset();
+    input.read = std::move(hashed_input);
+  }
+  LX_ASSIGN_OR_RETURN(sandbox::Pipe errpipe, sandbox::MakePipe(0));
+  LX_ASSIGN_OR_RETURN(auto sockets, sandbox::MakeSocketPair());
+  // The extractor's own open of the image: write-only, so it can neither read
+  // it (the lower layers' data) nor map it.
+  UniqueFd data_fd;
+  if (ctx_.data_fd >= 0) {
+    LX_ASSIGN_OR_RETURN(data_fd, sandbox::ReopenFd(ctx_.data_fd, O_WRONLY));
+  }
+  if (input.write.valid()) ::fcntl(input.write.get(), F_SETPIPE_SZ, 1 << 20);  // best effort
+
+  int64_t start = sandbox::MonotonicNs();
+  sandbox::SpawnRequest request{
+      .program_fd = ctx_.extractor_fd,
+      .argv = {"layerx-extractor"},
+      .rootfs_fd = ctx_.rootfs_fd,
+      .input_fd = input.read.get(),
+      .channel_fd = sockets.second.get(),
+      .stderr_fd = errpipe.write.get(),
+      .policy = ctx_.policy,
+      .data_fd = data_fd.get(),
+      .data = data,
+  };
+  request.argv.insert(request.argv.end(), ctx_.extractor_args.begin(), ctx_.extractor_args.end());
+  LX_ASSIGN_OR_RETURN(sandbox::Child child, sandbox::Spawn(request));
+  pid_ = child.pid();
+  input.read.reset();
+  sockets.second.reset();
+  errpipe.write.reset();
+  data_fd.reset();
+  feed_ = std::move(input.write);
+  channel_ = std::move(sockets.first);
+  stderr_ = std::move(errpipe.read);
+  for (int fd : {feed_.get(), channel_.get(), stderr_.get()}) {
+    if (fd >= 0) LX_TRY(sandbox::SetNonBlocking(fd));
+  }
+  log_->debug("spawned: layer={} pid={} spawn_ms={:.2f}", layer.index, child.pid(),
+              (sandbox::MonotonicNs() - start) / 1e6);
+
+  deadline_ = start + static_cast<int64_t>(ctx_.policy->limits.layer_timeout_ms) * 1'000'000;
+  if (ctx_.job_deadline_ns > 0 && ctx_.job_deadline_ns < deadline_) {
+    deadline_ = ctx_.job_deadline_ns;
+    job_clock_ = true;
+  }
+  bool exited = false;
+  while (!exited || !channel_eof_ || stderr_.valid()) {
+    if (ctx_.cancel && ctx_.cancel->load()) {
+      return Fail(MakeError(ErrorKind::kCancelled, "interrupted"));  // ~Child kills and reaps
+    }
+    int64_t now = sandbox::MonotonicNs();
+    if (now >= deadline_) return Fail(TimeoutError());
+    struct pollfd fds[4];
+    int n = 0;
+    int feed_idx = -1, chan_idx = -1, err_idx = -1, pid_idx = -1;
+    if (feed_.valid()) {
+      // With nothing buffered, wait for the blob (a stream may be slow);
+      // otherwise for room in the extractor's pipe.
+      bool need_input = feed_off_ == feed_buf_.size() && !blob_eof_;
+      fds[feed_idx = n++] =
+          need_input ? pollfd{blob_.get(), POLLIN, 0} : pollfd{feed_.get(), POLLOUT, 0};
+    }
+    if (!channel_eof_) fds[chan_idx = n++] = {channel_.get(), POLLIN, 0};
+    if (stderr_.valid()) fds[err_idx = n++] = {stderr_.get(), POLLIN, 0};
+    if (!exited) fds[pid_idx = n++] = {child.pidfd(), POLLIN, 0};
+    // A blob the extractor reads itself is hashed between polls.
+    const bool hashing = direct_ && !blob_eof_;
+    int timeout_ms = hashing ? 0
+                             : static_cast<int>(
+                                   std::min<int64_t>((deadline_ - now) / 1'000'000 + 1, 100));
+    int rc = ::poll(fds, static_cast<nfds_t>(n), timeout_ms);
+    if (rc < 0) {
+      if (errno == EINTR) continue;
+      return Fail(OsError(errno, "poll"));
+    }
+    if (feed_idx >= 0 && fds[feed_idx].revents) LX_TRY(Feed());
+    if (hashing) LX_TRY(HashSome());
+    if (hashed_ != nullptr) {
+      report_.compressed_bytes = hashed_->BytesSoFar();
+      if (report_.compressed_bytes > ctx_.policy->limits.max_layer_bytes) {
+        return Fail(MakeError(ErrorKind::kLimitExceeded, "blob is over max_layer_bytes={}",
+                              ctx_.policy->limits.max_layer_bytes));
+      }
+    }
+    if (chan_idx >= 0 && fds[chan_idx].revents) LX_TRY(ReadChannel());
+    Report(layer.index, false);
+    if (err_idx >= 0 && fds[err_idx].revents) ReadStderr(false);
+    if (pid_idx >= 0 && fds[pid_idx].revents) {
+      exited = true;
+      feed_.reset();
+    }
+  }
+  ReadStderr(true);
+  LX_ASSIGN_OR_RETURN(sandbox::ExitStatus status, child.Wait());
+  if (failure_) return Fail(*failure_);
+  if (!status.exited || status.code != 0) return Fail(ExitError(status));
+  // The extractor is gone; hash what it did not read so the digest covers the blob.
+  LX_TRY(DrainBlob());
+  report_.total_ns = sandbox::MonotonicNs() - start;
+  if (hashed_ != nullptr) {
+    // The stream ended: its maker hashed all of it before closing it.
+    std::optional<HashedStream::Whole> whole = hashed_->Finished();
+    if (!whole) return Fail(MakeError(ErrorKind::kIntegrity, "blob stream ended early"));
+    report_.compressed_digest = whole->digest;
+    report_.compressed_bytes = whole->bytes;
+  } else {
+    report_.compressed_digest = sha_.Finish();
+  }
+  // An uncompressed layer's tar stream is the blob: the extractor leaves its
+  // digest to us. (Claimed of a compressed layer, it would name the blob's
+  // digest as the diff_id, which then fails the config's check.)
+  if (got_summary_ && report_.uncompressed_digest.empty()) {
+    report_.uncompressed_digest = report_.compressed_digest;
+  }
+  if (!got_summary_) return Fail(MakeError(ErrorKind::kPeer, "extractor ended without a summary"));
+  report_.setup_ns -= start;
+  Report(layer.index, true);
+  return {};
+}
+
+}  // namespace
+
+Status MergeBatch(capnp::List<wire::Record>::Reader batch, ImageTree& tree,
+                  const std::function<Status(uint64_t data_bytes)>& on_entry) {
+  for (auto record : batch) {
+    switch (record.which()) {
+      case wire::Record::ENTRY: {
+        auto entry = wire::FromWire(record.getEntry());
+        if (!entry) return Fail(MakeError(ErrorKind::kPeer, "bad record: unknown kind"));
+        uint64_t data_bytes = AccountedBytes(*entry);
+        LX_TRY(tree.Add(std::move(*entry)));
+        LX_TRY(on_entry(data_bytes));
+        break;
+      }
+      case wire::Record::REMOVAL:
+        LX_TRY(tree.Add(wire::FromWire(record.getRemoval())));
+        break;
+      default:
+        return Fail(MakeError(ErrorKind::kPeer, "bad record: unknown union member"));
+    }
+  }
+  return {};
+}
+
+Result<LayerReport> RunLayer(const RunContext& ctx, const LayerInput& layer, ImageTree& tree) {
+  LayerReport report;
+  report.index = layer.index;
+  report.path = layer.path;
+  // What the tree holds so far is lower to this layer's records (whiteouts and
+  // opaque markers hide lower entries only).
+  const bool to_image = ctx.data.mode == sandbox::DataMode::kImage ||
+                        ctx.data.mode == sandbox::DataMode::kTreeAndImage;
+  tree.BeginLayer(
+      DataWindow{.enabled = to_image, .start = ctx.data.start, .block_size = ctx.data.block_size});
+  Session session(ctx, tree, report);
+  LX_TRY(session.Run(layer));
+  if (to_image) {
+    // What the records point at must be what the layer wrote: inside the
+    // file as it stands now. The next layer starts past all of it.
+    LX_ASSIGN_OR_RETURN(struct stat st, sandbox::Fstat(ctx.data_fd));
+    const uint64_t bs = ctx.data.block_size;
+    uint64_t end = (static_cast<uint64_t>(st.st_size) + bs - 1) / bs * bs;
+    if (tree.layer_data_end() > end) {
+      return Fail(MakeError(ErrorKind::kPeer,
+                            "bad record: data extents end at {}, past the {} bytes written",
+                            tree.layer_data_end(), end));
+    }
+    report.data_end = std::max(end, ctx.data.start);
+  }
+  return report;
+}
+
+}  // namespace layerx::broker

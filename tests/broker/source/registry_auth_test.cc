@@ -1,0 +1,203 @@
+// Registry credentials from --creds and the auth files skopeo reads
+// (broker/registry_auth.cc). Each test writes its files into a temp dir.
+#include "broker/source/registry_auth.h"
+
+#include <gtest/gtest.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+
+namespace layerx::broker {
+namespace {
+
+// base64("alice:s3cret:x") and base64("bob:pw"), written by hand once and
+// checked by the decoder test below against the plain text.
+constexpr char kAliceAuth[] = "YWxpY2U6czNjcmV0Ong=";
+constexpr char kBobAuth[] = "Ym9iOnB3";
+
+class RegistryAuthTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/layerx-auth-XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+    for (const char* v : {"REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "HOME"}) {
+      const char* old = getenv(v);
+      saved_.emplace_back(v, old ? std::optional<std::string>(old) : std::nullopt);
+    }
+  }
+  void TearDown() override {
+    for (auto& [name, value] : saved_) {
+      if (value) {
+        setenv(name.c_str(), value->c_str(), 1);
+      } else {
+        unsetenv(name.c_str());
+      }
+    }
+    std::filesystem::permissions(dir_, std::filesystem::perms::owner_all);
+    std::error_code ec;
+    for (auto& p : std::filesystem::recursive_directory_iterator(dir_, ec)) {
+      std::filesystem::permissions(p.path(), std::filesystem::perms::owner_all, ec);
+    }
+    std::filesystem::remove_all(dir_);
+  }
+  std::string Write(const std::string& rel, const std::string& text) {
+    std::string path = dir_ + "/" + rel;
+    std::filesystem::create_directories(std::filesystem::path(path).parent_path());
+    std::ofstream(path) << text;
+    return path;
+  }
+  static std::string Auths(const std::string& key, const std::string& auth) {
+    return R"({"auths":{")" + key + R"(":{"auth":")" + auth + R"("}}})";
+  }
+
+  std::string dir_;
+  std::vector<std::pair<std::string, std::optional<std::string>>> saved_;
+};
+
+TEST_F(RegistryAuthTest, CredsFlagWinsOverFiles) {
+  std::string f = Write("a.json", Auths("quay.io", kBobAuth));
+  auto c = FindCredentials("quay.io", std::string("alice:pw:with:colons"), {f});
+  ASSERT_TRUE(c) << c.error().ToString();
+  ASSERT_TRUE(c->has_value());
+  EXPECT_EQ((*c)->username, "alice");
+  EXPECT_EQ((*c)->password, "pw:with:colons");
+}
+
+TEST_F(RegistryAuthTest, RejectsCredsWithoutColonOrUser) {
+  for (const char* bad : {"alice", ":pw", ""}) {
+    auto c = FindCredentials("quay.io", std::string(bad), {});
+    ASSERT_FALSE(c) << bad;
+    EXPECT_EQ(c.error().kind(), ErrorKind::kPolicy);
+  }
+}
+
+TEST_F(RegistryAuthTest, DecodesAuthWithOpenSsl) {
+  std::string f = Write("a.json", Auths("quay.io", kAliceAuth));
+  auto c = FindCredentials("quay.io", std::nullopt, {f});
+  ASSERT_TRUE(c) << c.error().ToString();
+  ASSERT_TRUE(c->has_value());
+  EXPECT_EQ((*c)->username, "alice");
+  EXPECT_EQ((*c)->password, "s3cret:x");
+}
+
+TEST_F(RegistryAuthTest, FirstFileWithAnEntryWins) {
+  std::string none = Write("none.json", R"({"auths":{"other.io":{"auth":"Ym9iOnB3"}}})");
+  std::string first = Write("first.json", Auths("127.0.0.1:5000", kBobAuth));
+  std::string second = Write("second.json", Auths("127.0.0.1:5000", kAliceAuth));
+  auto c = FindCredentials("127.0.0.1:5000", std::nullopt, {none, first, second});
+  ASSERT_TRUE(c) << c.error().ToString();
+  ASSERT_TRUE(c->has_value());
+  EXPECT_EQ((*c)->username, "bob");
+}
+
+TEST_F(RegistryAuthTest, PortIsPartOfTheKey) {
+  std::string f = Write("a.json", Auths("127.0.0.1:5000", kBobAuth));
+  auto c = FindCredentials("127.0.0.1:5001", std::nullopt, {f});
+  ASSERT_TRUE(c);
+  EXPECT_FALSE(c->has_value());
+}
+
+TEST_F(RegistryAuthTest, MatchesUrlKeys) {
+  std::string f = Write("a.json", Auths("https://quay.io/v1/", kBobAuth));
+  auto c = FindCredentials("quay.io", std::nullopt, {f});
+  ASSERT_TRUE(c);
+  ASSERT_TRUE(c->has_value());
+  EXPECT_EQ((*c)->username, "bob");
+}
+
+TEST_F(RegistryAuthTest, DockerHubV1KeyServesDockerIo) {
+  std::string f = Write("home/.docker/config.json", Auths("https://index.docker.io/v1/", kBobAuth));
+  auto c = FindCredentials("docker.io", std::nullopt, {f});
+  ASSERT_TRUE(c);
+  ASSERT_TRUE(c->has_value());
+  EXPECT_EQ((*c)->username, "bob");
+}
+
+TEST_F(RegistryAuthTest, NoEntryMeansAnonymous) {
+  std::string f = Write("a.json", R"({"auths":{}})");
+  std::string g = Write("b.json", R"({"credHelpers":{"quay.io":"x"}})");
+  auto c = FindCredentials("quay.io", std::nullopt, {f, g, dir_ + "/missing.json"});
+  ASSERT_TRUE(c) << c.error().ToString();
+  EXPECT_FALSE(c->has_value());
+}
+
+TEST_F(RegistryAuthTest, SkipsUnreadableAndNonRegularFiles) {
+  std::string unreadable = Write("unreadable.json", Auths("quay.io", kAliceAuth));
+  chmod(unreadable.c_str(), 0);
+  std::string fifo = dir_ + "/fifo.json";
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  std::string subdir = dir_ + "/dir.json";
+  ASSERT_EQ(mkdir(subdir.c_str(), 0700), 0);
+  std::string good = Write("good.json", Auths("quay.io", kBobAuth));
+  auto c = FindCredentials("quay.io", std::nullopt, {fifo, subdir, unreadable, good});
+  ASSERT_TRUE(c) << c.error().ToString();
+  ASSERT_TRUE(c->has_value());
+  // Root reads a mode-0 file; others skip it. Either way the fifo did not block.
+  EXPECT_EQ((*c)->username, geteuid() == 0 ? "alice" : "bob");
+}
+
+TEST_F(RegistryAuthTest, RejectsMalformedJsonWithoutQuotingIt) {
+  std::string f = Write("a.json", R"({"auths":{"quay.io":{"auth":"c2VjcmV0LXZhbHVl" oops)");
+  auto c = FindCredentials("quay.io", std::nullopt, {f});
+  ASSERT_FALSE(c);
+  EXPECT_EQ(c.error().kind(), ErrorKind::kPolicy);
+  EXPECT_EQ(c.error().ToString().find("c2VjcmV0"), std::string::npos) << c.error().ToString();
+}
+
+TEST_F(RegistryAuthTest, RejectsBadBase64WithoutQuotingIt) {
+  // Not base64; base64 without a colon ("secretvalue"); a missing user ("":pw).
+  for (const char* bad : {"s3cr%t!!", "c2VjcmV0dmFsdWU=", "OnB3"}) {
+    std::string f = Write("a.json", Auths("quay.io", bad));
+    auto c = FindCredentials("quay.io", std::nullopt, {f});
+    ASSERT_FALSE(c) << bad;
+    EXPECT_EQ(c.error().kind(), ErrorKind::kPolicy);
+    std::string msg = c.error().ToString();
+    EXPECT_EQ(msg.find(bad), std::string::npos) << msg;
+    EXPECT_EQ(msg.find("secretvalue"), std::string::npos) << msg;
+  }
+}
+
+TEST_F(RegistryAuthTest, RegistryAuthFileIsTheOnlyFileWhenSet) {
+  setenv("REGISTRY_AUTH_FILE", (dir_ + "/given.json").c_str(), 1);
+  setenv("HOME", (dir_ + "/home").c_str(), 1);
+  EXPECT_EQ(AuthFilePaths(), std::vector<std::string>{dir_ + "/given.json"});
+}
+
+TEST_F(RegistryAuthTest, AuthFilePathsInSkopeoOrder) {
+  unsetenv("REGISTRY_AUTH_FILE");
+  setenv("XDG_RUNTIME_DIR", (dir_ + "/run").c_str(), 1);
+  unsetenv("XDG_CONFIG_HOME");
+  setenv("HOME", (dir_ + "/home").c_str(), 1);
+  std::vector<std::string> want = {dir_ + "/run/containers/auth.json",
+                                   dir_ + "/home/.config/containers/auth.json",
+                                   dir_ + "/home/.docker/config.json"};
+  EXPECT_EQ(AuthFilePaths(), want);
+  setenv("XDG_CONFIG_HOME", (dir_ + "/cfg").c_str(), 1);
+  unsetenv("XDG_RUNTIME_DIR");
+  want = {"/run/containers/" + std::to_string(getuid()) + "/auth.json",
+          dir_ + "/cfg/containers/auth.json", dir_ + "/home/.docker/config.json"};
+  EXPECT_EQ(AuthFilePaths(), want);
+}
+
+TEST_F(RegistryAuthTest, FindsDockerConfigThroughTheEnvironment) {
+  unsetenv("REGISTRY_AUTH_FILE");
+  setenv("XDG_RUNTIME_DIR", (dir_ + "/run").c_str(), 1);
+  unsetenv("XDG_CONFIG_HOME");
+  setenv("HOME", (dir_ + "/home").c_str(), 1);
+  Write("home/.docker/config.json", Auths("quay.io", kBobAuth));
+  auto c = FindCredentials("quay.io", std::nullopt, AuthFilePaths());
+  ASSERT_TRUE(c) << c.error().ToString();
+  ASSERT_TRUE(c->has_value());
+  EXPECT_EQ((*c)->username, "bob");
+  Write("run/containers/auth.json", Auths("quay.io", kAliceAuth));
+  c = FindCredentials("quay.io", std::nullopt, AuthFilePaths());
+  ASSERT_TRUE(c && c->has_value());
+  EXPECT_EQ((*c)->username, "alice");
+}
+
+}  // namespace
+}  // namespace layerx::broker
