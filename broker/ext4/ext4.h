@@ -1,5 +1,6 @@
-// broker/ext4: the ext4 image built with libext2fs from the tree (ext4_io:
-// its I/O manager). May use: tree, log.
+// broker/ext4: the ext4 image built with libext2fs from the tree (ext4_layout:
+// the tree as the image holds it; ext4_builder: its inodes; ext4_io: the I/O
+// manager). May use: tree, log.
 //
 // The ext4 image, built with libext2fs straight from the merged records. The
 // jailed extractors already wrote every regular file's bytes into the image
