@@ -5,6 +5,12 @@
 // One job = one image: layers applied lowest first, each by its own jailed
 // extractor, into a work dir beside the outputs; outputs are renamed into place
 // only when everything succeeded, and on any failure nothing is left behind.
+//
+// Its parts: job.cc (RunExtract), job_outputs.h (where a job writes: the work
+// dir, the rootfs target, the output files), job_sources.h (what it reads
+// besides the layers; job_sources.cc also has FindExtractor and Inspect),
+// layer_runner.h (one layer; its Session in layer_session.h, the records in
+// layer_records.cc).
 #pragma once
 
 #include <atomic>
@@ -12,8 +18,8 @@
 #include <string>
 #include <vector>
 
-#include "broker/ext4/ext4.h"
 #include "broker/engine/layer_runner.h"
+#include "broker/ext4/ext4.h"
 #include "broker/source/registry_pull.h"
 #include "broker/source/source.h"
 #include "policy/policy.h"
@@ -30,8 +36,8 @@ struct ExtractRequest {
   // point, say), kept 0700 until the job succeeded and then given the image
   // root's mode (and owner, as root), left empty as found on failure.
   std::optional<std::string> rootfs;
-  std::optional<std::string> manifest;   // replaced on success only
-  std::optional<std::string> ext4;       // the ext4 image; replaced on success only
+  std::optional<std::string> manifest;  // replaced on success only
+  std::optional<std::string> ext4;      // the ext4 image; replaced on success only
   Ext4Options ext4_options;
   policy::Policy policy;
   std::string extractor_path;  // empty: FindExtractor()

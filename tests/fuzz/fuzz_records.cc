@@ -1,6 +1,6 @@
 // fuzz_records: the broker's record validation and merge on an arbitrary record
 // stream, as a compromised extractor could send it. The bytes are cut into
-// framed Cap'n Proto messages and dispatched the way broker/layer_runner.cc
+// framed Cap'n Proto messages and dispatched the way broker/engine/layer_records.cc
 // does (Session::ReadChannel and HandleMessage: the same reader options, the
 // same dispatch, kj::Exception caught as kPeer) into a broker::ImageTree; the
 // stream stops at the first refusal, as the broker does. A summary ends one
@@ -34,10 +34,10 @@
 #include <string>
 #include <vector>
 
-#include "broker/ext4/ext4.h"
-#include "broker/tree/image_tree.h"
 #include "broker/engine/layer_runner.h"
 #include "broker/engine/manifest.h"
+#include "broker/ext4/ext4.h"
+#include "broker/tree/image_tree.h"
 #include "extractor/entry_name.h"
 #include "extractor/wire/codec.h"
 #include "sandbox/sys.h"

@@ -1,0 +1,96 @@
+// broker/engine, inside layer_runner: Session, the broker's side of one jailed
+// extractor. Its spawn, feed, clock, stderr and reaping are in
+// layer_runner.cc; the record channel it reads and merges, in
+// layer_records.cc. Not installed.
+#pragma once
+
+#include <capnp/common.h>
+#include <kj/array.h>
+#include <spdlog/spdlog.h>
+#include <sys/types.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "broker/engine/layer_runner.h"
+#include "broker/log/logging.h"
+#include "extractor/digest.h"
+#include "sandbox/fd.h"
+#include "sandbox/spawn.h"
+#include "sandbox/sys.h"
+
+namespace layerx::broker {
+
+// The broker's side of one extractor: the fds it polls and what came back.
+class Session {
+ public:
+  Session(const RunContext& ctx, ImageTree& tree, LayerReport& report)
+      : ctx_(ctx), tree_(tree), report_(report), log_(Logger("extractor")) {}
+
+  Status Run(const LayerInput& layer);
+
+ private:
+  Status Feed();
+  Status HashSome();
+  Status DrainBlob();
+  Result<std::optional<size_t>> ReadBlob();
+  Error TimeoutError() const;
+  Status ReadChannel();
+  Status HandleMessage(kj::ArrayPtr<const capnp::word> words);
+  Status CheckInflation(uint64_t data_bytes);
+  void ReadStderr(bool flush);
+  Error ExitError(const sandbox::ExitStatus& status);
+
+  const RunContext& ctx_;
+  ImageTree& tree_;
+  LayerReport& report_;
+  std::shared_ptr<spdlog::logger> log_;
+
+  sandbox::UniqueFd blob_;
+  sandbox::UniqueFd feed_;     // write end of the child's fd 0
+  sandbox::UniqueFd channel_;  // our end of the record socket
+  sandbox::UniqueFd stderr_;   // read end of the child's fds 1 and 2
+  std::vector<std::byte> feed_buf_;
+  size_t feed_off_ = 0;
+  bool blob_eof_ = false;
+  bool direct_ = false;  // the extractor reads the blob's file itself; we only hash it
+  // The extractor reads a stream its maker hashes (LayerInput::hashed); blob_
+  // is our own open of it, to drain what the extractor leaves.
+  const HashedStream* hashed_ = nullptr;
+  extractor::Sha256 sha_;
+
+  // Word-aligned for capnp. Not a std::vector: capnp::word cannot be copied or
+  // moved, which libstdc++ refuses to grow under clang.
+  kj::Array<capnp::word> msg_buf_;
+  size_t msg_bytes_ = 0;
+  bool channel_eof_ = false;
+  bool got_summary_ = false;
+  std::optional<Error> failure_;
+  std::string stderr_line_;
+  std::string last_stderr_;
+  size_t stderr_bytes_ = 0;
+  pid_t pid_ = 0;
+  uint64_t records_ = 0;
+  uint64_t layer_data_bytes_ = 0;
+  uint64_t blob_bytes_ = 0;
+  int64_t last_progress_ns_ = 0;
+  void Report(size_t index, bool done) {
+    if (!ctx_.progress) return;
+    int64_t now = sandbox::MonotonicNs();
+    if (!done && now - last_progress_ns_ < 100'000'000) return;
+    last_progress_ns_ = now;
+    ctx_.progress(LayerProgress{.index = index,
+                                .bytes_fed = report_.compressed_bytes,
+                                .blob_bytes = blob_bytes_,
+                                .records = records_,
+                                .done = done});
+  }
+  int64_t deadline_ = 0;
+  bool job_clock_ = false;  // the job's deadline comes before the layer's
+};
+
+}  // namespace layerx::broker
