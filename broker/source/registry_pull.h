@@ -3,7 +3,7 @@
 //
 // Resolution reads the manifest by tag or digest (an index picks the manifest
 // for the platform, as for oci:), then the config, each checked against its
-// digest (broker/source.cc walks the documents, broker/registry_client.cc
+// digest (broker/source/source.cc walks the documents, broker/source/registry_client.cc
 // fetches them). Then RegistryPull::Start gives every layer a pipe: the job
 // reads layer i from its pipe exactly as it reads a pipe the service was
 // handed, so the blob's digest and size (against the manifest) and the tar

@@ -114,7 +114,7 @@ Result<ResolvedImage> ResolveFromDocument(const std::string& text, const std::st
 // docker-archive:FILE[:REF] (REF a RepoTag such as "debian:test"). Its outer
 // tar is attacker-controlled like a layer, so the broker never parses it: the
 // job unpacks it with a jailed extractor into a staging dir first
-// (broker/engine/job.cc), then ResolveDockerArchive reads manifest.json there.
+// (broker/engine/job_sources.cc), then ResolveDockerArchive reads manifest.json there.
 struct DockerArchiveSpec {
   std::string file;  // names it in errors
   std::string ref;

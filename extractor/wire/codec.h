@@ -18,7 +18,7 @@ namespace layerx::wire {
 
 void ToWire(const extractor::EntryRecord& in, Entry::Builder out);
 void ToWire(const extractor::RemovalRecord& in, Removal::Builder out);
-// Copies fields out as they are; validation is the broker's job (broker/validate.h).
+// Copies fields out as they are; validation is the broker's job (broker/tree/image_tree.h).
 // An unknown kind (a newer or lying writer) comes back as nullopt.
 std::optional<extractor::EntryRecord> FromWire(Entry::Reader in);
 extractor::RemovalRecord FromWire(Removal::Reader in);

@@ -18,7 +18,7 @@
 // After each input the target traps when a tree invariant is broken (the root
 // is a directory; every other path is canonical and its parent is a directory
 // in the tree; no inode is a hardlink or a shared directory), or when the
-// manifest (broker/manifest.h) of the tree is not one JSON object per entry,
+// manifest (broker/engine/manifest.h) of the tree is not one JSON object per entry,
 // naming each path exactly.
 #include <capnp/message.h>
 #include <capnp/serialize.h>

@@ -1,4 +1,4 @@
-// fuzz_sources: the broker's reading of image documents (broker/source.h): an
+// fuzz_sources: the broker's reading of image documents (broker/source/source.h): an
 // OCI layout through ResolveSources("oci:DIR[:REF]"), an unpacked docker-archive
 // through ResolveDockerArchive (manifest.json, or the legacy `repositories`).
 //
@@ -124,7 +124,7 @@ void CheckDigest(const std::string& digest, const char* what) {
 
 enum class Source { kOci, kDockerArchive, kLegacyArchive };
 
-// What a resolver returned is what it promised (broker/source.h). A legacy
+// What a resolver returned is what it promised (broker/source/source.h). A legacy
 // archive carries no digests at all.
 void CheckImage(const broker::ResolvedImage& image, Source source) {
   if (source != Source::kLegacyArchive) {

@@ -246,7 +246,7 @@ TEST_F(DataFdTest, CopyFromTheLayerFileOnlyWhereNothingLiesBelow) {
   ExpectLowerDataUntouched();
 }
 
-// With direct input (broker/layer_runner.cc) fd 0 is a read-only open of the
+// With direct input (broker/engine/layer_runner.cc) fd 0 is a read-only open of the
 // caller's (or root's) own layer file on the host, an inode the jail's uid
 // owns (rootless: 0 is the caller) or may act on (root: the file caps). It may
 // only be read: chmod, xattrs, times and dup of it are killed (the review
