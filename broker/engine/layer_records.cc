@@ -1,7 +1,9 @@
 // The record channel of one extractor: framed Cap'n Proto messages read off
-// its socket and dispatched (Session::ReadChannel, Session::HandleMessage),
+// its socket and dispatched (RecordReader::Read, RecordReader::HandleMessage),
 // batches merged into the tree (MergeBatch, layer_runner.h), and the broker's
-// own check on how far a layer inflates (Session::CheckInflation).
+// own check on how far a layer inflates (RecordReader::CheckInflation).
+#include "broker/engine/layer_records.h"
+
 #include <capnp/serialize.h>
 #include <errno.h>
 #include <unistd.h>
@@ -9,8 +11,8 @@
 #include <algorithm>
 #include <cstring>
 
-#include "broker/engine/layer_session.h"
 #include "extractor/wire/codec.h"
+#include "sandbox/sys.h"
 
 namespace layerx::broker {
 
@@ -18,7 +20,7 @@ namespace layerx::broker {
 // compressed bytes it fed), so an extractor that ignores them is stopped too.
 // The feed runs ahead of what the extractor consumed, so this is the looser
 // check; the extractor's own, on the tar stream, stops an honest one first.
-Status Session::CheckInflation(uint64_t data_bytes) {
+Status RecordReader::CheckInflation(uint64_t data_bytes) {
   const policy::Limits& limits = ctx_.policy->limits;
   layer_data_bytes_ += data_bytes;
   if (layer_data_bytes_ > limits.max_layer_bytes) {
@@ -35,7 +37,7 @@ Status Session::CheckInflation(uint64_t data_bytes) {
   return {};
 }
 
-Status Session::HandleMessage(kj::ArrayPtr<const capnp::word> words) {
+Status RecordReader::HandleMessage(kj::ArrayPtr<const capnp::word> words) {
   if (got_summary_ || failure_) return Fail(MakeError(ErrorKind::kPeer, "message after the end"));
   capnp::ReaderOptions options;
   options.traversalLimitInWords = ctx_.policy->limits.max_record_message_bytes / 8;
@@ -97,7 +99,7 @@ Status Session::HandleMessage(kj::ArrayPtr<const capnp::word> words) {
   }
 }
 
-Status Session::ReadChannel() {
+Status RecordReader::Read() {
   const size_t max_bytes = ctx_.policy->limits.max_record_message_bytes;
   while (true) {
     if (msg_buf_.size() * sizeof(capnp::word) - msg_bytes_ < 64 * 1024) {
@@ -114,7 +116,7 @@ Status Session::ReadChannel() {
       return Fail(OsError(errno, "read records"));
     }
     if (n == 0) {
-      channel_eof_ = true;
+      eof_ = true;
       break;
     }
     msg_bytes_ += static_cast<size_t>(n);
@@ -140,7 +142,7 @@ Status Session::ReadChannel() {
       msg_bytes_ -= consumed;
     }
   }
-  if (channel_eof_ && msg_bytes_ != 0) {
+  if (eof_ && msg_bytes_ != 0) {
     return Fail(MakeError(ErrorKind::kPeer, "record stream ends inside a message"));
   }
   return {};

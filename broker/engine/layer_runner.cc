@@ -275,11 +275,11 @@ Status Session::Run(const LayerInput& layer) {
   errpipe.write.reset();
   data_fd.reset();
   feed_ = std::move(input.write);
-  channel_ = std::move(sockets.first);
   stderr_ = std::move(errpipe.read);
-  for (int fd : {feed_.get(), channel_.get(), stderr_.get()}) {
+  for (int fd : {feed_.get(), sockets.first.get(), stderr_.get()}) {
     if (fd >= 0) LX_TRY(sandbox::SetNonBlocking(fd));
   }
+  records_.Open(std::move(sockets.first));
   log_->debug("spawned: layer={} pid={} spawn_ms={:.2f}", layer.index, child.pid(),
               (sandbox::MonotonicNs() - start) / 1e6);
 
@@ -289,7 +289,7 @@ Status Session::Run(const LayerInput& layer) {
     job_clock_ = true;
   }
   bool exited = false;
-  while (!exited || !channel_eof_ || stderr_.valid()) {
+  while (!exited || !records_.eof() || stderr_.valid()) {
     if (ctx_.cancel && ctx_.cancel->load()) {
       return Fail(MakeError(ErrorKind::kCancelled, "interrupted"));  // ~Child kills and reaps
     }
@@ -305,7 +305,7 @@ Status Session::Run(const LayerInput& layer) {
       fds[feed_idx = n++] =
           need_input ? pollfd{blob_.get(), POLLIN, 0} : pollfd{feed_.get(), POLLOUT, 0};
     }
-    if (!channel_eof_) fds[chan_idx = n++] = {channel_.get(), POLLIN, 0};
+    if (!records_.eof()) fds[chan_idx = n++] = {records_.fd(), POLLIN, 0};
     if (stderr_.valid()) fds[err_idx = n++] = {stderr_.get(), POLLIN, 0};
     if (!exited) fds[pid_idx = n++] = {child.pidfd(), POLLIN, 0};
     // A blob the extractor reads itself is hashed between polls.
@@ -326,7 +326,7 @@ Status Session::Run(const LayerInput& layer) {
                               ctx_.policy->limits.max_layer_bytes));
       }
     }
-    if (chan_idx >= 0 && fds[chan_idx].revents) LX_TRY(ReadChannel());
+    if (chan_idx >= 0 && fds[chan_idx].revents) LX_TRY(records_.Read());
     Report(layer.index, false);
     if (err_idx >= 0 && fds[err_idx].revents) ReadStderr(false);
     if (pid_idx >= 0 && fds[pid_idx].revents) {
@@ -336,7 +336,7 @@ Status Session::Run(const LayerInput& layer) {
   }
   ReadStderr(true);
   LX_ASSIGN_OR_RETURN(sandbox::ExitStatus status, child.Wait());
-  if (failure_) return Fail(*failure_);
+  if (records_.failure()) return Fail(*records_.failure());
   if (!status.exited || status.code != 0) return Fail(ExitError(status));
   // The extractor is gone; hash what it did not read so the digest covers the blob.
   LX_TRY(DrainBlob());
@@ -353,10 +353,11 @@ Status Session::Run(const LayerInput& layer) {
   // An uncompressed layer's tar stream is the blob: the extractor leaves its
   // digest to us. (Claimed of a compressed layer, it would name the blob's
   // digest as the diff_id, which then fails the config's check.)
-  if (got_summary_ && report_.uncompressed_digest.empty()) {
+  if (records_.got_summary() && report_.uncompressed_digest.empty()) {
     report_.uncompressed_digest = report_.compressed_digest;
   }
-  if (!got_summary_) return Fail(MakeError(ErrorKind::kPeer, "extractor ended without a summary"));
+  if (!records_.got_summary())
+    return Fail(MakeError(ErrorKind::kPeer, "extractor ended without a summary"));
   report_.setup_ns -= start;
   Report(layer.index, true);
   return {};

@@ -1,11 +1,9 @@
 // broker/engine, inside layer_runner: Session, the broker's side of one jailed
 // extractor. Its spawn, feed, clock, stderr and reaping are in
-// layer_runner.cc; the record channel it reads and merges, in
-// layer_records.cc. Not installed.
+// layer_runner.cc; the record channel it reads and merges is a RecordReader
+// (layer_records.h). Not installed.
 #pragma once
 
-#include <capnp/common.h>
-#include <kj/array.h>
 #include <spdlog/spdlog.h>
 #include <sys/types.h>
 
@@ -16,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "broker/engine/layer_records.h"
 #include "broker/engine/layer_runner.h"
 #include "broker/log/logging.h"
 #include "extractor/digest.h"
@@ -29,7 +28,7 @@ namespace layerx::broker {
 class Session {
  public:
   Session(const RunContext& ctx, ImageTree& tree, LayerReport& report)
-      : ctx_(ctx), tree_(tree), report_(report), log_(Logger("extractor")) {}
+      : ctx_(ctx), report_(report), log_(Logger("extractor")), records_(ctx, tree, report) {}
 
   Status Run(const LayerInput& layer);
 
@@ -39,21 +38,16 @@ class Session {
   Status DrainBlob();
   Result<std::optional<size_t>> ReadBlob();
   Error TimeoutError() const;
-  Status ReadChannel();
-  Status HandleMessage(kj::ArrayPtr<const capnp::word> words);
-  Status CheckInflation(uint64_t data_bytes);
   void ReadStderr(bool flush);
   Error ExitError(const sandbox::ExitStatus& status);
 
   const RunContext& ctx_;
-  ImageTree& tree_;
   LayerReport& report_;
   std::shared_ptr<spdlog::logger> log_;
 
   sandbox::UniqueFd blob_;
-  sandbox::UniqueFd feed_;     // write end of the child's fd 0
-  sandbox::UniqueFd channel_;  // our end of the record socket
-  sandbox::UniqueFd stderr_;   // read end of the child's fds 1 and 2
+  sandbox::UniqueFd feed_;    // write end of the child's fd 0
+  sandbox::UniqueFd stderr_;  // read end of the child's fds 1 and 2
   std::vector<std::byte> feed_buf_;
   size_t feed_off_ = 0;
   bool blob_eof_ = false;
@@ -63,19 +57,11 @@ class Session {
   const HashedStream* hashed_ = nullptr;
   extractor::Sha256 sha_;
 
-  // Word-aligned for capnp. Not a std::vector: capnp::word cannot be copied or
-  // moved, which libstdc++ refuses to grow under clang.
-  kj::Array<capnp::word> msg_buf_;
-  size_t msg_bytes_ = 0;
-  bool channel_eof_ = false;
-  bool got_summary_ = false;
-  std::optional<Error> failure_;
+  RecordReader records_;
   std::string stderr_line_;
   std::string last_stderr_;
   size_t stderr_bytes_ = 0;
   pid_t pid_ = 0;
-  uint64_t records_ = 0;
-  uint64_t layer_data_bytes_ = 0;
   uint64_t blob_bytes_ = 0;
   int64_t last_progress_ns_ = 0;
   void Report(size_t index, bool done) {
@@ -86,7 +72,7 @@ class Session {
     ctx_.progress(LayerProgress{.index = index,
                                 .bytes_fed = report_.compressed_bytes,
                                 .blob_bytes = blob_bytes_,
-                                .records = records_,
+                                .records = records_.records(),
                                 .done = done});
   }
   int64_t deadline_ = 0;

@@ -1,7 +1,7 @@
 // fuzz_records: the broker's record validation and merge on an arbitrary record
 // stream, as a compromised extractor could send it. The bytes are cut into
 // framed Cap'n Proto messages and dispatched the way broker/engine/layer_records.cc
-// does (Session::ReadChannel and HandleMessage: the same reader options, the
+// does (RecordReader::Read and HandleMessage: the same reader options, the
 // same dispatch, kj::Exception caught as kPeer) into a broker::ImageTree; the
 // stream stops at the first refusal, as the broker does. A summary ends one
 // layer's stream; up to kMaxLayers streams merge into the one tree, each after
@@ -64,7 +64,7 @@ constexpr size_t kMaxLayers = 3;
 
 enum class End { kNone, kSummary, kFailure };
 
-// Session::HandleMessage without the layer report: a batch is merged (by the
+// RecordReader::HandleMessage without the layer report: a batch is merged (by the
 // broker's MergeBatch), a summary or a failure ends the stream.
 Status HandleMessage(kj::ArrayPtr<const capnp::word> words, const policy::Limits& limits,
                      broker::ImageTree& tree, End* ended) {
