@@ -344,6 +344,19 @@ Result<size_t> ReadSome(int fd, std::span<std::byte> buf) {
   return static_cast<size_t>(n);
 }
 
+Result<std::string> ReadUpTo(int fd, size_t size) {
+  std::string out(size, '\0');
+  size_t done = 0;
+  while (done < out.size()) {
+    LX_ASSIGN_OR_RETURN(size_t n,
+                        ReadSome(fd, std::as_writable_bytes(std::span(out)).subspan(done)));
+    if (n == 0) break;
+    done += n;
+  }
+  out.resize(done);
+  return out;
+}
+
 Status SetNonBlocking(int fd) {
   int flags = ::fcntl(fd, F_GETFL);
   if (flags < 0 || ::fcntl(fd, F_SETFL, flags | O_NONBLOCK) != 0) {

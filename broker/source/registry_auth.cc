@@ -6,8 +6,8 @@
 #include <unistd.h>
 
 #include <cstdlib>
-#include <span>
 #include <nlohmann/json.hpp>
+#include <span>
 
 #include "broker/source/registry_ref.h"
 #include "sandbox/sys.h"
@@ -29,20 +29,13 @@ Result<std::optional<std::string>> ReadAuthFile(const std::string& path) {
   if (!fd) return std::optional<std::string>();
   LX_ASSIGN_OR_RETURN(struct stat st, sandbox::Fstat(fd->get()));
   if (static_cast<uint64_t>(st.st_size) > kMaxAuthFileBytes) {
-    return std::unexpected(Error(ErrorKind::kLimitExceeded, 0,
-                                 fmt::format("auth file {:?} is {} bytes, over {}", path,
-                                             st.st_size, kMaxAuthFileBytes)));
+    return std::unexpected(Error(
+        ErrorKind::kLimitExceeded, 0,
+        fmt::format("auth file {:?} is {} bytes, over {}", path, st.st_size, kMaxAuthFileBytes)));
   }
-  std::string out(static_cast<size_t>(st.st_size), '\0');
-  size_t done = 0;
-  while (done < out.size()) {
-    auto n = sandbox::ReadSome(fd->get(), std::as_writable_bytes(std::span(out)).subspan(done));
-    if (!n) return std::optional<std::string>();  // EISDIR and the like: skipped too
-    if (*n == 0) break;
-    done += *n;
-  }
-  out.resize(done);
-  return std::optional<std::string>(std::move(out));
+  auto out = sandbox::ReadUpTo(fd->get(), static_cast<size_t>(st.st_size));
+  if (!out) return std::optional<std::string>();  // EISDIR and the like: skipped too
+  return std::optional<std::string>(std::move(*out));
 }
 
 // containers/image normalizeAuthFileKey: a key with a scheme is cut at its first

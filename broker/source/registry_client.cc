@@ -63,17 +63,7 @@ Result<std::string> ReadCertFile(int dir, const std::string& dir_name, const std
     return Fail(MakeError(ErrorKind::kPolicy, "cert dir {:?}: {:?} is over {} bytes", dir_name,
                           name, kMaxCertFileBytes));
   }
-  std::string out(static_cast<size_t>(st.st_size), '\0');
-  size_t done = 0;
-  while (done < out.size()) {
-    LX_ASSIGN_OR_RETURN(
-        size_t n,
-        sandbox::ReadSome(fd->get(), std::as_writable_bytes(std::span(out)).subspan(done)));
-    if (n == 0) break;
-    done += n;
-  }
-  out.resize(done);
-  return out;
+  return sandbox::ReadUpTo(fd->get(), static_cast<size_t>(st.st_size));
 }
 
 // How many PEM certificates `pem` holds.

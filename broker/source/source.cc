@@ -103,17 +103,7 @@ Result<std::string> ReadBounded(int dir, const std::string& path, uint64_t max) 
     return Fail(Error(ErrorKind::kLimitExceeded, 0,
                       fmt::format("{:?} is {} bytes, over {}", path, st.st_size, max)));
   }
-  std::string out(static_cast<size_t>(st.st_size), '\0');
-  size_t done = 0;
-  while (done < out.size()) {
-    LX_ASSIGN_OR_RETURN(
-        size_t n,
-        sandbox::ReadSome(fd->get(), std::as_writable_bytes(std::span(out)).subspan(done)));
-    if (n == 0) break;
-    done += n;
-  }
-  out.resize(done);
-  return out;
+  return sandbox::ReadUpTo(fd->get(), static_cast<size_t>(st.st_size));
 }
 
 std::string BlobPath(const std::string& digest) { return "blobs/sha256/" + digest.substr(7); }
@@ -125,8 +115,8 @@ Result<std::string> ReadBlob(int dir, const Descriptor& d) {
   sha.Update(bytes.data(), bytes.size());
   std::string got = sha.Finish();
   if (got != d.digest) {
-    return Fail(MakeError(ErrorKind::kIntegrity, "blob {} does not match its digest (content is {})",
-                          d.digest, got));
+    return Fail(MakeError(ErrorKind::kIntegrity,
+                          "blob {} does not match its digest (content is {})", d.digest, got));
   }
   if (d.size && *d.size != bytes.size()) {
     return Fail(MakeError(ErrorKind::kIntegrity, "blob {} is {} bytes, descriptor says {}",
@@ -183,9 +173,9 @@ class OciResolver {
  public:
   using Reader = std::function<Result<std::string>(const Descriptor&, bool manifest)>;
   OciResolver(int dir, const Platform& platform)
-      : dir_(dir), platform_(platform), read_([dir](const Descriptor& d, bool) {
-          return ReadBlob(dir, d);
-        }) {}
+      : dir_(dir),
+        platform_(platform),
+        read_([dir](const Descriptor& d, bool) { return ReadBlob(dir, d); }) {}
   OciResolver(const Platform& platform, Reader read)
       : dir_(-1), platform_(platform), read_(std::move(read)) {}
 
@@ -365,8 +355,8 @@ std::string Platform::ToString() const {
 }
 
 Result<ResolvedImage> ResolveFromDocument(const std::string& text, const std::string& media_type,
-                                         const std::string& digest, const Platform& platform,
-                                         const ReadByDigest& read) {
+                                          const std::string& digest, const Platform& platform,
+                                          const ReadByDigest& read) {
   ResolvedImage image;
   OciResolver resolver(platform, [&read](const Descriptor& d, bool manifest) {
     return read(d.digest, d.size, manifest);
@@ -398,8 +388,8 @@ Result<ResolvedImage> ResolveSources(const std::vector<std::string>& specs,
   for (const std::string& spec : specs) {
     for (const char* prefix : {"oci:", "docker-archive:", "docker://"}) {
       if (spec.starts_with(prefix)) {
-        return Fail(MakeError(ErrorKind::kPolicy,
-                              "a {} source names a whole image: give it alone", prefix));
+        return Fail(MakeError(ErrorKind::kPolicy, "a {} source names a whole image: give it alone",
+                              prefix));
       }
     }
     if (int passed = PassedFd(spec); passed >= 0) {

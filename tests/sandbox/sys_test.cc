@@ -74,6 +74,24 @@ TEST_F(OpenRegularFileTest, OpensARegularFileForReading) {
   EXPECT_STREQ(buf, "data");
 }
 
+// ReadUpTo stops at the size asked for, and at EOF before it (a file sized
+// by fstat that shrank meanwhile); a read error fails.
+TEST_F(OpenRegularFileTest, ReadUpToStopsAtTheSizeOrAtEof) {
+  std::ofstream(dir_ + "/f") << "0123456789";
+  auto fd = OpenWithin("f");
+  ASSERT_TRUE(fd) << fd.error().ToString();
+  auto head = ReadUpTo(fd->get(), 4);
+  ASSERT_TRUE(head) << head.error().ToString();
+  EXPECT_EQ(*head, "0123");
+  auto rest = ReadUpTo(fd->get(), 100);
+  ASSERT_TRUE(rest) << rest.error().ToString();
+  EXPECT_EQ(*rest, "456789");
+  UniqueFd dir(::open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  auto bad = ReadUpTo(dir.get(), 4);
+  ASSERT_FALSE(bad);
+  EXPECT_EQ(bad.error().err(), EISDIR);
+}
+
 TEST_F(OpenRegularFileTest, RejectsFifoWithoutWaitingForAWriter) {
   ASSERT_EQ(mkfifo((dir_ + "/fifo").c_str(), 0644), 0);
   ExpectRefused("fifo", "a fifo");
