@@ -27,6 +27,7 @@
 #include "extractor/digest.h"
 #include "tests/fixtures/layer_writer.h"
 #include "tests/fixtures/oci_layout.h"
+#include "tests/fixtures/registry_env.h"
 #include "tests/fixtures/test_util.h"
 
 namespace layerx::broker {
@@ -42,23 +43,6 @@ int Sh(const std::string& command) {
   return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
 }
 
-// DIR/env: KEY=value or KEY='value' lines.
-std::map<std::string, std::string> ReadEnv(const std::string& path) {
-  std::map<std::string, std::string> env;
-  std::ifstream in(path);
-  for (std::string line; std::getline(in, line);) {
-    if (line.empty() || line[0] == '#') continue;
-    size_t eq = line.find('=');
-    if (eq == std::string::npos) continue;
-    std::string value = line.substr(eq + 1);
-    if (value.size() >= 2 && value.front() == '\'' && value.back() == '\'') {
-      value = value.substr(1, value.size() - 2);
-    }
-    env[line.substr(0, eq)] = value;
-  }
-  return env;
-}
-
 class RegistryClientTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -72,7 +56,7 @@ class RegistryClientTest : public ::testing::Test {
     reg_ = dir_ + "/reg";
     ASSERT_EQ(Sh("sh " + kScript + " start " + reg_ + " >/dev/null"), 0);
     started_ = true;
-    env_ = ReadEnv(reg_ + "/env");
+    env_ = testing::ReadRegistryEnv(reg_ + "/env");
     ASSERT_FALSE(env_["TLS_HOST"].empty());
 
     std::string layout_ref;
@@ -185,8 +169,8 @@ TEST_F(RegistryClientTest, ManifestByDigestIsVerified) {
 
 TEST_F(RegistryClientTest, CredentialsFromTheHarnessAuthFile) {
   RegistryRef ref = Ref("TLS_HOST");
-  auto creds = FindCredentials(ref.registry, std::nullopt, {dir_ + "/missing.json",
-                                                            env_["AUTH_FILE"]});
+  auto creds =
+      FindCredentials(ref.registry, std::nullopt, {dir_ + "/missing.json", env_["AUTH_FILE"]});
   ASSERT_TRUE(creds) << creds.error().ToString();
   ASSERT_TRUE(creds->has_value());
   RegistryOptions o = TlsOptions();
@@ -355,9 +339,8 @@ TEST_F(RegistryClientTest, RejectsTamperedBlobNamingIt) {
   o.tls_verify = false;
   auto client = Client(Ref("HTTP_HOST"), o);
   ASSERT_TRUE(client);
-  auto n = client->GetBlob(digest, original.size(), [](std::span<const char>) -> Status {
-    return {};
-  });
+  auto n =
+      client->GetBlob(digest, original.size(), [](std::span<const char>) -> Status { return {}; });
   std::ofstream(data, std::ios::binary | std::ios::trunc) << original;
   ASSERT_FALSE(n);
   EXPECT_EQ(n.error().kind(), ErrorKind::kIntegrity);

@@ -42,6 +42,7 @@
 #include "sandbox/sys.h"
 #include "tests/fixtures/layer_writer.h"
 #include "tests/fixtures/oci_layout.h"
+#include "tests/fixtures/registry_env.h"
 #include "tests/fixtures/test_util.h"
 
 namespace layerx {
@@ -81,23 +82,6 @@ std::string ShOut(const std::string& command) {
     ::pclose(p);
   }
   return out;
-}
-
-// DIR/env: KEY=value or KEY='value' lines.
-std::map<std::string, std::string> ReadEnv(const std::string& path) {
-  std::map<std::string, std::string> env;
-  std::ifstream in(path);
-  for (std::string line; std::getline(in, line);) {
-    if (line.empty() || line[0] == '#') continue;
-    size_t eq = line.find('=');
-    if (eq == std::string::npos) continue;
-    std::string value = line.substr(eq + 1);
-    if (value.size() >= 2 && value.front() == '\'' && value.back() == '\'') {
-      value = value.substr(1, value.size() - 2);
-    }
-    env[line.substr(0, eq)] = value;
-  }
-  return env;
 }
 
 std::string Base64(const std::string& in) {
@@ -286,7 +270,7 @@ class RegistryPullTest : public ::testing::Test {
     reg_ = dir_ + "/reg";
     ASSERT_EQ(Sh("sh " + kScript + " start " + reg_ + " >/dev/null"), 0);
     started_ = true;
-    env_ = ReadEnv(reg_ + "/env");
+    env_ = testing::ReadRegistryEnv(reg_ + "/env");
     ASSERT_FALSE(env_["TLS_HOST"].empty());
 
     // app:v1, three layers: gzip, zstd and plain tar.
@@ -360,7 +344,7 @@ class RegistryPullTest : public ::testing::Test {
   void SetUp() override {
     if (!skip_.empty()) GTEST_SKIP() << skip_;
     ASSERT_TRUE(ready_) << "the suite's setup failed";
-    env_ = ReadEnv(reg_ + "/env");  // a restart may have changed the pids
+    env_ = testing::ReadRegistryEnv(reg_ + "/env");  // a restart may have changed the pids
     out_ = dir_ + "/out-" + ::testing::UnitTest::GetInstance()->current_test_info()->name();
     std::replace(out_.begin() + dir_.size(), out_.end(), '/', '_');
     ASSERT_EQ(::mkdir(out_.c_str(), 0755), 0) << out_;
@@ -742,7 +726,7 @@ TEST_F(RegistryPullTest, RegistryRestartedMidBlobIsResumed) {
   ASSERT_EQ(Sh("sh " + kScript + " restart " + reg_ + " http >/dev/null 2>&1"), 0);
   ::kill(pull.pid(), SIGCONT);
   Outcome r = pull.Finish(60);
-  env_ = ReadEnv(reg_ + "/env");
+  env_ = testing::ReadRegistryEnv(reg_ + "/env");
   ASSERT_EQ(r.code, 0) << "the pull was not resumed after the restart\n" << r.Both();
   EXPECT_TRUE(ReadFile(m) == expected.first);
   EXPECT_TRUE(ReadFile(c) == expected.second);
