@@ -320,6 +320,7 @@ Status Session::Run(const LayerInput& layer) {
     if (feed_idx >= 0 && fds[feed_idx].revents) LX_TRY(Feed());
     if (hashing) LX_TRY(HashSome());
     if (hashed_ != nullptr) {
+      hashed_->RelayLogs();
       report_.compressed_bytes = hashed_->BytesSoFar();
       if (report_.compressed_bytes > ctx_.policy->limits.max_layer_bytes) {
         return Fail(MakeError(ErrorKind::kLimitExceeded, "blob is over max_layer_bytes={}",

@@ -59,4 +59,33 @@ LogTarget::LogTarget(LogFunction fn, spdlog::level::level_enum level)
 
 LogTarget::~LogTarget() { t_target = previous_; }
 
+LogTarget LogRelay::Capture() {
+  return LogTarget(
+      [this](spdlog::level::level_enum level, std::string_view component,
+             std::string_view message) {
+        std::lock_guard lock(mu_);
+        if (lines_.size() >= kMaxLines) {
+          ++dropped_;
+        } else {
+          lines_.push_back({level, std::string(component), std::string(message)});
+        }
+        pending_.store(true, std::memory_order_release);
+      },
+      spdlog::level::trace);
+}
+
+void LogRelay::Relay() {
+  if (!pending_.load(std::memory_order_acquire)) return;
+  std::vector<Line> lines;
+  size_t dropped = 0;
+  {
+    std::lock_guard lock(mu_);
+    lines.swap(lines_);
+    std::swap(dropped, dropped_);
+    pending_.store(false, std::memory_order_relaxed);
+  }
+  for (const Line& line : lines) Logger(line.component)->log(line.level, "{}", line.message);
+  if (dropped > 0) Logger("broker")->warn("{} more log lines of helper threads dropped", dropped);
+}
+
 }  // namespace layerx::broker

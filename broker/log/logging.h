@@ -10,10 +10,13 @@
 
 #include <spdlog/spdlog.h>
 
+#include <atomic>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace layerx::broker {
 
@@ -38,6 +41,33 @@ class LogTarget {
   LogFunction fn_;
   spdlog::level::level_enum level_;
   const LogTarget* previous_;
+};
+
+// Log lines of helper threads, said later on the thread that owns them: the
+// public API calls a log callback on the caller's thread only, and a helper
+// thread has no target of its own (its warnings would reach stderr past -q
+// and a library's host). A helper thread keeps Capture() in scope; the owner
+// calls Relay() where it may log. At most kMaxLines wait; later ones are
+// counted and said as one line.
+class LogRelay {
+ public:
+  static constexpr size_t kMaxLines = 1000;
+
+  LogTarget Capture();
+  // On the owner's thread: every queued line, through the same component
+  // loggers (so the owner's target filters them). Cheap when none wait.
+  void Relay();
+
+ private:
+  struct Line {
+    spdlog::level::level_enum level;
+    std::string component;
+    std::string message;
+  };
+  std::mutex mu_;
+  std::vector<Line> lines_;
+  size_t dropped_ = 0;
+  std::atomic<bool> pending_{false};
 };
 
 }  // namespace layerx::broker

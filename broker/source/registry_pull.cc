@@ -16,105 +16,24 @@
 #include "broker/log/logging.h"
 #include "broker/source/registry_auth.h"
 #include "broker/source/registry_client.h"
+#include "broker/source/registry_resolve.h"
 #include "extractor/digest.h"
 #include "sandbox/sys.h"
 
 namespace layerx::broker {
 
+using registry_detail::Answered;
+using registry_detail::Connect;
+using registry_detail::Resolve;
 using sandbox::UniqueFd;
 
 namespace {
 
-constexpr std::string_view kPrefix = "docker://";
-constexpr uint64_t kMaxConfigBytes = 4 * 1024 * 1024;
 constexpr size_t kCopyChunk = 256 * 1024;
 // Spool besides the budget for the layer being fed: it always drains.
 constexpr uint64_t kCurrentReserve = 8 * 1024 * 1024;
 
-// What a registry answered (unauthorized, not found, a schema 1 manifest, TLS
-// refused) fails the job like any other input, exit status 1: the same command
-// may succeed once the registry or its credentials change. Only what is wrong
-// in the command itself (a bad name, --creds, --cert-dir) is a usage error.
-Error Answered(Error e) {
-  if (e.kind() != ErrorKind::kPolicy) return e;
-  return Error(ErrorKind::kOs, 0, e.ToString());
-}
-
-Result<std::unique_ptr<RegistryClient>> Connect(const RegistryRef& ref,
-                                                const PullOptions& options) {
-  std::vector<std::string> files =
-      options.auth_file.empty() ? AuthFilePaths() : std::vector<std::string>{options.auth_file};
-  LX_ASSIGN_OR_RETURN(std::optional<Credentials> credentials,
-                      FindCredentials(ref.registry, options.creds, files));
-  if (!options.tls_verify) {
-    // Said with -v, where a user looks for why: a warning on every run would
-    // break the one line a failure prints.
-    Logger("broker")->info(
-        "{}: TLS VERIFICATION IS OFF (--tls-verify=false): certificates are not checked and "
-        "plain http is allowed",
-        ref.registry);
-  }
-  Logger("broker")->info("registry {}: {} as {}", ref.registry, ref.ToString(),
-                         credentials ? "a user (credentials found)" : "anonymous");
-  RegistryOptions o{.credentials = std::move(credentials),
-                    .tls_verify = options.tls_verify,
-                    .cert_dir = options.cert_dir,
-                    .low_speed_seconds = options.low_speed_seconds,
-                    .total_timeout_ms = options.total_timeout_ms,
-                    .blob_retries = options.blob_retries,
-                    .retry_backoff_ms = options.retry_backoff_ms,
-                    .cancel = options.cancel};
-  return RegistryClient::Create(ref, std::move(o));
-}
-
-Result<ResolvedImage> Resolve(RegistryClient& client, const Platform& platform) {
-  auto got = client.GetManifest();
-  if (!got) return Fail(Answered(std::move(got).error()));
-  RegistryManifest top = std::move(*got);
-  auto read = [&client](const std::string& digest, std::optional<uint64_t> size,
-                        bool manifest) -> Result<std::string> {
-    if (manifest) {
-      auto got = client.GetManifest(digest);
-      if (!got) return Fail(Answered(std::move(got).error()));
-      RegistryManifest m = std::move(*got);
-      if (size && *size != m.bytes.size()) {
-        return Fail(MakeError(ErrorKind::kIntegrity,
-                              "manifest {} is {} bytes, its descriptor says {}", digest,
-                              m.bytes.size(), *size));
-      }
-      return std::move(m.bytes);
-    }
-    if (size && *size > kMaxConfigBytes) {
-      return Fail(MakeError(ErrorKind::kLimitExceeded, "config {} is {} bytes, over {}", digest,
-                            *size, kMaxConfigBytes));
-    }
-    std::string bytes;
-    auto got = client.GetBlob(digest, size, [&](std::span<const char> chunk) -> Status {
-      if (bytes.size() + chunk.size() > kMaxConfigBytes) {
-        return Fail(MakeError(ErrorKind::kLimitExceeded, "config {}: over {} bytes", digest,
-                              kMaxConfigBytes));
-      }
-      bytes.append(chunk.data(), chunk.size());
-      return {};
-    });
-    if (!got) return Fail(Answered(std::move(got).error()));
-    return bytes;
-  };
-  return ResolveFromDocument(top.bytes, top.media_type, top.digest, platform, read);
-}
-
 }  // namespace
-
-bool IsRegistrySource(const std::vector<std::string>& specs) {
-  return specs.size() == 1 && specs[0].starts_with(kPrefix);
-}
-
-Result<ResolvedImage> ResolveRegistry(const std::string& spec, const Platform& platform,
-                                      const PullOptions& options) {
-  LX_ASSIGN_OR_RETURN(RegistryRef ref, ParseRegistryRef(spec));
-  LX_ASSIGN_OR_RETURN(std::unique_ptr<RegistryClient> client, Connect(ref, options));
-  return Resolve(*client, platform);
-}
 
 // Everything the workers and the feeder share, under one mutex.
 struct RegistryPull::State {
@@ -169,6 +88,7 @@ struct RegistryPull::State {
 
   std::vector<std::thread> workers;
   std::thread feeder;
+  LogRelay relay;  // the workers' and the feeder's lines, said on the job's thread
 
   ~State() {
     if (arena != nullptr) ::munmap(arena, arena_size);
@@ -483,6 +403,7 @@ class RegistryPull::LayerHash final : public HashedStream {
     std::lock_guard lock(state_->mu);
     return state_->layers[index_].whole;
   }
+  void RelayLogs() const override { state_->relay.Relay(); }
 
  private:
   State* state_;
@@ -540,8 +461,16 @@ Result<std::unique_ptr<RegistryPull>> RegistryPull::Start(const std::string& spe
     pull->hashes_.push_back(std::make_unique<LayerHash>(pull->state_.get(), i));
   }
   State* s = pull->state_.get();
-  for (size_t w = 0; w < workers; ++w) s->workers.emplace_back([s, w] { s->Work(w); });
-  s->feeder = std::thread([s] { s->Feed(); });
+  for (size_t w = 0; w < workers; ++w) {
+    s->workers.emplace_back([s, w] {
+      LogTarget captured = s->relay.Capture();
+      s->Work(w);
+    });
+  }
+  s->feeder = std::thread([s] {
+    LogTarget captured = s->relay.Capture();
+    s->Feed();
+  });
   return pull;
 }
 
@@ -554,12 +483,18 @@ RegistryPull::~RegistryPull() {
   state_->cancel = true;
   if (state_->feeder.joinable()) state_->feeder.join();
   for (std::thread& t : state_->workers) t.join();
+  state_->relay.Relay();
+}
+
+void RegistryPull::RelayLogs() const {
+  if (state_) state_->relay.Relay();
 }
 
 Result<UniqueFd> RegistryPull::Input(size_t index) {
   if (!state_ || index >= state_->layers.size()) {
     return Fail(MakeError(ErrorKind::kInternal, "no layer {}", index + 1));
   }
+  state_->relay.Relay();
   return state_->Input(index, false);
 }
 
@@ -567,12 +502,14 @@ Result<ResolvedImage::Taken> RegistryPull::HashedInput(size_t index) {
   if (!state_ || index >= state_->layers.size()) {
     return Fail(MakeError(ErrorKind::kInternal, "no layer {}", index + 1));
   }
+  state_->relay.Relay();
   LX_ASSIGN_OR_RETURN(UniqueFd fd, state_->Input(index, true));
   return ResolvedImage::Taken{std::move(fd), hashes_[index].get()};
 }
 
 std::optional<Error> RegistryPull::Failure(size_t index) const {
   if (!state_ || index >= state_->layers.size()) return std::nullopt;
+  state_->relay.Relay();
   std::lock_guard lock(state_->mu);
   return state_->layers[index].error;
 }

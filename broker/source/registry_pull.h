@@ -87,6 +87,9 @@ class RegistryPull {
   // Why layer `index` (0-based) ended early: its download failed. nullopt
   // while it has not, or when the stream was whole (the job's checks decide).
   std::optional<Error> Failure(size_t index) const;
+  // The download threads' log lines (retries, the blob cache's warnings), said
+  // on the calling thread; every call above and the destructor relay too.
+  void RelayLogs() const;
 
   struct Counts {
     size_t fetched = 0;  // layer blobs downloaded

@@ -11,6 +11,8 @@
 
 #include <algorithm>
 #include <cctype>
+#include <charconv>
+#include <ctime>
 #include <nlohmann/json.hpp>
 #include <thread>
 
@@ -88,6 +90,8 @@ struct Setup {
 // and the stall clock.
 constexpr int kPollMs = 100;
 constexpr long kMaxBackoffMs = 60'000;
+// The longest Retry-After honoured; a longer one fails the request at once.
+constexpr long kMaxRetryAfterMs = 60'000;
 
 }  // namespace
 
@@ -249,6 +253,16 @@ Error TransferError(const RegistryRef& ref, const std::string& what,
                            r.curl_error.empty() ? curl_easy_strerror(r.code) : r.curl_error));
 }
 
+namespace {
+
+// ", Retry-After ..." when a 429 or 503 said when (the registry's words, shortened).
+std::string RetryAfterText(const RegistryClient::Impl::Response& r) {
+  if (r.retry_after.empty() || (r.status != 429 && r.status != 503)) return "";
+  return fmt::format(", Retry-After {:?}", r.retry_after.substr(0, 64));
+}
+
+}  // namespace
+
 // The registry's own words for a 4xx/5xx ({"errors":[{"code":..,"message":..}]}),
 // shortened, or the status alone.
 std::string StatusText(const RegistryClient::Impl::Response& r) {
@@ -259,21 +273,45 @@ std::string StatusText(const RegistryClient::Impl::Response& r) {
     std::string code = e.value("code", std::string());
     std::string message = e.value("message", std::string());
     if (message.size() > 200) message.resize(200);
-    return fmt::format("HTTP {} {:?} {:?}", r.status, code, message);
+    return fmt::format("HTTP {} {:?} {:?}{}", r.status, code, message, RetryAfterText(r));
   }
-  return fmt::format("HTTP {}", r.status);
+  return fmt::format("HTTP {}{}", r.status, RetryAfterText(r));
 }
 
 namespace {
 
+// How long a 429 or 503 asks the client to wait (Retry-After: seconds, or an
+// HTTP date read by curl_getdate), in ms; nullopt when it says nothing usable.
+std::optional<long> RetryAfterMs(const RegistryClient::Impl::Response& r) {
+  if (r.retry_after.empty() || (r.status != 429 && r.status != 503)) return std::nullopt;
+  long seconds = 0;
+  const char* end = r.retry_after.data() + r.retry_after.size();
+  auto [ptr, ec] = std::from_chars(r.retry_after.data(), end, seconds);
+  if (ec == std::errc() && ptr == end) {
+    if (seconds < 0) return std::nullopt;
+  } else {
+    time_t when = curl_getdate(r.retry_after.c_str(), nullptr);
+    if (when < 0) return std::nullopt;
+    seconds = std::max<long>(0, static_cast<long>(when - ::time(nullptr)));
+  }
+  return seconds > kMaxRetryAfterMs / 1000 ? kMaxRetryAfterMs + 1 : seconds * 1000;
+}
+
 // Whether asking again may help: the network failed under the transfer (the
 // registry restarting, a connection reset, a proxy dropping it) or the registry
-// said it is overloaded or broken for now (5xx). Not a stall (a slow drip must
-// fail, not be resumed forever), a timeout, TLS, or anything the answer said.
+// said it is overloaded or broken for now (5xx), or too busy for a while it
+// names (429 with a Retry-After of at most a minute: Docker Hub's pull limit
+// names hours, or nothing, and waiting for it would only hang the job). Not a
+// stall (a slow drip must fail, not be resumed forever), a timeout, TLS, or
+// anything else the answer said.
 bool IsRetryable(const RegistryClient::Impl::Response& r) {
   if (r.cancelled || r.stalled || r.sink_error || r.over_limit) return false;
   switch (r.code) {
     case CURLE_OK:
+      if (r.status == 429) {
+        std::optional<long> wait = RetryAfterMs(r);
+        return wait && *wait <= kMaxRetryAfterMs;
+      }
       return r.status >= 500 && r.status <= 599;
     case CURLE_COULDNT_CONNECT:
     case CURLE_SEND_ERROR:
@@ -316,6 +354,7 @@ size_t RegistryClient::Impl::OnHeader(char* data, size_t size, size_t n, void* u
     t->response->content_type.clear();
     t->response->content_range.clear();
     t->response->www_authenticate.clear();
+    t->response->retry_after.clear();
     return size * n;
   }
   size_t colon = line.find(':');
@@ -324,6 +363,7 @@ size_t RegistryClient::Impl::OnHeader(char* data, size_t size, size_t n, void* u
   std::string_view value = Trim(line.substr(colon + 1));
   if (name == "content-type") t->response->content_type = std::string(value);
   if (name == "content-range") t->response->content_range = std::string(value);
+  if (name == "retry-after") t->response->retry_after = std::string(value);
   if (name == "www-authenticate" && t->response->www_authenticate.empty()) {
     t->response->www_authenticate = std::string(value);
   }
@@ -376,14 +416,16 @@ Result<RegistryClient::Impl::Response> RegistryClient::Impl::Fetch(
   long backoff_ms = options.retry_backoff_ms;
   bool renewed = false;
   std::optional<Error> last;  // the failure the next attempt is a retry of
+  long asked_ms = 0;          // what its Retry-After asked for, if more than the backoff
   while (true) {
     if (prepare) prepare(request);
     if (last) {
       std::string_view why = last->message();
       if (why.starts_with(what + ": ")) why.remove_prefix(what.size() + 2);
+      const long wait_ms = std::max(backoff_ms, asked_ms);
       Logger("broker")->info("registry retry: {} offset={} retry={}/{} wait_ms={} after={:?}", what,
-                             request.range_from, retries, options.blob_retries, backoff_ms, why);
-      LX_TRY(WaitBackoff(backoff_ms, options.cancel, what));
+                             request.range_from, retries, options.blob_retries, wait_ms, why);
+      LX_TRY(WaitBackoff(wait_ms, options.cancel, what));
       backoff_ms = std::min(backoff_ms * 2, kMaxBackoffMs);
       last.reset();
     }
@@ -410,6 +452,7 @@ Result<RegistryClient::Impl::Response> RegistryClient::Impl::Fetch(
                         fmt::format("{} (after {} retries)", failure.message(), retries)));
     }
     ++retries;
+    asked_ms = RetryAfterMs(r).value_or(0);
     last = std::move(failure);
   }
 }

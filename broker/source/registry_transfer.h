@@ -93,6 +93,7 @@ struct RegistryClient::Impl {
     std::string content_type;
     std::string content_range;
     std::string www_authenticate;  // the first challenge
+    std::string retry_after;       // Retry-After, as sent (a 429 or 503 may say when)
     std::string scheme;            // of the last URL (after redirects)
     bool over_limit = false;
     bool body_started = false;  // on_body was called

@@ -61,6 +61,9 @@ class HashedStream {
   // Set once the maker wrote the last byte (before it closes the stream);
   // nullopt while it goes on, or when it failed.
   virtual std::optional<Whole> Finished() const = 0;
+  // On the reader's thread, between polls: log lines the maker's threads
+  // queued are said now (LogRelay, broker/log/logging.h).
+  virtual void RelayLogs() const {}
 };
 
 struct LayerSource {
@@ -108,8 +111,8 @@ using ReadByDigest = std::function<Result<std::string>(
 // against `digest`), the rest read through `read`: a registry's (docker://).
 // Its layers have neither dir_fd nor path: the caller opens their streams.
 Result<ResolvedImage> ResolveFromDocument(const std::string& text, const std::string& media_type,
-                                         const std::string& digest, const Platform& platform,
-                                         const ReadByDigest& read);
+                                          const std::string& digest, const Platform& platform,
+                                          const ReadByDigest& read);
 
 // docker-archive:FILE[:REF] (REF a RepoTag such as "debian:test"). Its outer
 // tar is attacker-controlled like a layer, so the broker never parses it: the

@@ -13,12 +13,16 @@ MODE, for the manifest and config (any MODE not below serves them as stored):
   big        manifests: 4 MiB + 1 byte, with its Content-Length
   endless    manifests: no Content-Length, bytes until the client hangs up
   badconfig  the config blob: one byte flipped (same size)
+  ratelimit  manifests: 429 TOOMANYREQUESTS with Docker Hub's words and a
+             Retry-After of 6 hours
 MODE, for the last layer of each manifest (the others are served as stored):
   good       as stored
   drip       the right Content-Length, then the bytes at 4 bytes a second
   stall      the right Content-Length, 16 bytes, then nothing for 10 minutes
   long       no Content-Length (close-delimited): the bytes, then zeros forever
   short      a Content-Length of half the blob, and that half
+  busy       429 with "Retry-After: 1" the first two times it is asked for
+             (counted per server), then as stored
 
 usage: fake_registry.py LAYOUT PORT_FILE   (writes the port once listening)
 Python standard library only; run it with /usr/bin/python3 (uid 65534 too).
@@ -27,6 +31,7 @@ import http.server
 import json
 import os
 import sys
+import threading
 import time
 
 LAYOUT = sys.argv[1]
@@ -66,6 +71,10 @@ def tags_and_configs():
             last.add(doc["layers"][-1]["digest"])
         todo.extend(doc.get("manifests", []))
     return tags, configs, last
+
+
+BUSY_LOCK = threading.Lock()
+BUSY_ANSWERS = {}  # digest -> 429s given so far (mode busy)
 
 
 class H(http.server.BaseHTTPRequestHandler):
@@ -123,6 +132,13 @@ class H(http.server.BaseHTTPRequestHandler):
             return self.send(200, body,
                              [("Content-Type",
                                "application/vnd.docker.distribution.manifest.v1+prettyjws")])
+        if mode == "ratelimit":
+            body = json.dumps({"errors": [{
+                "code": "TOOMANYREQUESTS",
+                "message": "You have reached your pull rate limit. You may increase the "
+                           "limit by authenticating and upgrading"}]}).encode()
+            return self.send(429, body, [("Content-Type", "application/json"),
+                                         ("Retry-After", "21600")])
         if mode == "big":
             return self.send(200, b" " * (4 * 1024 * 1024 + 1), [("Content-Type", mt)])
         if mode == "endless":
@@ -180,6 +196,13 @@ class H(http.server.BaseHTTPRequestHandler):
             chunk = b"\0" * 65536
             while True:
                 self.wfile.write(chunk)
+        if mode == "busy":
+            with BUSY_LOCK:
+                n = BUSY_ANSWERS.get(digest, 0)
+                BUSY_ANSWERS[digest] = n + 1
+            if n < 2:
+                return self.send(429, b'{"errors":[{"code":"TOOMANYREQUESTS","message":"slow down"}]}',
+                                 [("Content-Type", "application/json"), ("Retry-After", "1")])
         if mode == "short":
             return self.send(200, body[:len(body) // 2], [octet])
         self.send(200, body, [octet])

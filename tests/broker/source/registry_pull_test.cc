@@ -1010,8 +1010,8 @@ class RegistryPullFakeTest : public ::testing::Test {
     if (!out_.empty()) std::filesystem::remove_all(out_);
   }
 
-  // `layerx extract docker://FAKE/MODE:v1` with every output; -q: the
-  // --tls-verify=false warning is not what these tests are about.
+  // `layerx extract docker://FAKE/MODE:v1` with every output; -q (unless
+  // `extra` has -v): the --tls-verify=false note is not what these tests are about.
   Outcome Pull(const std::string& mode, const std::vector<std::string>& extra = {},
                double seconds = 60) {
     std::vector<std::string> argv = {LAYERX_BINARY,
@@ -1028,6 +1028,9 @@ class RegistryPullFakeTest : public ::testing::Test {
                                      "--config",
                                      out_ + "/config.json"};
     argv.insert(argv.end(), extra.begin(), extra.end());
+    if (std::find(extra.begin(), extra.end(), "-v") != extra.end()) {
+      argv.erase(std::find(argv.begin(), argv.end(), "-q"));  // -q would win
+    }
     static int n = 0;
     return Proc(argv, dir_ + "/run-" + std::to_string(n++), dir_ + "/home").Finish(seconds);
   }
@@ -1082,6 +1085,27 @@ TEST_F(RegistryPullFakeTest, StallStopsAtTheJobClock) {
   Outcome r = Pull("stall", {"--job-timeout", "3"}, 15);
   ExpectOneLineRefusal(r, {1}, {"job_timeout"});
   EXPECT_LT(r.seconds, 6) << "the job clock is 3 s";
+  ExpectNothingLeft();
+}
+
+// ---- 6b. too many requests -----------------------------------------------
+
+// A 429 that names a short wait is waited out (counted as a retry, shown with
+// -v), and the pull goes on; one that names hours (Docker Hub's pull limit)
+// fails at once with the registry's words and its Retry-After, not a hang.
+TEST_F(RegistryPullFakeTest, TooManyRequestsWithAShortRetryAfterIsWaitedOut) {
+  Outcome r = Pull("busy", {"-v"}, 30);
+  ASSERT_EQ(r.code, 0) << r.Both();
+  EXPECT_GE(r.seconds, 2) << "two answers of Retry-After: 1";
+  EXPECT_NE(r.err.find("registry retry"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("HTTP 429"), std::string::npos) << r.err;
+  EXPECT_EQ(ReadFile(out_ + "/rootfs/etc/hostname"), "fake\n");
+}
+
+TEST_F(RegistryPullFakeTest, TooManyRequestsForHoursFailsAtOnce) {
+  Outcome r = Pull("ratelimit", {}, 30);
+  ExpectOneLineRefusal(r, {1}, {"HTTP 429", "TOOMANYREQUESTS", "pull rate limit", "21600"});
+  EXPECT_LT(r.seconds, 5) << "no waiting for hours, no retries";
   ExpectNothingLeft();
 }
 
