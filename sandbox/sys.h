@@ -96,7 +96,8 @@ Status WriteAll(int fd, std::span<const std::byte> bytes);
 // One read(2), EINTR retried. 0 means EOF.
 Result<size_t> ReadSome(int fd, std::span<std::byte> buf);
 // Reads until `size` bytes or EOF, whichever comes first (a file sized by
-// fstat that shrank meanwhile gives fewer).
+// fstat that shrank meanwhile gives fewer). Allocates `size` bytes first: the
+// caller bounds it.
 Result<std::string> ReadUpTo(int fd, size_t size);
 Status SetNonBlocking(int fd);
 

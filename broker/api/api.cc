@@ -18,8 +18,10 @@ namespace layerx {
 
 using namespace detail;
 ExtractResult Extract(const ExtractRequest& request) {
-  if (!request.connect.empty()) return RemoteExtract(request);
+  // Before the remote branch too: a docker:// pull runs in this process then,
+  // and its lines go to the caller's log, not to stderr.
   broker::LogTarget target(InternalLog(request), InternalLevel(request.min_log_level));
+  if (!request.connect.empty()) return RemoteExtract(request);
   SigpipeBlock sigpipe;
   auto internal = InternalRequest(request);
   if (!internal) return ExtractResult(PublicError(internal.error()));

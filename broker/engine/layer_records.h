@@ -23,6 +23,7 @@ class RecordReader {
   RecordReader(const RunContext& ctx, ImageTree& tree, LayerReport& report)
       : ctx_(ctx), tree_(tree), report_(report) {}
 
+  // `channel` must be non-blocking: Read() reads until EAGAIN or EOF.
   void Open(sandbox::UniqueFd channel) { channel_ = std::move(channel); }
   int fd() const { return channel_.get(); }
   // Every complete message now readable, without blocking.

@@ -85,7 +85,9 @@ void LogRelay::Relay() {
     pending_.store(false, std::memory_order_relaxed);
   }
   for (const Line& line : lines) Logger(line.component)->log(line.level, "{}", line.message);
-  if (dropped > 0) Logger("broker")->warn("{} more log lines of helper threads dropped", dropped);
+  if (dropped > 0)
+    Logger("broker")->warn("log relay: dropped={} (lines of helper threads past the queue)",
+                           dropped);
 }
 
 }  // namespace layerx::broker

@@ -16,10 +16,10 @@
 #include <nlohmann/json.hpp>
 
 #include "broker/bridge/bridge.h"
-#include "broker/service/service.h"
-#include "broker/source/registry_pull.h"
 #include "broker/service/service.capnp.h"
+#include "broker/service/service.h"
 #include "broker/service/service_wire.h"
+#include "broker/source/registry_pull.h"
 #include "sandbox/sys.h"
 
 namespace layerx {
@@ -197,15 +197,17 @@ ExtractError ServiceError(const std::string& socket, const kj::Exception& e) {
   return detail::MakePublicError(kind, fmt::format("layerx service {:?}: {}", socket, what));
 }
 
-// Waits for `promise`, giving up when `cancel` is set (checked 10x/s).
+// Waits for `promise`, giving up when `cancel` is set (checked 10x/s); `tick`,
+// when set, runs on this thread at the same pace (the pull's log lines).
 template <typename T>
-kj::Maybe<T> WaitOrCancel(kj::Promise<T> promise, const CancelToken* cancel,
-                          kj::AsyncIoContext& io) {
-  if (cancel == nullptr) return promise.wait(io.waitScope);
+kj::Maybe<T> WaitOrCancel(kj::Promise<T> promise, const CancelToken* cancel, kj::AsyncIoContext& io,
+                          const std::function<void()>& tick = {}) {
+  if (cancel == nullptr && !tick) return promise.wait(io.waitScope);
   auto& timer = io.provider->getTimer();
   auto watch = kj::heap<std::function<kj::Promise<void>()>>();
-  *watch = [&timer, cancel, &watch = *watch]() -> kj::Promise<void> {
-    if (cancel->cancelled()) return kj::READY_NOW;
+  *watch = [&timer, cancel, &tick, &watch = *watch]() -> kj::Promise<void> {
+    if (tick) tick();
+    if (cancel != nullptr && cancel->cancelled()) return kj::READY_NOW;
     return timer.afterDelay(100 * kj::MILLISECONDS).then([&watch]() { return watch(); });
   };
   return promise.then([](T value) -> kj::Maybe<T> { return kj::mv(value); })
@@ -357,8 +359,9 @@ ExtractResult RunRemote(const ExtractRequest& request) {
     req.setLayerTimeoutMs(request.layer_timeout_ms);
     req.setJobTimeoutMs(request.job_timeout_ms);
 
-    auto response =
-        WaitOrCancel(call.send().then([](auto r) { return kj::mv(r); }), request.cancel, io);
+    auto response = WaitOrCancel(
+        call.send().then([](auto r) { return kj::mv(r); }), request.cancel, io,
+        pull ? std::function<void()>([&pull] { pull->RelayLogs(); }) : std::function<void()>());
     KJ_IF_MAYBE (r, response) {
       ExtractResult result = FromWire(r->getResult());
       if (!result.ok()) {

@@ -7,7 +7,6 @@
 
 #include <cstdlib>
 #include <nlohmann/json.hpp>
-#include <span>
 
 #include "broker/source/registry_ref.h"
 #include "sandbox/sys.h"

@@ -14,7 +14,6 @@
 #include <thread>
 
 #include "broker/log/logging.h"
-#include "broker/source/registry_auth.h"
 #include "broker/source/registry_client.h"
 #include "broker/source/registry_resolve.h"
 #include "extractor/digest.h"

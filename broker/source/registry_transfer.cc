@@ -292,7 +292,8 @@ std::optional<long> RetryAfterMs(const RegistryClient::Impl::Response& r) {
   } else {
     time_t when = curl_getdate(r.retry_after.c_str(), nullptr);
     if (when < 0) return std::nullopt;
-    seconds = std::max<long>(0, static_cast<long>(when - ::time(nullptr)));
+    const time_t now = ::time(nullptr);
+    seconds = when <= now ? 0 : static_cast<long>(std::min<time_t>(when - now, 1'000'000));
   }
   return seconds > kMaxRetryAfterMs / 1000 ? kMaxRetryAfterMs + 1 : seconds * 1000;
 }
@@ -300,19 +301,20 @@ std::optional<long> RetryAfterMs(const RegistryClient::Impl::Response& r) {
 // Whether asking again may help: the network failed under the transfer (the
 // registry restarting, a connection reset, a proxy dropping it) or the registry
 // said it is overloaded or broken for now (5xx), or too busy for a while it
-// names (429 with a Retry-After of at most a minute: Docker Hub's pull limit
-// names hours, or nothing, and waiting for it would only hang the job). Not a
+// names (429 with a Retry-After). A Retry-After over a minute (Docker Hub's
+// pull limit names hours; a 503 for maintenance may too) fails at once, as
+// does a 429 that names no time: waiting would only hang the job. Not a
 // stall (a slow drip must fail, not be resumed forever), a timeout, TLS, or
 // anything else the answer said.
 bool IsRetryable(const RegistryClient::Impl::Response& r) {
   if (r.cancelled || r.stalled || r.sink_error || r.over_limit) return false;
   switch (r.code) {
-    case CURLE_OK:
-      if (r.status == 429) {
-        std::optional<long> wait = RetryAfterMs(r);
-        return wait && *wait <= kMaxRetryAfterMs;
-      }
+    case CURLE_OK: {
+      std::optional<long> wait = RetryAfterMs(r);
+      if (wait && *wait > kMaxRetryAfterMs) return false;
+      if (r.status == 429) return wait.has_value();
       return r.status >= 500 && r.status <= 599;
+    }
     case CURLE_COULDNT_CONNECT:
     case CURLE_SEND_ERROR:
     case CURLE_RECV_ERROR:
@@ -417,12 +419,22 @@ Result<RegistryClient::Impl::Response> RegistryClient::Impl::Fetch(
   bool renewed = false;
   std::optional<Error> last;  // the failure the next attempt is a retry of
   long asked_ms = 0;          // what its Retry-After asked for, if more than the backoff
+  const auto give_up = std::chrono::steady_clock::now() +
+                       std::chrono::milliseconds(std::max<long>(options.total_timeout_ms, 0));
   while (true) {
     if (prepare) prepare(request);
     if (last) {
       std::string_view why = last->message();
       if (why.starts_with(what + ": ")) why.remove_prefix(what.size() + 2);
       const long wait_ms = std::max(backoff_ms, asked_ms);
+      // No wait past the request's clock (the job's, for a pull): a registry
+      // asking again and again cannot hold a job longer than its timeout.
+      if (options.total_timeout_ms > 0 &&
+          std::chrono::steady_clock::now() + std::chrono::milliseconds(wait_ms) > give_up) {
+        return Fail(Error(last->kind(), last->err(),
+                          fmt::format("{} (after {} retries; the next would pass the {} ms clock)",
+                                      last->message(), retries - 1, options.total_timeout_ms)));
+      }
       Logger("broker")->info("registry retry: {} offset={} retry={}/{} wait_ms={} after={:?}", what,
                              request.range_from, retries, options.blob_retries, wait_ms, why);
       LX_TRY(WaitBackoff(wait_ms, options.cancel, what));
@@ -452,7 +464,7 @@ Result<RegistryClient::Impl::Response> RegistryClient::Impl::Fetch(
                         fmt::format("{} (after {} retries)", failure.message(), retries)));
     }
     ++retries;
-    asked_ms = RetryAfterMs(r).value_or(0);
+    asked_ms = std::min(RetryAfterMs(r).value_or(0), kMaxRetryAfterMs);
     last = std::move(failure);
   }
 }

@@ -15,14 +15,15 @@ MODE, for the manifest and config (any MODE not below serves them as stored):
   badconfig  the config blob: one byte flipped (same size)
   ratelimit  manifests: 429 TOOMANYREQUESTS with Docker Hub's words and a
              Retry-After of 6 hours
+  maintenance manifests: 503 with a Retry-After of 6 hours
 MODE, for the last layer of each manifest (the others are served as stored):
   good       as stored
   drip       the right Content-Length, then the bytes at 4 bytes a second
   stall      the right Content-Length, 16 bytes, then nothing for 10 minutes
   long       no Content-Length (close-delimited): the bytes, then zeros forever
   short      a Content-Length of half the blob, and that half
-  busy       429 with "Retry-After: 1" the first two times it is asked for
-             (counted per server), then as stored
+  busy*      429 with "Retry-After: 1" the first two times it is asked for
+             (counted per server and MODE: busy, busy-2, ...), then as stored
 
 usage: fake_registry.py LAYOUT PORT_FILE   (writes the port once listening)
 Python standard library only; run it with /usr/bin/python3 (uid 65534 too).
@@ -74,7 +75,7 @@ def tags_and_configs():
 
 
 BUSY_LOCK = threading.Lock()
-BUSY_ANSWERS = {}  # digest -> 429s given so far (mode busy)
+BUSY_ANSWERS = {}  # (mode, digest) -> 429s given so far (modes busy*)
 
 
 class H(http.server.BaseHTTPRequestHandler):
@@ -139,6 +140,9 @@ class H(http.server.BaseHTTPRequestHandler):
                            "limit by authenticating and upgrading"}]}).encode()
             return self.send(429, body, [("Content-Type", "application/json"),
                                          ("Retry-After", "21600")])
+        if mode == "maintenance":
+            return self.send(503, b'{"errors":[{"code":"UNAVAILABLE","message":"maintenance"}]}',
+                             [("Content-Type", "application/json"), ("Retry-After", "21600")])
         if mode == "big":
             return self.send(200, b" " * (4 * 1024 * 1024 + 1), [("Content-Type", mt)])
         if mode == "endless":
@@ -196,10 +200,10 @@ class H(http.server.BaseHTTPRequestHandler):
             chunk = b"\0" * 65536
             while True:
                 self.wfile.write(chunk)
-        if mode == "busy":
+        if mode.startswith("busy"):
             with BUSY_LOCK:
-                n = BUSY_ANSWERS.get(digest, 0)
-                BUSY_ANSWERS[digest] = n + 1
+                n = BUSY_ANSWERS.get((mode, digest), 0)
+                BUSY_ANSWERS[(mode, digest)] = n + 1
             if n < 2:
                 return self.send(429, b'{"errors":[{"code":"TOOMANYREQUESTS","message":"slow down"}]}',
                                  [("Content-Type", "application/json"), ("Retry-After", "1")])

@@ -71,7 +71,8 @@ TEST(LogRelayTest, TheQueueIsBounded) {
   helper.join();
   relay.Relay();
   ASSERT_EQ(owner.seen.size(), LogRelay::kMaxLines + 1);
-  EXPECT_EQ(owner.seen.back().message, "5 more log lines of helper threads dropped");
+  EXPECT_EQ(owner.seen.back().message,
+            "log relay: dropped=5 (lines of helper threads past the queue)");
 }
 
 // Without a target, a thread's warnings go to stderr; a captured helper's

@@ -1102,6 +1102,39 @@ TEST_F(RegistryPullFakeTest, TooManyRequestsWithAShortRetryAfterIsWaitedOut) {
   EXPECT_EQ(ReadFile(out_ + "/rootfs/etc/hostname"), "fake\n");
 }
 
+// Through the service the pull runs in the client: its retries reach the
+// client's -v log while the job runs, through the CLI's log, not raw stderr.
+TEST_F(RegistryPullFakeTest, ThroughTheServiceTheClientSaysItsRetries) {
+  const std::string sdir = out_ + "/service";
+  ASSERT_EQ(::mkdir(sdir.c_str(), 0755), 0);
+  ASSERT_EQ(::mkdir((sdir + "/scratch").c_str(), 0755), 0);
+  const std::string config = sdir + "/serve.toml", socket = sdir + "/sock";
+  {
+    std::ofstream(config) << "[service]\nscratch_dir = \"" << sdir
+                          << "/scratch\"\n[[tenant]]\nname = \"self\"\nuids = [" << ::geteuid()
+                          << "]\n";
+  }
+  Proc service({LAYERX_BINARY, "serve", "--socket", socket, "--config", config},
+               dir_ + "/connect-service", dir_ + "/home");
+  bool up = false;
+  for (int i = 0; i < 200 && !up; ++i) {
+    up = Proc({LAYERX_BINARY, "status", "--socket", socket}, dir_ + "/connect-status",
+              dir_ + "/home")
+             .Finish(10)
+             .code == 0;
+    if (!up) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_TRUE(up) << "the service did not come up";
+  Outcome r = Proc({LAYERX_BINARY, "extract", "docker://" + host_ + "/busy-connect:v1",
+                    "--tls-verify=false", "-v", "--connect", socket, "--ext4", out_ + "/img"},
+                   dir_ + "/connect-run", dir_ + "/home")
+                  .Finish(60);
+  ASSERT_EQ(r.code, 0) << r.Both();
+  EXPECT_NE(r.err.find("registry retry"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("HTTP 429"), std::string::npos) << r.err;
+  EXPECT_EQ(r.err.find("warning broker:"), std::string::npos) << "raw stderr: " << r.err;
+}
+
 TEST_F(RegistryPullFakeTest, TooManyRequestsForHoursFailsAtOnce) {
   Outcome r = Pull("ratelimit", {}, 30);
   ExpectOneLineRefusal(r, {1}, {"HTTP 429", "TOOMANYREQUESTS", "pull rate limit", "21600"});
@@ -1134,17 +1167,17 @@ TEST_P(RegistryPullHostileTest, RejectsInOneLineLeavingNothing) {
   ExpectNothingLeft();
 }
 
-INSTANTIATE_TEST_SUITE_P(Hostile, RegistryPullHostileTest,
-                         ::testing::Values(HostileCase{"ManifestOver4MiB", "big", ""},
-                                           HostileCase{"EndlessManifest", "endless", ""},
-                                           HostileCase{"EndlessLayerBlob", "long", "LAYER2"},
-                                           HostileCase{"ShortLayerBlob", "short", "LAYER2"},
-                                           HostileCase{"RedirectLoop", "loop", ""},
-                                           HostileCase{"Schema1Manifest", "schema1", "schema 1"},
-                                           HostileCase{"ConfigNotItsDigest", "badconfig", ""}),
-                         [](const ::testing::TestParamInfo<HostileCase>& info) {
-                           return info.param.name;
-                         });
+INSTANTIATE_TEST_SUITE_P(
+    Hostile, RegistryPullHostileTest,
+    ::testing::Values(HostileCase{"ManifestOver4MiB", "big", ""},
+                      HostileCase{"EndlessManifest", "endless", ""},
+                      HostileCase{"EndlessLayerBlob", "long", "LAYER2"},
+                      HostileCase{"ShortLayerBlob", "short", "LAYER2"},
+                      HostileCase{"RedirectLoop", "loop", ""},
+                      HostileCase{"Schema1Manifest", "schema1", "schema 1"},
+                      HostileCase{"ConfigNotItsDigest", "badconfig", ""},
+                      HostileCase{"UnavailableForHours", "maintenance", "HTTP 503"}),
+    [](const ::testing::TestParamInfo<HostileCase>& info) { return info.param.name; });
 
 }  // namespace
 }  // namespace layerx
