@@ -415,7 +415,24 @@ Result<std::unique_ptr<RegistryPull>> RegistryPull::Start(const std::string& spe
   LX_ASSIGN_OR_RETURN(RegistryRef ref, ParseRegistryRef(spec));
   LX_ASSIGN_OR_RETURN(std::unique_ptr<RegistryClient> client, Connect(ref, options));
   std::unique_ptr<RegistryPull> pull(new RegistryPull());
-  LX_ASSIGN_OR_RETURN(pull->image_, Resolve(*client, platform));
+  // The downloads start as soon as the manifest names the layers: the config
+  // is fetched while the first layer's request is on its way (a registry
+  // takes milliseconds to answer each). A config that fails stops them (the
+  // pull is destroyed).
+  auto begin = [&](const std::vector<LayerSource>& layers) -> Status {
+    LX_ASSIGN_OR_RETURN(pull->state_, StartDownloads(ref, options, layers, *client));
+    for (size_t i = 0; i < layers.size(); ++i) {
+      pull->hashes_.push_back(std::make_unique<LayerHash>(pull->state_.get(), i));
+    }
+    return {};
+  };
+  LX_ASSIGN_OR_RETURN(pull->image_, Resolve(*client, platform, begin));
+  return pull;
+}
+
+Result<std::unique_ptr<RegistryPull::State>> RegistryPull::StartDownloads(
+    const RegistryRef& ref, const PullOptions& options, const std::vector<LayerSource>& layers,
+    RegistryClient& client) {
   auto state = std::make_unique<State>();
   state->ref = ref;
   state->options = options;
@@ -438,9 +455,9 @@ Result<std::unique_ptr<RegistryPull>> RegistryPull::Start(const std::string& spe
   int wake = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (wake < 0) return Fail(OsError(errno, "eventfd"));
   state->wake = UniqueFd(wake);
-  state->layers = std::vector<State::Layer>(pull->image_.layers.size());
-  for (size_t i = 0; i < pull->image_.layers.size(); ++i) {
-    const LayerSource& source = pull->image_.layers[i];
+  state->layers = std::vector<State::Layer>(layers.size());
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const LayerSource& source = layers[i];
     State::Layer& l = state->layers[i];
     l.digest = source.digest.value_or("");
     l.size = source.size;
@@ -452,14 +469,10 @@ Result<std::unique_ptr<RegistryPull>> RegistryPull::Start(const std::string& spe
   // authenticates again. They stop on the pull's own flag, set when the job is
   // over whichever way it ended (a cancelled job ends, too).
   for (size_t w = 0; w < workers; ++w) {
-    LX_ASSIGN_OR_RETURN(std::unique_ptr<RegistryClient> clone, client->Clone(&state->cancel));
+    LX_ASSIGN_OR_RETURN(std::unique_ptr<RegistryClient> clone, client.Clone(&state->cancel));
     state->clients.push_back(std::move(clone));
   }
-  pull->state_ = std::move(state);
-  for (size_t i = 0; i < pull->image_.layers.size(); ++i) {
-    pull->hashes_.push_back(std::make_unique<LayerHash>(pull->state_.get(), i));
-  }
-  State* s = pull->state_.get();
+  State* s = state.get();
   for (size_t w = 0; w < workers; ++w) {
     s->workers.emplace_back([s, w] {
       LogTarget captured = s->relay.Capture();
@@ -470,7 +483,7 @@ Result<std::unique_ptr<RegistryPull>> RegistryPull::Start(const std::string& spe
     LogTarget captured = s->relay.Capture();
     s->Feed();
   });
-  return pull;
+  return state;
 }
 
 RegistryPull::~RegistryPull() {

@@ -38,6 +38,9 @@
 
 namespace layerx::broker {
 
+struct RegistryRef;
+class RegistryClient;
+
 struct PullOptions {
   std::optional<std::string> creds;    // --creds USER:PASS; SECURITY: a secret, never logged
   std::string auth_file;               // --authfile: only this file; empty: AuthFilePaths()
@@ -102,6 +105,10 @@ class RegistryPull {
 
  private:
   RegistryPull() = default;
+  static Result<std::unique_ptr<State>> StartDownloads(const RegistryRef& ref,
+                                                       const PullOptions& options,
+                                                       const std::vector<LayerSource>& layers,
+                                                       RegistryClient& client);
   ResolvedImage image_;
   std::unique_ptr<State> state_;
   std::vector<std::unique_ptr<LayerHash>> hashes_;  // one per layer

@@ -49,7 +49,8 @@ Result<std::unique_ptr<RegistryClient>> Connect(const RegistryRef& ref,
   return RegistryClient::Create(ref, std::move(o));
 }
 
-Result<ResolvedImage> Resolve(RegistryClient& client, const Platform& platform) {
+Result<ResolvedImage> Resolve(RegistryClient& client, const Platform& platform,
+                              const LayersFound& on_layers) {
   auto got = client.GetManifest();
   if (!got) return Fail(Answered(std::move(got).error()));
   RegistryManifest top = std::move(*got);
@@ -79,10 +80,10 @@ Result<ResolvedImage> Resolve(RegistryClient& client, const Platform& platform) 
       bytes.append(chunk.data(), chunk.size());
       return {};
     });
-    if (!got) return Fail(Answered(std::move(got).error()));
+    if (!got) return Fail(Answered(std::move(got).error()).With("config"));
     return bytes;
   };
-  return ResolveFromDocument(top.bytes, top.media_type, top.digest, platform, read);
+  return ResolveFromDocument(top.bytes, top.media_type, top.digest, platform, read, on_layers);
 }
 
 }  // namespace registry_detail

@@ -21,6 +21,8 @@ Error Answered(Error e);
 Result<std::unique_ptr<RegistryClient>> Connect(const RegistryRef& ref, const PullOptions& options);
 
 // The image `client` names: manifest (an index picks by `platform`) and config.
-Result<ResolvedImage> Resolve(RegistryClient& client, const Platform& platform);
+// `on_layers`, when given, has the layers before the config is fetched.
+Result<ResolvedImage> Resolve(RegistryClient& client, const Platform& platform,
+                              const LayersFound& on_layers = nullptr);
 
 }  // namespace layerx::broker::registry_detail

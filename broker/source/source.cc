@@ -176,8 +176,8 @@ class OciResolver {
       : dir_(dir),
         platform_(platform),
         read_([dir](const Descriptor& d, bool) { return ReadBlob(dir, d); }) {}
-  OciResolver(const Platform& platform, Reader read)
-      : dir_(-1), platform_(platform), read_(std::move(read)) {}
+  OciResolver(const Platform& platform, Reader read, LayersFound on_layers)
+      : dir_(-1), platform_(platform), read_(std::move(read)), on_layers_(std::move(on_layers)) {}
 
   Status Resolve(const std::string& ref, ResolvedImage* out) {
     LX_ASSIGN_OR_RETURN(std::string layout, ReadBounded(dir_, "oci-layout", kMaxDocumentBytes));
@@ -267,20 +267,14 @@ class OciResolver {
   }
 
  private:
+  // The layers first, then the config: a registry starts their downloads
+  // (on_layers_) while the config is fetched.
   Status ResolveManifest(const json& manifest, ResolvedImage* out) {
     auto cfg = manifest.find("config");
     if (cfg == manifest.end()) return Fail(Bad("manifest has no config"));
     LX_ASSIGN_OR_RETURN(Descriptor config_desc, ParseDescriptor(*cfg, "config"));
-    LX_ASSIGN_OR_RETURN(out->config, read_(config_desc, false));
-    out->config_digest = config_desc.digest;
-    LX_ASSIGN_OR_RETURN(json config, ParseJson(out->config, "config"));
-    LX_ASSIGN_OR_RETURN(std::vector<std::string> diff_ids, ParseDiffIds(config));
     auto layers = manifest.find("layers");
     if (layers == manifest.end() || !layers->is_array()) return Fail(Bad("manifest has no layers"));
-    if (layers->size() != diff_ids.size()) {
-      return Fail(Bad(fmt::format("manifest has {} layers, config has {} diff_ids", layers->size(),
-                                  diff_ids.size())));
-    }
     for (size_t i = 0; i < layers->size(); ++i) {
       LX_ASSIGN_OR_RETURN(Descriptor l, ParseDescriptor((*layers)[i], "layer"));
       if (!OneOf(l.media_type, kLayerTypes)) {
@@ -291,16 +285,26 @@ class OciResolver {
                                         .dir_fd = dir_,
                                         .path = dir_ >= 0 ? BlobPath(l.digest) : std::string(),
                                         .digest = l.digest,
-                                        .diff_id = diff_ids[i],
                                         .size = l.size,
                                         .media_type = l.media_type});
     }
+    if (on_layers_) LX_TRY(on_layers_(out->layers));
+    LX_ASSIGN_OR_RETURN(out->config, read_(config_desc, false));
+    out->config_digest = config_desc.digest;
+    LX_ASSIGN_OR_RETURN(json config, ParseJson(out->config, "config"));
+    LX_ASSIGN_OR_RETURN(std::vector<std::string> diff_ids, ParseDiffIds(config));
+    if (out->layers.size() != diff_ids.size()) {
+      return Fail(Bad(fmt::format("manifest has {} layers, config has {} diff_ids",
+                                  out->layers.size(), diff_ids.size())));
+    }
+    for (size_t i = 0; i < diff_ids.size(); ++i) out->layers[i].diff_id = diff_ids[i];
     return {};
   }
 
   int dir_;
   Platform platform_;
   Reader read_;
+  LayersFound on_layers_;
 };
 
 }  // namespace
@@ -356,11 +360,13 @@ std::string Platform::ToString() const {
 
 Result<ResolvedImage> ResolveFromDocument(const std::string& text, const std::string& media_type,
                                           const std::string& digest, const Platform& platform,
-                                          const ReadByDigest& read) {
+                                          const ReadByDigest& read,
+                                          const LayersFound& on_layers) {
   ResolvedImage image;
-  OciResolver resolver(platform, [&read](const Descriptor& d, bool manifest) {
-    return read(d.digest, d.size, manifest);
-  });
+  OciResolver resolver(
+      platform,
+      [&read](const Descriptor& d, bool manifest) { return read(d.digest, d.size, manifest); },
+      on_layers);
   Descriptor top{.media_type = media_type, .digest = digest, .size = text.size()};
   LX_TRY(resolver.ResolveText(top, text, 0, &image));
   return image;

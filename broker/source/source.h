@@ -107,12 +107,17 @@ Result<ResolvedImage> ResolveSources(const std::vector<std::string>& specs,
 // `size` when there is one.
 using ReadByDigest = std::function<Result<std::string>(
     const std::string& digest, std::optional<uint64_t> size, bool manifest)>;
+// The manifest's layers, once it is read and before its config is: a
+// registry's pull starts their downloads while the config is fetched. They have
+// no diff_id yet. An error stops the resolution.
+using LayersFound = std::function<Status(const std::vector<LayerSource>& layers)>;
 // An image from its top document (a manifest or an index, already checked
 // against `digest`), the rest read through `read`: a registry's (docker://).
 // Its layers have neither dir_fd nor path: the caller opens their streams.
 Result<ResolvedImage> ResolveFromDocument(const std::string& text, const std::string& media_type,
                                           const std::string& digest, const Platform& platform,
-                                          const ReadByDigest& read);
+                                          const ReadByDigest& read,
+                                          const LayersFound& on_layers = nullptr);
 
 // docker-archive:FILE[:REF] (REF a RepoTag such as "debian:test"). Its outer
 // tar is attacker-controlled like a layer, so the broker never parses it: the

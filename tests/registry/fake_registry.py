@@ -13,6 +13,11 @@ MODE, for the manifest and config (any MODE not below serves them as stored):
   big        manifests: 4 MiB + 1 byte, with its Content-Length
   endless    manifests: no Content-Length, bytes until the client hangs up
   badconfig  the config blob: one byte flipped (same size)
+  configlast the config blob: answered only once a layer blob of the same MODE
+             was asked for (within 10 s; else 404): a client that fetches the
+             config before it starts the layers fails
+  configgone the config blob: 404 once a layer blob of the same MODE was asked
+             for (a config that fails while the layers download)
   ratelimit  manifests: 429 TOOMANYREQUESTS with Docker Hub's words and a
              Retry-After of 6 hours
   maintenance manifests: 503 with a Retry-After of 6 hours
@@ -72,6 +77,15 @@ def tags_and_configs():
             last.add(doc["layers"][-1]["digest"])
         todo.extend(doc.get("manifests", []))
     return tags, configs, last
+
+
+LAYER_ASKED_LOCK = threading.Lock()
+LAYER_ASKED = {}  # mode -> threading.Event, set once a layer blob was asked for
+
+
+def layer_asked(mode):
+    with LAYER_ASKED_LOCK:
+        return LAYER_ASKED.setdefault(mode, threading.Event())
 
 
 BUSY_LOCK = threading.Lock()
@@ -172,7 +186,13 @@ class H(http.server.BaseHTTPRequestHandler):
             return self.send(404, b'{"errors":[{"code":"BLOB_UNKNOWN"}]}')
         _, configs, last = tags_and_configs()
         octet = ("Content-Type", "application/octet-stream")
+        if digest not in configs:
+            layer_asked(mode).set()
         if digest in configs:
+            if mode in ("configlast", "configgone") and not layer_asked(mode).wait(10):
+                return self.send(404, b'{"errors":[{"code":"BLOB_UNKNOWN"}]}')
+            if mode == "configgone":
+                return self.send(404, b'{"errors":[{"code":"BLOB_UNKNOWN","message":"config gone"}]}')
             if mode == "badconfig":
                 body = bytearray(body)
                 body[len(body) // 2] ^= 0x20

@@ -1050,6 +1050,25 @@ TEST_F(RegistryPullFakeTest, GoodModeWorks) {
   EXPECT_EQ(ReadFile(out_ + "/rootfs/etc/hostname"), "fake\n");
 }
 
+TEST_F(RegistryPullFakeTest, LayersDownloadWhileTheConfigIsFetched) {
+  // "configlast" answers the config only after a layer blob was asked for: a
+  // pull that fetched the config first, then the layers, would wait 10 s and
+  // get a 404. The layers' requests go out once the manifest names them.
+  Outcome r = Pull("configlast", {}, 30);
+  ASSERT_EQ(r.code, 0) << r.Both();
+  EXPECT_LT(r.seconds, 8) << "the config waited for a layer request that never came";
+  EXPECT_EQ(ReadFile(out_ + "/rootfs/etc/hostname"), "fake\n");
+}
+
+TEST_F(RegistryPullFakeTest, ConfigThatFailsWhileTheLayersDownloadIsOneLine) {
+  // The downloads have started when the config fails: they stop, the job
+  // says what failed in one line, and nothing is left.
+  Outcome r = Pull("configgone", {}, 30);
+  ExpectOneLineRefusal(r, {1}, {"config: blob sha256:", "404", "BLOB_UNKNOWN"});
+  EXPECT_LT(r.seconds, 8);
+  ExpectNothingLeft();
+}
+
 // ---- 6. slow drip and stall: the clocks ---------------------------------
 
 TEST_F(RegistryPullFakeTest, DripStopsAtTheLayerClock) {
