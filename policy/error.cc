@@ -35,6 +35,7 @@ std::string ErrnoName(int err) {
 }
 
 Error Error::WithLayer(size_t index, const std::string& name) && {
+  if (layer_index_ != 0) return std::move(*this);  // it names its layer already
   layer_index_ = index;
   layer_name_ = name;
   return std::move(*this).With("layer {} ({})", index, name);

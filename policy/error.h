@@ -49,7 +49,9 @@ class Error {
   }
 
   // The same, recorded for callers that want it structured (the library's
-  // ExtractError) as well as in the context.
+  // ExtractError) as well as in the context. An error that names a layer
+  // already keeps it (a download that failed ahead of the layer being applied
+  // names its own).
   Error WithLayer(size_t index, const std::string& name) &&;
   Error WithEntry(const std::string& untrusted_name) &&;
   size_t layer_index() const { return layer_index_; }  // 1-based; 0: none

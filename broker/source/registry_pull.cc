@@ -62,6 +62,7 @@ struct RegistryPull::State {
     UniqueFd cached;                           // a verified blob from the cache, fed whole
     bool done = false;                         // the download finished (or the cache had it)
     std::optional<Error> error;                // the download failed
+    bool cut = false;  // its pipe closed before its end: the pull stopped (`failed`)
   };
 
   RegistryRef ref;
@@ -75,6 +76,10 @@ struct RegistryPull::State {
   std::condition_variable space;  // workers wait for room in the spool
   std::condition_variable fed;    // the feeder waits for blocks
   size_t current = 0;             // the layer the feeder is on
+  // The first layer whose download failed (not because the pull stopped). One
+  // ahead of the layer being applied stops the pull at once: the job is told
+  // now, not when it reaches that layer.
+  std::optional<size_t> failed;
   uint64_t spooled = 0;           // bytes of blocks held, all layers
   std::vector<char*> free_blocks;
   char* arena = nullptr;
@@ -193,8 +198,33 @@ struct RegistryPull::State {
       layers[i].done = true;
     } else {
       layers[i].error = std::move(status).error();
+      if (!Stopped() && !failed) {
+        failed = i;
+        // The layer being fed drains what it got first, then ends (Feed).
+        if (i != current) StopAll();
+      }
     }
     fed.notify_one();
+  }
+
+  // The pull stopped: every pipe still open ends now (under mu), so no job or
+  // service waits on a stream nobody feeds; the job asks Failure() why.
+  void CutPipes() {
+    for (Layer& l : layers) {
+      if (l.write.get() < 0) continue;
+      l.cut = true;
+      l.write.reset();
+    }
+  }
+
+  // Why layer i's stream ended early (under mu): its own download, or another
+  // layer's that stopped the pull (named as that layer).
+  std::optional<Error> FailureLocked(size_t i) const {
+    if (!failed || *failed == i) return layers[i].error;
+    if (!layers[i].cut && !layers[i].error) return std::nullopt;  // whole: the job's checks decide
+    const Layer& other = layers[*failed];
+    Error e = *other.error;
+    return std::move(e).WithLayer(*failed + 1, other.display);
   }
 
   // Blob i from the cache, verified: true when it is there and good. A blob
@@ -329,7 +359,10 @@ struct RegistryPull::State {
         fed.wait(lock, [&] {
           return Stopped() || (l.write.get() >= 0 && (!l.blocks.empty() || l.done || l.error));
         });
-        if (Stopped()) return;
+        if (Stopped()) {
+          CutPipes();
+          return;
+        }
         if (l.blocks.empty()) break;
         Block b = l.blocks.front();
         l.blocks.pop_front();
@@ -338,14 +371,15 @@ struct RegistryPull::State {
         bool written = Put(l.write.get(), std::as_bytes(std::span(b.bytes, b.size)));
         lock.lock();
         ReleaseLocked(i, b);
-        if (!written) {  // the job stopped reading: it is over
+        if (!written) {  // stopped, or the job stopped reading: it is over
           StopAll();
+          CutPipes();
           return;
         }
       }
       if (l.error) {  // the job sees the stream end early; Failure() says why
-        l.write.reset();
         StopAll();
+        CutPipes();
         return;
       }
       UniqueFd cached = std::move(l.cached);
@@ -357,6 +391,7 @@ struct RegistryPull::State {
         if (!Put(l.write.get(), std::span(buf).first(*n))) {
           std::lock_guard relock(mu);
           StopAll();
+          CutPipes();
           return;
         }
       }
@@ -380,6 +415,10 @@ struct RegistryPull::State {
     std::lock_guard lock(mu);
     Layer& l = layers[i];
     if (l.taken) return Fail(MakeError(ErrorKind::kInternal, "layer {} taken twice", i + 1));
+    if (failed) {  // the pull stopped on a failed download: nothing feeds this layer
+      l.cut = true;
+      if (std::optional<Error> why = FailureLocked(i)) return Fail(std::move(*why));
+    }
     LX_ASSIGN_OR_RETURN(sandbox::Pipe pipe, sandbox::MakePipe(0));
     (void)::fcntl(pipe.write.get(), F_SETPIPE_SZ, 1 << 20);  // fewer wakeups; best effort
     LX_TRY(sandbox::SetNonBlocking(pipe.write.get()));
@@ -523,7 +562,7 @@ std::optional<Error> RegistryPull::Failure(size_t index) const {
   if (!state_ || index >= state_->layers.size()) return std::nullopt;
   state_->relay.Relay();
   std::lock_guard lock(state_->mu);
-  return state_->layers[index].error;
+  return state_->FailureLocked(index);
 }
 
 RegistryPull::Counts RegistryPull::counts() const {

@@ -2,9 +2,11 @@
 // the network into the job.
 //
 // Resolution reads the manifest by tag or digest (an index picks the manifest
-// for the platform, as for oci:), then the config, each checked against its
-// digest (broker/source/source.cc walks the documents, broker/source/registry_client.cc
-// fetches them). Then RegistryPull::Start gives every layer a pipe: the job
+// for the platform, as for oci:), starts the layers' downloads, and reads the
+// config meanwhile, each checked against its digest (broker/source/source.cc
+// walks the documents, broker/source/registry_client.cc fetches them). A
+// download that fails stops the pull: the pipes end, and Failure() says which
+// layer failed. Then RegistryPull::Start gives every layer a pipe: the job
 // reads layer i from its pipe exactly as it reads a pipe the service was
 // handed, so the blob's digest and size (against the manifest) and the tar
 // stream's digest (against the config's diff_ids) are checked while it
@@ -87,8 +89,10 @@ class RegistryPull {
   // it writes it, and the extractor reads the pipe itself (no copy through
   // the job's own pipe); `hashed` gives the digest once the stream ended.
   Result<ResolvedImage::Taken> HashedInput(size_t index);
-  // Why layer `index` (0-based) ended early: its download failed. nullopt
-  // while it has not, or when the stream was whole (the job's checks decide).
+  // Why layer `index` (0-based) ended early: its download failed, or a layer
+  // ahead's did and stopped the pull (then the error names that layer; Input()
+  // of a later layer fails with it too). nullopt while none has, or when the
+  // stream was whole (the job's checks decide).
   std::optional<Error> Failure(size_t index) const;
   // The download threads' log lines (retries, the blob cache's warnings), said
   // on the calling thread; every call above and the destructor relay too.

@@ -85,7 +85,9 @@ struct ResolvedImage {
   std::string config_digest;
   sandbox::UniqueFd dir;  // the OCI layout, kept open for the layers
   // Streams fed from elsewhere (a registry's): why layer i (0-based) ended
-  // early, when its feed failed; a better line than the stream's short end.
+  // early, when its feed failed, or another layer's whose failure stopped the
+  // feed (that error names its own layer); a better line than the stream's
+  // short end.
   std::function<std::optional<Error>(size_t index)> feed_failure;
   // Streams made as the job reaches each layer (a registry's): layer i's fd,
   // owned by the caller for the layer's run. Unset: LayerSource::fd/path.

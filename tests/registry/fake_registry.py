@@ -27,6 +27,8 @@ MODE, for the last layer of each manifest (the others are served as stored):
   stall      the right Content-Length, 16 bytes, then nothing for 10 minutes
   long       no Content-Length (close-delimited): the bytes, then zeros forever
   short      a Content-Length of half the blob, and that half
+  failahead  404, while the first layer drips at 4 bytes a second: the job
+             must hear of it now, not when it reaches the last layer
   busy*      429 with "Retry-After: 1" the first two times it is asked for
              (counted per server and MODE: busy, busy-2, ...), then as stored
 
@@ -60,10 +62,10 @@ def read_blob(digest):
 
 def tags_and_configs():
     """ref name -> descriptor; every config digest of every manifest; and the
-    digest of each manifest's last layer."""
+    digests of each manifest's last and first layers."""
     with open(os.path.join(LAYOUT, "index.json"), "rb") as f:
         index = json.load(f)
-    tags, configs, last, todo = {}, set(), set(), list(index.get("manifests", []))
+    tags, configs, last, first, todo = {}, set(), set(), set(), list(index.get("manifests", []))
     for d in index.get("manifests", []):
         ref = d.get("annotations", {}).get("org.opencontainers.image.ref.name")
         if ref:
@@ -75,8 +77,9 @@ def tags_and_configs():
             configs.add(doc["config"]["digest"])
         if doc.get("layers"):
             last.add(doc["layers"][-1]["digest"])
+            first.add(doc["layers"][0]["digest"])
         todo.extend(doc.get("manifests", []))
-    return tags, configs, last
+    return tags, configs, last, first
 
 
 LAYER_ASKED_LOCK = threading.Lock()
@@ -112,6 +115,13 @@ class H(http.server.BaseHTTPRequestHandler):
         for k, v in headers:
             self.send_header(k, v)
         self.end_headers()
+
+    def drip(self, body, octet):
+        self.head(200, [octet, ("Content-Length", str(len(body)))])
+        for i in range(len(body)):
+            self.wfile.write(body[i:i + 1])
+            self.wfile.flush()
+            time.sleep(0.25)
 
     def do_HEAD(self):
         self.do_GET()
@@ -165,7 +175,7 @@ class H(http.server.BaseHTTPRequestHandler):
             chunk = b" " * 65536
             while True:
                 self.wfile.write(chunk)
-        tags, _, _ = tags_and_configs()
+        tags = tags_and_configs()[0]
         if ref.startswith("sha256:"):
             body = read_blob(ref)
             digest = ref
@@ -184,7 +194,7 @@ class H(http.server.BaseHTTPRequestHandler):
         body = read_blob(digest)
         if body is None:
             return self.send(404, b'{"errors":[{"code":"BLOB_UNKNOWN"}]}')
-        _, configs, last = tags_and_configs()
+        _, configs, last, first = tags_and_configs()
         octet = ("Content-Type", "application/octet-stream")
         if digest not in configs:
             layer_asked(mode).set()
@@ -198,15 +208,14 @@ class H(http.server.BaseHTTPRequestHandler):
                 body[len(body) // 2] ^= 0x20
                 body = bytes(body)
             return self.send(200, body, [octet])
+        if mode == "failahead" and digest in first and digest not in last:
+            return self.drip(body, octet)
         if digest not in last:
             return self.send(200, body, [octet])
+        if mode == "failahead":
+            return self.send(404, b'{"errors":[{"code":"BLOB_UNKNOWN","message":"gone"}]}')
         if mode == "drip":
-            self.head(200, [octet, ("Content-Length", str(len(body)))])
-            for i in range(len(body)):
-                self.wfile.write(body[i:i + 1])
-                self.wfile.flush()
-                time.sleep(0.25)
-            return
+            return self.drip(body, octet)
         if mode == "stall":
             self.head(200, [octet, ("Content-Length", str(len(body)))])
             self.wfile.write(body[:16])

@@ -1010,6 +1010,32 @@ class RegistryPullFakeTest : public ::testing::Test {
     if (!out_.empty()) std::filesystem::remove_all(out_);
   }
 
+  // `layerx serve` for this test (its tenant: this uid), up and answering.
+  void StartService(std::unique_ptr<Proc>* service, std::string* socket) {
+    const std::string sdir = out_ + "/service";
+    ASSERT_EQ(::mkdir(sdir.c_str(), 0755), 0);
+    ASSERT_EQ(::mkdir((sdir + "/scratch").c_str(), 0755), 0);
+    const std::string config = sdir + "/serve.toml";
+    *socket = sdir + "/sock";
+    {
+      std::ofstream(config) << "[service]\nscratch_dir = \"" << sdir
+                            << "/scratch\"\n[[tenant]]\nname = \"self\"\nuids = ["
+                            << ::geteuid() << "]\n";
+    }
+    *service = std::make_unique<Proc>(
+        std::vector<std::string>{LAYERX_BINARY, "serve", "--socket", *socket, "--config", config},
+        dir_ + "/connect-service", dir_ + "/home");
+    bool up = false;
+    for (int i = 0; i < 200 && !up; ++i) {
+      up = Proc({LAYERX_BINARY, "status", "--socket", *socket}, dir_ + "/connect-status",
+                dir_ + "/home")
+               .Finish(10)
+               .code == 0;
+      if (!up) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    ASSERT_TRUE(up) << "the service did not come up";
+  }
+
   // `layerx extract docker://FAKE/MODE:v1` with every output; -q (unless
   // `extra` has -v): the --tls-verify=false note is not what these tests are about.
   Outcome Pull(const std::string& mode, const std::vector<std::string>& extra = {},
@@ -1069,6 +1095,33 @@ TEST_F(RegistryPullFakeTest, ConfigThatFailsWhileTheLayersDownloadIsOneLine) {
   ExpectNothingLeft();
 }
 
+TEST_F(RegistryPullFakeTest, LayerAheadThatFailsStopsTheJobAtOnce) {
+  // Layer 2's blob is a 404 while layer 1 drips (about 40 s): the job hears
+  // of layer 2 now, in one line naming it, and stops layer 1.
+  Outcome r = Pull("failahead", {}, 30);
+  ExpectOneLineRefusal(r, {1}, {Layer2(), "404", "BLOB_UNKNOWN"});
+  EXPECT_LT(r.seconds, 8) << "the job waited for layer 1 before saying layer 2 failed";
+  ExpectNothingLeft();
+}
+
+TEST_F(RegistryPullFakeTest, ThroughTheServiceALayerAheadThatFailsStopsTheJobAtOnce) {
+  // The same through --connect: the client's pull stops, every pipe it handed
+  // the service ends, and the client names the layer that failed.
+  std::unique_ptr<Proc> service;
+  std::string socket;
+  ASSERT_NO_FATAL_FAILURE(StartService(&service, &socket));
+  Outcome r = Proc({LAYERX_BINARY, "extract", "docker://" + host_ + "/failahead:v1",
+                    "--tls-verify=false", "-q", "--connect", socket, "--ext4", out_ + "/img",
+                    "--manifest", out_ + "/m.jsonl"},
+                   dir_ + "/connect-run", dir_ + "/home")
+                  .Finish(30);
+  ExpectOneLineRefusal(r, {1}, {Layer2(), "404", "BLOB_UNKNOWN"});
+  EXPECT_LT(r.seconds, 8);
+  auto left = Names(out_);
+  left.erase("service");
+  EXPECT_TRUE(left.empty()) << "output left behind";
+}
+
 // ---- 6. slow drip and stall: the clocks ---------------------------------
 
 TEST_F(RegistryPullFakeTest, DripStopsAtTheLayerClock) {
@@ -1124,26 +1177,9 @@ TEST_F(RegistryPullFakeTest, TooManyRequestsWithAShortRetryAfterIsWaitedOut) {
 // Through the service the pull runs in the client: its retries reach the
 // client's -v log while the job runs, through the CLI's log, not raw stderr.
 TEST_F(RegistryPullFakeTest, ThroughTheServiceTheClientSaysItsRetries) {
-  const std::string sdir = out_ + "/service";
-  ASSERT_EQ(::mkdir(sdir.c_str(), 0755), 0);
-  ASSERT_EQ(::mkdir((sdir + "/scratch").c_str(), 0755), 0);
-  const std::string config = sdir + "/serve.toml", socket = sdir + "/sock";
-  {
-    std::ofstream(config) << "[service]\nscratch_dir = \"" << sdir
-                          << "/scratch\"\n[[tenant]]\nname = \"self\"\nuids = [" << ::geteuid()
-                          << "]\n";
-  }
-  Proc service({LAYERX_BINARY, "serve", "--socket", socket, "--config", config},
-               dir_ + "/connect-service", dir_ + "/home");
-  bool up = false;
-  for (int i = 0; i < 200 && !up; ++i) {
-    up = Proc({LAYERX_BINARY, "status", "--socket", socket}, dir_ + "/connect-status",
-              dir_ + "/home")
-             .Finish(10)
-             .code == 0;
-    if (!up) std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  ASSERT_TRUE(up) << "the service did not come up";
+  std::unique_ptr<Proc> service;
+  std::string socket;
+  ASSERT_NO_FATAL_FAILURE(StartService(&service, &socket));
   Outcome r = Proc({LAYERX_BINARY, "extract", "docker://" + host_ + "/busy-connect:v1",
                     "--tls-verify=false", "-v", "--connect", socket, "--ext4", out_ + "/img"},
                    dir_ + "/connect-run", dir_ + "/home")
