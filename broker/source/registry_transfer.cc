@@ -255,9 +255,14 @@ Error TransferError(const RegistryRef& ref, const std::string& what,
 
 namespace {
 
+// A 429 or 503 with a Retry-After: the only answers whose Retry-After counts.
+bool SaysWhen(const RegistryClient::Impl::Response& r) {
+  return !r.retry_after.empty() && (r.status == 429 || r.status == 503);
+}
+
 // ", Retry-After ..." when a 429 or 503 said when (the registry's words, shortened).
 std::string RetryAfterText(const RegistryClient::Impl::Response& r) {
-  if (r.retry_after.empty() || (r.status != 429 && r.status != 503)) return "";
+  if (!SaysWhen(r)) return "";
   return fmt::format(", Retry-After {:?}", r.retry_after.substr(0, 64));
 }
 
@@ -283,7 +288,7 @@ namespace {
 // How long a 429 or 503 asks the client to wait (Retry-After: seconds, or an
 // HTTP date read by curl_getdate), in ms; nullopt when it says nothing usable.
 std::optional<long> RetryAfterMs(const RegistryClient::Impl::Response& r) {
-  if (r.retry_after.empty() || (r.status != 429 && r.status != 503)) return std::nullopt;
+  if (!SaysWhen(r)) return std::nullopt;
   long seconds = 0;
   const char* end = r.retry_after.data() + r.retry_after.size();
   auto [ptr, ec] = std::from_chars(r.retry_after.data(), end, seconds);
