@@ -201,8 +201,15 @@ Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest&
       if (!verified) layer = Fail(std::move(verified).error());
     }
     if (!layer) {
-      // A stream fed from the network that ended early: the download says why.
-      if (image.feed_failure) {
+      // A stream fed from the network that ended early: the download says why
+      // (this layer's, or one ahead whose failure stopped the pull). A verdict
+      // of the layer's own (an escape, a limit, a clock) or a cancel stands.
+      const ErrorKind kind = layer.error().kind();
+      const bool short_stream = kind == ErrorKind::kInvalidInput ||
+                                kind == ErrorKind::kIntegrity || kind == ErrorKind::kPeer ||
+                                kind == ErrorKind::kOs;
+      const bool cancelled = request.cancel != nullptr && request.cancel->load();
+      if (image.feed_failure && short_stream && !cancelled) {
         if (std::optional<Error> why = image.feed_failure(i)) layer = Fail(std::move(*why));
       }
       return Fail(std::move(layer).error().WithLayer(input.index, source.display));

@@ -365,10 +365,16 @@ ExtractResult RunRemote(const ExtractRequest& request) {
     KJ_IF_MAYBE (r, response) {
       ExtractResult result = FromWire(r->getResult());
       if (!result.ok()) {
-        // A layer's stream that ended early because its download failed: the
-        // download says why, not the service's view of a short stream.
+        // A layer's stream that ended early because its download failed (its
+        // own, or one ahead's that stopped the pull): the download says why,
+        // not the service's view of a short stream. A refusal, a usage error
+        // or a cancel from the service stands.
         size_t index = result.error().layer_index;
-        if (pull && index > 0 && index <= image.layers.size()) {
+        const FailureKind kind = result.error().kind;
+        const bool short_stream = kind == FailureKind::kInvalidInput ||
+                                  kind == FailureKind::kIntegrity ||
+                                  kind == FailureKind::kSandbox || kind == FailureKind::kIo;
+        if (pull && short_stream && index > 0 && index <= image.layers.size()) {
           if (std::optional<Error> why = pull->Failure(index - 1)) {
             return ExtractResult(
                 PublicError(std::move(*why).WithLayer(index, image.layers[index - 1].display)));

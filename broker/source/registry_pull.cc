@@ -85,7 +85,7 @@ struct RegistryPull::State {
   char* arena = nullptr;
   size_t arena_size = 0, arena_used = 0;
   std::vector<std::unique_ptr<char[]>> overflow;  // blocks past the arena (not expected)
-  bool stop = false;
+  std::atomic<bool> stop{false};  // set under mu; FromCache reads it without
   size_t next = 0;  // the next layer a worker takes
   Counts counts;
   std::atomic<bool> cancel{false};
