@@ -9,10 +9,12 @@
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <cstring>
 #include <vector>
 
 #ifdef LAYERX_SANITIZE
@@ -32,7 +34,7 @@ const char* SetupStepName(SetupStep step) {
     case SetupStep::kOk:
       return "ok";
     case SetupStep::kReadConfig:
-      return "read jail config";
+      return "receive input and jail config";
     case SetupStep::kMountPrivate:
       return "make mounts private";
     case SetupStep::kOpenTree:
@@ -72,8 +74,8 @@ JailSetupResult Failed(SetupStep step) { return {step, errno}; }
 std::vector<sock_filter> g_seccomp_program;  // read before the pivot, installed last
 std::vector<sock_filter> g_data_program;     // the fd filter (fd 0, the data fd), stacked on it
 
-bool ReadConfig(JailConfigHeader* config) {
-  if (::pread(kConfigFd, config, sizeof(*config), 0) != static_cast<ssize_t>(sizeof(*config))) {
+bool ReadConfig(int fd, JailConfigHeader* config) {
+  if (::pread(fd, config, sizeof(*config), 0) != static_cast<ssize_t>(sizeof(*config))) {
     if (errno == 0) errno = EPROTO;
     return false;
   }
@@ -87,15 +89,67 @@ bool ReadConfig(JailConfigHeader* config) {
   g_data_program.resize(config->data_bpf_instructions);
   size_t bytes = g_seccomp_program.size() * sizeof(sock_filter);
   size_t data_bytes = g_data_program.size() * sizeof(sock_filter);
-  if (::pread(kConfigFd, g_seccomp_program.data(), bytes, sizeof(*config)) !=
+  if (::pread(fd, g_seccomp_program.data(), bytes, sizeof(*config)) !=
           static_cast<ssize_t>(bytes) ||
       (data_bytes > 0 &&
-       ::pread(kConfigFd, g_data_program.data(), data_bytes,
+       ::pread(fd, g_data_program.data(), data_bytes,
                static_cast<off_t>(sizeof(*config) + bytes)) != static_cast<ssize_t>(data_bytes))) {
     errno = EPROTO;
     return false;
   }
   return true;
+}
+
+// Waits for the broker's start message on fd 5 (sandbox/spawn.h, Start): the
+// layer's input, placed as fd 0, and the sealed config, read into *config.
+// EOF (the broker gave up on us) or anything but exactly those two fds fails.
+bool ReceiveStart(JailConfigHeader* config) {
+  char byte;
+  struct iovec iov = {&byte, 1};
+  alignas(struct cmsghdr) char control[CMSG_SPACE(4 * sizeof(int))];
+  struct msghdr msg = {};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control;
+  msg.msg_controllen = sizeof(control);
+  ssize_t n;
+  do {
+    n = ::recvmsg(kStartFd, &msg, MSG_CMSG_CLOEXEC);
+  } while (n < 0 && errno == EINTR);
+  if (n != 1) {
+    if (n == 0) errno = ECANCELED;
+    return false;
+  }
+  int fds[2] = {-1, -1};
+  size_t count = 0;
+  for (struct cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+    size_t got = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    for (size_t i = 0; i < got; ++i) {
+      int fd;
+      std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+      if (count < 2) fds[count] = fd;
+      else ::close(fd);
+      ++count;
+    }
+  }
+  if (count != 2 || (msg.msg_flags & MSG_CTRUNC) != 0) {
+    errno = EPROTO;
+    return false;
+  }
+  // They took the lowest free numbers (0, 6 without a data fd): move them up
+  // first, then place the input.
+  int input = ::fcntl(fds[0], F_DUPFD_CLOEXEC, 64);
+  int config_fd = ::fcntl(fds[1], F_DUPFD_CLOEXEC, 64);
+  ::close(fds[0]);
+  ::close(fds[1]);
+  bool ok = input >= 0 && config_fd >= 0 && ::dup2(input, kInputFd) == kInputFd &&
+            ReadConfig(config_fd, config);
+  int saved = errno;
+  if (input >= 0) ::close(input);
+  if (config_fd >= 0) ::close(config_fd);
+  errno = saved;
+  return ok;
 }
 
 // The image rootfs becomes "/": a detached clone of the rootfs dir's mount is
@@ -143,6 +197,7 @@ SetupStep PivotIntoRootfs() {
   // `tree` is now the root of a mount attached in our namespace: enter it.
   if (::fchdir(tree) != 0) return SetupStep::kMoveMount;
   ::close(tree);
+  ::close(rootfs);  // the dir below the mount: "..", from it, is the host's
   // pivot_root(".", ".") stacks the old root on top of the new one (bubblewrap's
   // and runc's trick: no directory for the old root is needed inside the image);
   // detaching "." then drops the whole host tree from this namespace.
@@ -210,17 +265,18 @@ bool DropCapabilities(bool keep_fs_caps) {
 
 JailSetupResult EnterJail(JailConfigHeader* config) {
   errno = 0;
-  if (!ReadConfig(config)) return Failed(SetupStep::kReadConfig);
 #ifdef LAYERX_SANITIZE
   // While /proc is still there: the sanitizer runtime caches the memory map,
   // so that a report from inside the jail names modules and offsets.
   __sanitizer_sandbox_on_notify(nullptr);
 #endif
   if (SetupStep step = PivotIntoRootfs(); step != SetupStep::kOk) return Failed(step);
+  // Ready but for the layer: a jail spawned ahead waits here, holding no input.
+  if (!ReceiveStart(config)) return Failed(SetupStep::kReadConfig);
   // fd 4 (the rootfs dir) still points into the detached host tree: ".." from
-  // it would reach the host. It, the config and anything else goes now.
+  // it would reach the host. It, the start socket and anything else goes now.
   // fd 6, the data fd, stays when the broker gave one.
-  if (::syscall(SYS_close_range, kRootfsFd, kConfigFd, 0) != 0 ||
+  if (::syscall(SYS_close_range, kRootfsFd, kStartFd, 0) != 0 ||
       ::syscall(SYS_close_range, kDataFd + 1, ~0U, 0) != 0) {
     return Failed(SetupStep::kCloseFds);
   }

@@ -1,7 +1,9 @@
 // The child side of the sandbox: called first thing in main() of a program that
 // sandbox::Spawn exec'd, before it reads a byte of input. In order:
 //   make mounts private; bind the rootfs (fd 4) onto itself nosuid,nodev,noexec;
-//   pivot_root into it and detach the old root; close every fd but 0-3;
+//   pivot_root into it and detach the old root; wait for the start message
+//   (fd 5: the layer's input becomes fd 0, the sealed config is read; a jail
+//   spawned ahead of its layer waits here); close every fd but 0-3 (and 6);
 //   rlimits; drop every capability (bounding, ambient, inheritable, and all of
 //   permitted/effective but the four file caps when a full id range is mapped);
 //   no_new_privs; seccomp last.

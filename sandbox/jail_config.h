@@ -1,5 +1,6 @@
 // What the broker hands the jailed child besides its fds: a sealed memfd holding
-// this header followed by the compiled seccomp program. Both sides come from the
+// this header followed by the compiled seccomp programs, sent with the layer's
+// input in one start message (sandbox/spawn.h). Both sides come from the
 // same build, so a plain struct is the format; magic and size catch a mismatch.
 #pragma once
 
@@ -59,7 +60,8 @@ inline constexpr int kInputFd = 0;    // the layer: a pipe the broker feeds, or 
 inline constexpr int kStderrFd = 2;   // a pipe the broker reads and re-logs (fd 1 too)
 inline constexpr int kChannelFd = 3;  // the record socket
 inline constexpr int kRootfsFd = 4;   // the image rootfs dir; closed after the pivot
-inline constexpr int kConfigFd = 5;   // the sealed JailConfig memfd; closed after setup
+inline constexpr int kStartFd = 5;    // a socket: the start message (fd 0 and the sealed
+                                      // config memfd); closed after setup
 inline constexpr int kDataFd = 6;     // the ext4 image, write-only (DataMode kImage, kTreeAndImage)
 
 // Exit status of a child whose setup failed before its program ran.

@@ -6,6 +6,7 @@
 #include <linux/sched.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -71,7 +72,10 @@ struct ExecPlan {
   // Whatever else the caller left open (even without O_CLOEXEC) dies at exec;
   // the status pipe and program fd stay usable until then.
   if (::syscall(SYS_close_range, 7, ~0U, CLOSE_RANGE_CLOEXEC) != 0) fail(SetupStep::kDupFds);
-  if (plan.targets[kDataFd] < 0) ::close(kDataFd);  // whatever the caller had there
+  // Whatever the caller had there: fd 0 comes with Start(), fd 6 only with an image.
+  for (int i = 0; i < 7; ++i) {
+    if (plan.targets[i] < 0) ::close(i);
+  }
   ::syscall(SYS_execveat, program_fd, "", plan.argv, plan.envp, AT_EMPTY_PATH);
   fail(SetupStep::kExec);
   __builtin_unreachable();
@@ -86,8 +90,10 @@ Status WriteProcFile(pid_t pid, const char* name, const std::string& content) {
   return {};
 }
 
-Result<UniqueFd> MakeJailConfig(const policy::Policy& policy, const JailData& data) {
-  LX_ASSIGN_OR_RETURN(std::vector<sock_filter> program, CompileSeccompFilter(policy));
+// The sealed memfd the child reads its config from (jail_config.h), with the
+// policy's filter compiled before and the data fd's filter for `data` now.
+Result<UniqueFd> MakeJailConfig(const policy::Policy& policy, const JailData& data,
+                                const std::vector<sock_filter>& program) {
   LX_ASSIGN_OR_RETURN(std::vector<sock_filter> data_program, CompileFdFilter(policy, data));
   JailConfigHeader header;
   header.rlimits = policy.rlimits;
@@ -142,14 +148,11 @@ Result<ExitStatus> Child::Wait() {
   return ExitStatus{.exited = false, .signal = info.si_status};
 }
 
-Result<Child> Spawn(const SpawnRequest& r) {
+Result<WaitingChild> SpawnWaiting(const SpawnRequest& r) {
   LX_CHECK(r.policy != nullptr && r.program_fd >= 0 && !r.argv.empty());
   const policy::Policy& policy = *r.policy;
-  bool wants_fd = r.data.mode == DataMode::kImage || r.data.mode == DataMode::kTreeAndImage;
-  if (wants_fd != (r.data_fd >= 0)) {
-    return Fail(MakeError(ErrorKind::kInternal, "spawn: data fd and data mode disagree"));
-  }
-  LX_ASSIGN_OR_RETURN(UniqueFd config, MakeJailConfig(policy, r.data));
+  // Our end sends the start message; the child's is its fd 5.
+  LX_ASSIGN_OR_RETURN(auto start, MakeSocketPair());
   LX_ASSIGN_OR_RETURN(Pipe sync, MakePipe(0));
   LX_ASSIGN_OR_RETURN(Pipe status, MakePipe(0));
 
@@ -173,7 +176,7 @@ Result<Child> Spawn(const SpawnRequest& r) {
       .sync_fd = sync.read.get(),
       .status_fd = status.write.get(),
       .program_fd = r.program_fd,
-      .targets = {r.input_fd, r.stderr_fd, r.stderr_fd, r.channel_fd, r.rootfs_fd, config.get(),
+      .targets = {-1, r.stderr_fd, r.stderr_fd, r.channel_fd, r.rootfs_fd, start.second.get(),
                   r.data_fd},
       .argv = argv.data(),
       .envp = envp,
@@ -209,6 +212,9 @@ Result<Child> Spawn(const SpawnRequest& r) {
   LX_TRY(WriteProcFile(child.pid(), "gid_map", fmt::format("0 {} {}\n", ids.host_gid, ids.count)));
   LX_TRY(WriteAll(sync.write.get(), std::as_bytes(std::span("x", 1))));
   sync.write.reset();
+  start.second.reset();
+  // Compiled while the child execs and loads its libraries.
+  LX_ASSIGN_OR_RETURN(std::vector<sock_filter> program, CompileSeccompFilter(policy));
 
   // EOF on the status pipe: the exec closed it, the program runs.
   StatusReport report;
@@ -221,7 +227,46 @@ Result<Child> Spawn(const SpawnRequest& r) {
     return Fail(Error(ErrorKind::kPeer, report.err,
                       fmt::format("sandbox setup: {}", SetupStepName(report.step))));
   }
-  return child;
+  return WaitingChild(std::move(child), std::move(start.first), r.policy, r.data_fd >= 0,
+                      std::move(program));
+}
+
+Result<Child> WaitingChild::Start(int input_fd, const JailData& data) && {
+  bool wants_fd = data.mode == DataMode::kImage || data.mode == DataMode::kTreeAndImage;
+  if (wants_fd != has_data_fd_ || input_fd < 0) {
+    return Fail(MakeError(ErrorKind::kInternal, "spawn: data fd and data mode disagree"));
+  }
+  LX_ASSIGN_OR_RETURN(UniqueFd config, MakeJailConfig(*policy_, data, program_));
+  // One message: a byte, and the input and the config as SCM_RIGHTS.
+  char byte = 'g';
+  struct iovec iov = {&byte, 1};
+  alignas(struct cmsghdr) char control[CMSG_SPACE(2 * sizeof(int))] = {};
+  struct msghdr msg = {};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control;
+  msg.msg_controllen = sizeof(control);
+  struct cmsghdr* cmsg = CMSG_FIRSTHDR(&msg);
+  cmsg->cmsg_level = SOL_SOCKET;
+  cmsg->cmsg_type = SCM_RIGHTS;
+  cmsg->cmsg_len = CMSG_LEN(2 * sizeof(int));
+  const int fds[2] = {input_fd, config.get()};
+  std::memcpy(CMSG_DATA(cmsg), fds, sizeof(fds));
+  ssize_t n;
+  do {
+    n = ::sendmsg(start_.get(), &msg, MSG_NOSIGNAL);
+  } while (n < 0 && errno == EINTR);
+  // EPIPE or ECONNRESET: the child is gone (its setup failed); its exit says why.
+  if (n != 1 && errno != EPIPE && errno != ECONNRESET) {
+    return Fail(OsError(errno, "start jailed child {}", child_.pid()));
+  }
+  start_.reset();
+  return std::move(child_);
+}
+
+Result<Child> Spawn(const SpawnRequest& r) {
+  LX_ASSIGN_OR_RETURN(WaitingChild waiting, SpawnWaiting(r));
+  return std::move(waiting).Start(r.input_fd, r.data);
 }
 
 }  // namespace layerx::sandbox

@@ -3,8 +3,15 @@
 // execs `program` while the host root is still visible: its loader and libraries
 // come from the host. The program must call sandbox::EnterJail() first thing in
 // main (sandbox/jail.h), which pivots into the rootfs and locks the process down.
+//
+// In two steps when the input is not known yet: SpawnWaiting() returns a child
+// that is exec'd and pivoted into the rootfs and then waits, holding nothing of
+// a layer; Start() hands it its input and its sealed config (where its data may
+// go, the seccomp programs) in one message, after which it locks itself down
+// and runs. The broker spawns layer N+1's jail this way while layer N applies.
 #pragma once
 
+#include <linux/filter.h>
 #include <sys/types.h>
 
 #include <string>
@@ -21,12 +28,12 @@ struct SpawnRequest {
   int program_fd = -1;            // borrowed; the binary to exec (O_PATH is enough)
   std::vector<std::string> argv;  // argv[0] included
   int rootfs_fd = -1;             // borrowed; becomes the jail's "/"
-  int input_fd = -1;              // borrowed; the child's fd 0
+  int input_fd = -1;              // borrowed; the child's fd 0 (Spawn only)
   int channel_fd = -1;            // borrowed; the child's fd 3
   int stderr_fd = -1;             // borrowed; the child's fds 1 and 2
   const policy::Policy* policy = nullptr;
   int data_fd = -1;  // borrowed; the child's fd 6 (write-only), or none
-  JailData data;     // what the extractor does with file data
+  JailData data;     // what the extractor does with file data (Spawn only)
 };
 
 struct ExitStatus {
@@ -56,9 +63,43 @@ class Child {
   bool reaped_ = false;
 };
 
+// A child exec'd and waiting in EnterJail for Start(). Destroyed unstarted, it
+// is killed and reaped (~Child); its socket's end also ends its wait.
+class WaitingChild {
+ public:
+  WaitingChild(Child child, UniqueFd start, const policy::Policy* policy, bool has_data_fd,
+               std::vector<sock_filter> program)
+      : child_(std::move(child)),
+        start_(std::move(start)),
+        policy_(policy),
+        has_data_fd_(has_data_fd),
+        program_(std::move(program)) {}
+  WaitingChild(WaitingChild&&) = default;
+  WaitingChild& operator=(WaitingChild&&) = default;
+
+  pid_t pid() const { return child_.pid(); }
+
+  // Sends the child `input_fd` (borrowed; its fd 0) and its config for
+  // `data`, and gives up the child. A child that died before this (its setup
+  // failed) is still returned: its exit status and stderr say why.
+  Result<Child> Start(int input_fd, const JailData& data) &&;
+
+ private:
+  Child child_;
+  UniqueFd start_;  // our end of the child's fd 5
+  const policy::Policy* policy_;
+  bool has_data_fd_;
+  std::vector<sock_filter> program_;  // the policy's filter, compiled while the child starts
+};
+
 // Clones the child, writes setgroups=deny and the uid/gid maps from
-// policy.ids, and returns once the program was exec'd. A failure in the
-// child before exec comes back as kPeer (the jail could not be made) naming the setup step.
+// policy.ids, and returns once the program was exec'd; it then waits for
+// Start(). `input_fd` and `data` of the request are not used. A failure in
+// the child before exec comes back as kPeer (the jail could not be made)
+// naming the setup step.
+Result<WaitingChild> SpawnWaiting(const SpawnRequest& request);
+
+// SpawnWaiting, then Start with the request's input and data.
 Result<Child> Spawn(const SpawnRequest& request);
 
 }  // namespace layerx::sandbox

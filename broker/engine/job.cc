@@ -177,8 +177,17 @@ Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest&
   } else if (!rootfs_out) {
     ctx.data = sandbox::JailData{.mode = sandbox::DataMode::kDiscard};
   }
+  // Each layer's jail is spawned while the one below it applies (PendingJail);
+  // one that could not be spawned ahead is spawned, or fails, in its turn.
+  std::optional<PendingJail> next_jail;
+  auto spawn_ahead = [&] {
+    if (auto jail = SpawnJail(ctx)) next_jail.emplace(std::move(*jail));
+  };
+  if (!image.layers.empty()) spawn_ahead();
   for (size_t i = 0; i < image.layers.size(); ++i) {
     const LayerSource& source = image.layers[i];
+    std::optional<PendingJail> jail = std::move(next_jail);
+    next_jail.reset();
     LayerInput input{.index = i + 1, .dir_fd = source.dir_fd, .path = source.path, .fd = source.fd};
     UniqueFd taken;  // a stream made for this layer now (docker://), closed after it
     if (image.take_input) {
@@ -195,7 +204,10 @@ Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest&
       return Fail(OsError(errno, "ext4 {:?}: size the image", ext4_out ? *request.ext4 : "(fd)"));
     }
     ctx.window_at_front = want_ext4 && ctx.data.start == data_start;
-    auto layer = RunLayer(ctx, input, tree);
+    const bool more = i + 1 < image.layers.size();
+    auto layer = RunLayer(ctx, input, tree, std::move(jail), [&] {
+      if (more) spawn_ahead();
+    });
     if (layer) {
       Status verified = VerifyLayer(source, *layer);
       if (!verified) layer = Fail(std::move(verified).error());

@@ -188,7 +188,37 @@ Error Session::ExitError(const sandbox::ExitStatus& status) {
   return MakeError(ErrorKind::kPeer, "extractor exited with status {}", status.code);
 }
 
-Status Session::Run(const LayerInput& layer) {
+Result<PendingJail> SpawnJail(const RunContext& ctx) {
+  LX_ASSIGN_OR_RETURN(sandbox::Pipe errpipe, sandbox::MakePipe(0));
+  LX_ASSIGN_OR_RETURN(auto sockets, sandbox::MakeSocketPair());
+  // The extractor's own open of the image: write-only, so it can neither read
+  // it (the lower layers' data) nor map it.
+  UniqueFd data_fd;
+  if (ctx.data_fd >= 0) {
+    LX_ASSIGN_OR_RETURN(data_fd, sandbox::ReopenFd(ctx.data_fd, O_WRONLY));
+  }
+  int64_t start = sandbox::MonotonicNs();
+  sandbox::SpawnRequest request{
+      .program_fd = ctx.extractor_fd,
+      .argv = {"layerx-extractor"},
+      .rootfs_fd = ctx.rootfs_fd,
+      .channel_fd = sockets.second.get(),
+      .stderr_fd = errpipe.write.get(),
+      .policy = ctx.policy,
+      .data_fd = data_fd.get(),
+  };
+  request.argv.insert(request.argv.end(), ctx.extractor_args.begin(), ctx.extractor_args.end());
+  LX_ASSIGN_OR_RETURN(sandbox::WaitingChild child, sandbox::SpawnWaiting(request));
+  Logger("extractor")->debug("spawned: pid={} spawn_ms={:.2f}", child.pid(),
+                             (sandbox::MonotonicNs() - start) / 1e6);
+  return PendingJail{.child = std::move(child),
+                     .channel = std::move(sockets.first),
+                     .err = std::move(errpipe.read),
+                     .spawned_ns = sandbox::MonotonicNs()};
+}
+
+Status Session::Run(const LayerInput& layer, std::optional<PendingJail> jail,
+                    const std::function<void()>& started) {
   sandbox::ScopedSigpipeBlock no_sigpipe;  // a dead extractor is EPIPE on its input
   UniqueFd hashed_input;
   if (layer.fd >= 0 && layer.hashed != nullptr) {
@@ -245,43 +275,27 @@ Status Session::Run(const LayerInput& layer) {
     input.write.reset();
     input.read = std::move(hashed_input);
   }
-  LX_ASSIGN_OR_RETURN(sandbox::Pipe errpipe, sandbox::MakePipe(0));
-  LX_ASSIGN_OR_RETURN(auto sockets, sandbox::MakeSocketPair());
-  // The extractor's own open of the image: write-only, so it can neither read
-  // it (the lower layers' data) nor map it.
-  UniqueFd data_fd;
-  if (ctx_.data_fd >= 0) {
-    LX_ASSIGN_OR_RETURN(data_fd, sandbox::ReopenFd(ctx_.data_fd, O_WRONLY));
-  }
   if (input.write.valid()) ::fcntl(input.write.get(), F_SETPIPE_SZ, 1 << 20);  // best effort
 
   int64_t start = sandbox::MonotonicNs();
-  sandbox::SpawnRequest request{
-      .program_fd = ctx_.extractor_fd,
-      .argv = {"layerx-extractor"},
-      .rootfs_fd = ctx_.rootfs_fd,
-      .input_fd = input.read.get(),
-      .channel_fd = sockets.second.get(),
-      .stderr_fd = errpipe.write.get(),
-      .policy = ctx_.policy,
-      .data_fd = data_fd.get(),
-      .data = data,
-  };
-  request.argv.insert(request.argv.end(), ctx_.extractor_args.begin(), ctx_.extractor_args.end());
-  LX_ASSIGN_OR_RETURN(sandbox::Child child, sandbox::Spawn(request));
+  if (!jail) {
+    LX_ASSIGN_OR_RETURN(PendingJail spawned, SpawnJail(ctx_));
+    jail.emplace(std::move(spawned));
+  }
+  const int64_t ahead_ns = start - jail->spawned_ns;
+  LX_ASSIGN_OR_RETURN(sandbox::Child child, std::move(jail->child).Start(input.read.get(), data));
   pid_ = child.pid();
   input.read.reset();
-  sockets.second.reset();
-  errpipe.write.reset();
-  data_fd.reset();
   feed_ = std::move(input.write);
-  stderr_ = std::move(errpipe.read);
-  for (int fd : {feed_.get(), sockets.first.get(), stderr_.get()}) {
+  stderr_ = std::move(jail->err);
+  for (int fd : {feed_.get(), jail->channel.get(), stderr_.get()}) {
     if (fd >= 0) LX_TRY(sandbox::SetNonBlocking(fd));
   }
-  records_.Open(std::move(sockets.first));
-  log_->debug("spawned: layer={} pid={} spawn_ms={:.2f}", layer.index, child.pid(),
-              (sandbox::MonotonicNs() - start) / 1e6);
+  records_.Open(std::move(jail->channel));
+  log_->debug("started: layer={} pid={} start_ms={:.2f} spawned_ahead_ms={:.2f}", layer.index,
+              child.pid(), (sandbox::MonotonicNs() - start) / 1e6,
+              ahead_ns > 0 ? ahead_ns / 1e6 : 0.0);
+  if (started) started();
 
   deadline_ = start + static_cast<int64_t>(ctx_.policy->limits.layer_timeout_ms) * 1'000'000;
   if (ctx_.job_deadline_ns > 0 && ctx_.job_deadline_ns < deadline_) {
@@ -364,7 +378,8 @@ Status Session::Run(const LayerInput& layer) {
   return {};
 }
 
-Result<LayerReport> RunLayer(const RunContext& ctx, const LayerInput& layer, ImageTree& tree) {
+Result<LayerReport> RunLayer(const RunContext& ctx, const LayerInput& layer, ImageTree& tree,
+                             std::optional<PendingJail> jail, const std::function<void()>& started) {
   LayerReport report;
   report.index = layer.index;
   report.path = layer.path;
@@ -375,7 +390,7 @@ Result<LayerReport> RunLayer(const RunContext& ctx, const LayerInput& layer, Ima
   tree.BeginLayer(
       DataWindow{.enabled = to_image, .start = ctx.data.start, .block_size = ctx.data.block_size});
   Session session(ctx, tree, report);
-  LX_TRY(session.Run(layer));
+  LX_TRY(session.Run(layer, std::move(jail), started));
   if (to_image) {
     // What the records point at must be what the layer wrote: inside the
     // file as it stands now. The next layer starts past all of it.

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -16,6 +17,7 @@
 #include "policy/policy.h"
 #include "policy/result.h"
 #include "sandbox/jail_config.h"
+#include "sandbox/spawn.h"
 
 namespace layerx::broker {
 
@@ -87,7 +89,25 @@ struct RunContext {
 Status MergeBatch(capnp::List<wire::Record>::Reader batch, ImageTree& tree,
                   const std::function<Status(uint64_t data_bytes)>& on_entry);
 
+// A layer's jail spawned before its input is known (sandbox::SpawnWaiting):
+// exec'd and pivoted into the work rootfs, holding no layer yet. The job spawns
+// layer N+1's while layer N applies, so that its ~10 ms of setup (clone, exec,
+// loading, the pivot) is off the critical path. Destroyed unused, the child is
+// killed and reaped.
+struct PendingJail {
+  sandbox::WaitingChild child;
+  sandbox::UniqueFd channel;  // our end of its record socket
+  sandbox::UniqueFd err;      // the read end of its stderr
+  int64_t spawned_ns = 0;     // monotonic, once exec'd
+};
+
+Result<PendingJail> SpawnJail(const RunContext& ctx);
+
 // Errors carry the entry and reason; the caller adds the layer context.
-Result<LayerReport> RunLayer(const RunContext& ctx, const LayerInput& layer, ImageTree& tree);
+// Runs the layer in `jail`, or in one spawned now; `started` (optional) is
+// called once the jail has its input, while it runs.
+Result<LayerReport> RunLayer(const RunContext& ctx, const LayerInput& layer, ImageTree& tree,
+                             std::optional<PendingJail> jail = std::nullopt,
+                             const std::function<void()>& started = {});
 
 }  // namespace layerx::broker

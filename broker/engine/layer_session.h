@@ -30,7 +30,9 @@ class Session {
   Session(const RunContext& ctx, ImageTree& tree, LayerReport& report)
       : ctx_(ctx), report_(report), log_(Logger("extractor")), records_(ctx, tree, report) {}
 
-  Status Run(const LayerInput& layer);
+  // With no `jail`, spawns one; calls `started` (if any) once it has its input.
+  Status Run(const LayerInput& layer, std::optional<PendingJail> jail,
+             const std::function<void()>& started);
 
  private:
   Status Feed();

@@ -4,6 +4,7 @@
 #include "sandbox/spawn.h"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <gtest/gtest.h>
 #include <seccomp.h>
 #include <signal.h>
@@ -149,6 +150,107 @@ TEST_F(SpawnTest, OnlyTheFourFdsReachTheJail) {
   ExitStatus s = Run("fds", &err);
   close(leaked);
   EXPECT_TRUE(s.exited && s.code == 0) << "signal " << s.signal << ": " << err;
+}
+
+// A jail spawned ahead of its layer (SpawnWaiting) runs nothing of the
+// layer's until Start: it holds no fd 0 at all (not the caller's stdin, even
+// one left without O_CLOEXEC), is already in its own namespaces, and once
+// started is the same locked-down jail.
+TEST_F(SpawnTest, WaitingChildHoldsNoInputUntilStarted) {
+  auto program = OpenAt(AT_FDCWD, LAYERX_JAIL_PROBE, O_PATH);
+  ASSERT_TRUE(program);
+  auto rootfs = OpenAt(AT_FDCWD, dir_ + "/rootfs", O_PATH | O_DIRECTORY);
+  ASSERT_TRUE(rootfs);
+  auto errpipe = MakePipe(0);
+  auto sockets = MakeSocketPair();
+  // Our own fd 0 is a pipe the child must not inherit.
+  auto stdin_pipe = MakePipe(0);
+  ASSERT_TRUE(stdin_pipe);
+  int saved_stdin = dup(0);
+  ASSERT_EQ(dup2(stdin_pipe->read.get(), 0), 0);
+  SpawnRequest request{.program_fd = program->get(),
+                       .argv = {"jail_probe", "wait"},
+                       .rootfs_fd = rootfs->get(),
+                       .channel_fd = sockets->second.get(),
+                       .stderr_fd = errpipe->write.get(),
+                       .policy = &policy_};
+  auto waiting = SpawnWaiting(request);
+  dup2(saved_stdin, 0);
+  close(saved_stdin);
+  ASSERT_TRUE(waiting) << waiting.error().ToString();
+  sockets->second.reset();
+  errpipe->write.reset();
+  // Not ready: nothing on the channel for a while.
+  struct pollfd pfd = {sockets->first.get(), POLLIN, 0};
+  EXPECT_EQ(poll(&pfd, 1, 200), 0) << "a waiting child ran";
+  char link[256];
+  std::string fd0 = "/proc/" + std::to_string(waiting->pid()) + "/fd/0";
+  EXPECT_LT(readlink(fd0.c_str(), link, sizeof(link)), 0) << "the waiting child has an fd 0";
+  struct stat mine, its;
+  ASSERT_EQ(stat("/proc/self/ns/mnt", &mine), 0);
+  ASSERT_EQ(stat(("/proc/" + std::to_string(waiting->pid()) + "/ns/mnt").c_str(), &its), 0);
+  EXPECT_NE(mine.st_ino, its.st_ino);
+  auto input = MakePipe(0);
+  ASSERT_TRUE(input);
+  auto child = std::move(*waiting).Start(input->read.get(), JailData{});
+  ASSERT_TRUE(child) << child.error().ToString();
+  input->read.reset();
+  char c = 0;
+  ASSERT_EQ(read(sockets->first.get(), &c, 1), 1) << "the started child never reported ready";
+  auto status = ProcStatus(child->pid());
+  EXPECT_EQ(status["Seccomp"], "2");
+  EXPECT_EQ(status["NoNewPrivs"], "1");
+  input->write.reset();
+  auto exit = child->Wait();
+  ASSERT_TRUE(exit);
+  EXPECT_TRUE(exit->exited && exit->code == 0);
+}
+
+// One never started is killed and reaped when dropped; one whose socket
+// closes first (the broker gave up) ends on its own, having run nothing.
+TEST_F(SpawnTest, WaitingChildDroppedUnstartedIsGone) {
+  auto program = OpenAt(AT_FDCWD, LAYERX_JAIL_PROBE, O_PATH);
+  ASSERT_TRUE(program);
+  auto rootfs = OpenAt(AT_FDCWD, dir_ + "/rootfs", O_PATH | O_DIRECTORY);
+  ASSERT_TRUE(rootfs);
+  auto errpipe = MakePipe(0);
+  auto sockets = MakeSocketPair();
+  SpawnRequest request{.program_fd = program->get(),
+                       .argv = {"jail_probe", "write-rootfs"},
+                       .rootfs_fd = rootfs->get(),
+                       .channel_fd = sockets->second.get(),
+                       .stderr_fd = errpipe->write.get(),
+                       .policy = &policy_};
+  pid_t pid;
+  {
+    auto waiting = SpawnWaiting(request);
+    ASSERT_TRUE(waiting) << waiting.error().ToString();
+    pid = waiting->pid();
+  }
+  EXPECT_NE(kill(pid, 0), 0) << "child " << pid << " still around";
+  EXPECT_NE(access((dir_ + "/rootfs/written").c_str(), F_OK), 0);
+}
+
+TEST_F(SpawnTest, WaitingChildStartedWithMismatchedDataIsRefused) {
+  auto program = OpenAt(AT_FDCWD, LAYERX_JAIL_PROBE, O_PATH);
+  ASSERT_TRUE(program);
+  auto rootfs = OpenAt(AT_FDCWD, dir_ + "/rootfs", O_PATH | O_DIRECTORY);
+  ASSERT_TRUE(rootfs);
+  auto errpipe = MakePipe(0);
+  auto sockets = MakeSocketPair();
+  SpawnRequest request{.program_fd = program->get(),
+                       .argv = {"jail_probe", "write-rootfs"},
+                       .rootfs_fd = rootfs->get(),
+                       .channel_fd = sockets->second.get(),
+                       .stderr_fd = errpipe->write.get(),
+                       .policy = &policy_};
+  auto waiting = SpawnWaiting(request);
+  ASSERT_TRUE(waiting) << waiting.error().ToString();
+  auto input = MakePipe(0);
+  // An image window, and no data fd was given at spawn.
+  auto child = std::move(*waiting).Start(input->read.get(), JailData{.mode = DataMode::kImage});
+  ASSERT_FALSE(child);
+  EXPECT_EQ(child.error().kind(), ErrorKind::kInternal);
 }
 
 TEST_F(SpawnTest, ExtractorCanWriteInsideRootfs) {

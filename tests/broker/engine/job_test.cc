@@ -13,6 +13,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <span>
 #include <fstream>
 #include <memory>
 #include <optional>
@@ -135,6 +137,72 @@ TEST_F(JobTest, CancelStopsTheJobAndLeavesNothing) {
   ASSERT_FALSE(report);
   EXPECT_EQ(Listing(), before);
   EXPECT_EQ(Children(), 0);
+}
+
+// A pipe that gives `bytes` only after `hold`, then closes; passed as a
+// descriptor like SilentPipe.
+struct LatePipe {
+  LatePipe(std::string bytes, std::chrono::milliseconds hold) {
+    int fds[2];
+    EXPECT_EQ(pipe2(fds, O_CLOEXEC), 0);
+    read_end = fds[0];
+    writer = std::thread([w = fds[1], hold, bytes = std::move(bytes)] {
+      std::this_thread::sleep_for(hold);
+      (void)sandbox::WriteAll(w, std::as_bytes(std::span(bytes)));
+      close(w);
+    });
+  }
+  ~LatePipe() {
+    writer.join();
+    close(read_end);
+  }
+  std::string Name() const { return "/dev/fd/" + std::to_string(read_end); }
+  int read_end = -1;
+  std::thread writer;
+};
+
+// The next layer's jail is spawned while a layer applies (its setup is then
+// off the critical path): while layer 1 waits for its bytes, two extractors
+// are this thread's children, the second waiting for its layer.
+TEST_F(JobTest, NextLayersJailIsSpawnedWhileALayerApplies) {
+  LatePipe late(testing::ReadFile(dir_ + "/good.tar.gz"), std::chrono::milliseconds(600));
+  request_.layers = {late.Name(), dir_ + "/good.tar.gz"};
+  const pid_t job_thread = gettid();
+  std::atomic<bool> done{false};
+  int most = 0;
+  std::thread watcher([&] {
+    while (!done.load()) {
+      std::ifstream in("/proc/self/task/" + std::to_string(job_thread) + "/children");
+      int n = 0;
+      std::string pid;
+      while (in >> pid) ++n;
+      most = std::max(most, n);
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  });
+  auto report = RunExtract(request_);
+  done.store(true);
+  watcher.join();
+  ASSERT_TRUE(report) << report.error().ToString();
+  ASSERT_EQ(report->layers.size(), 2u);
+  EXPECT_EQ(most, 2) << "layer 2's jail was not spawned while layer 1 ran";
+  EXPECT_EQ(Children(), 0);
+}
+
+// A layer that fails leaves no jail behind, neither its own nor the one
+// spawned ahead for the layer above it; nothing the upper layer holds ran.
+TEST_F(JobTest, JailSpawnedAheadIsReapedWhenALayerFails) {
+  std::string corrupt = testing::ReadFile(dir_ + "/good.tar.gz");
+  corrupt.resize(corrupt.size() / 2);
+  std::ofstream(dir_ + "/corrupt.tar.gz") << corrupt;
+  request_.layers = {dir_ + "/good.tar.gz", dir_ + "/corrupt.tar.gz", dir_ + "/good.tar.gz"};
+  auto before = Listing();
+  auto report = RunExtract(request_);
+  ASSERT_FALSE(report);
+  EXPECT_NE(report.error().ToString().find("layer 2"), std::string::npos)
+      << report.error().ToString();
+  EXPECT_EQ(Listing(), before);
+  EXPECT_EQ(Children(), 0) << "a jail spawned ahead was not reaped";
 }
 
 // Another user who can write the output's dir makes the work dir names first.
