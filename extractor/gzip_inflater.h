@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "policy/result.h"
+#include "sandbox/read_buffer.h"
 
 struct inflate_state;
 
@@ -36,7 +37,7 @@ class GzipInflater {
 
   int fd_;
   std::unique_ptr<inflate_state> state_;
-  std::vector<std::byte> in_;
+  sandbox::ReadBuffer in_;
   size_t in_pos_ = 0, in_len_ = 0;
   bool eof_ = false;
   bool member_done_ = false;

@@ -132,7 +132,7 @@ Status LayerReader::CheckInflation() const {
 
 Result<std::unique_ptr<LayerReader>> LayerReader::Create(const policy::Limits& limits) {
   std::unique_ptr<LayerReader> r(new LayerReader(limits));
-  r->buffer_.resize(kBlock);
+  r->buffer_ = sandbox::ReadBuffer(kBlock);
   r->outer_ = archive_read_new();
   r->inner_ = archive_read_new();
   if (!r->outer_ || !r->inner_) {
@@ -214,7 +214,7 @@ Status LayerReader::Open(int fd) {
     read_pos_ = prefix_pos_ + got;
   } else {
     prefix_.assign(magic, magic + got);
-    input_.resize(kBlock);
+    input_ = sandbox::ReadBuffer(kBlock);
     if (archive_read_open(outer_, this, nullptr, &LayerReader::OuterRead, nullptr) != ARCHIVE_OK) {
       return Fail(ArchiveError(outer_, ErrorKind::kInvalidInput, "read layer"));
     }

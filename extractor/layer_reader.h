@@ -17,6 +17,7 @@
 
 #include "extractor/digest.h"
 #include "extractor/gzip_inflater.h"
+#include "sandbox/read_buffer.h"
 #include "extractor/records.h"
 #include "policy/limits.h"
 #include "policy/result.h"
@@ -114,9 +115,9 @@ class LayerReader {
   uint64_t entry_size_ = 0;     // the current entry's data size
   bool entry_sparse_ = false;   // its data is not one contiguous range
   std::vector<std::byte> prefix_;  // sniffed bytes the outer reader has yet to see
-  std::vector<std::byte> input_;   // the outer reader's input block
+  sandbox::ReadBuffer input_;      // the outer reader's input block
   uint64_t uncompressed_bytes_ = 0;
-  std::vector<std::byte> buffer_;
+  sandbox::ReadBuffer buffer_;
   std::optional<Error> outer_error_;
   std::string failed_name_;
   friend struct LayerReaderCallbacks;

@@ -213,22 +213,11 @@ Result<WaitingChild> SpawnWaiting(const SpawnRequest& r) {
   LX_TRY(WriteAll(sync.write.get(), std::as_bytes(std::span("x", 1))));
   sync.write.reset();
   start.second.reset();
-  // Compiled while the child execs and loads its libraries.
+  // Compiled while the child execs and loads its libraries; whether the exec
+  // worked is read in Start.
   LX_ASSIGN_OR_RETURN(std::vector<sock_filter> program, CompileSeccompFilter(policy));
-
-  // EOF on the status pipe: the exec closed it, the program runs.
-  StatusReport report;
-  ssize_t n;
-  do {
-    n = ::read(status.read.get(), &report, sizeof(report));
-  } while (n < 0 && errno == EINTR);
-  if (n == sizeof(report)) {
-    (void)child.Wait();
-    return Fail(Error(ErrorKind::kPeer, report.err,
-                      fmt::format("sandbox setup: {}", SetupStepName(report.step))));
-  }
-  return WaitingChild(std::move(child), std::move(start.first), r.policy, r.data_fd >= 0,
-                      std::move(program));
+  return WaitingChild(std::move(child), std::move(start.first), std::move(status.read), r.policy,
+                      r.data_fd >= 0, std::move(program));
 }
 
 Result<Child> WaitingChild::Start(int input_fd, const JailData& data) && {
@@ -236,6 +225,18 @@ Result<Child> WaitingChild::Start(int input_fd, const JailData& data) && {
   if (wants_fd != has_data_fd_ || input_fd < 0) {
     return Fail(MakeError(ErrorKind::kInternal, "spawn: data fd and data mode disagree"));
   }
+  // EOF on the status pipe: the exec closed it, the program runs.
+  StatusReport report;
+  ssize_t got;
+  do {
+    got = ::read(status_.get(), &report, sizeof(report));
+  } while (got < 0 && errno == EINTR);
+  if (got == sizeof(report)) {
+    (void)child_.Wait();
+    return Fail(Error(ErrorKind::kPeer, report.err,
+                      fmt::format("sandbox setup: {}", SetupStepName(report.step))));
+  }
+  status_.reset();
   LX_ASSIGN_OR_RETURN(UniqueFd config, MakeJailConfig(*policy_, data, program_));
   // One message: a byte, and the input and the config as SCM_RIGHTS.
   char byte = 'g';

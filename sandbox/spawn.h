@@ -67,10 +67,11 @@ class Child {
 // is killed and reaped (~Child); its socket's end also ends its wait.
 class WaitingChild {
  public:
-  WaitingChild(Child child, UniqueFd start, const policy::Policy* policy, bool has_data_fd,
-               std::vector<sock_filter> program)
+  WaitingChild(Child child, UniqueFd start, UniqueFd status, const policy::Policy* policy,
+               bool has_data_fd, std::vector<sock_filter> program)
       : child_(std::move(child)),
         start_(std::move(start)),
+        status_(std::move(status)),
         policy_(policy),
         has_data_fd_(has_data_fd),
         program_(std::move(program)) {}
@@ -80,22 +81,24 @@ class WaitingChild {
   pid_t pid() const { return child_.pid(); }
 
   // Sends the child `input_fd` (borrowed; its fd 0) and its config for
-  // `data`, and gives up the child. A child that died before this (its setup
-  // failed) is still returned: its exit status and stderr say why.
+  // `data`, and gives up the child. A failure before its exec is kPeer naming
+  // the step; a child that died after it (its jail setup failed) is still
+  // returned: its exit status and stderr say why.
   Result<Child> Start(int input_fd, const JailData& data) &&;
 
  private:
   Child child_;
-  UniqueFd start_;  // our end of the child's fd 5
+  UniqueFd start_;   // our end of the child's fd 5
+  UniqueFd status_;  // EOF once it exec'd; a StatusReport if it failed before
   const policy::Policy* policy_;
   bool has_data_fd_;
   std::vector<sock_filter> program_;  // the policy's filter, compiled while the child starts
 };
 
 // Clones the child, writes setgroups=deny and the uid/gid maps from
-// policy.ids, and returns once the program was exec'd; it then waits for
-// Start(). `input_fd` and `data` of the request are not used. A failure in
-// the child before exec comes back as kPeer (the jail could not be made)
+// policy.ids, and returns while the child execs; it then waits for Start().
+// `input_fd` and `data` of the request are not used. A failure in the child
+// before exec comes back from Start as kPeer (the jail could not be made)
 // naming the setup step.
 Result<WaitingChild> SpawnWaiting(const SpawnRequest& request);
 

@@ -20,6 +20,7 @@
 #include "broker/engine/manifest.h"
 #include "broker/engine/rootfs_finish.h"
 #include "broker/log/logging.h"
+#include "sandbox/read_buffer.h"
 #include "sandbox/sys.h"
 
 namespace layerx::broker {
@@ -101,6 +102,8 @@ Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest&
                  .cancel = request.cancel,
                  .extractor_args = request.extractor_args,
                  .job_deadline_ns = deadline};
+  sandbox::ReadBuffer feed_buffer(kFeedBufferBytes);
+  ctx.feed_buffer = feed_buffer.data();
   // Between the stages: a cancel or the job's clock stops the job before the
   // next one starts (the layers and mkfs also watch both while they run).
   auto check_stop = [&]() -> Status {

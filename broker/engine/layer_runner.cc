@@ -28,7 +28,6 @@ using sandbox::UniqueFd;
 
 namespace {
 
-constexpr size_t kFeedChunk = 1 << 20;
 
 // A filesystem whose files' owner and mode are the kernel's own word.
 bool OnLocalFilesystem(int fd) {
@@ -52,7 +51,7 @@ constexpr size_t kMaxStderrBytes = 64 * 1024;
 
 Status Session::Feed() {
   while (true) {
-    if (feed_off_ == feed_buf_.size()) {
+    if (feed_off_ == feed_len_) {
       if (blob_eof_) {
         feed_.reset();  // EOF for the extractor
         return {};
@@ -61,7 +60,7 @@ Status Session::Feed() {
       if (!n) return {};  // a stream with nothing yet: poll waits for it
       if (*n == 0) continue;
     }
-    ssize_t w = ::write(feed_.get(), feed_buf_.data() + feed_off_, feed_buf_.size() - feed_off_);
+    ssize_t w = ::write(feed_.get(), feed_mem_ + feed_off_, feed_len_ - feed_off_);
     if (w < 0) {
       if (errno == EAGAIN) return {};
       if (errno == EINTR) continue;
@@ -70,7 +69,7 @@ Status Session::Feed() {
         // status tell which. The rest of the blob is hashed once it is known
         // to have succeeded (a failed layer's blob need not be read on).
         feed_.reset();
-        feed_buf_.clear();
+        feed_len_ = 0;
         feed_off_ = 0;
         return {};
       }
@@ -109,31 +108,38 @@ Status Session::DrainBlob() {
     struct pollfd pfd = {blob_.get(), POLLIN, 0};
     (void)::poll(&pfd, 1, 100);
   }
-  feed_buf_.clear();
+  feed_len_ = 0;
   feed_off_ = 0;
   return {};
 }
 
-// The next chunk of the blob into feed_buf_, hashed and counted; 0 at its end;
+// The next chunk of the blob into the feed buffer, hashed and counted; 0 at its end;
 // nullopt when the blob is a stream with nothing to read yet.
 Result<std::optional<size_t>> Session::ReadBlob() {
-  feed_buf_.resize(kFeedChunk);
+  if (feed_mem_ == nullptr) {
+    // The job's buffer, or our own; never zeroed (it is only read into).
+    feed_mem_ = ctx_.feed_buffer;
+    if (feed_mem_ == nullptr) {
+      own_feed_mem_ = sandbox::ReadBuffer(kFeedBufferBytes);
+      feed_mem_ = own_feed_mem_.data();
+    }
+  }
   ssize_t n;
   do {
-    n = ::read(blob_.get(), feed_buf_.data(), feed_buf_.size());
+    n = ::read(blob_.get(), feed_mem_, kFeedBufferBytes);
   } while (n < 0 && errno == EINTR);
   if (n < 0 && errno == EAGAIN) {
-    feed_buf_.clear();
+    feed_len_ = 0;
     feed_off_ = 0;
     return std::optional<size_t>();
   }
   if (n < 0) return Fail(OsError(errno, "read layer"));
-  feed_buf_.resize(static_cast<size_t>(n));
+  feed_len_ = static_cast<size_t>(n);
   feed_off_ = 0;
   if (hashed_ != nullptr) {
     report_.compressed_bytes = hashed_->BytesSoFar();
   } else {
-    sha_.Update(feed_buf_.data(), static_cast<size_t>(n));
+    sha_.Update(feed_mem_, static_cast<size_t>(n));
     report_.compressed_bytes += static_cast<uint64_t>(n);
   }
   blob_eof_ = n == 0;
@@ -315,7 +321,7 @@ Status Session::Run(const LayerInput& layer, std::optional<PendingJail> jail,
     if (feed_.valid()) {
       // With nothing buffered, wait for the blob (a stream may be slow);
       // otherwise for room in the extractor's pipe.
-      bool need_input = feed_off_ == feed_buf_.size() && !blob_eof_;
+      bool need_input = feed_off_ == feed_len_ && !blob_eof_;
       fds[feed_idx = n++] =
           need_input ? pollfd{blob_.get(), POLLIN, 0} : pollfd{feed_.get(), POLLOUT, 0};
     }

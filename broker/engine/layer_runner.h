@@ -21,6 +21,9 @@
 
 namespace layerx::broker {
 
+// The chunk a layer's blob is read in, to hash it and feed it to its jail.
+inline constexpr size_t kFeedBufferBytes = 1 << 20;
+
 struct LayerInput {
   size_t index = 0;  // 1-based, lowest layer first
   int dir_fd = -1;   // borrowed; when set, `path` is opened below it (RESOLVE_BENEATH)
@@ -80,6 +83,9 @@ struct RunContext {
   // punches out and writes last. Such a layer may copy_file_range file data
   // from its file (sandbox::JailData::copy_input).
   bool window_at_front = false;
+  // kFeedBufferBytes the job lends every layer for reading its blob (touched
+  // once per job, not per layer: fresh pages are dear); null: each allocates.
+  std::byte* feed_buffer = nullptr;
 };
 
 // Merges one batch of records into `tree`, in order, calling `on_entry` with

@@ -19,6 +19,7 @@
 #include "broker/log/logging.h"
 #include "extractor/digest.h"
 #include "sandbox/fd.h"
+#include "sandbox/read_buffer.h"
 #include "sandbox/spawn.h"
 #include "sandbox/sys.h"
 
@@ -50,7 +51,11 @@ class Session {
   sandbox::UniqueFd blob_;
   sandbox::UniqueFd feed_;    // write end of the child's fd 0
   sandbox::UniqueFd stderr_;  // read end of the child's fds 1 and 2
-  std::vector<std::byte> feed_buf_;
+  // The blob's next chunk, read to be hashed and (for a pipe) fed: the job's
+  // buffer (RunContext::feed_buffer) or own_feed_mem_.
+  std::byte* feed_mem_ = nullptr;
+  sandbox::ReadBuffer own_feed_mem_;
+  size_t feed_len_ = 0;
   size_t feed_off_ = 0;
   bool blob_eof_ = false;
   bool direct_ = false;  // the extractor reads the blob's file itself; we only hash it
