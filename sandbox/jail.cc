@@ -133,7 +133,10 @@ bool ReceiveStart(JailConfigHeader* config) {
       ++count;
     }
   }
-  if (count != 2 || (msg.msg_flags & MSG_CTRUNC) != 0) {
+  // The config must be the sealed memfd the broker made (jail_config.h).
+  const int kSealed = F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE;
+  if (count != 2 || (msg.msg_flags & MSG_CTRUNC) != 0 ||
+      (::fcntl(fds[1], F_GET_SEALS) & kSealed) != kSealed) {
     errno = EPROTO;
     return false;
   }
@@ -265,6 +268,13 @@ bool DropCapabilities(bool keep_fs_caps) {
 
 JailSetupResult EnterJail(JailConfigHeader* config) {
   errno = 0;
+  // Not dumpable, no core, from the start: a jail spawned ahead may wait a
+  // whole layer long holding the rootfs dir and the image, with all its caps
+  // in its namespace; no same-uid host process may ptrace it or read its
+  // memory meanwhile, and a crash writes nothing.
+  ::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+  struct rlimit no_core = {0, 0};
+  if (::setrlimit(RLIMIT_CORE, &no_core) != 0) return Failed(SetupStep::kRlimits);
 #ifdef LAYERX_SANITIZE
   // While /proc is still there: the sanitizer runtime caches the memory map,
   // so that a report from inside the jail names modules and offsets.
@@ -284,8 +294,6 @@ JailSetupResult EnterJail(JailConfigHeader* config) {
     ::close(kDataFd);
   }
   if (!SetRlimits(config->rlimits)) return Failed(SetupStep::kRlimits);
-  // Not dumpable: no same-uid host process can ptrace or read our memory.
-  ::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
   if (!DropCapabilities(config->keep_fs_caps != 0)) return Failed(SetupStep::kCapabilities);
   if (::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) return Failed(SetupStep::kNoNewPrivs);
   struct sock_fprog prog = {static_cast<unsigned short>(g_seccomp_program.size()),

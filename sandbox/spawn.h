@@ -5,8 +5,8 @@
 // main (sandbox/jail.h), which pivots into the rootfs and locks the process down.
 //
 // In two steps when the input is not known yet: SpawnWaiting() returns a child
-// that is exec'd and pivoted into the rootfs and then waits, holding nothing of
-// a layer; Start() hands it its input and its sealed config (where its data may
+// that execs, pivots into the rootfs and then waits, holding nothing of a
+// layer; Start() hands it its input and its sealed config (where its data may
 // go, the seccomp programs) in one message, after which it locks itself down
 // and runs. The broker spawns layer N+1's jail this way while layer N applies.
 #pragma once
@@ -46,7 +46,19 @@ class Child {
  public:
   Child(UniqueFd pidfd, pid_t pid) : pidfd_(std::move(pidfd)), pid_(pid) {}
   Child(Child&&) = default;
-  Child& operator=(Child&&) = default;
+  // The child held before is killed and reaped first.
+  Child& operator=(Child&& other) noexcept {
+    if (this != &other) {
+      if (!reaped_ && pidfd_.valid()) {
+        Kill();
+        (void)Wait();
+      }
+      pidfd_ = std::move(other.pidfd_);
+      pid_ = other.pid_;
+      reaped_ = other.reaped_;
+    }
+    return *this;
+  }
   // Kills (SIGKILL) and reaps a child that was not waited for: no orphans.
   ~Child();
 

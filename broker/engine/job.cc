@@ -184,7 +184,11 @@ Result<JobReport> RunJobIn(const std::string& work_parent, const ExtractRequest&
   // one that could not be spawned ahead is spawned, or fails, in its turn.
   std::optional<PendingJail> next_jail;
   auto spawn_ahead = [&] {
-    if (auto jail = SpawnJail(ctx)) next_jail.emplace(std::move(*jail));
+    if (auto jail = SpawnJail(ctx)) {
+      next_jail.emplace(std::move(*jail));
+    } else {
+      log->debug("spawn ahead: {} (the layer spawns its own)", jail.error().ToString());
+    }
   };
   if (!image.layers.empty()) spawn_ahead();
   for (size_t i = 0; i < image.layers.size(); ++i) {

@@ -104,7 +104,7 @@ struct PendingJail {
   sandbox::WaitingChild child;
   sandbox::UniqueFd channel;  // our end of its record socket
   sandbox::UniqueFd err;      // the read end of its stderr
-  int64_t spawned_ns = 0;     // monotonic, once exec'd
+  int64_t spawned_ns = 0;     // monotonic, when SpawnWaiting returned (it may still be starting)
 };
 
 Result<PendingJail> SpawnJail(const RunContext& ctx);

@@ -34,11 +34,6 @@ constexpr std::string_view kDockerManifest = "application/vnd.docker.distributio
 constexpr std::string_view kDockerList =
     "application/vnd.docker.distribution.manifest.list.v2+json";
 
-void GlobalInit() {
-  static std::once_flag once;
-  std::call_once(once, [] { curl_global_init(CURL_GLOBAL_DEFAULT); });
-}
-
 // "application/json; charset=utf-8" -> "application/json"
 std::string BareMediaType(std::string_view content_type) {
   return Lower(Trim(content_type.substr(0, content_type.find(';'))));
@@ -104,7 +99,7 @@ RegistryClient::~RegistryClient() = default;
 
 Result<std::unique_ptr<RegistryClient>> RegistryClient::Create(RegistryRef ref,
                                                                RegistryOptions options) {
-  GlobalInit();
+  LX_TRY(LoadCurl());
   std::unique_ptr<RegistryClient> c(new RegistryClient(std::move(ref), std::move(options)));
   if (!c->options_.cert_dir.empty() && c->options_.tls_verify) {
     const std::string& dir_name = c->options_.cert_dir;

@@ -1,7 +1,6 @@
 // How a registry client gets in (registry_client.h: Ping): GET /v2/ and its
 // WWW-Authenticate challenge, then Basic credentials or a Bearer token from
 // the challenge's realm; a token renewed after a 401, shared among clones.
-#include <curl/curl.h>
 #include <openssl/crypto.h>
 
 #include <algorithm>
@@ -76,9 +75,9 @@ Result<std::string> FetchBearerToken(RegistryClient::Impl& impl, const RegistryR
   }
   std::string url = realm + (realm.find('?') == std::string::npos ? "?" : "&");
   auto escape = [&](const std::string& v) {
-    char* e = curl_easy_escape(impl.curl, v.data(), static_cast<int>(v.size()));
+    char* e = Curl().easy_escape(impl.curl, v.data(), static_cast<int>(v.size()));
     std::string out = e != nullptr ? e : "";
-    curl_free(e);
+    Curl().free(e);
     return out;
   };
   bool first = true;

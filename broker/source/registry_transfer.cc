@@ -81,7 +81,7 @@ struct Setup {
   CURLcode first = CURLE_OK;
   template <typename T>
   void Set(CURLoption option, T value) {
-    CURLcode rc = curl_easy_setopt(curl, option, value);
+    CURLcode rc = Curl().easy_setopt(curl, option, value);
     if (rc != CURLE_OK && first == CURLE_OK) first = rc;
   }
 };
@@ -98,7 +98,7 @@ constexpr long kMaxRetryAfterMs = 60'000;
 Result<RegistryClient::Impl::Response> RequestRunner::Run(
     const RegistryClient::Impl::Request& request) {
   CURL* curl = impl_.curl;
-  curl_easy_reset(curl);
+  Curl().easy_reset(curl);
   RegistryClient::Impl::Response response;
   RegistryClient::Impl::Transfer transfer{&impl_, &options_, &request, &response,
                                           std::chrono::steady_clock::now()};
@@ -150,7 +150,7 @@ Result<RegistryClient::Impl::Response> RequestRunner::Run(
   s.Set(CURLOPT_WRITEDATA, static_cast<void*>(&transfer));
   if (!request.accept.empty()) {
     accept_header = "Accept: " + request.accept;
-    headers = curl_slist_append(headers, accept_header.c_str());
+    headers = Curl().slist_append(headers, accept_header.c_str());
   }
   // SECURITY: curl sends CURLOPT_USERNAME/PASSWORD and a custom Authorization
   // header only to the host of the first URL, never to a host a redirect leads to
@@ -163,16 +163,16 @@ Result<RegistryClient::Impl::Response> RequestRunner::Run(
     s.Set(CURLOPT_PASSWORD, options_.credentials->password.c_str());
   } else if (request.send_auth && impl_.auth == RegistryClient::Impl::Auth::kBearer) {
     auth_header = "Authorization: Bearer " + impl_.bearer_token;
-    headers = curl_slist_append(headers, auth_header.c_str());
+    headers = Curl().slist_append(headers, auth_header.c_str());
   }
   if (headers != nullptr) s.Set(CURLOPT_HTTPHEADER, headers);
   Result<CURLcode> rc = s.first;
   if (s.first == CURLE_OK) rc = Perform(transfer);
-  curl_slist_free_all(headers);
+  Curl().slist_free_all(headers);
   OPENSSL_cleanse(auth_header.data(), auth_header.size());
   if (s.first != CURLE_OK) {
     return Fail(
-        MakeError(ErrorKind::kInternal, "curl_easy_setopt: {}", curl_easy_strerror(s.first)));
+        MakeError(ErrorKind::kInternal, "curl_easy_setopt: {}", Curl().easy_strerror(s.first)));
   }
   if (!rc) return Fail(std::move(rc.error()));
   response.code = *rc;
@@ -181,12 +181,12 @@ Result<RegistryClient::Impl::Response> RequestRunner::Run(
     response.code = CURLE_OPERATION_TIMEDOUT;
     response.curl_error = fmt::format("no data for {} s", options_.low_speed_seconds);
   }
-  curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &response.status);
+  Curl().easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &response.status);
   char* scheme = nullptr;
-  if (curl_easy_getinfo(curl, CURLINFO_SCHEME, &scheme) == CURLE_OK && scheme != nullptr) {
+  if (Curl().easy_getinfo(curl, CURLINFO_SCHEME, &scheme) == CURLE_OK && scheme != nullptr) {
     response.scheme = Lower(scheme);
   }
-  curl_easy_setopt(curl, CURLOPT_ERRORBUFFER, nullptr);  // error_buffer goes out of scope
+  Curl().easy_setopt(curl, CURLOPT_ERRORBUFFER, nullptr);  // error_buffer goes out of scope
   return response;
 }
 
@@ -197,18 +197,18 @@ Result<RegistryClient::Impl::Response> RequestRunner::Run(
 Result<CURLcode> RequestRunner::Perform(RegistryClient::Impl::Transfer& transfer) {
   CURLM* multi = impl_.multi;
   CURL* curl = impl_.curl;
-  CURLMcode mc = curl_multi_add_handle(multi, curl);
+  CURLMcode mc = Curl().multi_add_handle(multi, curl);
   if (mc != CURLM_OK) {
     return Fail(
-        MakeError(ErrorKind::kInternal, "curl_multi_add_handle: {}", curl_multi_strerror(mc)));
+        MakeError(ErrorKind::kInternal, "curl_multi_add_handle: {}", Curl().multi_strerror(mc)));
   }
   CURLcode result = CURLE_OK;
   bool done = false;
   while (true) {
     int running = 0;
-    mc = curl_multi_perform(multi, &running);
+    mc = Curl().multi_perform(multi, &running);
     int left = 0;
-    while (CURLMsg* msg = curl_multi_info_read(multi, &left)) {
+    while (CURLMsg* msg = Curl().multi_info_read(multi, &left)) {
       if (msg->msg == CURLMSG_DONE && msg->easy_handle == curl) {
         result = msg->data.result;
         done = true;
@@ -219,14 +219,14 @@ Result<CURLcode> RequestRunner::Perform(RegistryClient::Impl::Transfer& transfer
       result = CURLE_ABORTED_BY_CALLBACK;
       break;
     }
-    mc = curl_multi_poll(multi, nullptr, 0, kPollMs, nullptr);
+    mc = Curl().multi_poll(multi, nullptr, 0, kPollMs, nullptr);
     if (mc != CURLM_OK) break;
   }
   // Removing a handle mid-transfer closes its connection; a finished one's
   // stays in the multi handle's cache for the next request.
-  curl_multi_remove_handle(multi, curl);
+  Curl().multi_remove_handle(multi, curl);
   if (mc != CURLM_OK) {
-    return Fail(MakeError(ErrorKind::kInternal, "curl_multi: {}", curl_multi_strerror(mc)));
+    return Fail(MakeError(ErrorKind::kInternal, "curl_multi: {}", Curl().multi_strerror(mc)));
   }
   return result;
 }
@@ -242,7 +242,7 @@ Error TransferError(const RegistryRef& ref, const std::string& what,
   if (IsTlsError(r.code)) {
     return Error(ErrorKind::kPolicy, 0,
                  fmt::format("{}: TLS with {} failed: {}", what, ref.host,
-                             r.curl_error.empty() ? curl_easy_strerror(r.code) : r.curl_error));
+                             r.curl_error.empty() ? Curl().easy_strerror(r.code) : r.curl_error));
   }
   ErrorKind kind = ErrorKind::kOs;
   if (r.code == CURLE_TOO_MANY_REDIRECTS || r.code == CURLE_UNSUPPORTED_PROTOCOL) {
@@ -250,7 +250,7 @@ Error TransferError(const RegistryRef& ref, const std::string& what,
   }
   return Error(kind, 0,
                fmt::format("{}: {}", what,
-                           r.curl_error.empty() ? curl_easy_strerror(r.code) : r.curl_error));
+                           r.curl_error.empty() ? Curl().easy_strerror(r.code) : r.curl_error));
 }
 
 namespace {
@@ -295,7 +295,7 @@ std::optional<long> RetryAfterMs(const RegistryClient::Impl::Response& r) {
   if (ec == std::errc() && ptr == end) {
     if (seconds < 0) return std::nullopt;
   } else {
-    time_t when = curl_getdate(r.retry_after.c_str(), nullptr);
+    time_t when = Curl().getdate(r.retry_after.c_str(), nullptr);
     if (when < 0) return std::nullopt;
     const time_t now = ::time(nullptr);
     seconds = when <= now ? 0 : static_cast<long>(std::min<time_t>(when - now, 1'000'000));
@@ -381,7 +381,7 @@ size_t RegistryClient::Impl::OnData(char* data, size_t size, size_t n, void* use
   auto* t = static_cast<Transfer*>(user);
   const size_t len = size * n;
   t->last_byte = std::chrono::steady_clock::now();
-  curl_easy_getinfo(t->impl->curl, CURLINFO_RESPONSE_CODE, &t->response->status);
+  Curl().easy_getinfo(t->impl->curl, CURLINFO_RESPONSE_CODE, &t->response->status);
   const bool ok = t->response->status >= 200 && t->response->status < 300;
   if (ok && t->request->sink) {
     if (!t->response->body_started) {

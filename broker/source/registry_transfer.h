@@ -6,7 +6,6 @@
 // authenticates (Ping), registry_client.cc has the public calls.
 #pragma once
 
-#include <curl/curl.h>
 #include <openssl/crypto.h>
 
 #include <chrono>
@@ -19,6 +18,7 @@
 #include <string>
 #include <string_view>
 
+#include "broker/source/curl_api.h"
 #include "broker/source/registry_client.h"
 #include "broker/source/registry_ref.h"
 #include "policy/result.h"
@@ -62,14 +62,14 @@ struct RegistryClient::Impl {
   uint64_t generation = 0;
 
   ~Impl() {
-    if (curl != nullptr) curl_easy_cleanup(curl);
-    if (multi != nullptr) curl_multi_cleanup(multi);
+    if (curl != nullptr) Curl().easy_cleanup(curl);
+    if (multi != nullptr) Curl().multi_cleanup(multi);
     OPENSSL_cleanse(bearer_token.data(), bearer_token.size());
   }
 
   Status InitHandles() {
-    curl = curl_easy_init();
-    multi = curl_multi_init();
+    curl = Curl().easy_init();
+    multi = Curl().multi_init();
     if (curl == nullptr || multi == nullptr) {
       return Fail(MakeError(ErrorKind::kInternal, "curl_easy_init/curl_multi_init"));
     }

@@ -13,8 +13,9 @@ fi
 deb=$(scripts/package.sh | tail -1)
 echo "deb_test: $deb"
 dpkg-deb -f "$deb" Depends | tee /tmp/layerx-deb-depends
-# (libarchive, capnp for the extractor, libcap: linked statically into the helper)
-for dep in libseccomp2 libext2fs2 libcapnp libisal2 libssl3 e2fsprogs util-linux; do
+# (libarchive, capnp for the extractor, libcap: linked statically into the helper;
+# libcurl4: dlopen'd for docker://, so named by hand)
+for dep in libseccomp2 libext2fs2 libcapnp libisal2 libssl3 libcurl4 e2fsprogs util-linux; do
   grep -q "$dep" /tmp/layerx-deb-depends || { echo "deb_test: Depends lacks $dep" >&2; exit 1; }
 done
 work=$(mktemp -d /tmp/layerx-deb-test-XXXXXX)

@@ -16,6 +16,7 @@
 #include <sys/xattr.h>
 #include <unistd.h>
 
+#include <cstring>
 #include <fstream>
 #include <map>
 #include <sstream>
@@ -82,6 +83,18 @@ class SpawnTest : public ::testing::Test {
     while ((n = read(r.err.get(), buf, sizeof(buf))) > 0) text.append(buf, static_cast<size_t>(n));
     if (err) *err = text;
     return *status;
+  }
+
+  // Waits (up to 5 s) until `pid` is blocked in recvmsg: a jail spawned ahead,
+  // pivoted, waiting for its start message.
+  static bool WaitsForStart(pid_t pid) {
+    for (int i = 0; i < 500; ++i) {
+      std::ifstream in("/proc/" + std::to_string(pid) + "/syscall");
+      std::string nr;
+      if (in >> nr && nr == std::to_string(SYS_recvmsg)) return true;
+      usleep(10'000);
+    }
+    return false;
   }
 
   static std::map<std::string, std::string> ProcStatus(pid_t pid) {
@@ -180,12 +193,18 @@ TEST_F(SpawnTest, WaitingChildHoldsNoInputUntilStarted) {
   ASSERT_TRUE(waiting) << waiting.error().ToString();
   sockets->second.reset();
   errpipe->write.reset();
+  ASSERT_TRUE(WaitsForStart(waiting->pid())) << "the child never waited for its start";
   // Not ready: nothing on the channel for a while.
   struct pollfd pfd = {sockets->first.get(), POLLIN, 0};
   EXPECT_EQ(poll(&pfd, 1, 200), 0) << "a waiting child ran";
   char link[256];
-  std::string fd0 = "/proc/" + std::to_string(waiting->pid()) + "/fd/0";
-  EXPECT_LT(readlink(fd0.c_str(), link, sizeof(link)), 0) << "the waiting child has an fd 0";
+  const std::string fds = "/proc/" + std::to_string(waiting->pid()) + "/fd/";
+  EXPECT_GT(readlink((fds + "5").c_str(), link, sizeof(link)), 0)
+      << "its start socket is not there: " << strerror(errno);
+  errno = 0;
+  EXPECT_LT(readlink((fds + "0").c_str(), link, sizeof(link)), 0) << "the waiting child has an fd 0";
+  EXPECT_EQ(errno, ENOENT);
+  EXPECT_EQ(ProcStatus(waiting->pid())["Seccomp"], "0") << "locked down before its start";
   struct stat mine, its;
   ASSERT_EQ(stat("/proc/self/ns/mnt", &mine), 0);
   ASSERT_EQ(stat(("/proc/" + std::to_string(waiting->pid()) + "/ns/mnt").c_str(), &its), 0);
@@ -206,8 +225,8 @@ TEST_F(SpawnTest, WaitingChildHoldsNoInputUntilStarted) {
   EXPECT_TRUE(exit->exited && exit->code == 0);
 }
 
-// One never started is killed and reaped when dropped; one whose socket
-// closes first (the broker gave up) ends on its own, having run nothing.
+// One never started, dropped while it waits, is killed and reaped, having run
+// nothing of its program.
 TEST_F(SpawnTest, WaitingChildDroppedUnstartedIsGone) {
   auto program = OpenAt(AT_FDCWD, LAYERX_JAIL_PROBE, O_PATH);
   ASSERT_TRUE(program);
@@ -226,6 +245,7 @@ TEST_F(SpawnTest, WaitingChildDroppedUnstartedIsGone) {
     auto waiting = SpawnWaiting(request);
     ASSERT_TRUE(waiting) << waiting.error().ToString();
     pid = waiting->pid();
+    ASSERT_TRUE(WaitsForStart(pid));
   }
   EXPECT_NE(kill(pid, 0), 0) << "child " << pid << " still around";
   EXPECT_NE(access((dir_ + "/rootfs/written").c_str(), F_OK), 0);

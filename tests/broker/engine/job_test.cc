@@ -88,6 +88,15 @@ TEST_F(JobTest, GoodLayerGivesRootfsAndManifest) {
   EXPECT_GT(report->layers[0].setup_ns, 0);
 }
 
+// libcurl (and the 32 libraries it brings) is loaded for a registry only
+// (broker/source/curl_api.h): a local job never maps it.
+TEST_F(JobTest, LocalJobNeverLoadsLibcurl) {
+  request_.layers = {dir_ + "/good.tar.gz"};
+  auto report = RunExtract(request_);
+  ASSERT_TRUE(report) << report.error().ToString();
+  EXPECT_EQ(testing::ReadFile("/proc/self/maps").find("libcurl"), std::string::npos);
+}
+
 // A pipe whose writer stays silent for `hold`, then closes; the layer is its
 // read end, passed as a descriptor ("/dev/fd/N": a fifo by name is refused).
 struct SilentPipe {
@@ -190,14 +199,30 @@ TEST_F(JobTest, NextLayersJailIsSpawnedWhileALayerApplies) {
 }
 
 // A layer that fails leaves no jail behind, neither its own nor the one
-// spawned ahead for the layer above it; nothing the upper layer holds ran.
+// spawned ahead for the layer above it (seen waiting while layer 2 ran).
 TEST_F(JobTest, JailSpawnedAheadIsReapedWhenALayerFails) {
   std::string corrupt = testing::ReadFile(dir_ + "/good.tar.gz");
   corrupt.resize(corrupt.size() / 2);
-  std::ofstream(dir_ + "/corrupt.tar.gz") << corrupt;
-  request_.layers = {dir_ + "/good.tar.gz", dir_ + "/corrupt.tar.gz", dir_ + "/good.tar.gz"};
+  LatePipe late(corrupt, std::chrono::milliseconds(600));
+  request_.layers = {dir_ + "/good.tar.gz", late.Name(), dir_ + "/good.tar.gz"};
   auto before = Listing();
+  const pid_t job_thread = gettid();
+  std::atomic<bool> done{false};
+  int most = 0;
+  std::thread watcher([&] {
+    while (!done.load()) {
+      std::ifstream in("/proc/self/task/" + std::to_string(job_thread) + "/children");
+      int n = 0;
+      std::string pid;
+      while (in >> pid) ++n;
+      most = std::max(most, n);
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  });
   auto report = RunExtract(request_);
+  done.store(true);
+  watcher.join();
+  EXPECT_EQ(most, 2) << "layer 3's jail was not spawned while layer 2 ran";
   ASSERT_FALSE(report);
   EXPECT_NE(report.error().ToString().find("layer 2"), std::string::npos)
       << report.error().ToString();
