@@ -19,6 +19,7 @@
 #include <cstring>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <sstream>
 
 #include "sandbox/jail_config.h"
@@ -67,6 +68,32 @@ class SpawnTest : public ::testing::Test {
     EXPECT_TRUE(child) << child.error().ToString();
     return Running{std::move(*child), std::move(input->write), std::move(sockets->first),
                    std::move(errpipe->read)};
+  }
+
+  // A probe spawned ahead (SpawnWaiting), not started; our ends of its
+  // channel and stderr.
+  struct Waiting {
+    WaitingChild child;
+    UniqueFd channel;
+    UniqueFd err;
+  };
+  std::optional<Waiting> SpawnProbeWaiting(const std::string& mode) {
+    auto program = OpenAt(AT_FDCWD, LAYERX_JAIL_PROBE, O_PATH);
+    auto rootfs = OpenAt(AT_FDCWD, dir_ + "/rootfs", O_PATH | O_DIRECTORY);
+    auto errpipe = MakePipe(0);
+    auto sockets = MakeSocketPair();
+    EXPECT_TRUE(program && rootfs && errpipe && sockets);
+    if (!program || !rootfs || !errpipe || !sockets) return std::nullopt;
+    SpawnRequest request{.program_fd = program->get(),
+                         .argv = {"jail_probe", mode},
+                         .rootfs_fd = rootfs->get(),
+                         .channel_fd = sockets->second.get(),
+                         .stderr_fd = errpipe->write.get(),
+                         .policy = &policy_};
+    auto waiting = SpawnWaiting(request);
+    EXPECT_TRUE(waiting) << waiting.error().ToString();
+    if (!waiting) return std::nullopt;
+    return Waiting{std::move(*waiting), std::move(sockets->first), std::move(errpipe->read)};
   }
 
   // Runs a probe to its end; returns its exit status and stderr.
@@ -170,52 +197,38 @@ TEST_F(SpawnTest, OnlyTheFourFdsReachTheJail) {
 // one left without O_CLOEXEC), is already in its own namespaces, and once
 // started is the same locked-down jail.
 TEST_F(SpawnTest, WaitingChildHoldsNoInputUntilStarted) {
-  auto program = OpenAt(AT_FDCWD, LAYERX_JAIL_PROBE, O_PATH);
-  ASSERT_TRUE(program);
-  auto rootfs = OpenAt(AT_FDCWD, dir_ + "/rootfs", O_PATH | O_DIRECTORY);
-  ASSERT_TRUE(rootfs);
-  auto errpipe = MakePipe(0);
-  auto sockets = MakeSocketPair();
   // Our own fd 0 is a pipe the child must not inherit.
   auto stdin_pipe = MakePipe(0);
   ASSERT_TRUE(stdin_pipe);
   int saved_stdin = dup(0);
   ASSERT_EQ(dup2(stdin_pipe->read.get(), 0), 0);
-  SpawnRequest request{.program_fd = program->get(),
-                       .argv = {"jail_probe", "wait"},
-                       .rootfs_fd = rootfs->get(),
-                       .channel_fd = sockets->second.get(),
-                       .stderr_fd = errpipe->write.get(),
-                       .policy = &policy_};
-  auto waiting = SpawnWaiting(request);
+  std::optional<Waiting> waiting = SpawnProbeWaiting("wait");
   dup2(saved_stdin, 0);
   close(saved_stdin);
-  ASSERT_TRUE(waiting) << waiting.error().ToString();
-  sockets->second.reset();
-  errpipe->write.reset();
-  ASSERT_TRUE(WaitsForStart(waiting->pid())) << "the child never waited for its start";
+  ASSERT_TRUE(waiting);
+  ASSERT_TRUE(WaitsForStart(waiting->child.pid())) << "the child never waited for its start";
   // Not ready: nothing on the channel for a while.
-  struct pollfd pfd = {sockets->first.get(), POLLIN, 0};
+  struct pollfd pfd = {waiting->channel.get(), POLLIN, 0};
   EXPECT_EQ(poll(&pfd, 1, 200), 0) << "a waiting child ran";
   char link[256];
-  const std::string fds = "/proc/" + std::to_string(waiting->pid()) + "/fd/";
+  const std::string fds = "/proc/" + std::to_string(waiting->child.pid()) + "/fd/";
   EXPECT_GT(readlink((fds + "5").c_str(), link, sizeof(link)), 0)
       << "its start socket is not there: " << strerror(errno);
   errno = 0;
   EXPECT_LT(readlink((fds + "0").c_str(), link, sizeof(link)), 0) << "the waiting child has an fd 0";
   EXPECT_EQ(errno, ENOENT);
-  EXPECT_EQ(ProcStatus(waiting->pid())["Seccomp"], "0") << "locked down before its start";
+  EXPECT_EQ(ProcStatus(waiting->child.pid())["Seccomp"], "0") << "locked down before its start";
   struct stat mine, its;
   ASSERT_EQ(stat("/proc/self/ns/mnt", &mine), 0);
-  ASSERT_EQ(stat(("/proc/" + std::to_string(waiting->pid()) + "/ns/mnt").c_str(), &its), 0);
+  ASSERT_EQ(stat(("/proc/" + std::to_string(waiting->child.pid()) + "/ns/mnt").c_str(), &its), 0);
   EXPECT_NE(mine.st_ino, its.st_ino);
   auto input = MakePipe(0);
   ASSERT_TRUE(input);
-  auto child = std::move(*waiting).Start(input->read.get(), JailData{});
+  auto child = std::move(waiting->child).Start(input->read.get(), JailData{});
   ASSERT_TRUE(child) << child.error().ToString();
   input->read.reset();
   char c = 0;
-  ASSERT_EQ(read(sockets->first.get(), &c, 1), 1) << "the started child never reported ready";
+  ASSERT_EQ(read(waiting->channel.get(), &c, 1), 1) << "the started child never reported ready";
   auto status = ProcStatus(child->pid());
   EXPECT_EQ(status["Seccomp"], "2");
   EXPECT_EQ(status["NoNewPrivs"], "1");
@@ -228,23 +241,11 @@ TEST_F(SpawnTest, WaitingChildHoldsNoInputUntilStarted) {
 // One never started, dropped while it waits, is killed and reaped, having run
 // nothing of its program.
 TEST_F(SpawnTest, WaitingChildDroppedUnstartedIsGone) {
-  auto program = OpenAt(AT_FDCWD, LAYERX_JAIL_PROBE, O_PATH);
-  ASSERT_TRUE(program);
-  auto rootfs = OpenAt(AT_FDCWD, dir_ + "/rootfs", O_PATH | O_DIRECTORY);
-  ASSERT_TRUE(rootfs);
-  auto errpipe = MakePipe(0);
-  auto sockets = MakeSocketPair();
-  SpawnRequest request{.program_fd = program->get(),
-                       .argv = {"jail_probe", "write-rootfs"},
-                       .rootfs_fd = rootfs->get(),
-                       .channel_fd = sockets->second.get(),
-                       .stderr_fd = errpipe->write.get(),
-                       .policy = &policy_};
   pid_t pid;
   {
-    auto waiting = SpawnWaiting(request);
-    ASSERT_TRUE(waiting) << waiting.error().ToString();
-    pid = waiting->pid();
+    std::optional<Waiting> waiting = SpawnProbeWaiting("write-rootfs");
+    ASSERT_TRUE(waiting);
+    pid = waiting->child.pid();
     ASSERT_TRUE(WaitsForStart(pid));
   }
   EXPECT_NE(kill(pid, 0), 0) << "child " << pid << " still around";
@@ -252,23 +253,12 @@ TEST_F(SpawnTest, WaitingChildDroppedUnstartedIsGone) {
 }
 
 TEST_F(SpawnTest, WaitingChildStartedWithMismatchedDataIsRefused) {
-  auto program = OpenAt(AT_FDCWD, LAYERX_JAIL_PROBE, O_PATH);
-  ASSERT_TRUE(program);
-  auto rootfs = OpenAt(AT_FDCWD, dir_ + "/rootfs", O_PATH | O_DIRECTORY);
-  ASSERT_TRUE(rootfs);
-  auto errpipe = MakePipe(0);
-  auto sockets = MakeSocketPair();
-  SpawnRequest request{.program_fd = program->get(),
-                       .argv = {"jail_probe", "write-rootfs"},
-                       .rootfs_fd = rootfs->get(),
-                       .channel_fd = sockets->second.get(),
-                       .stderr_fd = errpipe->write.get(),
-                       .policy = &policy_};
-  auto waiting = SpawnWaiting(request);
-  ASSERT_TRUE(waiting) << waiting.error().ToString();
+  std::optional<Waiting> waiting = SpawnProbeWaiting("write-rootfs");
+  ASSERT_TRUE(waiting);
   auto input = MakePipe(0);
   // An image window, and no data fd was given at spawn.
-  auto child = std::move(*waiting).Start(input->read.get(), JailData{.mode = DataMode::kImage});
+  auto child =
+      std::move(waiting->child).Start(input->read.get(), JailData{.mode = DataMode::kImage});
   ASSERT_FALSE(child);
   EXPECT_EQ(child.error().kind(), ErrorKind::kInternal);
 }

@@ -61,13 +61,31 @@ class JobTest : public ::testing::Test {
   void TearDown() override { (void)sandbox::RemoveTreeAt(AT_FDCWD, dir_); }
 
   std::vector<std::string> Listing() { return testing::Listing(dir_); }
-  // Our children that are still around (zombies included).
-  static int Children() {
+  // The children of thread `tid` (ours by default) still around, zombies included.
+  static int Children(pid_t tid = gettid()) {
     int n = 0;
-    std::ifstream in("/proc/self/task/" + std::to_string(gettid()) + "/children");
+    std::ifstream in("/proc/self/task/" + std::to_string(tid) + "/children");
     std::string pid;
     while (in >> pid) ++n;
     return n;
+  }
+  // The most children this thread had at once while `run` ran (sampled
+  // every 10 ms from another thread).
+  template <typename Run>
+  static int MostChildrenDuring(Run run) {
+    const pid_t tid = gettid();
+    std::atomic<bool> done{false};
+    int most = 0;
+    std::thread watcher([&] {
+      while (!done.load()) {
+        most = std::max(most, Children(tid));
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      }
+    });
+    run();
+    done.store(true);
+    watcher.join();
+    return most;
   }
 
   std::string dir_;
@@ -97,25 +115,32 @@ TEST_F(JobTest, LocalJobNeverLoadsLibcurl) {
   EXPECT_EQ(testing::ReadFile("/proc/self/maps").find("libcurl"), std::string::npos);
 }
 
-// A pipe whose writer stays silent for `hold`, then closes; the layer is its
-// read end, passed as a descriptor ("/dev/fd/N": a fifo by name is refused).
-struct SilentPipe {
-  explicit SilentPipe(std::chrono::milliseconds hold) {
+// A pipe that gives `bytes` (none: it stays silent) only after `hold`, then
+// closes; the layer is its read end, passed as a descriptor ("/dev/fd/N": a
+// fifo by name is refused).
+struct LatePipe {
+  LatePipe(std::string bytes, std::chrono::milliseconds hold) {
     int fds[2];
     EXPECT_EQ(pipe2(fds, O_CLOEXEC), 0);
     read_end = fds[0];
-    writer = std::thread([w = fds[1], hold] {
+    writer = std::thread([w = fds[1], hold, bytes = std::move(bytes)] {
       std::this_thread::sleep_for(hold);
+      (void)sandbox::WriteAll(w, std::as_bytes(std::span(bytes)));
       close(w);
     });
   }
-  ~SilentPipe() {
+  ~LatePipe() {
     writer.join();
     close(read_end);
   }
   std::string Name() const { return "/dev/fd/" + std::to_string(read_end); }
   int read_end = -1;
   std::thread writer;
+};
+
+// A pipe whose writer stays silent for `hold`, then closes.
+struct SilentPipe : LatePipe {
+  explicit SilentPipe(std::chrono::milliseconds hold) : LatePipe("", hold) {}
 };
 
 TEST_F(JobTest, StopsAtLayerTimeoutAndReapsTheExtractor) {
@@ -148,50 +173,14 @@ TEST_F(JobTest, CancelStopsTheJobAndLeavesNothing) {
   EXPECT_EQ(Children(), 0);
 }
 
-// A pipe that gives `bytes` only after `hold`, then closes; passed as a
-// descriptor like SilentPipe.
-struct LatePipe {
-  LatePipe(std::string bytes, std::chrono::milliseconds hold) {
-    int fds[2];
-    EXPECT_EQ(pipe2(fds, O_CLOEXEC), 0);
-    read_end = fds[0];
-    writer = std::thread([w = fds[1], hold, bytes = std::move(bytes)] {
-      std::this_thread::sleep_for(hold);
-      (void)sandbox::WriteAll(w, std::as_bytes(std::span(bytes)));
-      close(w);
-    });
-  }
-  ~LatePipe() {
-    writer.join();
-    close(read_end);
-  }
-  std::string Name() const { return "/dev/fd/" + std::to_string(read_end); }
-  int read_end = -1;
-  std::thread writer;
-};
-
 // The next layer's jail is spawned while a layer applies (its setup is then
 // off the critical path): while layer 1 waits for its bytes, two extractors
 // are this thread's children, the second waiting for its layer.
 TEST_F(JobTest, NextLayersJailIsSpawnedWhileALayerApplies) {
   LatePipe late(testing::ReadFile(dir_ + "/good.tar.gz"), std::chrono::milliseconds(600));
   request_.layers = {late.Name(), dir_ + "/good.tar.gz"};
-  const pid_t job_thread = gettid();
-  std::atomic<bool> done{false};
-  int most = 0;
-  std::thread watcher([&] {
-    while (!done.load()) {
-      std::ifstream in("/proc/self/task/" + std::to_string(job_thread) + "/children");
-      int n = 0;
-      std::string pid;
-      while (in >> pid) ++n;
-      most = std::max(most, n);
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-  });
-  auto report = RunExtract(request_);
-  done.store(true);
-  watcher.join();
+  Result<JobReport> report = Fail(MakeError(ErrorKind::kInternal, "not run"));
+  int most = MostChildrenDuring([&] { report = RunExtract(request_); });
   ASSERT_TRUE(report) << report.error().ToString();
   ASSERT_EQ(report->layers.size(), 2u);
   EXPECT_EQ(most, 2) << "layer 2's jail was not spawned while layer 1 ran";
@@ -206,22 +195,8 @@ TEST_F(JobTest, JailSpawnedAheadIsReapedWhenALayerFails) {
   LatePipe late(corrupt, std::chrono::milliseconds(600));
   request_.layers = {dir_ + "/good.tar.gz", late.Name(), dir_ + "/good.tar.gz"};
   auto before = Listing();
-  const pid_t job_thread = gettid();
-  std::atomic<bool> done{false};
-  int most = 0;
-  std::thread watcher([&] {
-    while (!done.load()) {
-      std::ifstream in("/proc/self/task/" + std::to_string(job_thread) + "/children");
-      int n = 0;
-      std::string pid;
-      while (in >> pid) ++n;
-      most = std::max(most, n);
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-  });
-  auto report = RunExtract(request_);
-  done.store(true);
-  watcher.join();
+  Result<JobReport> report = Fail(MakeError(ErrorKind::kInternal, "not run"));
+  int most = MostChildrenDuring([&] { report = RunExtract(request_); });
   EXPECT_EQ(most, 2) << "layer 3's jail was not spawned while layer 2 ran";
   ASSERT_FALSE(report);
   EXPECT_NE(report.error().ToString().find("layer 2"), std::string::npos)
