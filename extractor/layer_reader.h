@@ -17,6 +17,7 @@
 
 #include "extractor/digest.h"
 #include "extractor/gzip_inflater.h"
+#include "extractor/read_ahead.h"
 #include "sandbox/read_buffer.h"
 #include "extractor/records.h"
 #include "policy/limits.h"
@@ -55,10 +56,14 @@ struct DataSink {
 // config file read. After the pivot these would read the image's files.
 void PrepareLibrariesBeforeJail();
 
+class Decoder;  // layer_reader.cc
+
 class LayerReader {
  public:
-  // Sets up both readers; reads nothing yet.
-  static Result<std::unique_ptr<LayerReader>> Create(const policy::Limits& limits);
+  // Sets up both readers; reads nothing yet. With `ahead`, a compressed
+  // stream is decompressed and hashed on its thread (see read_ahead.h).
+  static Result<std::unique_ptr<LayerReader>> Create(const policy::Limits& limits,
+                                                     std::shared_ptr<ReadAhead> ahead = nullptr);
   ~LayerReader();
 
   // Starts reading from `fd` (borrowed). kInvalidInput when the stream is no
@@ -87,19 +92,21 @@ class LayerReader {
 
  private:
   LayerReader(const policy::Limits& limits) : limits_(limits) {}
-  Error ArchiveError(struct archive* a, ErrorKind kind, std::string_view what);
-  // kLimitExceeded past max_layer_bytes or max_compression_ratio.
-  Status CheckInflation() const;
+  // kLimitExceeded past max_layer_bytes (a plain tar; a compressed one is
+  // checked by its Decoder).
+  Status CheckPlainSize() const;
   Error ShortData() const;
   Status PreadInto(const DataSink& sink, uint64_t offset, uint64_t length, uint64_t in_offset);
-  Status OpenOuterEntry();
-  static ssize_t OuterRead(struct archive*, void* self, const void** out);
 
   policy::Limits limits_;
-  struct archive* outer_ = nullptr;
   struct archive* inner_ = nullptr;
-  std::unique_ptr<Sha256> sha_;
-  std::unique_ptr<GzipInflater> gzip_;  // gzip layers; otherwise outer_ decompresses
+  // A compressed stream: decompressed and hashed by decoder_, on ahead_'s
+  // thread when there is one (the decoder is then the thread's, not touched
+  // here until the stream's end), else here into buffer_.
+  std::shared_ptr<Decoder> decoder_;
+  std::shared_ptr<ReadAhead> ahead_;
+  bool ahead_started_ = false;
+  Sha256 sha_;  // the decompressed stream's: the diff_id
   bool plain_ = false;                  // an uncompressed tar: read straight from the fd
   int input_fd_ = -1;
   // A plain tar in a regular file: skipped data is seeked over, and with copy_
@@ -114,8 +121,7 @@ class LayerReader {
   size_t buffer_len_ = 0;
   uint64_t entry_size_ = 0;     // the current entry's data size
   bool entry_sparse_ = false;   // its data is not one contiguous range
-  std::vector<std::byte> prefix_;  // sniffed bytes the outer reader has yet to see
-  sandbox::ReadBuffer input_;      // the outer reader's input block
+  std::vector<std::byte> prefix_;  // sniffed bytes of a plain tar the reader has yet to see
   uint64_t uncompressed_bytes_ = 0;
   sandbox::ReadBuffer buffer_;
   std::optional<Error> outer_error_;

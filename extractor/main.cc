@@ -22,7 +22,11 @@ int Run() {
   // Everything that could read a file by name happens now, on the host's files.
   extractor::PrepareLibrariesBeforeJail();
   sandbox::JailConfigHeader config;
-  sandbox::JailSetupResult setup = sandbox::EnterJail(&config);
+  // The read-ahead thread is made inside the jail, before its filter (which
+  // never allows clone) goes on every thread.
+  std::shared_ptr<extractor::ReadAhead> ahead;
+  sandbox::JailSetupResult setup =
+      sandbox::EnterJail(&config, [&] { ahead = extractor::ReadAhead::Spawn(); });
   if (!setup.ok()) {
     std::fprintf(stderr, "jail setup failed: %s: %s\n", sandbox::SetupStepName(setup.step),
                  ErrnoName(setup.err).c_str());
@@ -34,7 +38,7 @@ int Run() {
     (void)writer.SendFailure(error, entry);
     return 1;
   };
-  auto reader = extractor::LayerReader::Create(config.limits);
+  auto reader = extractor::LayerReader::Create(config.limits, std::move(ahead));
   if (!reader) return report(reader.error(), "");
   if (Status opened = (*reader)->Open(sandbox::kInputFd); !opened)
     return report(opened.error(), "");
@@ -72,11 +76,17 @@ int Run() {
 }  // namespace
 
 int main() {
+  int rc;
   try {
-    return Run();
+    rc = Run();
   } catch (...) {
     // capnp reports OOM and the like by throwing; nothing else should.
     std::fputs("extractor: unexpected exception\n", stderr);
-    return 1;
+    rc = 1;
   }
+  // Everything was said on the channel. _exit, not exit: the read-ahead thread
+  // may still be in read(2) on a layer that was refused early, and no atexit
+  // handler (OpenSSL's cleanup) may run under it.
+  std::fflush(nullptr);
+  ::_exit(rc);
 }

@@ -266,7 +266,7 @@ bool DropCapabilities(bool keep_fs_caps) {
 
 }  // namespace
 
-JailSetupResult EnterJail(JailConfigHeader* config) {
+JailSetupResult EnterJail(JailConfigHeader* config, const std::function<void()>& before_seccomp) {
   errno = 0;
   // Not dumpable, no core, from the start: a jail spawned ahead may wait a
   // whole layer long holding the rootfs dir and the image, with all its caps
@@ -296,6 +296,9 @@ JailSetupResult EnterJail(JailConfigHeader* config) {
   if (!SetRlimits(config->rlimits)) return Failed(SetupStep::kRlimits);
   if (!DropCapabilities(config->keep_fs_caps != 0)) return Failed(SetupStep::kCapabilities);
   if (::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) return Failed(SetupStep::kNoNewPrivs);
+  // Threads made now start with what this one has: no capability, no_new_privs,
+  // and (TSYNC below) the same filters, installed before this returns.
+  if (before_seccomp) before_seccomp();
   struct sock_fprog prog = {static_cast<unsigned short>(g_seccomp_program.size()),
                             g_seccomp_program.data()};
   // Seccomp last: every step above needs a syscall the filter forbids.
@@ -304,11 +307,14 @@ JailSetupResult EnterJail(JailConfigHeader* config) {
     // Stacked filters only ever narrow; the kernel takes the stricter answer.
     struct sock_fprog data_prog = {static_cast<unsigned short>(g_data_program.size()),
                                    g_data_program.data()};
-    if (::syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &data_prog) != 0) {
+    if (::syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, &data_prog) !=
+        0) {
       return Failed(SetupStep::kSeccomp);
     }
   }
-  if (::syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) != 0) {
+  // TSYNC: on every thread, or not at all (a thread it could not sync is a
+  // positive return, a failure too).
+  if (::syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, &prog) != 0) {
     return Failed(SetupStep::kSeccomp);
   }
   return {};

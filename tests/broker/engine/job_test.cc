@@ -205,6 +205,98 @@ TEST_F(JobTest, JailSpawnedAheadIsReapedWhenALayerFails) {
   EXPECT_EQ(Children(), 0) << "a jail spawned ahead was not reaped";
 }
 
+// A status field of /proc/PID/task/TID/status ("Seccomp", "CapEff"...).
+std::string TaskField(const std::string& task, const std::string& field) {
+  std::string status = testing::ReadFile(task + "/status");
+  size_t at = status.find("\n" + field + ":");
+  if (at == std::string::npos) return "(none)";
+  size_t from = status.find_first_not_of(" \t", at + field.size() + 2);
+  return status.substr(from, status.find('\n', from) - from);
+}
+
+// The extractor's second thread (the read-ahead, extractor/read_ahead.h) is
+// made inside the jail before the filters go on, never by a clone the filter
+// allows: while the jail waits for its layer's bytes, each of its two threads
+// has both filters, no_new_privs, an empty bounding set and the same
+// capabilities as the other.
+TEST_F(JobTest, EveryThreadOfTheExtractorIsLockedDown) {
+  SilentPipe silent(std::chrono::milliseconds(1500));
+  request_.layers = {silent.Name()};
+  std::vector<std::string> tasks;
+  std::string pid;
+  const pid_t tid = gettid();
+  std::thread watcher([&] {
+    for (int i = 0; i < 120 && tasks.size() < 2; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      std::ifstream in("/proc/self/task/" + std::to_string(tid) + "/children");
+      if (!(in >> pid)) continue;
+      tasks.clear();
+      for (const std::string& t : testing::Listing("/proc/" + pid + "/task")) {
+        if (t != "." && t != "..") tasks.push_back("/proc/" + pid + "/task/" + t);
+      }
+      // Locked down once the first thread is: seccomp is the last step.
+      if (tasks.empty() || TaskField(tasks[0], "Seccomp") != "2") tasks.clear();
+    }
+    ASSERT_EQ(tasks.size(), 2u) << "the extractor did not have two threads";
+    for (const std::string& task : tasks) {
+      SCOPED_TRACE(task);
+      EXPECT_EQ(TaskField(task, "Seccomp"), "2");
+      EXPECT_EQ(TaskField(task, "Seccomp_filters"), "2");
+      EXPECT_EQ(TaskField(task, "NoNewPrivs"), "1");
+      EXPECT_EQ(TaskField(task, "CapBnd"), "0000000000000000");
+      EXPECT_EQ(TaskField(task, "CapInh"), "0000000000000000");
+      EXPECT_EQ(TaskField(task, "CapAmb"), "0000000000000000");
+      EXPECT_EQ(TaskField(task, "CapEff"), TaskField(tasks[0], "CapEff"));
+      EXPECT_EQ(TaskField(task, "CapPrm"), TaskField(tasks[0], "CapPrm"));
+    }
+  });
+  auto report = RunExtract(request_);
+  watcher.join();
+  ASSERT_FALSE(report);  // the pipe closes with no byte: an empty layer
+  EXPECT_EQ(Children(), 0);
+}
+
+// A pipe that gives `bytes` at once and then stays open for `hold`.
+struct HeldPipe {
+  HeldPipe(std::string bytes, std::chrono::milliseconds hold) {
+    int fds[2];
+    EXPECT_EQ(pipe2(fds, O_CLOEXEC), 0);
+    read_end = fds[0];
+    writer = std::thread([w = fds[1], hold, bytes = std::move(bytes)] {
+      (void)sandbox::WriteAll(w, std::as_bytes(std::span(bytes)));
+      std::this_thread::sleep_for(hold);
+      close(w);
+    });
+  }
+  ~HeldPipe() {
+    writer.join();
+    close(read_end);
+  }
+  std::string Name() const { return "/dev/fd/" + std::to_string(read_end); }
+  int read_end = -1;
+  std::thread writer;
+};
+
+// A gzip layer refused at its second entry while its stream stays open: the
+// read-ahead thread is then in read(2) on the pipe, and the extractor reports
+// and exits at once, without waiting for it.
+TEST_F(JobTest, RefusedLayerFailsAtOnceWhileItsStreamStaysOpen) {
+  const std::string path = dir_ + "/three.tar.gz";
+  std::string noise(8192, '\0');  // past the 512 bytes the extractor sniffs
+  for (size_t i = 0; i < noise.size(); ++i) noise[i] = static_cast<char>(i * 7919 % 251 + i / 97);
+  LayerWriter(path, "gzip").File("a", noise).File("b", noise + "b").File("c", "3");
+  HeldPipe held(testing::ReadFile(path), std::chrono::milliseconds(2000));
+  request_.layers = {held.Name()};
+  request_.policy.limits.max_entries = 1;
+  auto t0 = std::chrono::steady_clock::now();
+  auto report = RunExtract(request_);
+  auto took = std::chrono::steady_clock::now() - t0;
+  ASSERT_FALSE(report);
+  EXPECT_EQ(report.error().kind(), ErrorKind::kLimitExceeded) << report.error().ToString();
+  EXPECT_LT(took, std::chrono::milliseconds(1000)) << "the job waited for the stream's end";
+  EXPECT_EQ(Children(), 0);
+}
+
 // Another user who can write the output's dir makes the work dir names first.
 // Names from an unseeded random() were the same sequence in every process, so
 // with the pid (there are few) all 100 tries were taken and the job failed;
