@@ -19,6 +19,8 @@ namespace {
 constexpr size_t kBlock = 256 * 1024;
 constexpr size_t kBlocks = 64;
 constexpr size_t kRing = kBlock * kBlocks;
+// Blocks ready for the reader past which the thread also hashes.
+constexpr uint64_t kLead = 4;
 
 }  // namespace
 
@@ -26,6 +28,7 @@ struct ReadAhead::State {
   std::mutex mu;
   std::condition_variable cv;  // both ways: a block filled, a block freed, a start, a stop
   Produce produce;             // set by Start, dropped on the thread when it ends
+  Hash hash;                   // set by Start; called by whichever thread holds `hashing`
   bool running = false;  // the thread is in Run: its own start (rseq, robust list) is done
   bool started = false;
   bool stop = false;
@@ -34,6 +37,8 @@ struct ReadAhead::State {
   uint64_t produced = 0;           // blocks filled
   uint64_t taken = 0;              // blocks handed to the reader
   uint64_t freed = 0;              // blocks it has given back
+  uint64_t hashed = 0;             // blocks hashed, in order (a block is reused once freed and hashed)
+  bool hashing = false;            // a thread is hashing block `hashed`, the lock released
   size_t sizes[kBlocks] = {};
   std::byte* ring = nullptr;
 
@@ -43,14 +48,38 @@ struct ReadAhead::State {
 
   std::span<std::byte> Block(uint64_t n) { return {ring + (n % kBlocks) * kBlock, kBlock}; }
 
+  // Hashes the blocks from `hashed` up to `upto` in order, unless the other
+  // thread is hashing (it goes on from where it is). Called and returns with
+  // the lock held; hashes with it released (the blocks stay put: none is
+  // refilled before it is hashed).
+  void HashUpTo(std::unique_lock<std::mutex>& lock, uint64_t upto) {
+    while (!hashing && hashed < upto) {
+      hashing = true;
+      const uint64_t n = hashed;
+      lock.unlock();
+      hash(std::span<const std::byte>(Block(n).data(), sizes[n % kBlocks]));
+      lock.lock();
+      hashing = false;
+      hashed = n + 1;
+      cv.notify_all();
+    }
+  }
+
   [[noreturn]] void Run() {
     std::unique_lock lock(mu);
     running = true;
     cv.notify_all();
     cv.wait(lock, [&] { return started || stop; });
     while (!stop) {
-      cv.wait(lock, [&] { return stop || produced - freed < kBlocks; });
+      // A ring full of blocks not yet hashed: hash them here (the reader is
+      // busier than this thread).
+      if (produced - hashed >= kBlocks) HashUpTo(lock, produced);
+      cv.wait(lock, [&] {
+        return stop || produced - std::min(freed, hashed) < kBlocks ||
+               (!hashing && produced - hashed >= kBlocks);
+      });
       if (stop) break;
+      if (produced - std::min(freed, hashed) >= kBlocks) continue;
       std::span<std::byte> block = Block(produced);
       lock.unlock();
       Result<size_t> got = produce(block);
@@ -65,6 +94,9 @@ struct ReadAhead::State {
       }
       cv.notify_all();
       if (error || end) break;
+      // Well ahead of the reader: this thread has time to spare, so it takes
+      // the hash off the reader, which is then the slower of the two.
+      if (produced - taken >= kLead) HashUpTo(lock, produced);
     }
     Produce dropped = std::move(produce);
     produce = nullptr;
@@ -96,7 +128,7 @@ std::shared_ptr<ReadAhead> ReadAhead::Spawn() {
 
 ReadAhead::~ReadAhead() { Stop(); }
 
-Status ReadAhead::Start(Produce produce) {
+Status ReadAhead::Start(Produce produce, Hash hash) {
   void* ring = ::mmap(nullptr, kRing + (2u << 20), PROT_READ | PROT_WRITE,
                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (ring == MAP_FAILED) return Fail(Error(ErrorKind::kOs, errno, "read-ahead buffer"));
@@ -112,6 +144,7 @@ Status ReadAhead::Start(Produce produce) {
   if (state_->started) return Fail(MakeError(ErrorKind::kInternal, "read-ahead started twice"));
   state_->ring = reinterpret_cast<std::byte*>(aligned);
   state_->produce = std::move(produce);
+  state_->hash = std::move(hash);
   state_->started = true;
   state_->cv.notify_all();
   return {};
@@ -127,9 +160,16 @@ Result<std::span<const std::byte>> ReadAhead::Next() {
   s.cv.wait(lock, [&] { return s.produced > s.taken || s.error || s.end; });
   if (s.produced > s.taken) {
     uint64_t n = s.taken++;
+    // The thread is not ahead enough to hash: the reader hashes up to here.
+    s.HashUpTo(lock, n + 1);
     return std::span<const std::byte>(s.Block(n).data(), s.sizes[n % kBlocks]);
   }
   if (s.error) return Fail(*s.error);
+  // The end: every block hashed before it is said (the thread may be hashing).
+  while (s.hashed < s.produced) {
+    s.cv.wait(lock, [&] { return !s.hashing; });
+    s.HashUpTo(lock, s.produced);
+  }
   return std::span<const std::byte>();
 }
 

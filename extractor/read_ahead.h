@@ -1,7 +1,8 @@
 // The jail's second thread: a compressed layer is decompressed on it, up to
-// 16 MiB ahead of the tar reader, the diff_id's hash and the applier on the
-// first thread. On two cores the two halves of a gzip layer, inflate and
-// hash + parse + write, then overlap instead of taking turns.
+// 16 MiB ahead of the tar reader and the applier on the first thread; the
+// diff_id's hash goes to whichever of the two has time. On two cores the
+// halves of a gzip layer, inflate and parse + write, then overlap instead of
+// taking turns.
 //
 // The thread is made before the seccomp filter goes on (EnterJail's
 // before_seccomp hook), so the filter never allows clone: it starts with no
@@ -23,6 +24,10 @@ class ReadAhead {
   // Fills the block it is given and returns how many bytes it put there; 0 at
   // the end of the stream. Runs on the thread.
   using Produce = std::function<Result<size_t>(std::span<std::byte>)>;
+  // Sees every block once, in order, on one thread at a time: the reader's
+  // when it takes a block the thread has not hashed, the thread's when it is
+  // ahead of the reader (so the slower of the two does less).
+  using Hash = std::function<void(std::span<const std::byte>)>;
 
   // Makes the thread; nullptr when it cannot be made (the reader then
   // decompresses on its own thread, as before).
@@ -31,9 +36,10 @@ class ReadAhead {
 
   // Hands the thread its stream (once). `produce` and what it holds are
   // dropped on the thread once it ends.
-  Status Start(Produce produce);
+  Status Start(Produce produce, Hash hash);
   // The next block, in order: its bytes, valid until the next call; an empty
-  // span at the end; the producer's error where it came in the stream.
+  // span at the end, once every block has been hashed; the producer's error
+  // where it came in the stream.
   Result<std::span<const std::byte>> Next();
   // The thread stops after the block it is on, drops `produce` there and
   // parks; this does not wait for it (it may be blocked reading a pipe that

@@ -13,6 +13,8 @@
 #include <chrono>
 #include <cstring>
 #include <fstream>
+#include <set>
+#include <vector>
 #include <string>
 #include <thread>
 
@@ -40,7 +42,7 @@ TEST(ReadAheadTest, BlocksComeInOrderAndWhole) {
     std::memset(block.data(), static_cast<int>(next % 251), n);
     ++next;
     return n;
-  }));
+  }, [](std::span<const std::byte>) {}));
   for (uint64_t i = 0; i < kCount; ++i) {
     auto block = ahead->Next();
     ASSERT_TRUE(block) << block.error().ToString();
@@ -54,6 +56,44 @@ TEST(ReadAheadTest, BlocksComeInOrderAndWhole) {
   }
 }
 
+// The hash sees every block once, in order, before the end is said; the
+// thread hashes while it is ahead (the reader slow: 150 blocks at 2 ms each),
+// the reader while the thread is behind (the producer slow: 150 at 2 ms).
+TEST(ReadAheadTest, EveryBlockIsHashedOnceInOrderByWhicheverThreadHasTime) {
+  auto ahead = ReadAhead::Spawn();
+  ASSERT_NE(ahead, nullptr);
+  constexpr uint64_t kSlowReader = 150, kCount = 300;
+  uint64_t next = 0;
+  std::vector<std::pair<int, size_t>> hashed;  // (value, size) of each block hashed
+  std::set<std::thread::id> hashers;
+  ASSERT_TRUE(ahead->Start(
+      [&next](std::span<std::byte> block) -> Result<size_t> {
+        if (next == kCount) return size_t{0};
+        if (next >= kSlowReader) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+        size_t n = std::min(SizeOf(next), block.size());
+        std::memset(block.data(), static_cast<int>(next % 251), n);
+        ++next;
+        return n;
+      },
+      [&](std::span<const std::byte> block) {
+        hashed.emplace_back(static_cast<int>(block[0]), block.size());
+        hashers.insert(std::this_thread::get_id());
+      }));
+  for (uint64_t i = 0;; ++i) {
+    auto block = ahead->Next();
+    ASSERT_TRUE(block) << block.error().ToString();
+    if (block->empty()) break;
+    if (i < kSlowReader) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  ASSERT_EQ(hashed.size(), kCount);
+  for (uint64_t i = 0; i < kCount; ++i) {
+    EXPECT_EQ(hashed[i].first, static_cast<int>(i % 251)) << "block " << i;
+    EXPECT_EQ(hashed[i].second, std::min<size_t>(SizeOf(i), 256 * 1024)) << "block " << i;
+  }
+  EXPECT_EQ(hashers.size(), 2u) << "one thread hashed everything";
+  EXPECT_TRUE(hashers.count(std::this_thread::get_id())) << "the reader never hashed";
+}
+
 TEST(ReadAheadTest, AnErrorComesAfterTheBlocksBeforeIt) {
   auto ahead = ReadAhead::Spawn();
   ASSERT_NE(ahead, nullptr);
@@ -62,7 +102,7 @@ TEST(ReadAheadTest, AnErrorComesAfterTheBlocksBeforeIt) {
     if (++calls > 3) return Fail(MakeError(ErrorKind::kInvalidInput, "bad block {}", calls));
     block[0] = std::byte{1};
     return size_t{1};
-  }));
+  }, [](std::span<const std::byte>) {}));
   for (int i = 0; i < 3; ++i) {
     auto block = ahead->Next();
     ASSERT_TRUE(block) << "block " << i << ": " << block.error().ToString();
@@ -91,7 +131,7 @@ TEST(ReadAheadTest, StopDoesNotWaitForAProducerStuckInRead) {
       ssize_t n = read(fd, block.data(), block.size());
       if (n < 0) return Fail(Error(ErrorKind::kOs, errno, "read"));
       return static_cast<size_t>(n);
-    }));
+    }, [](std::span<const std::byte>) {}));
     while (!reading) std::this_thread::sleep_for(std::chrono::milliseconds(1));
     auto t0 = std::chrono::steady_clock::now();
     ahead->Stop();
