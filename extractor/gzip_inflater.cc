@@ -61,11 +61,14 @@ Status GzipInflater::Refill() {
   }
 }
 
-Result<size_t> GzipInflater::Read(std::span<std::byte> out) {
+Result<size_t> GzipInflater::Read(std::span<std::byte> out, bool may_read) {
   while (true) {
     if (member_done_) {
       // Another member, or the end. Two bytes tell which.
-      while (in_len_ - in_pos_ < 2 && !eof_) LX_TRY(Refill());
+      while (in_len_ - in_pos_ < 2 && !eof_) {
+        if (!may_read) return size_t{0};
+        LX_TRY(Refill());
+      }
       size_t left = in_len_ - in_pos_;
       if (left == 0) return size_t{0};
       if (left < 2 || in_[in_pos_] != std::byte{0x1f} || in_[in_pos_ + 1] != std::byte{0x8b}) {
@@ -77,7 +80,10 @@ Result<size_t> GzipInflater::Read(std::span<std::byte> out) {
       state_->crc_flag = ISAL_GZIP;
       member_done_ = false;
     }
-    if (in_pos_ == in_len_ && !eof_) LX_TRY(Refill());
+    if (in_pos_ == in_len_ && !eof_) {
+      if (!may_read) return size_t{0};
+      LX_TRY(Refill());
+    }
     state_->next_in = reinterpret_cast<uint8_t*>(in_.data() + in_pos_);
     state_->avail_in = static_cast<uint32_t>(in_len_ - in_pos_);
     state_->next_out = reinterpret_cast<uint8_t*>(out.data());

@@ -27,11 +27,10 @@ class GzipInflater {
   ~GzipInflater();
 
   // Fills `out` with the next inflated bytes; 0 at the end of the last
-  // member. kInvalidInput for a corrupt or truncated stream.
-  Result<size_t> Read(std::span<std::byte> out);
-  // Whether compressed bytes wait in the buffer: the next Read may give more
-  // without reading the fd (which may block, on a pipe).
-  bool has_input() const { return in_pos_ < in_len_; }
+  // member. kInvalidInput for a corrupt or truncated stream. With `may_read`
+  // false it inflates only what is buffered and never reads the fd (which may
+  // block, on a pipe): 0 then also means "more needs a read".
+  Result<size_t> Read(std::span<std::byte> out, bool may_read = true);
   // Compressed bytes inflated so far (read from the fd, less what waits in the buffer).
   uint64_t compressed_bytes() const { return compressed_bytes_ - (in_len_ - in_pos_); }
 

@@ -92,32 +92,52 @@ class Decoder {
   }
 
   // Fills `out` as far as the bytes already read allow (a stream that comes
-  // slowly, or stops, must not hold back what it brought); 0 at the end.
+  // slowly, or stops, must not hold back what it brought): one read of the
+  // fd at most, at the start; 0 at the end. An error after some bytes comes
+  // on the next call, after them, as it would one block at a time.
   Result<size_t> Fill(std::span<std::byte> out) {
+    if (pending_) {
+      Error error = std::move(*pending_);
+      pending_.reset();
+      return Fail(std::move(error));
+    }
     size_t filled = 0;
-    while (filled < out.size() && (filled == 0 || (gzip_ && gzip_->has_input()))) {
-      std::span<std::byte> rest = out.subspan(filled);
-      la_ssize_t n;
-      if (gzip_) {
-        LX_ASSIGN_OR_RETURN(size_t got, gzip_->Read(rest));
-        n = static_cast<la_ssize_t>(got);
-      } else {
-        n = archive_read_data(outer_, rest.data(), rest.size());
-        if (n < 0) {
-          if (outer_error_) return Fail(*outer_error_);
-          return Fail(ArchiveError(outer_, ErrorKind::kInvalidInput, "decompress layer"));
+    while (filled < out.size()) {
+      Result<size_t> got = More(out.subspan(filled), filled == 0);
+      if (got && *got > 0) {
+        // Bytes past a limit are not given: the error comes where they were.
+        bytes_ += *got;
+        if (Status within = CheckInflation(); !within) {
+          got = Fail(std::move(within).error());
+        } else {
+          filled += *got;
         }
       }
-      if (n == 0) break;
-      filled += static_cast<size_t>(n);
-      bytes_ += static_cast<uint64_t>(n);
-      LX_TRY(CheckInflation());
+      if (!got) {
+        if (filled == 0) return got;
+        pending_ = std::move(got).error();
+        break;
+      }
+      if (*got == 0) break;
     }
     return filled;
   }
 
  private:
   Decoder(int fd, const policy::Limits& limits) : fd_(fd), limits_(limits) {}
+
+  // Decompressed bytes into `out`; 0 at the end, or (not `may_read`) when
+  // more would need a read of the fd.
+  Result<size_t> More(std::span<std::byte> out, bool may_read) {
+    if (gzip_) return gzip_->Read(out, may_read);
+    if (!may_read) return size_t{0};  // libarchive reads when it needs to
+    la_ssize_t n = archive_read_data(outer_, out.data(), out.size());
+    if (n < 0) {
+      if (outer_error_) return Fail(*outer_error_);
+      return Fail(ArchiveError(outer_, ErrorKind::kInvalidInput, "decompress layer"));
+    }
+    return static_cast<size_t>(n);
+  }
 
   Status CheckInflation() const {
     if (bytes_ > limits_.max_layer_bytes) {
@@ -164,6 +184,7 @@ class Decoder {
   std::vector<std::byte> prefix_;  // sniffed bytes the outer reader has yet to see
   sandbox::ReadBuffer input_;      // the outer reader's input block
   std::optional<Error> outer_error_;
+  std::optional<Error> pending_;  // an error that came after bytes Fill returned
   uint64_t bytes_ = 0;
 };
 
@@ -218,7 +239,7 @@ struct LayerReaderCallbacks {
     }
     self->uncompressed_bytes_ += got->size();
     // The diff_id: with the read-ahead, hashed by whichever thread has time.
-    if (!self->ahead_started_) self->sha_.Update(got->data(), got->size());
+    if (!self->ahead_started_) self->sha_->Update(got->data(), got->size());
     *out = got->data();
     return static_cast<la_ssize_t>(got->size());
   }
@@ -306,8 +327,8 @@ Status LayerReader::Open(int fd) {
     ahead_started_ =
         ahead_ &&
         ahead_->Start([d = decoder_](std::span<std::byte> block) { return d->Fill(block); },
-                      [this](std::span<const std::byte> block) {
-                        sha_.Update(block.data(), block.size());
+                      [sha = sha_](std::span<const std::byte> block) {
+                        sha->Update(block.data(), block.size());
                       });
     if (!ahead_started_) buffer_ = sandbox::ReadBuffer(kBlock);
   }
@@ -512,7 +533,7 @@ Result<std::string> LayerReader::UncompressedDigest() {
   }
   if (outer_error_) return Fail(*outer_error_);
   if (plain_) return std::string();
-  return sha_.Finish();
+  return sha_->Finish();
 }
 
 }  // namespace layerx::extractor

@@ -106,7 +106,9 @@ class LayerReader {
   std::shared_ptr<Decoder> decoder_;
   std::shared_ptr<ReadAhead> ahead_;
   bool ahead_started_ = false;
-  Sha256 sha_;  // the decompressed stream's: the diff_id
+  // The decompressed stream's: the diff_id. Shared with the read-ahead's hash,
+  // which may still run a moment after this reader is gone (a refused layer).
+  std::shared_ptr<Sha256> sha_ = std::make_shared<Sha256>();
   bool plain_ = false;                  // an uncompressed tar: read straight from the fd
   int input_fd_ = -1;
   // A plain tar in a regular file: skipped data is seeked over, and with copy_

@@ -53,7 +53,7 @@ struct ReadAhead::State {
   // the lock held; hashes with it released (the blocks stay put: none is
   // refilled before it is hashed).
   void HashUpTo(std::unique_lock<std::mutex>& lock, uint64_t upto) {
-    while (!hashing && hashed < upto) {
+    while (!hashing && !stop && hashed < upto) {
       hashing = true;
       const uint64_t n = hashed;
       lock.unlock();
@@ -71,8 +71,9 @@ struct ReadAhead::State {
     cv.notify_all();
     cv.wait(lock, [&] { return started || stop; });
     while (!stop) {
-      // A ring full of blocks not yet hashed: hash them here (the reader is
-      // busier than this thread).
+      // A ring full of blocks not yet hashed: hash them here. Not expected
+      // (the reader hashes each block it takes that is not hashed yet), but
+      // the thread must never wait for room only hashing can make.
       if (produced - hashed >= kBlocks) HashUpTo(lock, produced);
       cv.wait(lock, [&] {
         return stop || produced - std::min(freed, hashed) < kBlocks ||
@@ -95,8 +96,9 @@ struct ReadAhead::State {
       cv.notify_all();
       if (error || end) break;
       // Well ahead of the reader: this thread has time to spare, so it takes
-      // the hash off the reader, which is then the slower of the two.
-      if (produced - taken >= kLead) HashUpTo(lock, produced);
+      // the hash off the reader, which is then the slower of the two; a
+      // block per block made, so it never lets the reader run dry hashing.
+      if (produced - taken >= kLead) HashUpTo(lock, hashed + 1);
     }
     Produce dropped = std::move(produce);
     produce = nullptr;
@@ -111,10 +113,11 @@ struct ReadAhead::State {
 };
 
 std::shared_ptr<ReadAhead> ReadAhead::Spawn() {
-  auto state = std::make_shared<State>();
+  std::shared_ptr<State> state;
   try {
+    state = std::make_shared<State>();
     std::thread([state] { state->Run(); }).detach();
-  } catch (const std::system_error&) {
+  } catch (...) {  // no thread (EAGAIN at a task limit), no memory
     return nullptr;
   }
   // The filter goes on when Spawn returns: glibc's start of the thread (rseq,
@@ -129,6 +132,10 @@ std::shared_ptr<ReadAhead> ReadAhead::Spawn() {
 ReadAhead::~ReadAhead() { Stop(); }
 
 Status ReadAhead::Start(Produce produce, Hash hash) {
+  {
+    std::lock_guard lock(state_->mu);
+    if (state_->started) return Fail(MakeError(ErrorKind::kInternal, "read-ahead started twice"));
+  }
   void* ring = ::mmap(nullptr, kRing + (2u << 20), PROT_READ | PROT_WRITE,
                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (ring == MAP_FAILED) return Fail(Error(ErrorKind::kOs, errno, "read-ahead buffer"));
@@ -141,7 +148,6 @@ Status ReadAhead::Start(Produce produce, Hash hash) {
   }
   ::madvise(reinterpret_cast<void*>(aligned), kRing, MADV_HUGEPAGE);
   std::lock_guard lock(state_->mu);
-  if (state_->started) return Fail(MakeError(ErrorKind::kInternal, "read-ahead started twice"));
   state_->ring = reinterpret_cast<std::byte*>(aligned);
   state_->produce = std::move(produce);
   state_->hash = std::move(hash);
@@ -166,7 +172,7 @@ Result<std::span<const std::byte>> ReadAhead::Next() {
   }
   if (s.error) return Fail(*s.error);
   // The end: every block hashed before it is said (the thread may be hashing).
-  while (s.hashed < s.produced) {
+  while (s.hashed < s.produced && !s.stop) {
     s.cv.wait(lock, [&] { return !s.hashing; });
     s.HashUpTo(lock, s.produced);
   }
