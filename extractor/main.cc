@@ -5,6 +5,7 @@
 //   fd 0  the layer stream        fd 3  the record socket (Cap'n Proto)
 //   fd 1,2  a pipe to the broker's log
 #include <sys/resource.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -84,9 +85,11 @@ int main() {
     std::fputs("extractor: unexpected exception\n", stderr);
     rc = 1;
   }
-  // Everything was said on the channel. _exit, not exit: the read-ahead thread
-  // may still be in read(2) on a layer that was refused early, and no atexit
-  // handler (OpenSSL's cleanup) may run under it.
+  // Everything was said on the channel. exit_group(2) itself, not exit() or
+  // _exit(): the read-ahead thread may still be in read(2) on a layer that
+  // was refused early, and no atexit handler (OpenSSL's cleanup) may run
+  // under it; nor may a sanitizer's _exit hook, which calls sigaltstack.
   std::fflush(nullptr);
-  ::_exit(rc);
+  ::syscall(SYS_exit_group, rc);
+  __builtin_unreachable();
 }
