@@ -1,8 +1,9 @@
 // libarchive, adapted: the only file that talks to it. Two readers are stacked:
 // the outer one detects and runs the decompression filter from the bytes (gzip,
 // bzip2, xz, zstd or none; only filters built into libarchive, never an external
-// program), the inner one parses tar (ustar, pax, GNU) from the outer's output,
-// which passes through a SHA-256 on the way: the layer's diff_id.
+// program; gzip goes to ISA-L instead, see Decoder in layer_reader.cc), the
+// inner one parses tar (ustar, pax, GNU) from the outer's output, which passes
+// through a SHA-256 on the way: the layer's diff_id.
 #pragma once
 
 #include <sys/types.h>
@@ -61,7 +62,8 @@ class Decoder;  // layer_reader.cc
 class LayerReader {
  public:
   // Sets up both readers; reads nothing yet. With `ahead`, a compressed
-  // stream is decompressed and hashed on its thread (see read_ahead.h).
+  // stream is decompressed on its thread, and hashed by whichever of the two
+  // threads has time (see read_ahead.h).
   static Result<std::unique_ptr<LayerReader>> Create(const policy::Limits& limits,
                                                      std::shared_ptr<ReadAhead> ahead = nullptr);
   ~LayerReader();
@@ -100,7 +102,7 @@ class LayerReader {
 
   policy::Limits limits_;
   struct archive* inner_ = nullptr;
-  // A compressed stream: decompressed and hashed by decoder_, on ahead_'s
+  // A compressed stream: decompressed by decoder_, on ahead_'s
   // thread when there is one (the decoder is then the thread's, not touched
   // here until the stream's end), else here into buffer_.
   std::shared_ptr<Decoder> decoder_;
