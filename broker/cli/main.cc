@@ -106,7 +106,10 @@ void AddRegistryOptions(CLI::App* cmd, layerx::RegistrySettings& r) {
                   "read credentials from this auth.json only (default: $REGISTRY_AUTH_FILE, "
                   "then containers' and docker's usual files)");
   cmd->add_option("--cert-dir", r.cert_dir,
-                  "trust the CAs (*.crt) in this dir for the registry, besides the system's");
+                  "trust the CAs (*.crt) in this dir for the registry, besides the system's, "
+                  "and present its client certificate (NAME.cert + NAME.key); default: the "
+                  "registry's dir in ~/.config/containers/certs.d, /etc/containers/certs.d or "
+                  "/etc/docker/certs.d, as skopeo");
   cmd->add_option("--tls-verify", r.tls_verify,
                   "--tls-verify=false: no certificate checks, and plain http is allowed (a "
                   "local registry)")

@@ -12,9 +12,11 @@
 
 #include <algorithm>
 #include <charconv>
+#include <cstdlib>
 #include <mutex>
 #include <nlohmann/json.hpp>
 
+#include "broker/log/logging.h"
 #include "broker/source/registry_transfer.h"
 #include "broker/source/source.h"
 #include "extractor/digest.h"
@@ -75,6 +77,128 @@ int CountCerts(const std::string& pem) {
   return n;
 }
 
+// containers-certs.d(5): with no --cert-dir, skopeo and podman read
+// HOST[:PORT] below $HOME/.config/containers/certs.d, /etc/containers/certs.d
+// and /etc/docker/certs.d, the first that exists. "" when none does.
+Result<std::string> DefaultCertDir(const std::string& registry) {
+  if (registry.empty() || registry == "." || registry == ".." ||
+      registry.find('/') != std::string::npos) {
+    return std::string();
+  }
+  std::vector<std::string> bases;
+  if (const char* home = std::getenv("HOME"); home != nullptr && home[0] == '/') {
+    bases.push_back(std::string(home) + "/.config/containers/certs.d");
+  }
+  bases.push_back("/etc/containers/certs.d");
+  bases.push_back("/etc/docker/certs.d");
+  for (const std::string& base : bases) {
+    std::string path = base + "/" + registry;
+    struct stat st;
+    if (::stat(path.c_str(), &st) == 0) return path;
+    if (errno == ENOENT || errno == ENOTDIR || errno == EACCES) continue;  // as skopeo does
+    return Fail(Error(ErrorKind::kPolicy, errno, fmt::format("cert dir {:?}", path)));
+  }
+  return std::string();
+}
+
+// PEM_read_bio_PrivateKey's passphrase callback: none (an encrypted key is
+// refused, never asked for on the terminal).
+int NoPassphrase(char*, int, int, void*) { return 0; }
+
+// A client certificate pair of a cert dir: NAME.cert (the leaf, then its
+// chain) and NAME.key, which must match it.
+Status LoadClientPair(int dir, const std::string& dir_name, const std::string& cert_name,
+                      const std::string& key_name, TlsFiles& out) {
+  LX_ASSIGN_OR_RETURN(std::string cert_pem, ReadCertFile(dir, dir_name, cert_name));
+  LX_ASSIGN_OR_RETURN(std::string key_pem, ReadCertFile(dir, dir_name, key_name));
+  BIO* bio = BIO_new_mem_buf(cert_pem.data(), static_cast<int>(cert_pem.size()));
+  X509* leaf = bio != nullptr ? PEM_read_bio_X509(bio, nullptr, nullptr, nullptr) : nullptr;
+  STACK_OF(X509)* chain = sk_X509_new_null();
+  while (leaf != nullptr && chain != nullptr) {
+    X509* x = PEM_read_bio_X509(bio, nullptr, nullptr, nullptr);
+    if (x == nullptr) break;
+    sk_X509_push(chain, x);
+  }
+  BIO_free(bio);
+  bio = BIO_new_mem_buf(key_pem.data(), static_cast<int>(key_pem.size()));
+  EVP_PKEY* key =
+      bio != nullptr ? PEM_read_bio_PrivateKey(bio, nullptr, &NoPassphrase, nullptr) : nullptr;
+  BIO_free(bio);
+  OPENSSL_cleanse(key_pem.data(), key_pem.size());
+  ERR_clear_error();
+  std::string problem;
+  if (leaf == nullptr) {
+    problem = fmt::format("{:?} holds no PEM certificate", cert_name);
+  } else if (key == nullptr) {
+    problem =
+        fmt::format("{:?} holds no PEM private key (an encrypted key is not supported)", key_name);
+  } else if (X509_check_private_key(leaf, key) != 1) {
+    problem = fmt::format("{:?} is not the key of {:?}", key_name, cert_name);
+  }
+  ERR_clear_error();
+  if (!problem.empty() || out.client != nullptr) {  // a second pair: checked, not used
+    X509_free(leaf);
+    sk_X509_pop_free(chain, X509_free);
+    EVP_PKEY_free(key);
+    if (problem.empty()) return {};
+    return Fail(MakeError(ErrorKind::kPolicy, "cert dir {:?}: {}", dir_name, problem));
+  }
+  out.client = leaf;
+  out.chain = chain;
+  out.key = key;
+  out.client_name = cert_name;
+  return {};
+}
+
+// A cert dir as containers-certs.d(5) has it: *.crt are CAs (read only when
+// certificates are checked), NAME.cert with NAME.key a client certificate (the
+// first in name order is used; a .cert without its .key, or a .key without its
+// .cert, is refused as skopeo refuses it). Null when it gives nothing.
+Result<std::shared_ptr<const TlsFiles>> LoadCertDir(const std::string& dir_name, bool verify) {
+  auto dir = sandbox::OpenAt(AT_FDCWD, dir_name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (!dir) {
+    return Fail(Error(ErrorKind::kPolicy, dir.error().err(),
+                      fmt::format("cert dir {:?}: {}", dir_name, dir.error().ToString())));
+  }
+  LX_ASSIGN_OR_RETURN(std::vector<std::string> names, sandbox::ListDir(dir->get()));
+  std::sort(names.begin(), names.end());
+  auto has = [&](const std::string& name) {
+    return std::binary_search(names.begin(), names.end(), name);
+  };
+  auto files = std::make_shared<TlsFiles>();
+  files->dir = dir_name;
+  for (const std::string& name : names) {
+    if (name.ends_with(".crt")) {
+      if (!verify) continue;
+      LX_ASSIGN_OR_RETURN(std::string pem, ReadCertFile(dir->get(), dir_name, name));
+      if (CountCerts(pem) == 0) {
+        return Fail(MakeError(ErrorKind::kPolicy, "cert dir {:?}: {:?} holds no PEM certificate",
+                              dir_name, name));
+      }
+      files->ca_pem += pem;
+      files->ca_pem += "\n";
+    } else if (name.ends_with(".cert")) {
+      std::string key = name.substr(0, name.size() - 5) + ".key";
+      if (!has(key)) {
+        return Fail(MakeError(ErrorKind::kPolicy,
+                              "cert dir {:?}: client certificate {:?} has no key {:?} (a CA "
+                              "certificate's name ends in .crt)",
+                              dir_name, name, key));
+      }
+      LX_TRY(LoadClientPair(dir->get(), dir_name, name, key, *files));
+    } else if (name.ends_with(".key")) {
+      std::string cert = name.substr(0, name.size() - 4) + ".cert";
+      if (!has(cert)) {
+        return Fail(MakeError(ErrorKind::kPolicy,
+                              "cert dir {:?}: key {:?} has no client certificate {:?}", dir_name,
+                              name, cert));
+      }
+    }
+  }
+  if (files->ca_pem.empty() && files->client == nullptr) return std::shared_ptr<const TlsFiles>();
+  return std::shared_ptr<const TlsFiles>(std::move(files));
+}
+
 // The first byte position of a Content-Range ("bytes 100-199/200").
 std::optional<uint64_t> RangeStart(std::string_view content_range) {
   std::string lower = Lower(Trim(content_range));
@@ -101,24 +225,17 @@ Result<std::unique_ptr<RegistryClient>> RegistryClient::Create(RegistryRef ref,
                                                                RegistryOptions options) {
   LX_TRY(LoadCurl());
   std::unique_ptr<RegistryClient> c(new RegistryClient(std::move(ref), std::move(options)));
-  if (!c->options_.cert_dir.empty() && c->options_.tls_verify) {
-    const std::string& dir_name = c->options_.cert_dir;
-    auto dir = sandbox::OpenAt(AT_FDCWD, dir_name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (!dir) {
-      return Fail(Error(ErrorKind::kPolicy, dir.error().err(),
-                        fmt::format("cert dir {:?}: {}", dir_name, dir.error().ToString())));
-    }
-    LX_ASSIGN_OR_RETURN(std::vector<std::string> names, sandbox::ListDir(dir->get()));
-    std::sort(names.begin(), names.end());
-    for (const std::string& name : names) {
-      if (!name.ends_with(".crt")) continue;  // *.cert/*.key are client certs: not used yet
-      LX_ASSIGN_OR_RETURN(std::string pem, ReadCertFile(dir->get(), dir_name, name));
-      if (CountCerts(pem) == 0) {
-        return Fail(MakeError(ErrorKind::kPolicy, "cert dir {:?}: {:?} holds no PEM certificate",
-                              dir_name, name));
-      }
-      c->impl_->cert_dir_pem += pem;
-      c->impl_->cert_dir_pem += "\n";
+  std::string dir = c->options_.cert_dir;
+  if (dir.empty() && c->options_.default_cert_dirs) {
+    LX_ASSIGN_OR_RETURN(dir, DefaultCertDir(c->ref_.registry));
+  }
+  if (!dir.empty()) {
+    LX_ASSIGN_OR_RETURN(c->impl_->tls, LoadCertDir(dir, c->options_.tls_verify));
+    if (c->impl_->tls) {
+      const TlsFiles& t = *c->impl_->tls;
+      Logger("broker")->info("registry {}: cert dir {}: {} CA certificate(s){}{}", c->ref_.registry,
+                             dir, CountCerts(t.ca_pem),
+                             t.client != nullptr ? ", client certificate " : "", t.client_name);
     }
   }
   LX_TRY(c->impl_->InitHandles());
@@ -135,7 +252,7 @@ Result<std::unique_ptr<RegistryClient>> RegistryClient::Clone(
   options.cancel = cancel;
   std::unique_ptr<RegistryClient> c(new RegistryClient(ref_, std::move(options)));
   // Both are set once, before any clone exists: reading them here needs no lock.
-  c->impl_->cert_dir_pem = impl_->cert_dir_pem;
+  c->impl_->tls = impl_->tls;
   c->impl_->shared = impl_->shared;
   LX_TRY(c->impl_->InitHandles());
   return c;

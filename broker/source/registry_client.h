@@ -16,8 +16,9 @@
 // A 401 while authenticated renews the token (from /v2/'s challenge) once and
 // asks again. A transfer with no byte for low_speed_seconds fails (kOs) and is not
 // retried; the time the sink takes is not counted.
-// TLS: the system CAs, plus every *.crt of `cert_dir` as a CA (as skopeo's
-// --cert-dir reads it). tls_verify=false skips certificate checks and allows
+// TLS: the system CAs, plus every *.crt of the cert dir as a CA, and its first
+// NAME.cert/NAME.key pair as the client certificate (as skopeo reads --cert-dir
+// or, without it, the registry's certs.d dir). tls_verify=false skips certificate checks and allows
 // plain http (https is tried first, as skopeo does). Redirects (blob storage on
 // other hosts) are followed, at most 5, over https only unless the registry itself
 // answered over plain http.
@@ -52,7 +53,12 @@ namespace layerx::broker {
 struct RegistryOptions {
   std::optional<Credentials> credentials;  // none: anonymous
   bool tls_verify = true;
-  std::string cert_dir;             // empty: system CAs only
+  // CAs (*.crt) and a client certificate (NAME.cert + NAME.key) as
+  // containers-certs.d(5) lays them out. Empty: the registry's dir below
+  // $HOME/.config/containers/certs.d, /etc/containers/certs.d or
+  // /etc/docker/certs.d, the first that exists, unless default_cert_dirs is false.
+  std::string cert_dir;
+  bool default_cert_dirs = true;
   long connect_timeout_ms = 30'000;
   // A transfer with no byte for this long fails (kOs; not retried); time spent
   // in the caller's sink does not count. 0: never.
@@ -85,8 +91,9 @@ inline constexpr uint64_t kMaxManifestBytes = 4 * 1024 * 1024;
 
 class RegistryClient {
  public:
-  // Reads cert_dir (kPolicy when it cannot be read or a *.crt holds no
-  // certificate); no network traffic yet.
+  // Reads the cert dir (kPolicy when it cannot be read, a *.crt holds no
+  // certificate, or a client certificate and its key are not a pair); no
+  // network traffic yet.
   static Result<std::unique_ptr<RegistryClient>> Create(RegistryRef ref, RegistryOptions options);
   ~RegistryClient();
   RegistryClient(const RegistryClient&) = delete;

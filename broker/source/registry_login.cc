@@ -178,7 +178,8 @@ Status RegistryClient::Discover() {
     req.send_auth = false;
     LX_ASSIGN_OR_RETURN(r, run.Run(req));
     if (r.code == CURLE_OK) break;
-    if (i + 1 == schemes.size() || r.cancelled) {
+    // A server that asked for a client certificate speaks TLS: no plain http.
+    if (i + 1 == schemes.size() || r.cancelled || r.client_cert_asked) {
       scheme_.clear();
       return Fail(TransferError(ref_, what, r));
     }

@@ -42,20 +42,70 @@ namespace {
 constexpr long kMaxRedirects = 5;
 constexpr const char* kUserAgent = "layerx";
 
-// CURLOPT_SSL_CTX_FUNCTION: adds the cert dir's CAs to the store curl loaded
-// the system CAs into (skopeo adds them to the system pool the same way).
-CURLcode AddCertDirCas(CURL*, void* ssl_ctx, void* user) {
-  const auto* pem = static_cast<const std::string*>(user);
-  X509_STORE* store = SSL_CTX_get_cert_store(static_cast<SSL_CTX*>(ssl_ctx));
-  BIO* bio = BIO_new_mem_buf(pem->data(), static_cast<int>(pem->size()));
-  if (bio == nullptr || store == nullptr) return CURLE_SSL_CERTPROBLEM;
-  while (X509* x = PEM_read_bio_X509(bio, nullptr, nullptr, nullptr)) {
-    X509_STORE_add_cert(store, x);  // a duplicate is not an error worth failing on
-    X509_free(x);
+// The SSL_CTX ex_data slot that points at the client (its Impl) a context
+// was made for.
+int ClientSlot() {
+  static const int slot = SSL_CTX_get_ex_new_index(0, nullptr, nullptr, nullptr, nullptr);
+  return slot;
+}
+
+// SSL_CTX_set_client_cert_cb: OpenSSL calls it when the server asks for a
+// client certificate and the context has none. None is given; the client is
+// told, so that the failure says what is missing.
+int OnClientCertAsked(SSL* ssl, X509**, EVP_PKEY**) {
+  auto* impl =
+      static_cast<RegistryClient::Impl*>(SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), ClientSlot()));
+  if (impl != nullptr) impl->client_cert_asked = true;
+  return 0;
+}
+
+// CURLOPT_SSL_CTX_FUNCTION, for each new TLS context of a client's handle
+// (`user`: its Impl, which outlives the handle's connections): adds the cert
+// dir's CAs to the store curl loaded the system CAs into (skopeo adds them to
+// the system pool the same way) when certificates are checked, and gives the
+// context the client certificate, its chain and key when the dir has a pair.
+CURLcode ApplyCertDir(CURL*, void* ssl_ctx, void* user) {
+  auto* impl = static_cast<RegistryClient::Impl*>(user);
+  auto* ctx = static_cast<SSL_CTX*>(ssl_ctx);
+  if (SSL_CTX_set_ex_data(ctx, ClientSlot(), impl) != 1) return CURLE_SSL_CERTPROBLEM;
+  SSL_CTX_set_client_cert_cb(ctx, &OnClientCertAsked);
+  const TlsFiles* tls = impl->tls.get();
+  if (tls == nullptr) return CURLE_OK;
+  if (!tls->ca_pem.empty()) {  // read only when certificates are checked
+    X509_STORE* store = SSL_CTX_get_cert_store(ctx);
+    BIO* bio = BIO_new_mem_buf(tls->ca_pem.data(), static_cast<int>(tls->ca_pem.size()));
+    if (bio == nullptr || store == nullptr) {
+      BIO_free(bio);
+      return CURLE_SSL_CERTPROBLEM;
+    }
+    while (X509* x = PEM_read_bio_X509(bio, nullptr, nullptr, nullptr)) {
+      X509_STORE_add_cert(store, x);  // a duplicate is not an error worth failing on
+      X509_free(x);
+    }
+    ERR_clear_error();
+    BIO_free(bio);
   }
-  ERR_clear_error();
-  BIO_free(bio);
+  if (tls->client != nullptr) {
+    if (SSL_CTX_use_certificate(ctx, tls->client) != 1 ||
+        SSL_CTX_use_PrivateKey(ctx, tls->key) != 1) {
+      ERR_clear_error();
+      return CURLE_SSL_CERTPROBLEM;
+    }
+    for (int i = 0; tls->chain != nullptr && i < sk_X509_num(tls->chain); ++i) {
+      if (SSL_CTX_add1_chain_cert(ctx, sk_X509_value(tls->chain, i)) != 1) {
+        ERR_clear_error();
+        return CURLE_SSL_CERTPROBLEM;
+      }
+    }
+  }
   return CURLE_OK;
+}
+
+// A transfer that failed in TLS after the handshake (TLS 1.3 sends a refused
+// client certificate's alert then; curl reports it as a failed read or send).
+bool IsTlsAlert(const RegistryClient::Impl::Response& r) {
+  return (r.code == CURLE_RECV_ERROR || r.code == CURLE_SEND_ERROR) &&
+         r.curl_error.find("SSL routines") != std::string::npos;
 }
 
 bool IsTlsError(CURLcode code) {
@@ -137,13 +187,17 @@ Result<RegistryClient::Impl::Response> RequestRunner::Run(
   if (!options_.tls_verify) {
     s.Set(CURLOPT_SSL_VERIFYPEER, 0L);
     s.Set(CURLOPT_SSL_VERIFYHOST, 0L);
-  } else if (!impl_.cert_dir_pem.empty()) {
-    s.Set(CURLOPT_SSL_CTX_FUNCTION, &AddCertDirCas);
-    s.Set(CURLOPT_SSL_CTX_DATA, static_cast<void*>(&impl_.cert_dir_pem));
-#if LIBCURL_VERSION_NUM >= 0x075700  // 7.87: the CA store would be cached with our CAs in it
-    s.Set(CURLOPT_CA_CACHE_TIMEOUT, 0L);
-#endif
   }
+  // Every TLS context: the cert dir's CAs and client certificate if there is
+  // one, and a word when the server asks for a certificate we do not have.
+  // SECURITY: the context is the handle's own; what it gets from the cert dir
+  // is read-only here, shared with the clones.
+  impl_.client_cert_asked = false;
+  s.Set(CURLOPT_SSL_CTX_FUNCTION, &ApplyCertDir);
+  s.Set(CURLOPT_SSL_CTX_DATA, static_cast<void*>(&impl_));
+#if LIBCURL_VERSION_NUM >= 0x075700  // 7.87: the CA store would be cached with our CAs in it
+  if (impl_.tls && !impl_.tls->ca_pem.empty()) s.Set(CURLOPT_CA_CACHE_TIMEOUT, 0L);
+#endif
   s.Set(CURLOPT_HEADERFUNCTION, &RegistryClient::Impl::OnHeader);
   s.Set(CURLOPT_HEADERDATA, static_cast<void*>(&transfer));
   s.Set(CURLOPT_WRITEFUNCTION, &RegistryClient::Impl::OnData);
@@ -177,6 +231,14 @@ Result<RegistryClient::Impl::Response> RequestRunner::Run(
   if (!rc) return Fail(std::move(rc.error()));
   response.code = *rc;
   response.curl_error = error_buffer;
+  response.client_cert_asked = std::exchange(impl_.client_cert_asked, false);
+  if (impl_.tls && impl_.tls->client != nullptr) {
+    response.client_cert = impl_.tls->dir + "/" + impl_.tls->client_name;
+    curl_off_t tls_done = 0;
+    response.tls_handshake_done =
+        Curl().easy_getinfo(curl, CURLINFO_APPCONNECT_TIME_T, &tls_done) == CURLE_OK &&
+        tls_done > 0;
+  }
   if (response.code != CURLE_OK && response.stalled) {
     response.code = CURLE_OPERATION_TIMEDOUT;
     response.curl_error = fmt::format("no data for {} s", options_.low_speed_seconds);
@@ -239,10 +301,32 @@ std::string Url(const std::string& scheme, const RegistryRef& ref, const std::st
 Error TransferError(const RegistryRef& ref, const std::string& what,
                     const RegistryClient::Impl::Response& r) {
   if (r.cancelled) return Error(ErrorKind::kCancelled, 0, fmt::format("{}: cancelled", what));
-  if (IsTlsError(r.code)) {
+  if (r.code != CURLE_OK && r.client_cert_asked) {
     return Error(ErrorKind::kPolicy, 0,
-                 fmt::format("{}: TLS with {} failed: {}", what, ref.host,
+                 fmt::format("{}: TLS with {} failed: the registry asks for a client certificate "
+                             "and none is set up (NAME.cert and NAME.key in --cert-dir, or in "
+                             "certs.d/{}/ as containers-certs.d(5) says)",
+                             what, ref.host, ref.registry));
+  }
+  if (!r.client_cert.empty() && !IsTlsAlert(r) && r.tls_handshake_done && r.status == 0 &&
+      (r.code == CURLE_SEND_ERROR || r.code == CURLE_RECV_ERROR)) {
+    // TLS 1.3: the server checks a client certificate after the handshake and
+    // then sends an alert and closes; whether curl reads the alert or finds
+    // the connection reset depends on timing.
+    return Error(ErrorKind::kPolicy, 0,
+                 fmt::format("{}: TLS with {} failed: the connection ended after the handshake "
+                             "with no answer; the registry likely refused the client certificate "
+                             "{} ({})",
+                             what, ref.host, r.client_cert,
                              r.curl_error.empty() ? Curl().easy_strerror(r.code) : r.curl_error));
+  }
+  if (IsTlsError(r.code) || IsTlsAlert(r)) {
+    return Error(ErrorKind::kPolicy, 0,
+                 fmt::format("{}: TLS with {} failed: {}{}", what, ref.host,
+                             r.curl_error.empty() ? Curl().easy_strerror(r.code) : r.curl_error,
+                             r.client_cert.empty()
+                                 ? std::string()
+                                 : fmt::format(" (client certificate {})", r.client_cert)));
   }
   ErrorKind kind = ErrorKind::kOs;
   if (r.code == CURLE_TOO_MANY_REDIRECTS || r.code == CURLE_UNSUPPORTED_PROTOCOL) {
@@ -313,6 +397,7 @@ std::optional<long> RetryAfterMs(const RegistryClient::Impl::Response& r) {
 // anything else the answer said.
 bool IsRetryable(const RegistryClient::Impl::Response& r) {
   if (r.cancelled || r.stalled || r.sink_error || r.over_limit) return false;
+  if (r.client_cert_asked || IsTlsAlert(r)) return false;
   switch (r.code) {
     case CURLE_OK: {
       std::optional<long> wait = RetryAfterMs(r);

@@ -7,6 +7,8 @@
 #pragma once
 
 #include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/x509.h>
 
 #include <chrono>
 #include <cstdint>
@@ -36,6 +38,27 @@ std::string_view Trim(std::string_view s);
 
 }  // namespace registry_detail
 
+// What a cert dir gave (containers-certs.d(5)): every *.crt as a CA, and the
+// first <name>.cert/<name>.key pair as the client's certificate. Read once by
+// RegistryClient::Create and handed to OpenSSL for each TLS connection.
+struct TlsFiles {
+  std::string dir;                   // where they came from (for -v)
+  std::string ca_pem;                // every *.crt, concatenated; empty when not verifying
+  X509* client = nullptr;            // the leaf of the pair's *.cert
+  STACK_OF(X509) * chain = nullptr;  // the certificates after it in that file
+  EVP_PKEY* key = nullptr;           // SECURITY: a secret; never logged
+  std::string client_name;           // "client.cert"
+
+  TlsFiles() = default;
+  TlsFiles(const TlsFiles&) = delete;
+  TlsFiles& operator=(const TlsFiles&) = delete;
+  ~TlsFiles() {
+    X509_free(client);
+    sk_X509_pop_free(chain, X509_free);
+    EVP_PKEY_free(key);
+  }
+};
+
 struct RegistryClient::Impl {
   enum class Auth { kUnknown, kNone, kBasic, kBearer };
 
@@ -54,7 +77,13 @@ struct RegistryClient::Impl {
   CURL* curl = nullptr;
   // Runs `curl` (see RequestRunner::Perform) and keeps the connections it opened.
   CURLM* multi = nullptr;
-  std::string cert_dir_pem;  // every *.crt of cert_dir, concatenated
+  // The cert dir's CAs and client certificate (registry_client.cc reads it);
+  // null when there is none. Shared with clones, read-only once made.
+  std::shared_ptr<const TlsFiles> tls;
+  // Set by OpenSSL's client certificate callback during a handshake of this
+  // client's handle (only when it has no certificate to give); read and
+  // cleared after each request.
+  bool client_cert_asked = false;
   std::shared_ptr<Shared> shared = std::make_shared<Shared>();
   // This client's copy of `shared`'s, taken under its lock; requests read it without one.
   Auth auth = Auth::kUnknown;
@@ -99,6 +128,10 @@ struct RegistryClient::Impl {
     bool body_started = false;  // on_body was called
     bool cancelled = false;     // options.cancel was set
     bool stalled = false;       // no byte for low_speed_seconds
+    // The TLS server asked for a client certificate and there was none to give.
+    bool client_cert_asked = false;
+    std::string client_cert;          // the client certificate given (DIR/NAME.cert), if any
+    bool tls_handshake_done = false;  // (set only when a client certificate was given)
     std::optional<Error> sink_error;
   };
   struct Request {

@@ -95,7 +95,7 @@ typedef enum layerx_option {
   LAYERX_OPT_CONNECT = 8,        /* string: run on the layerx service at this socket */
   LAYERX_OPT_CREDS = 9,          /* string: "USER:PASS" for a docker:// registry */
   LAYERX_OPT_AUTH_FILE = 10,     /* string: the only auth.json to look in */
-  LAYERX_OPT_CERT_DIR = 11,      /* string: CAs (*.crt) for the registry */
+  LAYERX_OPT_CERT_DIR = 11,      /* string: CAs (*.crt), client NAME.cert+NAME.key; default: certs.d */
   LAYERX_OPT_BLOB_CACHE = 12,    /* string: a dir of verified blobs, reused */
   LAYERX_OPT_EXT4_SIZE = 100,    /* integer: bytes; 0 computes it */
   LAYERX_OPT_EXT4_BLOCK_SIZE = 101,   /* integer: 1024, 2048, 4096 */

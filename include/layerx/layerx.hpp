@@ -133,7 +133,9 @@ struct Ext4Settings {
 struct RegistrySettings {
   std::string creds;      // "USER:PASS"; empty: from the auth files, else anonymous
   std::string auth_file;  // only this auth file; empty: the list above
-  std::string cert_dir;   // CAs (*.crt) for the registry, as skopeo's --cert-dir
+  std::string cert_dir;   // as skopeo's --cert-dir: CAs (*.crt), a client NAME.cert + NAME.key;
+                          // empty: HOST[:PORT] below ~/.config/containers/certs.d,
+                          // /etc/containers/certs.d or /etc/docker/certs.d
   bool tls_verify = true;  // false: no certificate checks, and plain http is allowed
   // Verified compressed blobs kept by digest (DIR/sha256/HEX) and reused by
   // the next pull of any image sharing them; safe for concurrent processes.

@@ -1,15 +1,18 @@
 #!/bin/sh
 # A real registry for the docker:// tests (issue 16): Debian's docker-registry
-# (the CNCF distribution registry), two instances on 127.0.0.1 in one state dir:
+# (the CNCF distribution registry), three instances on 127.0.0.1 in one state dir:
 #   tls  - https with a self-signed CA and one htpasswd (bcrypt) user
 #   http - plain http, no auth
+#   mtls - https that wants a client certificate signed by its client CA, no
+#          other auth; DIR/mtls-client is a cert dir for it (ca.crt,
+#          client.cert, client.key), as containers-certs.d(5) lays one out
 # See tests/registry/README.md. Runs as root or as any user that owns DIR.
 #
 # usage: registry.sh start DIR          make DIR, certs, user; start both; write DIR/env
 #        registry.sh stop DIR           stop both (DIR is left as it is)
-#        registry.sh restart DIR tls|http   kill one instance and start it again on its port
-#        registry.sh kill DIR tls|http  kill one instance (SIGKILL), leave it down
-#        registry.sh push DIR LAYOUT:REF NAME:TAG [tls|http]
+#        registry.sh restart DIR tls|http|mtls   kill one instance and start it again on its port
+#        registry.sh kill DIR tls|http|mtls  kill one instance (SIGKILL), leave it down
+#        registry.sh push DIR LAYOUT:REF NAME:TAG [tls|http|mtls]
 #                                       skopeo copy oci:LAYOUT:REF to the instance (digests kept)
 #        registry.sh index DIR NAME:TAG [tls|http] LAYOUT:REF=OS/ARCH[/VARIANT]...
 #                                       an image index of those images, made as an OCI layout
@@ -76,10 +79,17 @@ write_config() { # KIND PORT
     echo "  secret: $(cat "$dir/http-secret")"
     echo "  headers:"
     echo "    X-Content-Type-Options: [nosniff]"
-    if [ "$kind" = tls ]; then
+    if [ "$kind" = tls ] || [ "$kind" = mtls ]; then
       echo "  tls:"
       echo "    certificate: $dir/tls/server.crt"
       echo "    key: $dir/tls/server.key"
+    fi
+    if [ "$kind" = mtls ]; then
+      # The registry then requires and verifies a client certificate.
+      echo "    clientcas:"
+      echo "      - $dir/tls/client-ca.crt"
+    fi
+    if [ "$kind" = tls ]; then
       echo "auth:"
       echo "  htpasswd:"
       echo "    realm: layerx-test"
@@ -89,10 +99,13 @@ write_config() { # KIND PORT
 }
 
 # url KIND PORT -> base URL; status KIND PORT [CURL ARGS] -> HTTP code of /v2/
-url() { if [ "$1" = tls ]; then echo "https://127.0.0.1:$2"; else echo "http://127.0.0.1:$2"; fi; }
+url() { if [ "$1" = http ]; then echo "http://127.0.0.1:$2"; else echo "https://127.0.0.1:$2"; fi; }
 status() {
   k=$1 p=$2
   shift 2
+  if [ "$k" = mtls ]; then
+    set -- --cert "$dir/mtls-client/client.cert" --key "$dir/mtls-client/client.key" "$@"
+  fi
   curl -s -o /dev/null -w '%{http_code}' --max-time 2 --cacert "$dir/ca.crt" "$@" "$(url "$k" "$p")/v2/" || true
 }
 
@@ -155,6 +168,7 @@ stop_one() { # KIND [SIGNAL]
 write_env() {
   tls_pid=$(cat "$dir/tls/pid" 2>/dev/null || true)
   http_pid=$(cat "$dir/http/pid" 2>/dev/null || true)
+  mtls_pid=$(cat "$dir/mtls/pid" 2>/dev/null || true)
   {
     echo "# written by tests/registry/registry.sh; . this file"
     echo "REGISTRY_DIR='$dir'"
@@ -162,6 +176,12 @@ write_env() {
     echo "HTTP_PORT=$HTTP_PORT"
     echo "TLS_HOST=127.0.0.1:$TLS_PORT"
     echo "HTTP_HOST=127.0.0.1:$HTTP_PORT"
+    echo "MTLS_PORT=$MTLS_PORT"
+    echo "MTLS_HOST=127.0.0.1:$MTLS_PORT"
+    echo "MTLS_CERT_DIR='$dir/mtls-client'"
+    echo "MTLS_PID=$mtls_pid"
+    echo "MTLS_ACCESS_LOG='$dir/mtls.access.log'"
+    echo "MTLS_STORAGE='$dir/mtls/storage/docker/registry/v2'"
     echo "REGISTRY_USER='$REGISTRY_USER'"
     echo "REGISTRY_PASS='$REGISTRY_PASS'"
     echo "CA_CERT='$dir/ca.crt'"
@@ -184,8 +204,8 @@ cmd_start() {
   mkdir -p "$dir"
   dir=$(cd "$dir" && pwd)
   case $dir in *"'"* | *' '*) die "DIR must not contain quotes or spaces: $dir" ;; esac
-  if live_pid tls >/dev/null || live_pid http >/dev/null; then die "$dir: already running (registry.sh stop $dir)"; fi
-  mkdir -p "$dir/tls/storage" "$dir/http/storage"
+  if live_pid tls >/dev/null || live_pid http >/dev/null || live_pid mtls >/dev/null; then die "$dir: already running (registry.sh stop $dir)"; fi
+  mkdir -p "$dir/tls/storage" "$dir/http/storage" "$dir/mtls/storage"
   chmod 755 "$dir"
 
   # CA and server certificate (EC P-256; SANs 127.0.0.1 and localhost). Only
@@ -209,6 +229,12 @@ extendedKeyUsage = serverAuth
 subjectAltName = IP:127.0.0.1,DNS:localhost
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid
+[client_ext]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature
+extendedKeyUsage = clientAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
 EOF
   (
     umask 077
@@ -226,6 +252,24 @@ EOF
   # One user; the registry accepts bcrypt entries only (htpasswd -B).
   REGISTRY_USER=layerx
   REGISTRY_PASS=$(openssl rand -hex 12)
+  # The mtls instance's client CA and one client certificate signed by it.
+  (
+    umask 077
+    openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$dir/tls/client-ca.key" 2>/dev/null
+    mkdir -p "$dir/mtls-client"
+    openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$dir/mtls-client/client.key" 2>/dev/null
+  )
+  openssl req -new -x509 -config "$cnf" -extensions ca_ext -key "$dir/tls/client-ca.key" \
+    -subj "/CN=layerx test client CA" -days 3650 -out "$dir/tls/client-ca.crt"
+  openssl req -new -config "$cnf" -key "$dir/mtls-client/client.key" -subj /CN=layerx-client \
+    -out "$dir/tls/client.csr"
+  openssl x509 -req -in "$dir/tls/client.csr" -CA "$dir/tls/client-ca.crt" -CAkey "$dir/tls/client-ca.key" \
+    -set_serial "0x$(openssl rand -hex 8)" -days 825 -extfile "$cnf" -extensions client_ext \
+    -out "$dir/mtls-client/client.cert" 2>/dev/null
+  cp "$dir/ca.crt" "$dir/mtls-client/ca.crt"
+  chmod 755 "$dir/mtls-client"
+  chmod 644 "$dir/mtls-client/ca.crt" "$dir/mtls-client/client.cert" "$dir/tls/client-ca.crt"
+
   printf '%s\n' "$REGISTRY_PASS" | htpasswd -iBn -C 5 "$REGISTRY_USER" >"$dir/htpasswd" 2>/dev/null
   openssl rand -hex 16 >"$dir/http-secret"
 
@@ -233,16 +277,19 @@ EOF
   TLS_PORT=$started_port
   start_one http
   HTTP_PORT=$started_port
+  start_one mtls
+  MTLS_PORT=$started_port
   # containers auth.json (for --authfile / $REGISTRY_AUTH_FILE tests)
   b64=$(printf '%s:%s' "$REGISTRY_USER" "$REGISTRY_PASS" | base64 -w0)
   (umask 077 && printf '{"auths":{"127.0.0.1:%s":{"auth":"%s"}}}\n' "$TLS_PORT" "$b64" >"$dir/auth.json")
   write_env
-  echo "registry: tls 127.0.0.1:$TLS_PORT (pid $(cat "$dir/tls/pid")), http 127.0.0.1:$HTTP_PORT (pid $(cat "$dir/http/pid")); env in $dir/env"
+  echo "registry: tls 127.0.0.1:$TLS_PORT (pid $(cat "$dir/tls/pid")), http 127.0.0.1:$HTTP_PORT (pid $(cat "$dir/http/pid")), mtls 127.0.0.1:$MTLS_PORT (pid $(cat "$dir/mtls/pid")); env in $dir/env"
 }
 
 cmd_stop() {
   stop_one tls
   stop_one http
+  stop_one mtls
 }
 
 cmd_kill() { # KIND
@@ -254,7 +301,11 @@ cmd_kill() { # KIND
 cmd_restart() { # KIND
   load_env "$dir"
   stop_one "$1"
-  if [ "$1" = tls ]; then start_one tls "$TLS_PORT"; else start_one http "$HTTP_PORT"; fi
+  case $1 in
+    tls) start_one tls "$TLS_PORT" ;;
+    mtls) start_one mtls "$MTLS_PORT" ;;
+    *) start_one http "$HTTP_PORT" ;;
+  esac
   write_env
 }
 
@@ -264,7 +315,9 @@ dest_args() { # KIND -> sets host and args for skopeo
          set -- --dest-cert-dir "$CERT_DIR" --dest-creds "$REGISTRY_USER:$REGISTRY_PASS" ;;
     http) host=127.0.0.1:$HTTP_PORT
           set -- --dest-tls-verify=false --dest-no-creds ;;
-    *) die "instance must be tls or http, not $1" ;;
+    mtls) host=127.0.0.1:$MTLS_PORT
+          set -- --dest-cert-dir "$MTLS_CERT_DIR" --dest-no-creds ;;
+    *) die "instance must be tls, http or mtls, not $1" ;;
   esac
   skopeo_dest="$*"
 }
@@ -280,7 +333,7 @@ skopeo_run() {
 
 cmd_push() { # LAYOUT:REF NAME:TAG [KIND]
   need skopeo
-  [ $# -ge 2 ] || die "usage: push DIR LAYOUT:REF NAME:TAG [tls|http]"
+  [ $# -ge 2 ] || die "usage: push DIR LAYOUT:REF NAME:TAG [tls|http|mtls]"
   load_env "$dir"
   dest_args "${3:-tls}"
   mkdir -p "$dir/digests"
@@ -325,7 +378,7 @@ if [ "${1:-}" = check ]; then
   done
   exit 0
 fi
-[ $# -ge 2 ] || { sed -n '2,22p' "$0" >&2; exit 2; }
+[ $# -ge 2 ] || { sed -n '2,21p' "$0" >&2; exit 2; }
 sub=$1 dir=$2
 shift 2
 if [ "$sub" != start ]; then

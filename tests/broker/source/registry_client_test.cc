@@ -413,6 +413,157 @@ TEST_F(RegistryClientTest, RejectsBadCertDir) {
   EXPECT_EQ(c.error().kind(), ErrorKind::kPolicy);
 }
 
+// A cert dir as containers-certs.d(5) lays it out: NAME.cert and NAME.key
+// are a client certificate, checked as a pair when the client is made.
+TEST_F(RegistryClientTest, CertDirClientPairsAreCheckedAsAPair) {
+  const std::string src = env_["MTLS_CERT_DIR"];
+  ASSERT_FALSE(src.empty());
+  auto dir = [&](const std::string& name, const std::map<std::string, std::string>& files) {
+    std::string d = dir_ + "/pairs-" + name;
+    std::filesystem::create_directories(d);
+    for (const auto& [to, from] : files) {
+      if (from.starts_with("text:")) {
+        std::ofstream(d + "/" + to) << from.substr(5);
+      } else {
+        std::filesystem::copy_file(from, d + "/" + to,
+                                   std::filesystem::copy_options::overwrite_existing);
+      }
+    }
+    return d;
+  };
+  auto refused = [&](const std::string& d, const std::string& needle, bool verify = true) {
+    RegistryOptions o;
+    o.cert_dir = d;
+    o.tls_verify = verify;
+    auto c = RegistryClient::Create(Ref("MTLS_HOST"), o);
+    ASSERT_FALSE(c) << d;
+    EXPECT_EQ(c.error().kind(), ErrorKind::kPolicy);
+    EXPECT_NE(c.error().ToString().find(needle), std::string::npos) << c.error().ToString();
+  };
+  const std::string cert = src + "/client.cert", key = src + "/client.key", ca = src + "/ca.crt";
+  refused(dir("no-key", {{"ca.crt", ca}, {"me.cert", cert}}), "has no key \"me.key\"");
+  refused(dir("no-cert", {{"ca.crt", ca}, {"me.key", key}}),
+          "has no client certificate \"me.cert\"");
+  refused(dir("no-pem", {{"me.cert", "text:not a certificate\n"}, {"me.key", key}}),
+          "\"me.cert\" holds no PEM certificate");
+  // Another key of the same kind: a pair that does not match.
+  const std::string other = dir_ + "/other.key";
+  ASSERT_EQ(Sh("openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out " + other +
+               " 2>/dev/null"),
+            0);
+  refused(dir("mismatch", {{"me.cert", cert}, {"me.key", other}}),
+          "\"me.key\" is not the key of \"me.cert\"");
+  // An encrypted key is refused, never asked for (no terminal prompt).
+  const std::string locked = dir_ + "/locked.key";
+  ASSERT_EQ(Sh("openssl pkey -in " + key + " -aes256 -passout pass:secret -out " + locked +
+               " 2>/dev/null </dev/null"),
+            0);
+  refused(dir("encrypted", {{"me.cert", cert}, {"me.key", locked}}), "holds no PEM private key");
+  // Without verification the CAs are not read, but a pair still is.
+  refused(dir("no-key-insecure", {{"x.crt", "text:junk\n"}, {"me.cert", cert}}), "has no key",
+          false);
+  RegistryOptions o;
+  o.cert_dir = dir("junk-ca-insecure", {{"x.crt", "text:junk\n"}});
+  o.tls_verify = false;
+  EXPECT_TRUE(RegistryClient::Create(Ref("MTLS_HOST"), o));
+}
+
+// The mtls instance wants a client certificate signed by its client CA.
+TEST_F(RegistryClientTest, ClientCertificateFromCertDirOrCertsD) {
+  const RegistryRef ref = Ref("MTLS_HOST");
+  {  // The CA alone: one line that says what is missing, at once (no retries).
+    RegistryOptions o;
+    o.cert_dir = env_["CERT_DIR"];
+    o.default_cert_dirs = false;
+    auto c = Client(ref, o);
+    ASSERT_TRUE(c);
+    auto start = std::chrono::steady_clock::now();
+    Status s = c->Ping();
+    ASSERT_FALSE(s);
+    EXPECT_EQ(s.error().kind(), ErrorKind::kPolicy);
+    EXPECT_NE(s.error().ToString().find("asks for a client certificate"), std::string::npos)
+        << s.error().ToString();
+    EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
+  }
+  {  // --tls-verify=false: no fallback to plain http on a server that asked.
+    RegistryOptions o;
+    o.tls_verify = false;
+    o.default_cert_dirs = false;
+    auto c = Client(ref, o);
+    ASSERT_TRUE(c);
+    Status s = c->Ping();
+    ASSERT_FALSE(s);
+    EXPECT_NE(s.error().ToString().find("asks for a client certificate"), std::string::npos)
+        << s.error().ToString();
+  }
+  {  // The pair: in, with and without verification.
+    for (bool verify : {true, false}) {
+      RegistryOptions o;
+      o.cert_dir = env_["MTLS_CERT_DIR"];
+      o.tls_verify = verify;
+      auto c = Client(ref, o);
+      ASSERT_TRUE(c);
+      Status s = c->Ping();
+      EXPECT_TRUE(s) << s.error().ToString();
+      // A clone (a download worker) presents it too.
+      auto clone = c->Clone();
+      ASSERT_TRUE(clone);
+      EXPECT_TRUE((*clone)->Ping()) << "clone";
+    }
+  }
+  {  // A certificate the registry's client CA did not sign: one line naming it.
+    const std::string d = dir_ + "/self-signed";
+    std::filesystem::create_directories(d);
+    std::filesystem::copy_file(env_["MTLS_CERT_DIR"] + "/ca.crt", d + "/ca.crt",
+                               std::filesystem::copy_options::overwrite_existing);
+    ASSERT_EQ(Sh("openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out " + d +
+                 "/me.key 2>/dev/null && openssl req -new -x509 -key " + d +
+                 "/me.key -subj /CN=stranger -days 2 -out " + d + "/me.cert 2>/dev/null"),
+              0);
+    RegistryOptions o;
+    o.cert_dir = d;
+    auto c = Client(ref, o);
+    ASSERT_TRUE(c);
+    auto start = std::chrono::steady_clock::now();
+    Status s = c->Ping();
+    ASSERT_FALSE(s);
+    EXPECT_EQ(s.error().kind(), ErrorKind::kPolicy) << s.error().ToString();
+    EXPECT_NE(s.error().ToString().find("TLS with"), std::string::npos) << s.error().ToString();
+    EXPECT_NE(s.error().ToString().find(d + "/me.cert"), std::string::npos) << s.error().ToString();
+    EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
+  }
+  {  // No --cert-dir: $HOME/.config/containers/certs.d/HOST:PORT, as skopeo reads it.
+    const std::string home = dir_ + "/home-certs";
+    const std::string d = home + "/.config/containers/certs.d/" + env_["MTLS_HOST"];
+    std::filesystem::create_directories(d);
+    for (const char* f : {"ca.crt", "client.cert", "client.key"}) {
+      std::filesystem::copy_file(env_["MTLS_CERT_DIR"] + "/" + f, d + "/" + f,
+                                 std::filesystem::copy_options::overwrite_existing);
+    }
+    const char* old = std::getenv("HOME");
+    const std::string saved = old != nullptr ? old : "";
+    ::setenv("HOME", home.c_str(), 1);
+    auto c = RegistryClient::Create(ref, RegistryOptions{});
+    RegistryOptions off;  // not verifying: only the missing client certificate can fail it
+    off.tls_verify = false;
+    off.default_cert_dirs = false;
+    auto without = RegistryClient::Create(ref, off);
+    if (old != nullptr) {
+      ::setenv("HOME", saved.c_str(), 1);
+    } else {
+      ::unsetenv("HOME");
+    }
+    ASSERT_TRUE(c) << c.error().ToString();
+    Status s = (*c)->Ping();
+    EXPECT_TRUE(s) << s.error().ToString();
+    ASSERT_TRUE(without);
+    Status w = (*without)->Ping();
+    ASSERT_FALSE(w) << "default_cert_dirs=false read certs.d";
+    EXPECT_NE(w.error().ToString().find("asks for a client certificate"), std::string::npos)
+        << w.error().ToString();
+  }
+}
+
 // What the real registry cannot show without a token server: a fake one in
 // python's stdlib (tests/registry/fake_bearer.py), plain http on 127.0.0.1.
 class RegistryClientFakeTest : public ::testing::Test {

@@ -321,7 +321,7 @@ class RegistryPullTest : public ::testing::Test {
       layout.WriteIndex({{layout.AddImage({layout.AddLayer(l, kGzip)}), "v1"}});
     }
 
-    for (const char* kind : {"tls", "http"}) {
+    for (const char* kind : {"tls", "http", "mtls"}) {
       ASSERT_EQ(
           Sh("sh " + kScript + " push " + reg_ + " " + app_ + ":v1 app:v1 " + kind + " >/dev/null"),
           0)
@@ -354,7 +354,8 @@ class RegistryPullTest : public ::testing::Test {
   }
 
   std::string Host(const char* kind = "tls") {
-    return env_[std::string(kind) == "tls" ? "TLS_HOST" : "HTTP_HOST"];
+    const std::string k = kind;
+    return env_[k == "tls" ? "TLS_HOST" : k == "mtls" ? "MTLS_HOST" : "HTTP_HOST"];
   }
   std::string Docker(const std::string& tail, const char* kind = "tls") {
     return "docker://" + Host(kind) + "/" + tail;
@@ -531,6 +532,59 @@ TEST_F(RegistryPullTest, UnreadableHomeDoesNotStopAnAnonymousPull) {
                   {"HOME=" + home});
   ::chmod(home.c_str(), 0755);
   ::chmod((home + "/.docker").c_str(), 0755);
+}
+
+// A registry that wants a client certificate (containers-certs.d(5)): the
+// pair from --cert-dir, or from the registry's dir below
+// $HOME/.config/containers/certs.d with no --cert-dir, as skopeo reads them.
+TEST_F(RegistryPullTest, ClientCertificateFromCertDirGivesTheOciBytes) {
+  ExpectSameAsOci(Docker("app:v1", "mtls"), {"--cert-dir", env_["MTLS_CERT_DIR"]},
+                  Oci(app_ + ":v1"));
+  // Not verifying the server does not drop the client certificate.
+  ExpectSameAsOci(Docker("app:v1", "mtls"), {"--cert-dir", env_["MTLS_CERT_DIR"], "--tls-verify=false"},
+                  Oci(app_ + ":v1"), {}, "insecure");
+}
+
+TEST_F(RegistryPullTest, ClientCertificateFromHomeCertsDGivesTheOciBytes) {
+  const std::string home = out_ + "/home";
+  const std::string d = home + "/.config/containers/certs.d/" + Host("mtls");
+  std::filesystem::create_directories(d);
+  for (const char* f : {"ca.crt", "client.cert", "client.key"}) {
+    std::filesystem::copy_file(env_["MTLS_CERT_DIR"] + "/" + f, d + "/" + f);
+  }
+  ExpectSameAsOci(Docker("app:v1", "mtls"), {}, Oci(app_ + ":v1"), {"HOME=" + home});
+  Outcome r = Layerx(Cat({"inspect", Docker("app:v1", "mtls")}, {}), {"HOME=" + home});
+  EXPECT_EQ(r.code, 0) << r.Both();
+  std::filesystem::remove_all(home);
+}
+
+TEST_F(RegistryPullTest, MissingOrRefusedClientCertificateIsOneLine) {
+  // The registry's CA alone: it asks for a certificate there is none of.
+  Outcome r = Layerx(
+      Cat({"extract", Docker("app:v1", "mtls"), "--cert-dir", env_["CERT_DIR"]}, AllOutputs()));
+  ExpectOneLineRefusal(r, {1}, {"asks for a client certificate", Host("mtls")});
+  ExpectNothingLeft();
+  // A certificate its client CA did not sign: refused, and the line names it.
+  const std::string d = dir_ + "/stranger-certs";
+  std::filesystem::create_directories(d);
+  ::chmod(d.c_str(), 0755);
+  std::filesystem::copy_file(env_["CA_CERT"], d + "/ca.crt",
+                             std::filesystem::copy_options::overwrite_existing);
+  ASSERT_EQ(Sh("openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out " + d +
+               "/me.key 2>/dev/null && openssl req -new -x509 -key " + d +
+               "/me.key -subj /CN=stranger -days 2 -out " + d + "/me.cert 2>/dev/null"),
+            0);
+  Outcome q =
+      Layerx(Cat({"extract", Docker("app:v1", "mtls"), "--cert-dir", d}, AllOutputs()));
+  ExpectOneLineRefusal(q, {1}, {"TLS with", d + "/me.cert"});
+  ExpectNothingLeft();
+  // A certificate without its key: a usage error before any connection.
+  ::unlink((d + "/me.key").c_str());
+  Outcome k =
+      Layerx(Cat({"extract", Docker("app:v1", "mtls"), "--cert-dir", d}, AllOutputs()));
+  ExpectOneLineRefusal(k, {2}, {"has no key \"me.key\""});
+  ExpectNothingLeft();
+  std::filesystem::remove_all(d);
 }
 
 TEST_F(RegistryPullTest, Ext4PassesFsckAndInspectMatchesOci) {
