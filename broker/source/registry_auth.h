@@ -6,15 +6,22 @@
 //      otherwise $XDG_RUNTIME_DIR/containers/auth.json (/run/containers/UID/auth.json
 //      when XDG_RUNTIME_DIR is unset), ${XDG_CONFIG_HOME:-~/.config}/containers/auth.json
 //      and ~/.docker/config.json, in that order;
-//   3. in each file, the `auths` entry whose key is the registry exactly, else one
-//      whose key names the same registry in another form ("https://host/v1/",
+//   3. in each file, a `credHelpers` entry for the registry first: the helper
+//      `docker-credential-NAME get` is run (from $PATH; the registry on its
+//      stdin, its JSON answer on stdout, 30 s at most); "credentials not found"
+//      goes on to the next file, and so does a helper that fails, whose error
+//      is returned only if no file has credentials;
+//   4. else the `auths` entry whose key is the repository ("host/ns/repo"), a
+//      namespace of it ("host/ns") or the registry, exactly, the most specific
+//      first; else one whose key
+//      names the same registry in another form ("https://host/v1/",
 //      "http://host:port/..."; docker.io, index.docker.io and registry-1.docker.io
 //      are one registry). The first file with an entry wins.
 // An `auth` value is base64 of "user:pass". A file that is missing or cannot be
 // read (EACCES: rootless under a root HOME) is skipped; a file that is not a
 // regular file is skipped too (never opened for reading).
-// Not supported yet: credential helpers (`credHelpers`, `credsStore`), identity
-// tokens, and keys naming a repository ("host/namespace").
+// Not supported (skopeo reads neither): `credsStore`; identity tokens (a
+// helper's "<token>" user, an entry's `identitytoken`) are refused by name.
 // SECURITY: no secret ever enters an Error or a log line; errors name the file and
 // the registry only.
 #pragma once
@@ -40,13 +47,17 @@ Result<Credentials> ParseCreds(const std::string& user_colon_pass);
 // XDG_RUNTIME_DIR, XDG_CONFIG_HOME, HOME).
 std::vector<std::string> AuthFilePaths();
 
-// Credentials for `registry` ("host" or "host:port", as in RegistryRef::registry):
+// Credentials for `registry` ("host" or "host:port", as in RegistryRef::registry)
+// and `repository` ("library/debian"; empty: the registry's entries only):
 // `creds` when given, else from `auth_files` as above. nullopt: none found
 // (anonymous). Errors: kPolicy for malformed --creds, an auth file that is not
 // valid JSON, or an entry for this registry whose `auth` is not base64 of
-// "user:pass".
+// "user:pass", a credential helper that fails (not in $PATH, an error exit,
+// no answer in 30 s, an answer that is not the protocol's JSON), or an identity
+// token.
 Result<std::optional<Credentials>> FindCredentials(const std::string& registry,
                                                    const std::optional<std::string>& creds,
-                                                   const std::vector<std::string>& auth_files);
+                                                   const std::vector<std::string>& auth_files,
+                                                   const std::string& repository = "");
 
 }  // namespace layerx::broker

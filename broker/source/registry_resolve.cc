@@ -27,7 +27,7 @@ Result<std::unique_ptr<RegistryClient>> Connect(const RegistryRef& ref,
   std::vector<std::string> files =
       options.auth_file.empty() ? AuthFilePaths() : std::vector<std::string>{options.auth_file};
   LX_ASSIGN_OR_RETURN(std::optional<Credentials> credentials,
-                      FindCredentials(ref.registry, options.creds, files));
+                      FindCredentials(ref.registry, options.creds, files, ref.repository));
   if (!options.tls_verify) {
     // Said with -v, where a user looks for why: a warning on every run would
     // break the one line a failure prints.

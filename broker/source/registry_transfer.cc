@@ -42,21 +42,12 @@ namespace {
 constexpr long kMaxRedirects = 5;
 constexpr const char* kUserAgent = "layerx";
 
-// The SSL_CTX ex_data slot that points at the client (its Impl) a context
-// was made for.
-int ClientSlot() {
-  static const int slot = SSL_CTX_get_ex_new_index(0, nullptr, nullptr, nullptr, nullptr);
-  return slot;
-}
-
-// SSL_CTX_set_client_cert_cb: OpenSSL calls it when the server asks for a
-// client certificate and the context has none. None is given; the client is
-// told, so that the failure says what is missing.
-int OnClientCertAsked(SSL* ssl, X509**, EVP_PKEY**) {
-  auto* impl =
-      static_cast<RegistryClient::Impl*>(SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), ClientSlot()));
-  if (impl != nullptr) impl->client_cert_asked = true;
-  return 0;
+// SSL_CTX_set_cert_cb: OpenSSL calls it on the client when the server asks
+// for a certificate, before it picks one (whether or not there is one). The
+// client is told, so that a failure can say what the registry wanted.
+int OnCertRequest(SSL*, void* arg) {
+  static_cast<RegistryClient::Impl*>(arg)->client_cert_asked = true;
+  return 1;
 }
 
 // CURLOPT_SSL_CTX_FUNCTION, for each new TLS context of a client's handle
@@ -67,8 +58,7 @@ int OnClientCertAsked(SSL* ssl, X509**, EVP_PKEY**) {
 CURLcode ApplyCertDir(CURL*, void* ssl_ctx, void* user) {
   auto* impl = static_cast<RegistryClient::Impl*>(user);
   auto* ctx = static_cast<SSL_CTX*>(ssl_ctx);
-  if (SSL_CTX_set_ex_data(ctx, ClientSlot(), impl) != 1) return CURLE_SSL_CERTPROBLEM;
-  SSL_CTX_set_client_cert_cb(ctx, &OnClientCertAsked);
+  SSL_CTX_set_cert_cb(ctx, &OnCertRequest, impl);
   const TlsFiles* tls = impl->tls.get();
   if (tls == nullptr) return CURLE_OK;
   if (!tls->ca_pem.empty()) {  // read only when certificates are checked
@@ -234,10 +224,6 @@ Result<RegistryClient::Impl::Response> RequestRunner::Run(
   response.client_cert_asked = std::exchange(impl_.client_cert_asked, false);
   if (impl_.tls && impl_.tls->client != nullptr) {
     response.client_cert = impl_.tls->dir + "/" + impl_.tls->client_name;
-    curl_off_t tls_done = 0;
-    response.tls_handshake_done =
-        Curl().easy_getinfo(curl, CURLINFO_APPCONNECT_TIME_T, &tls_done) == CURLE_OK &&
-        tls_done > 0;
   }
   if (response.code != CURLE_OK && response.stalled) {
     response.code = CURLE_OPERATION_TIMEDOUT;
@@ -301,22 +287,23 @@ std::string Url(const std::string& scheme, const RegistryRef& ref, const std::st
 Error TransferError(const RegistryRef& ref, const std::string& what,
                     const RegistryClient::Impl::Response& r) {
   if (r.cancelled) return Error(ErrorKind::kCancelled, 0, fmt::format("{}: cancelled", what));
-  if (r.code != CURLE_OK && r.client_cert_asked) {
+  if (r.code != CURLE_OK && r.client_cert_asked && r.client_cert.empty()) {
     return Error(ErrorKind::kPolicy, 0,
                  fmt::format("{}: TLS with {} failed: the registry asks for a client certificate "
                              "and none is set up (NAME.cert and NAME.key in --cert-dir, or in "
                              "certs.d/{}/ as containers-certs.d(5) says)",
                              what, ref.host, ref.registry));
   }
-  if (!r.client_cert.empty() && !IsTlsAlert(r) && r.tls_handshake_done && r.status == 0 &&
-      (r.code == CURLE_SEND_ERROR || r.code == CURLE_RECV_ERROR)) {
+  if (!r.client_cert.empty() && r.client_cert_asked && !IsTlsAlert(r) && r.status == 0 &&
+      (r.code == CURLE_SEND_ERROR || r.code == CURLE_RECV_ERROR || r.code == CURLE_HTTP2 ||
+       r.code == CURLE_GOT_NOTHING)) {
     // TLS 1.3: the server checks a client certificate after the handshake and
     // then sends an alert and closes; whether curl reads the alert or finds
-    // the connection reset depends on timing.
+    // the connection reset (in HTTP/2's framing, as CURLE_HTTP2, when h2 was
+    // agreed) depends on timing.
     return Error(ErrorKind::kPolicy, 0,
-                 fmt::format("{}: TLS with {} failed: the connection ended after the handshake "
-                             "with no answer; the registry likely refused the client certificate "
-                             "{} ({})",
+                 fmt::format("{}: TLS with {} failed: the registry asked for a client certificate "
+                             "and ended the connection with no answer: it likely refused {} ({})",
                              what, ref.host, r.client_cert,
                              r.curl_error.empty() ? Curl().easy_strerror(r.code) : r.curl_error));
   }
@@ -397,7 +384,7 @@ std::optional<long> RetryAfterMs(const RegistryClient::Impl::Response& r) {
 // anything else the answer said.
 bool IsRetryable(const RegistryClient::Impl::Response& r) {
   if (r.cancelled || r.stalled || r.sink_error || r.over_limit) return false;
-  if (r.client_cert_asked || IsTlsAlert(r)) return false;
+  if ((r.client_cert_asked && r.client_cert.empty()) || IsTlsAlert(r)) return false;
   switch (r.code) {
     case CURLE_OK: {
       std::optional<long> wait = RetryAfterMs(r);

@@ -80,9 +80,8 @@ struct RegistryClient::Impl {
   // The cert dir's CAs and client certificate (registry_client.cc reads it);
   // null when there is none. Shared with clones, read-only once made.
   std::shared_ptr<const TlsFiles> tls;
-  // Set by OpenSSL's client certificate callback during a handshake of this
-  // client's handle (only when it has no certificate to give); read and
-  // cleared after each request.
+  // Set by OpenSSL's certificate request callback during a handshake of this
+  // client's handle; read and cleared after each request.
   bool client_cert_asked = false;
   std::shared_ptr<Shared> shared = std::make_shared<Shared>();
   // This client's copy of `shared`'s, taken under its lock; requests read it without one.
@@ -128,10 +127,9 @@ struct RegistryClient::Impl {
     bool body_started = false;  // on_body was called
     bool cancelled = false;     // options.cancel was set
     bool stalled = false;       // no byte for low_speed_seconds
-    // The TLS server asked for a client certificate and there was none to give.
+    // A TLS server asked for a client certificate during this request.
     bool client_cert_asked = false;
     std::string client_cert;          // the client certificate given (DIR/NAME.cert), if any
-    bool tls_handshake_done = false;  // (set only when a client certificate was given)
     std::optional<Error> sink_error;
   };
   struct Request {

@@ -9,6 +9,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 
 namespace layerx::broker {
 namespace {
@@ -24,7 +25,8 @@ class RegistryAuthTest : public ::testing::Test {
     char tmpl[] = "/tmp/layerx-auth-XXXXXX";
     ASSERT_NE(mkdtemp(tmpl), nullptr);
     dir_ = tmpl;
-    for (const char* v : {"REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "HOME"}) {
+    for (const char* v :
+         {"REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "HOME", "PATH"}) {
       const char* old = getenv(v);
       saved_.emplace_back(v, old ? std::optional<std::string>(old) : std::nullopt);
     }
@@ -52,6 +54,24 @@ class RegistryAuthTest : public ::testing::Test {
   }
   static std::string Auths(const std::string& key, const std::string& auth) {
     return R"({"auths":{")" + key + R"(":{"auth":")" + auth + R"("}}})";
+  }
+
+  // A credential helper docker-credential-NAME in dir_/bin (put first in
+  // PATH) running `body` (sh); each call's argv and stdin go to dir_/helper.log.
+  void Helper(const std::string& name, const std::string& body) {
+    std::string path =
+        Write("bin/docker-credential-" + name, "#!/bin/sh\nread server\necho \"$* $server\" >>" +
+                                                   dir_ + "/helper.log\n" + body + "\n");
+    ::chmod(path.c_str(), 0755);
+    const char* old = getenv("PATH");
+    std::string p = dir_ + "/bin:" + (old != nullptr ? old : "/usr/bin:/bin");
+    if (!std::string(old != nullptr ? old : "").starts_with(dir_ + "/bin:")) {
+      setenv("PATH", p.c_str(), 1);
+    }
+  }
+  std::string Log() {
+    std::ifstream in(dir_ + "/helper.log");
+    return std::string(std::istreambuf_iterator<char>(in), {});
   }
 
   std::string dir_;
@@ -119,7 +139,7 @@ TEST_F(RegistryAuthTest, DockerHubV1KeyServesDockerIo) {
 
 TEST_F(RegistryAuthTest, NoEntryMeansAnonymous) {
   std::string f = Write("a.json", R"({"auths":{}})");
-  std::string g = Write("b.json", R"({"credHelpers":{"quay.io":"x"}})");
+  std::string g = Write("b.json", R"({"credHelpers":{"other.io":"x"}})");  // not run
   auto c = FindCredentials("quay.io", std::nullopt, {f, g, dir_ + "/missing.json"});
   ASSERT_TRUE(c) << c.error().ToString();
   EXPECT_FALSE(c->has_value());
@@ -197,6 +217,108 @@ TEST_F(RegistryAuthTest, FindsDockerConfigThroughTheEnvironment) {
   c = FindCredentials("quay.io", std::nullopt, AuthFilePaths());
   ASSERT_TRUE(c && c->has_value());
   EXPECT_EQ((*c)->username, "alice");
+}
+
+// credHelpers: the helper is asked first (docker-credential-NAME get, the
+// registry on stdin), before the same file's auths; "credentials not found"
+// goes on to the next file.
+TEST_F(RegistryAuthTest, CredentialHelperIsAskedFirst) {
+  Helper("lxtest", R"(case $server in
+  quay.io) printf '{"ServerURL":"quay.io","Username":"helper-user","Secret":"helper-s3cret"}' ;;
+  *) echo "credentials not found in native keychain"; exit 1 ;;
+esac)");
+  std::string f = Write("a.json", R"({"credHelpers":{"quay.io":"lxtest","other.io":"lxtest"},)"
+                                  R"("auths":{"quay.io":{"auth":")" +
+                                      std::string(kBobAuth) + R"("}}})");
+  std::string g = Write("b.json", Auths("other.io", kAliceAuth));
+  auto c = FindCredentials("quay.io", std::nullopt, {f, g});
+  ASSERT_TRUE(c) << c.error().ToString();
+  ASSERT_TRUE(c->has_value());
+  EXPECT_EQ((*c)->username, "helper-user");
+  EXPECT_EQ((*c)->password, "helper-s3cret");
+  EXPECT_EQ(Log(), "get quay.io\n");
+  // Not found by the helper: the next file's entry.
+  c = FindCredentials("other.io", std::nullopt, {f, g});
+  ASSERT_TRUE(c && c->has_value()) << (c ? "none" : c.error().ToString());
+  EXPECT_EQ((*c)->username, "alice");
+  EXPECT_EQ(Log(), "get quay.io\nget other.io\n");
+  // No helper for this registry: the helper is not run.
+  c = FindCredentials("third.io", std::nullopt, {f, g});
+  ASSERT_TRUE(c);
+  EXPECT_FALSE(c->has_value());
+  EXPECT_EQ(Log(), "get quay.io\nget other.io\n");
+}
+
+TEST_F(RegistryAuthTest, FailingCredentialHelperIsOneClearLine) {
+  Helper("fails", "echo 'no session: run login first'; exit 3");
+  Helper("garbage", "echo 'Username=me Secret=leaked-s3cret'");
+  Helper("token", R"(printf '{"Username":"<token>","Secret":"refresh-s3cret"}')");
+  struct Case {
+    const char* helper;
+    const char* needle;
+  } cases[] = {{"nosuch", "docker-credential-nosuch: not found in $PATH"},
+               {"fails", "exit 3: \"no session: run login first\""},
+               {"garbage", "not JSON with \"Username\" and \"Secret\""},
+               {"token", "identity token"},
+               {"../../bin/sh", "not a helper name"}};
+  for (const Case& k : cases) {
+    std::string f = Write(std::string("h-") + (k.helper[0] == '.' ? "dots" : k.helper) + ".json",
+                          R"({"credHelpers":{"quay.io":")" + std::string(k.helper) + R"("}})");
+    auto c = FindCredentials("quay.io", std::nullopt, {f});
+    ASSERT_FALSE(c) << k.helper;
+    EXPECT_EQ(c.error().kind(), ErrorKind::kPolicy);
+    const std::string e = c.error().ToString();
+    EXPECT_NE(e.find(k.needle), std::string::npos) << e;
+    EXPECT_NE(e.find(f), std::string::npos) << "names the file: " << e;
+    for (const char* secret : {"leaked-s3cret", "refresh-s3cret"}) {
+      EXPECT_EQ(e.find(secret), std::string::npos) << e;
+    }
+  }
+}
+
+// auth.json keys naming a repository or a namespace match exactly, the most
+// specific first (podman login quay.io/org writes them); not in
+// ~/.docker/config.json.
+TEST_F(RegistryAuthTest, RepositoryAndNamespaceKeys) {
+  std::string f =
+      Write("auth.json", R"({"auths":{"quay.io/org/app":{"auth":")" + std::string(kAliceAuth) +
+                             R"("},"quay.io/org":{"auth":")" + std::string(kBobAuth) + R"("}}})");
+  auto c = FindCredentials("quay.io", std::nullopt, {f}, "org/app");
+  ASSERT_TRUE(c && c->has_value());
+  EXPECT_EQ((*c)->username, "alice");
+  c = FindCredentials("quay.io", std::nullopt, {f}, "org/other/deep");
+  ASSERT_TRUE(c && c->has_value());
+  EXPECT_EQ((*c)->username, "bob");
+  c = FindCredentials("quay.io", std::nullopt, {f}, "elsewhere/app");
+  ASSERT_TRUE(c);
+  EXPECT_FALSE(c->has_value());
+  // skopeo reads them in ~/.docker/config.json too.
+  std::string d = Write("home/.docker/config.json",
+                        R"({"auths":{"quay.io/org":{"auth":")" + std::string(kBobAuth) + R"("}}})");
+  c = FindCredentials("quay.io", std::nullopt, {d}, "org/app");
+  ASSERT_TRUE(c && c->has_value());
+  EXPECT_EQ((*c)->username, "bob");
+}
+
+// A helper that fails does not hide credentials in a later file; with none
+// anywhere, its error is the answer.
+TEST_F(RegistryAuthTest, FailingHelperGivesWayToALaterFile) {
+  std::string f = Write("a.json", R"({"credHelpers":{"quay.io":"nosuch"}})");
+  std::string g = Write("b.json", Auths("quay.io", kAliceAuth));
+  auto c = FindCredentials("quay.io", std::nullopt, {f, g});
+  ASSERT_TRUE(c && c->has_value()) << (c ? "none" : c.error().ToString());
+  EXPECT_EQ((*c)->username, "alice");
+  c = FindCredentials("quay.io", std::nullopt, {f});
+  ASSERT_FALSE(c);
+  EXPECT_NE(c.error().ToString().find("docker-credential-nosuch"), std::string::npos);
+}
+
+TEST_F(RegistryAuthTest, IdentityTokenIsRefusedByName) {
+  std::string f = Write("auth.json", R"({"auths":{"quay.io":{"identitytoken":"idt-s3cret"}}})");
+  auto c = FindCredentials("quay.io", std::nullopt, {f});
+  ASSERT_FALSE(c);
+  EXPECT_NE(c.error().ToString().find("identity token"), std::string::npos);
+  EXPECT_EQ(c.error().ToString().find("idt-s3cret"), std::string::npos);
 }
 
 }  // namespace

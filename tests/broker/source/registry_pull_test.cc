@@ -587,6 +587,42 @@ TEST_F(RegistryPullTest, MissingOrRefusedClientCertificateIsOneLine) {
   std::filesystem::remove_all(d);
 }
 
+// credHelpers in the auth file: `docker-credential-NAME get` from $PATH gives
+// the user and password, which appear in no output, -vv included.
+TEST_F(RegistryPullTest, CredentialHelperGivesTheOciBytes) {
+  const std::string bin = out_ + "-helper/bin";  // not in out_: that is checked empty below
+  std::filesystem::create_directories(bin);
+  const std::string helper = bin + "/docker-credential-lxpull";
+  WriteFile(helper, "#!/bin/sh\nread server\n[ \"$1\" = get ] && [ \"$server\" = '" + Host() +
+                        "' ] || { echo 'credentials not found in native keychain'; exit 1; }\n"
+                        "printf '{\"ServerURL\":\"%s\",\"Username\":\"%s\",\"Secret\":\"%s\"}' "
+                        "\"$server\" '" +
+                        env_["REGISTRY_USER"] + "' '" + env_["REGISTRY_PASS"] + "'\n");
+  ASSERT_EQ(::chmod(helper.c_str(), 0755), 0);
+  ::chmod(bin.c_str(), 0755);
+  const std::string auth = out_ + "-helper/auth.json";
+  WriteFile(auth, "{\"credHelpers\":{\"" + Host() + "\":\"lxpull\"}}");
+  const char* path = std::getenv("PATH");
+  const std::vector<std::string> env = {"REGISTRY_AUTH_FILE=" + auth,
+                                        "PATH=" + bin + ":" + (path != nullptr ? path : "/usr/bin:/bin")};
+  ExpectSameAsOci(Docker("app:v1"), {"--cert-dir", env_["CERT_DIR"]}, Oci(app_ + ":v1"), env);
+  Outcome r = Layerx({"extract", Docker("app:v1"), "--cert-dir", env_["CERT_DIR"], "--manifest",
+                      out_ + "/v.jsonl", "--json", "-vv"},
+                     env);
+  ASSERT_EQ(r.code, 0) << r.Both();
+  for (const char* f : {"/v.jsonl", "/m.jsonl", "/m.config"}) ::unlink((out_ + f).c_str());
+  EXPECT_NE(r.err.find("a user (credentials found)"), std::string::npos) << r.err;
+  EXPECT_EQ(r.err.find(env_["REGISTRY_PASS"]), std::string::npos) << r.err;
+  EXPECT_EQ(r.out.find(env_["REGISTRY_PASS"]), std::string::npos) << r.out;
+  // A helper that is not there: one line naming it (no other file has credentials).
+  WriteFile(auth, "{\"credHelpers\":{\"" + Host() + "\":\"lxgone\"}}");
+  Outcome q = Layerx(Cat({"extract", Docker("app:v1"), "--cert-dir", env_["CERT_DIR"]}, AllOutputs()),
+                     env);
+  ExpectOneLineRefusal(q, {1, 2}, {"docker-credential-lxgone", auth});
+  ExpectNothingLeft();
+  std::filesystem::remove_all(out_ + "-helper");
+}
+
 TEST_F(RegistryPullTest, Ext4PassesFsckAndInspectMatchesOci) {
   const std::string img = out_ + "/img";
   Outcome r = Layerx(Cat({"extract", Docker("app:v1"), "--ext4", img}, TlsCreds()));
