@@ -34,7 +34,19 @@ ExtractResult Extract(const ExtractRequest& request) {
 }
 
 bool Inspect(const InspectRequest& request, ImageInfo* info, ExtractError* error) {
-  broker::LogTarget target({}, spdlog::level::off);
+  return Inspect(request, info, error, {}, LogLevel::kError);
+}
+
+bool Inspect(const InspectRequest& request, ImageInfo* info, ExtractError* error,
+             const std::function<void(LogLevel level, std::string_view component,
+                                      std::string_view message)>& log,
+             LogLevel min_log_level) {
+  broker::LogFunction internal;
+  if (log) {
+    internal = [&log](spdlog::level::level_enum level, std::string_view component,
+                      std::string_view message) { log(PublicLevel(level), component, message); };
+  }
+  broker::LogTarget target(internal, log ? InternalLevel(min_log_level) : spdlog::level::off);
   SigpipeBlock sigpipe;
   auto fail = [error](const Error& e) {
     if (error != nullptr) *error = PublicError(e);

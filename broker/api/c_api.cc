@@ -91,6 +91,17 @@ layerx_status SetString(std::string& field, const char* value) {
   return LAYERX_OK;
 }
 
+// The request's C log callback as the C++ API takes it (empty when none).
+std::function<void(layerx::LogLevel, std::string_view, std::string_view)> CLog(
+    const layerx_request& request) {
+  if (request.log_fn == nullptr) return {};
+  return [fn = request.log_fn, user = request.log_user](
+             layerx::LogLevel level, std::string_view component, std::string_view message) {
+    std::string c(component), m(message);
+    fn(user, static_cast<int>(level), c.c_str(), m.c_str());
+  };
+}
+
 }  // namespace
 
 extern "C" {
@@ -271,13 +282,7 @@ layerx_status layerx_extract(const layerx_request* request, layerx_result** out)
   if (request == nullptr) return out != nullptr ? (*out = nullptr, LAYERX_E_USAGE) : LAYERX_E_USAGE;
   return Run(out, [request](layerx_result& result) {
     layerx::ExtractRequest r = request->request;  // the callbacks are bound to this copy
-    if (request->log_fn != nullptr) {
-      r.log = [fn = request->log_fn, user = request->log_user](
-                  layerx::LogLevel level, std::string_view component, std::string_view message) {
-        std::string c(component), m(message);
-        fn(user, static_cast<int>(level), c.c_str(), m.c_str());
-      };
-    }
+    r.log = CLog(*request);
     if (request->progress_fn != nullptr) {
       r.progress = [fn = request->progress_fn,
                     user = request->progress_user](const layerx::Progress& p) {
@@ -306,7 +311,7 @@ layerx_status layerx_inspect(const layerx_request* request, layerx_result** out)
                                                 .policy_file = r.policy_file,
                                                 .extractor_path = r.extractor_path,
                                                 .registry = r.registry},
-                         &info, &error)) {
+                         &info, &error, CLog(*request), r.min_log_level)) {
       return SetFailure(result, std::move(error));
     }
     result.layers = info.layers.size();

@@ -122,10 +122,12 @@ void AddRegistryOptions(CLI::App* cmd, layerx::RegistrySettings& r) {
       ->capture_default_str();
 }
 
-int Inspect(const layerx::InspectRequest& request, bool as_json) {
+int Inspect(const layerx::InspectRequest& request, bool as_json,
+            const std::function<void(layerx::LogLevel, std::string_view, std::string_view)>& log,
+            layerx::LogLevel level) {
   layerx::ImageInfo info;
   layerx::ExtractError error;
-  if (!layerx::Inspect(request, &info, &error)) {
+  if (!layerx::Inspect(request, &info, &error, log, level)) {
     PrintError(error);
     return ExitStatus(error);
   }
@@ -272,7 +274,7 @@ int main(int argc, char** argv) {
   status->add_option("--socket", status_socket, "the service's socket")->capture_default_str();
   status->add_flag("--metrics", status_metrics, "print counters in Prometheus text format");
   status->add_flag("--json", status_json, "print JSON");
-  inspect->add_flag("-v,--verbose", verbosity, "more logging");
+  inspect->add_flag("-v,--verbose", verbosity, "more logging (-vv for debug)");
   inspect->add_flag("-q,--quiet", quiet, "errors only");
 
   try {
@@ -312,7 +314,7 @@ int main(int argc, char** argv) {
                                           .policy_file = policy_file,
                                           .extractor_path = {},
                                           .registry = inspect_registry},
-                   inspect_json);
+                   inspect_json, log, level);
   }
   if (status->parsed()) {
     std::string text;

@@ -263,6 +263,14 @@ struct ImageInfo {
 };
 // On failure, returns false and fills *error (if given).
 LAYERX_API bool Inspect(const InspectRequest& request, ImageInfo* info, ExtractError* error);
+// The same, with what it logs (for a docker:// source: the registry and how it
+// is reached, the cert dir, the retries) given to `log` at `min_log_level` and
+// above, on the calling thread, as ExtractRequest::log is (`layerx inspect -v`).
+LAYERX_API bool Inspect(
+    const InspectRequest& request, ImageInfo* info, ExtractError* error,
+    const std::function<void(LogLevel level, std::string_view component, std::string_view message)>&
+        log,
+    LogLevel min_log_level);
 
 // The effective policy as a TOML policy file: the defaults, then policy_file
 // and policy_toml (either may be empty) read over them. `layerx policy show`.

@@ -553,8 +553,15 @@ TEST_F(RegistryPullTest, ClientCertificateFromHomeCertsDGivesTheOciBytes) {
     std::filesystem::copy_file(env_["MTLS_CERT_DIR"] + "/" + f, d + "/" + f);
   }
   ExpectSameAsOci(Docker("app:v1", "mtls"), {}, Oci(app_ + ":v1"), {"HOME=" + home});
-  Outcome r = Layerx(Cat({"inspect", Docker("app:v1", "mtls")}, {}), {"HOME=" + home});
+  // inspect too; -v says which dir it read and what it gave.
+  Outcome r = Layerx({"inspect", Docker("app:v1", "mtls"), "-v"}, {"HOME=" + home});
   EXPECT_EQ(r.code, 0) << r.Both();
+  EXPECT_NE(r.err.find("cert dir " + d + ": 1 CA certificate(s), client certificate client.cert"),
+            std::string::npos)
+      << r.err;
+  Outcome quiet = Layerx({"inspect", Docker("app:v1", "mtls")}, {"HOME=" + home});
+  EXPECT_EQ(quiet.code, 0) << quiet.Both();
+  EXPECT_TRUE(quiet.err.empty()) << quiet.err;
   std::filesystem::remove_all(home);
 }
 
