@@ -52,10 +52,15 @@ std::optional<Error> Load() {
   bind(g_api.multi_strerror, "curl_multi_strerror");
   bind(g_api.slist_append, "curl_slist_append");
   bind(g_api.slist_free_all, "curl_slist_free_all");
+  curl_version_info_data* (*version_info)(CURLversion) = nullptr;
+  bind(version_info, "curl_version_info");
   if (missing) return missing;
   if (CURLcode rc = g_api.global_init(CURL_GLOBAL_DEFAULT); rc != CURLE_OK) {
     return MakeError(ErrorKind::kOs, "registry: curl_global_init: {}", g_api.easy_strerror(rc));
   }
+  const curl_version_info_data* info = version_info(CURLVERSION_NOW);
+  if (info != nullptr && info->ssl_version != nullptr) g_api.ssl_version = info->ssl_version;
+  g_api.openssl3 = g_api.ssl_version.starts_with("OpenSSL/3.");
   return std::nullopt;
 }
 

@@ -9,6 +9,8 @@
 #include <curl/curl.h>
 #include <time.h>
 
+#include <string>
+
 #include "policy/result.h"
 
 namespace layerx::broker {
@@ -35,6 +37,10 @@ struct CurlApi {
   const char* (*multi_strerror)(CURLMcode code);
   struct curl_slist* (*slist_append)(struct curl_slist* list, const char* string);
   void (*slist_free_all)(struct curl_slist* list);
+  // Its TLS is the OpenSSL 3 layerx links (Debian's libcurl4): only then may
+  // CURLOPT_SSL_CTX_FUNCTION hand its SSL_CTX to layerx's OpenSSL calls.
+  bool openssl3 = false;
+  std::string ssl_version;  // as curl_version_info says it ("OpenSSL/3.0.19")
 };
 
 // Loads libcurl and runs curl_global_init, once per process (thread-safe);

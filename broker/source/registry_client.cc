@@ -8,6 +8,7 @@
 #include <openssl/err.h>
 #include <openssl/pem.h>
 #include <openssl/x509.h>
+#include <pwd.h>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -86,9 +87,18 @@ Result<std::string> DefaultCertDir(const std::string& registry) {
     return std::string();
   }
   std::vector<std::string> bases;
-  if (const char* home = std::getenv("HOME"); home != nullptr && home[0] == '/') {
-    bases.push_back(std::string(home) + "/.config/containers/certs.d");
+  std::string home;
+  if (const char* h = std::getenv("HOME"); h != nullptr && h[0] == '/') {
+    home = h;
+  } else {  // as Go's os/user: the passwd entry
+    struct passwd pw, *found = nullptr;
+    char buf[4096];
+    if (::getpwuid_r(::getuid(), &pw, buf, sizeof(buf), &found) == 0 && found != nullptr &&
+        found->pw_dir != nullptr && found->pw_dir[0] == '/') {
+      home = found->pw_dir;
+    }
   }
+  if (!home.empty()) bases.push_back(home + "/.config/containers/certs.d");
   bases.push_back("/etc/containers/certs.d");
   bases.push_back("/etc/docker/certs.d");
   for (const std::string& base : bases) {
@@ -117,7 +127,10 @@ Status LoadClientPair(int dir, const std::string& dir_name, const std::string& c
   while (leaf != nullptr && chain != nullptr) {
     X509* x = PEM_read_bio_X509(bio, nullptr, nullptr, nullptr);
     if (x == nullptr) break;
-    sk_X509_push(chain, x);
+    if (sk_X509_push(chain, x) == 0) {
+      X509_free(x);
+      break;
+    }
   }
   BIO_free(bio);
   bio = BIO_new_mem_buf(key_pem.data(), static_cast<int>(key_pem.size()));
@@ -229,8 +242,23 @@ Result<std::unique_ptr<RegistryClient>> RegistryClient::Create(RegistryRef ref,
   if (dir.empty() && c->options_.default_cert_dirs) {
     LX_ASSIGN_OR_RETURN(dir, DefaultCertDir(c->ref_.registry));
   }
+  const bool defaulted = c->options_.cert_dir.empty();
   if (!dir.empty()) {
-    LX_ASSIGN_OR_RETURN(c->impl_->tls, LoadCertDir(dir, c->options_.tls_verify));
+    auto tls = LoadCertDir(dir, c->options_.tls_verify);
+    if (!tls && defaulted && tls.error().err() == EACCES) {
+      // A certs.d dir this user may not read: skipped, as skopeo skips it.
+      Logger("broker")->info("registry {}: cert dir {}: not readable (EACCES): skipped",
+                             c->ref_.registry, dir);
+      tls = std::shared_ptr<const TlsFiles>();
+    }
+    if (!tls) return Fail(std::move(tls).error());
+    c->impl_->tls = std::move(*tls);
+    if (c->impl_->tls && !Curl().openssl3) {
+      return Fail(MakeError(ErrorKind::kPolicy,
+                            "cert dir {:?}: needs libcurl built with OpenSSL 3 (this libcurl.so.4 "
+                            "uses {:?})",
+                            dir, Curl().ssl_version));
+    }
     if (c->impl_->tls) {
       const TlsFiles& t = *c->impl_->tls;
       Logger("broker")->info("registry {}: cert dir {}: {} CA certificate(s){}{}", c->ref_.registry,

@@ -91,13 +91,6 @@ CURLcode ApplyCertDir(CURL*, void* ssl_ctx, void* user) {
   return CURLE_OK;
 }
 
-// A transfer that failed in TLS after the handshake (TLS 1.3 sends a refused
-// client certificate's alert then; curl reports it as a failed read or send).
-bool IsTlsAlert(const RegistryClient::Impl::Response& r) {
-  return (r.code == CURLE_RECV_ERROR || r.code == CURLE_SEND_ERROR) &&
-         r.curl_error.find("SSL routines") != std::string::npos;
-}
-
 bool IsTlsError(CURLcode code) {
   switch (code) {
     case CURLE_SSL_CONNECT_ERROR:
@@ -112,6 +105,37 @@ bool IsTlsError(CURLcode code) {
     default:
       return false;
   }
+}
+
+// The connection ended before any answer, the way a TLS 1.3 server ends it
+// when it refuses the client's certificate after the handshake: an alert read
+// (a failed read), or the connection found reset (a failed send, or HTTP/2's
+// framing when h2 was agreed).
+bool EndedBeforeAnswer(const RegistryClient::Impl::Response& r) {
+  return r.status == 0 && (r.code == CURLE_SEND_ERROR || r.code == CURLE_RECV_ERROR ||
+                           r.code == CURLE_HTTP2 || r.code == CURLE_GOT_NOTHING);
+}
+
+// A TLS alert read after the handshake of a connection whose server asked for
+// a client certificate ("sslv3 alert bad certificate", "tlsv13 alert
+// certificate required"): the certificate, or its lack, refused. Only then: an
+// abrupt close of any other connection is a network failure, retried.
+bool IsTlsAlert(const RegistryClient::Impl::Response& r) {
+  return r.client_cert_asked && (r.code == CURLE_RECV_ERROR || r.code == CURLE_SEND_ERROR) &&
+         r.curl_error.find("SSL routines") != std::string::npos &&
+         r.curl_error.find(" alert ") != std::string::npos;
+}
+
+// Whether the registry asked for a client certificate and then ended the
+// connection before answering: what it does when it refuses the certificate
+// given, or wants one there is none of. A server that only asks (optional
+// client certificates) and fails later for another reason is not this.
+bool ClientCertRefused(const RegistryClient::Impl::Response& r) {
+  // CURLE_SSL_CONNECT_ERROR: TLS 1.2, where the refusal fails the handshake
+  // itself (the request for a certificate came first). Not a server
+  // certificate that failed our checks: that ends the handshake before.
+  return r.client_cert_asked &&
+         (EndedBeforeAnswer(r) || IsTlsAlert(r) || r.code == CURLE_SSL_CONNECT_ERROR);
 }
 
 // Sets every option of one GET on a handle just reset (a reset keeps the
@@ -183,8 +207,11 @@ Result<RegistryClient::Impl::Response> RequestRunner::Run(
   // SECURITY: the context is the handle's own; what it gets from the cert dir
   // is read-only here, shared with the clones.
   impl_.client_cert_asked = false;
-  s.Set(CURLOPT_SSL_CTX_FUNCTION, &ApplyCertDir);
-  s.Set(CURLOPT_SSL_CTX_DATA, static_cast<void*>(&impl_));
+  if (Curl()
+          .openssl3) {  // else the context is not one of our OpenSSL's (Create refused a cert dir)
+    s.Set(CURLOPT_SSL_CTX_FUNCTION, &ApplyCertDir);
+    s.Set(CURLOPT_SSL_CTX_DATA, static_cast<void*>(&impl_));
+  }
 #if LIBCURL_VERSION_NUM >= 0x075700  // 7.87: the CA store would be cached with our CAs in it
   if (impl_.tls && !impl_.tls->ca_pem.empty()) s.Set(CURLOPT_CA_CACHE_TIMEOUT, 0L);
 #endif
@@ -287,16 +314,14 @@ std::string Url(const std::string& scheme, const RegistryRef& ref, const std::st
 Error TransferError(const RegistryRef& ref, const std::string& what,
                     const RegistryClient::Impl::Response& r) {
   if (r.cancelled) return Error(ErrorKind::kCancelled, 0, fmt::format("{}: cancelled", what));
-  if (r.code != CURLE_OK && r.client_cert_asked && r.client_cert.empty()) {
+  if (r.client_cert.empty() && ClientCertRefused(r)) {
     return Error(ErrorKind::kPolicy, 0,
                  fmt::format("{}: TLS with {} failed: the registry asks for a client certificate "
                              "and none is set up (NAME.cert and NAME.key in --cert-dir, or in "
                              "certs.d/{}/ as containers-certs.d(5) says)",
                              what, ref.host, ref.registry));
   }
-  if (!r.client_cert.empty() && r.client_cert_asked && !IsTlsAlert(r) && r.status == 0 &&
-      (r.code == CURLE_SEND_ERROR || r.code == CURLE_RECV_ERROR || r.code == CURLE_HTTP2 ||
-       r.code == CURLE_GOT_NOTHING)) {
+  if (!r.client_cert.empty() && ClientCertRefused(r) && EndedBeforeAnswer(r) && !IsTlsAlert(r)) {
     // TLS 1.3: the server checks a client certificate after the handshake and
     // then sends an alert and closes; whether curl reads the alert or finds
     // the connection reset (in HTTP/2's framing, as CURLE_HTTP2, when h2 was
@@ -384,7 +409,7 @@ std::optional<long> RetryAfterMs(const RegistryClient::Impl::Response& r) {
 // anything else the answer said.
 bool IsRetryable(const RegistryClient::Impl::Response& r) {
   if (r.cancelled || r.stalled || r.sink_error || r.over_limit) return false;
-  if ((r.client_cert_asked && r.client_cert.empty()) || IsTlsAlert(r)) return false;
+  if (ClientCertRefused(r)) return false;
   switch (r.code) {
     case CURLE_OK: {
       std::optional<long> wait = RetryAfterMs(r);

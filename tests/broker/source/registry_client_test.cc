@@ -505,10 +505,13 @@ TEST_F(RegistryClientTest, ClientCertificateFromCertDirOrCertsD) {
       ASSERT_TRUE(c);
       Status s = c->Ping();
       EXPECT_TRUE(s) << s.error().ToString();
-      // A clone (a download worker) presents it too.
+      // A clone (a download worker) presents it too, on a connection of its
+      // own: the registry answers (404: this instance holds no debian:test).
       auto clone = c->Clone();
       ASSERT_TRUE(clone);
-      EXPECT_TRUE((*clone)->Ping()) << "clone";
+      auto m = (*clone)->GetManifest();
+      ASSERT_FALSE(m);
+      EXPECT_NE(m.error().ToString().find("HTTP 404"), std::string::npos) << m.error().ToString();
     }
   }
   {  // A certificate the registry's client CA did not sign: one line naming it.
@@ -520,17 +523,21 @@ TEST_F(RegistryClientTest, ClientCertificateFromCertDirOrCertsD) {
                  "/me.key 2>/dev/null && openssl req -new -x509 -key " + d +
                  "/me.key -subj /CN=stranger -days 2 -out " + d + "/me.cert 2>/dev/null"),
               0);
-    RegistryOptions o;
-    o.cert_dir = d;
-    auto c = Client(ref, o);
-    ASSERT_TRUE(c);
-    auto start = std::chrono::steady_clock::now();
-    Status s = c->Ping();
-    ASSERT_FALSE(s);
-    EXPECT_EQ(s.error().kind(), ErrorKind::kPolicy) << s.error().ToString();
-    EXPECT_NE(s.error().ToString().find("TLS with"), std::string::npos) << s.error().ToString();
-    EXPECT_NE(s.error().ToString().find(d + "/me.cert"), std::string::npos) << s.error().ToString();
-    EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
+    for (bool verify : {true, false}) {  // not verifying: no fallback to plain http either
+      RegistryOptions o;
+      o.cert_dir = d;
+      o.tls_verify = verify;
+      auto c = Client(ref, o);
+      ASSERT_TRUE(c);
+      auto start = std::chrono::steady_clock::now();
+      Status s = c->Ping();
+      ASSERT_FALSE(s);
+      EXPECT_EQ(s.error().kind(), ErrorKind::kPolicy) << s.error().ToString();
+      EXPECT_NE(s.error().ToString().find("TLS with"), std::string::npos) << s.error().ToString();
+      EXPECT_NE(s.error().ToString().find(d + "/me.cert"), std::string::npos)
+          << s.error().ToString();
+      EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
+    }
   }
   {  // No --cert-dir: $HOME/.config/containers/certs.d/HOST:PORT, as skopeo reads it.
     const std::string home = dir_ + "/home-certs";
@@ -561,6 +568,28 @@ TEST_F(RegistryClientTest, ClientCertificateFromCertDirOrCertsD) {
     ASSERT_FALSE(w) << "default_cert_dirs=false read certs.d";
     EXPECT_NE(w.error().ToString().find("asks for a client certificate"), std::string::npos)
         << w.error().ToString();
+    // A certs.d dir this user cannot read is passed over, as skopeo passes it
+    // over (root reads it anyway).
+    ASSERT_EQ(::chmod(d.c_str(), 0), 0);
+    ::setenv("HOME", home.c_str(), 1);
+    RegistryOptions insecure;
+    insecure.tls_verify = false;
+    auto locked = RegistryClient::Create(ref, insecure);
+    if (old != nullptr) {
+      ::setenv("HOME", saved.c_str(), 1);
+    } else {
+      ::unsetenv("HOME");
+    }
+    ::chmod(d.c_str(), 0755);
+    ASSERT_TRUE(locked) << locked.error().ToString();
+    Status l = (*locked)->Ping();
+    if (::geteuid() == 0) {
+      EXPECT_TRUE(l) << l.error().ToString();
+    } else {
+      ASSERT_FALSE(l);
+      EXPECT_NE(l.error().ToString().find("asks for a client certificate"), std::string::npos)
+          << l.error().ToString();
+    }
   }
 }
 
