@@ -6,6 +6,7 @@
 #include <signal.h>
 #include <spawn.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -44,9 +45,11 @@ Result<std::optional<std::string>> ReadAuthFile(const std::string& path) {
 }
 
 // containers/image normalizeAuthFileKey: a key with a scheme is cut at its first
-// '/' ("https://index.docker.io/v1/" -> "index.docker.io"), ~/.docker/config.json
-// keys too (docker login long wrote URLs there); then docker.io's aliases are one.
-std::string NormalizeKey(const std::string& key, bool docker_config) {
+// '/' ("https://index.docker.io/v1/" -> "index.docker.io"; docker login long
+// wrote URLs into ~/.docker/config.json); one without is kept whole, so a
+// namespace key ("quay.io/org") never stands for the registry; then docker.io's
+// aliases are one.
+std::string NormalizeKey(const std::string& key) {
   std::string stripped = key;
   bool had_scheme = false;
   for (std::string_view scheme : {"http://", "https://"}) {
@@ -56,7 +59,7 @@ std::string NormalizeKey(const std::string& key, bool docker_config) {
       break;
     }
   }
-  if (had_scheme || docker_config) stripped = stripped.substr(0, stripped.find('/'));
+  if (had_scheme) stripped = stripped.substr(0, stripped.find('/'));
   return NormalizeRegistry(stripped);
 }
 
@@ -89,22 +92,26 @@ Result<Credentials> DecodeAuth(const std::string& b64, const std::string& where)
   return c;
 }
 
-// What a helper printed, for an error line: its first line, printable ASCII
-// only, at most 160 characters (it is an error message, not a secret: a
-// helper prints credentials only when it succeeds).
-std::string HelperSays(std::string_view out) {
-  out = out.substr(0, out.find('\n'));
-  std::string said;
-  for (char ch : out.substr(0, 160)) said += (ch >= 0x20 && ch < 0x7f) ? ch : '?';
-  return said;
+// Overwrites every string in `doc` (a helper's parsed answer) before it is freed.
+void Wipe(nlohmann::json& doc) {
+  if (doc.is_string()) {
+    auto* text = doc.get_ptr<std::string*>();
+    OPENSSL_cleanse(text->data(), text->size());
+  } else if (doc.is_structured()) {
+    for (auto& item : doc) Wipe(item);
+  }
 }
 
 // Runs `docker-credential-NAME get` (found in $PATH, as skopeo runs it: the
 // docker-credential-helpers protocol) with `server` on its stdin, and reads
 // its answer: {"ServerURL": ..., "Username": ..., "Secret": ...}. nullopt
-// when the helper says it has none ("credentials not found"). Its stderr goes
-// to /dev/null; it gets 30 s. SECURITY: the answer is wiped once parsed, and
-// no error quotes it.
+// when the helper says it has none ("credentials not found in native
+// keychain"). The helper gets no fd but its stdin and stdout (stderr is
+// /dev/null), default signal dispositions, a process group of its own, and
+// 30 s for everything: past that, or once it exited and its stdout stayed
+// open (a child it left), the group is killed. SECURITY: its output is never
+// quoted (a helper may print credentials and then fail) and is wiped once
+// read.
 Result<std::optional<Credentials>> FromHelper(const std::string& name, const std::string& server,
                                               const std::string& where) {
   const std::string program = "docker-credential-" + name;
@@ -116,18 +123,23 @@ Result<std::optional<Credentials>> FromHelper(const std::string& name, const std
     return fail("not a helper name");
   }
   LX_ASSIGN_OR_RETURN(sandbox::Pipe in, sandbox::MakePipe(0));
-  LX_ASSIGN_OR_RETURN(sandbox::Pipe out, sandbox::MakePipe(0));
+  LX_ASSIGN_OR_RETURN(sandbox::Pipe out, sandbox::MakePipe(O_NONBLOCK));
   posix_spawn_file_actions_t actions;
   posix_spawn_file_actions_init(&actions);
   posix_spawn_file_actions_adddup2(&actions, in.read.get(), 0);
   posix_spawn_file_actions_adddup2(&actions, out.write.get(), 1);
   posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0);
+  posix_spawn_file_actions_addclosefrom_np(&actions, 3);  // a host's fds without O_CLOEXEC too
   posix_spawnattr_t attr;
   posix_spawnattr_init(&attr);
-  sigset_t none;
+  sigset_t none, all;
   sigemptyset(&none);
+  sigfillset(&all);
   posix_spawnattr_setsigmask(&attr, &none);
-  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK);
+  posix_spawnattr_setsigdefault(&attr, &all);  // SIGPIPE ignored by the CLI, not by the helper
+  posix_spawnattr_setpgroup(&attr, 0);
+  posix_spawnattr_setflags(&attr,
+                           POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETPGROUP);
   std::string arg_get = "get";
   char* argv[] = {const_cast<char*>(program.c_str()), arg_get.data(), nullptr};
   pid_t pid = -1;
@@ -144,58 +156,111 @@ Result<std::optional<Credentials>> FromHelper(const std::string& name, const std
   out.write.reset();
   {
     sandbox::ScopedSigpipeBlock no_sigpipe;  // a helper that does not read its stdin
-    std::string line = server + "\n";
-    (void)sandbox::WriteAll(in.write.get(), std::as_bytes(std::span(line)));
+    // As docker's client sends it: the server, no newline.
+    (void)sandbox::WriteAll(in.write.get(), std::as_bytes(std::span(server)));
     in.write.reset();
   }
+  // Its exit, seen beside its stdout: a child it left holding stdout does
+  // not keep us waiting for an end of file.
+  sandbox::UniqueFd exited(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
   std::string answer;
-  bool timed_out = false, too_long = false;
+  answer.reserve(kMaxHelperAnswer);  // never reallocated: no copy of it left unwiped
+  char buf[4096];
+  enum class End { kEof, kExited, kTimeout, kTooLong, kError } end = End::kError;
+  int64_t grace_end = 0;  // once it exited: what it wrote is read for 100 ms more
   const int64_t deadline = sandbox::MonotonicNs() + int64_t{kHelperTimeoutMs} * 1'000'000;
   for (;;) {
-    int64_t left_ms = (deadline - sandbox::MonotonicNs()) / 1'000'000;
-    if (left_ms <= 0) {
-      timed_out = true;
+    const int64_t now = sandbox::MonotonicNs();
+    if (now >= deadline) {
+      end = End::kTimeout;
       break;
     }
-    struct pollfd pfd = {.fd = out.read.get(), .events = POLLIN, .revents = 0};
-    int n = ::poll(&pfd, 1, static_cast<int>(std::min<int64_t>(left_ms, 1000)));
-    if (n < 0 && errno != EINTR) break;
-    if (n <= 0) continue;
-    char buf[4096];
+    if (grace_end != 0 && now >= grace_end) {
+      end = End::kExited;
+      break;
+    }
+    const int64_t until = grace_end != 0 ? grace_end : deadline;
+    struct pollfd fds[2] = {
+        {.fd = out.read.get(), .events = POLLIN, .revents = 0},
+        {.fd = grace_end == 0 ? exited.get() : -1, .events = POLLIN, .revents = 0}};
+    int n =
+        ::poll(fds, 2, static_cast<int>(std::min<int64_t>((until - now) / 1'000'000 + 1, 1000)));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) break;
+    if (fds[1].revents != 0) grace_end = sandbox::MonotonicNs() + 100'000'000;
+    if (fds[0].revents == 0) continue;
     ssize_t got = ::read(out.read.get(), buf, sizeof(buf));
-    if (got < 0 && errno == EINTR) continue;
-    if (got <= 0) break;
+    if (got < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+    if (got < 0) break;
+    if (got == 0) {
+      end = End::kEof;
+      break;
+    }
     if (answer.size() + static_cast<size_t>(got) > kMaxHelperAnswer) {
-      too_long = true;
+      end = End::kTooLong;
       break;
     }
     answer.append(buf, static_cast<size_t>(got));
   }
-  if (timed_out || too_long) ::kill(pid, SIGKILL);
+  OPENSSL_cleanse(buf, sizeof(buf));
+  // The helper is waited for within the time that is left (then killed),
+  // first without reaping it: while it is a zombie its process group cannot
+  // be taken by another, so the kill of the group (a child it left behind)
+  // reaches its own and no one else's.
+  for (;;) {
+    siginfo_t info = {};
+    int w = ::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOHANG | WNOWAIT);
+    if (w == 0 && info.si_pid == pid) break;  // exited, not reaped
+    if (w < 0 && errno != EINTR) break;       // ECHILD: a host's SIGCHLD handler took it
+    if (end != End::kEof || sandbox::MonotonicNs() >= deadline) {
+      if (end == End::kEof) end = End::kTimeout;
+      break;
+    }
+    struct pollfd pfd = {.fd = exited.get(), .events = POLLIN, .revents = 0};
+    (void)::poll(&pfd, 1, 50);
+  }
+  ::kill(-pid, SIGKILL);
   int status = 0;
-  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  bool reaped = false;
+  for (;;) {
+    pid_t w = ::waitpid(pid, &status, 0);
+    if (w == pid) {
+      reaped = true;
+      break;
+    }
+    if (errno != EINTR) break;
   }
   auto wipe = [&] { OPENSSL_cleanse(answer.data(), answer.size()); };
-  if (timed_out) {
-    wipe();
-    return fail(fmt::format("no answer within {} s", kHelperTimeoutMs / 1000));
+  switch (end) {
+    case End::kTimeout:
+      wipe();
+      return fail(fmt::format("no answer within {} s", kHelperTimeoutMs / 1000));
+    case End::kTooLong:
+      wipe();
+      return fail(fmt::format("an answer over {} bytes", kMaxHelperAnswer));
+    case End::kError:
+      wipe();
+      return fail("its output could not be read");
+    case End::kEof:
+    case End::kExited:
+      break;
   }
-  if (too_long) {
+  if (!reaped) {
     wipe();
-    return fail(fmt::format("an answer over {} bytes", kMaxHelperAnswer));
+    return fail("its exit status was lost (reaped elsewhere)");
   }
   if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-    // docker-credential-helpers' "credentials not found in native keychain":
-    // none here, as skopeo reads it.
-    if (answer.find("credentials not found") != std::string::npos) {
-      wipe();
-      return std::optional<Credentials>();
+    // docker-credential-helpers' answer when it has none, compared whole as
+    // docker's client compares it: none here.
+    std::string_view said = answer;
+    while (!said.empty() && (said.back() == '\n' || said.back() == '\r' || said.back() == ' ')) {
+      said.remove_suffix(1);
     }
-    std::string why = WIFEXITED(status) ? fmt::format("exit {}", WEXITSTATUS(status))
-                                        : fmt::format("killed by signal {}", WTERMSIG(status));
-    std::string said = HelperSays(answer);
+    const bool not_found = said == "credentials not found in native keychain";
     wipe();
-    return fail(said.empty() ? why : fmt::format("{}: {:?}", why, said));
+    if (not_found) return std::optional<Credentials>();
+    return fail(WIFEXITED(status) ? fmt::format("exit {}", WEXITSTATUS(status))
+                                  : fmt::format("killed by signal {}", WTERMSIG(status)));
   }
   nlohmann::json doc = nlohmann::json::parse(answer, nullptr, /*allow_exceptions=*/false);
   wipe();
@@ -206,13 +271,9 @@ Result<std::optional<Credentials>> FromHelper(const std::string& name, const std
     return it->get<std::string>();
   };
   std::optional<std::string> user = text("Username"), secret = text("Secret");
+  Wipe(doc);
   if (!user || !secret) {
-    if (doc.is_object()) {
-      for (auto& [k, v] : doc.items()) {
-        if (v.is_string())
-          OPENSSL_cleanse(v.get_ptr<std::string*>()->data(), v.get_ptr<std::string*>()->size());
-      }
-    }
+    if (secret) OPENSSL_cleanse(secret->data(), secret->size());
     return fail("its answer is not JSON with \"Username\" and \"Secret\"");
   }
   if (*user == "<token>") {  // an identity token (OAuth2 refresh token): not supported
@@ -277,7 +338,6 @@ Result<std::optional<Credentials>> FindCredentials(const std::string& registry,
     return std::optional<Credentials>(std::move(c));
   }
   const std::string wanted = NormalizeRegistry(registry);
-  std::optional<Error> helper_error;  // the first credential helper that failed
   for (const std::string& path : auth_files) {
     LX_ASSIGN_OR_RETURN(std::optional<std::string> text, ReadAuthFile(path));
     if (!text) continue;
@@ -296,17 +356,16 @@ Result<std::optional<Credentials>> FindCredentials(const std::string& registry,
         if (!h->is_string()) {
           return std::unexpected(MakeError(ErrorKind::kPolicy, "{}: not a string", where));
         }
-        Result<std::optional<Credentials>> c = FromHelper(h->get<std::string>(), registry, where);
-        if (c && *c) return c;
-        // None, or the helper failed: the next file, as skopeo goes on; a
-        // failure is said only if no file has credentials.
-        if (!c && !helper_error) helper_error = std::move(c).error();
+        // A helper that fails ends the search, as in skopeo: another file
+        // could hold another identity. One that has none: the next file.
+        LX_ASSIGN_OR_RETURN(std::optional<Credentials> c,
+                            FromHelper(h->get<std::string>(), registry, where));
+        if (c) return c;
         continue;
       }
     }
     auto auths = doc.find("auths");
     if (auths == doc.end() || !auths->is_object()) continue;
-    const bool docker_config = path.ends_with("/.docker/config.json");
     const nlohmann::json* entry = nullptr;
     std::string key;
     // Repository and namespace keys ("quay.io/org") match exactly, the most
@@ -320,7 +379,7 @@ Result<std::optional<Credentials>> FindCredentials(const std::string& registry,
     }
     if (entry == nullptr) {
       for (auto it = auths->begin(); it != auths->end(); ++it) {
-        if (NormalizeKey(it.key(), docker_config) == wanted) {
+        if (NormalizeKey(it.key()) == wanted) {
           entry = &it.value();
           key = it.key();
           break;
@@ -346,7 +405,6 @@ Result<std::optional<Credentials>> FindCredentials(const std::string& registry,
     LX_ASSIGN_OR_RETURN(Credentials c, DecodeAuth(auth->get<std::string>(), where));
     return std::optional<Credentials>(std::move(c));
   }
-  if (helper_error) return std::unexpected(std::move(*helper_error));
   return std::optional<Credentials>();
 }
 

@@ -9,8 +9,8 @@
 //   3. in each file, a `credHelpers` entry for the registry first: the helper
 //      `docker-credential-NAME get` is run (from $PATH; the registry on its
 //      stdin, its JSON answer on stdout, 30 s at most); "credentials not found"
-//      goes on to the next file, and so does a helper that fails, whose error
-//      is returned only if no file has credentials;
+//      goes on to the next file; a helper that fails ends the search (another
+//      file could hold another identity), as in skopeo;
 //   4. else the `auths` entry whose key is the repository ("host/ns/repo"), a
 //      namespace of it ("host/ns") or the registry, exactly, the most specific
 //      first; else one whose key

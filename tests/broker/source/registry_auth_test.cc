@@ -2,11 +2,13 @@
 // (broker/registry_auth.cc). Each test writes its files into a temp dir.
 #include "broker/source/registry_auth.h"
 
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <stdlib.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -251,13 +253,16 @@ esac)");
 
 TEST_F(RegistryAuthTest, FailingCredentialHelperIsOneClearLine) {
   Helper("fails", "echo 'no session: run login first'; exit 3");
+  // What a failing helper printed is never quoted: it may be credentials.
+  Helper("leaks", R"(printf '{"Username":"u","Secret":"printed-s3cret"}'; exit 1)");
   Helper("garbage", "echo 'Username=me Secret=leaked-s3cret'");
   Helper("token", R"(printf '{"Username":"<token>","Secret":"refresh-s3cret"}')");
   struct Case {
     const char* helper;
     const char* needle;
   } cases[] = {{"nosuch", "docker-credential-nosuch: not found in $PATH"},
-               {"fails", "exit 3: \"no session: run login first\""},
+               {"fails", "docker-credential-fails: exit 3"},
+               {"leaks", "docker-credential-leaks: exit 1"},
                {"garbage", "not JSON with \"Username\" and \"Secret\""},
                {"token", "identity token"},
                {"../../bin/sh", "not a helper name"}};
@@ -270,7 +275,7 @@ TEST_F(RegistryAuthTest, FailingCredentialHelperIsOneClearLine) {
     const std::string e = c.error().ToString();
     EXPECT_NE(e.find(k.needle), std::string::npos) << e;
     EXPECT_NE(e.find(f), std::string::npos) << "names the file: " << e;
-    for (const char* secret : {"leaked-s3cret", "refresh-s3cret"}) {
+    for (const char* secret : {"leaked-s3cret", "refresh-s3cret", "printed-s3cret", "no session"}) {
       EXPECT_EQ(e.find(secret), std::string::npos) << e;
     }
   }
@@ -292,25 +297,56 @@ TEST_F(RegistryAuthTest, RepositoryAndNamespaceKeys) {
   c = FindCredentials("quay.io", std::nullopt, {f}, "elsewhere/app");
   ASSERT_TRUE(c);
   EXPECT_FALSE(c->has_value());
-  // skopeo reads them in ~/.docker/config.json too.
+  // skopeo reads them in ~/.docker/config.json too, and there as well a
+  // namespace key never stands for the whole registry.
   std::string d = Write("home/.docker/config.json",
                         R"({"auths":{"quay.io/org":{"auth":")" + std::string(kBobAuth) + R"("}}})");
   c = FindCredentials("quay.io", std::nullopt, {d}, "org/app");
   ASSERT_TRUE(c && c->has_value());
   EXPECT_EQ((*c)->username, "bob");
+  c = FindCredentials("quay.io", std::nullopt, {d}, "elsewhere/app");
+  ASSERT_TRUE(c);
+  EXPECT_FALSE(c->has_value()) << "quay.io/org's credentials sent for quay.io/elsewhere";
 }
 
-// A helper that fails does not hide credentials in a later file; with none
-// anywhere, its error is the answer.
-TEST_F(RegistryAuthTest, FailingHelperGivesWayToALaterFile) {
+// A helper that fails ends the search, as in skopeo: a later file may hold
+// another identity, which must not be used in its place.
+TEST_F(RegistryAuthTest, FailingHelperEndsTheSearch) {
   std::string f = Write("a.json", R"({"credHelpers":{"quay.io":"nosuch"}})");
   std::string g = Write("b.json", Auths("quay.io", kAliceAuth));
   auto c = FindCredentials("quay.io", std::nullopt, {f, g});
-  ASSERT_TRUE(c && c->has_value()) << (c ? "none" : c.error().ToString());
-  EXPECT_EQ((*c)->username, "alice");
-  c = FindCredentials("quay.io", std::nullopt, {f});
   ASSERT_FALSE(c);
   EXPECT_NE(c.error().ToString().find("docker-credential-nosuch"), std::string::npos);
+}
+
+// The helper gets its stdin and stdout and no other fd of ours (not even one
+// without O_CLOEXEC), the registry on stdin with no newline (as docker's
+// client sends it); a child it leaves holding its stdout does not hold us.
+TEST_F(RegistryAuthTest, HelperGetsOnlyItsPipesAndIsNotHeldByItsChildren) {
+  int leaked = ::fcntl(::open("/dev/null", O_RDONLY), F_DUPFD, 50);  // no O_CLOEXEC
+  ASSERT_GE(leaked, 50);
+  Helper("lxfds", "[ -e /proc/$$/fd/" + std::to_string(leaked) + " ] && echo LEAKED >>" + dir_ +
+                      "/helper.log\n"
+                      "printf '{\"Username\":\"u\",\"Secret\":\"p\"}'\n"
+                      "sleep 60 &");
+  std::string f = Write("a.json", R"({"credHelpers":{"quay.io":"lxfds"}})");
+  auto start = std::chrono::steady_clock::now();
+  auto c = FindCredentials("quay.io", std::nullopt, {f});
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
+  ::close(leaked);
+  ASSERT_TRUE(c && c->has_value()) << (c ? "none" : c.error().ToString());
+  EXPECT_EQ((*c)->username, "u");
+  EXPECT_EQ(Log().find("LEAKED"), std::string::npos) << Log();
+  // Its stdin: exactly the registry's name.
+  std::string raw = Write(
+      "bin/docker-credential-lxraw",
+      "#!/bin/sh\ncat >" + dir_ + "/stdin.bytes\nprintf '{\"Username\":\"u\",\"Secret\":\"p\"}'\n");
+  ::chmod(raw.c_str(), 0755);
+  std::string g = Write("b.json", R"({"credHelpers":{"other.io":"lxraw"}})");
+  c = FindCredentials("other.io", std::nullopt, {g});
+  ASSERT_TRUE(c && c->has_value()) << (c ? "none" : c.error().ToString());
+  std::ifstream in(dir_ + "/stdin.bytes");
+  EXPECT_EQ(std::string(std::istreambuf_iterator<char>(in), {}), "other.io");
 }
 
 TEST_F(RegistryAuthTest, IdentityTokenIsRefusedByName) {
