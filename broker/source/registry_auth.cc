@@ -23,6 +23,15 @@ constexpr uint64_t kMaxAuthFileBytes = 4 * 1024 * 1024;
 constexpr size_t kMaxHelperAnswer = 64 * 1024;
 constexpr int kHelperTimeoutMs = 30'000;
 
+// Docker's first config file: one object of registry keys, as `auths` is now.
+constexpr const char* kLegacyDockerCfg = ".dockercfg";
+
+bool IsLegacyDockerCfg(const std::string& path) {
+  size_t slash = path.rfind('/');
+  return path.compare(slash == std::string::npos ? 0 : slash + 1, std::string::npos,
+                      kLegacyDockerCfg) == 0;
+}
+
 std::string Env(const char* name) {
   const char* v = std::getenv(name);
   return v != nullptr ? std::string(v) : std::string();
@@ -92,7 +101,7 @@ Result<Credentials> DecodeAuth(const std::string& b64, const std::string& where)
   return c;
 }
 
-// Overwrites every string in `doc` (a helper's parsed answer) before it is freed.
+// Overwrites every string in `doc` (an auth file, a helper's answer) before it is freed.
 void Wipe(nlohmann::json& doc) {
   if (doc.is_string()) {
     auto* text = doc.get_ptr<std::string*>();
@@ -325,7 +334,14 @@ std::vector<std::string> AuthFilePaths() {
   std::string config = Env("XDG_CONFIG_HOME");
   if (config.empty() && !home.empty()) config = home + "/.config";
   if (!config.empty()) paths.push_back(config + "/containers/auth.json");
-  if (!home.empty()) paths.push_back(home + "/.docker/config.json");
+  // Docker's own: $DOCKER_CONFIG (the dir CI systems point elsewhere) instead of
+  // ~/.docker, then the legacy ~/.dockercfg.
+  if (std::string docker = Env("DOCKER_CONFIG"); !docker.empty()) {
+    paths.push_back(docker + "/config.json");
+  } else if (!home.empty()) {
+    paths.push_back(home + "/.docker/config.json");
+  }
+  if (!home.empty()) paths.push_back(home + "/" + kLegacyDockerCfg);
   return paths;
 }
 
@@ -345,12 +361,20 @@ Result<std::optional<Credentials>> FindCredentials(const std::string& registry,
     // it stopped at, which may be a secret.
     nlohmann::json doc = nlohmann::json::parse(*text, nullptr, /*allow_exceptions=*/false);
     OPENSSL_cleanse(text->data(), text->size());
+    // Its secrets are wiped too, however this file's turn ends.
+    struct WipeOnExit {
+      nlohmann::json& doc;
+      ~WipeOnExit() { Wipe(doc); }
+    } wipe_doc{doc};
     if (doc.is_discarded() || !doc.is_object()) {
       return std::unexpected(
           MakeError(ErrorKind::kPolicy, "auth file {:?}: not a JSON object", path));
     }
+    // The legacy format (~/.dockercfg) is the `auths` object alone: no helpers.
+    const bool legacy = IsLegacyDockerCfg(path);
     // A credential helper for the registry comes first, as in skopeo.
-    if (auto helpers = doc.find("credHelpers"); helpers != doc.end() && helpers->is_object()) {
+    if (auto helpers = doc.find("credHelpers");
+        !legacy && helpers != doc.end() && helpers->is_object()) {
       if (auto h = helpers->find(registry); h != helpers->end()) {
         const std::string where = fmt::format("auth file {:?}, credHelpers {:?}", path, registry);
         if (!h->is_string()) {
@@ -364,7 +388,13 @@ Result<std::optional<Credentials>> FindCredentials(const std::string& registry,
         continue;
       }
     }
-    auto auths = doc.find("auths");
+    nlohmann::json::iterator auths = doc.find("auths");
+    if (legacy) {
+      nlohmann::json wrapped = nlohmann::json::object();
+      wrapped["auths"] = std::move(doc);
+      doc = std::move(wrapped);
+      auths = doc.find("auths");
+    }
     if (auths == doc.end() || !auths->is_object()) continue;
     const nlohmann::json* entry = nullptr;
     std::string key;

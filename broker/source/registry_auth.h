@@ -4,8 +4,10 @@
 //   1. --creds USER:PASS, when given;
 //   2. $REGISTRY_AUTH_FILE when set — and then no other file, as skopeo does;
 //      otherwise $XDG_RUNTIME_DIR/containers/auth.json (/run/containers/UID/auth.json
-//      when XDG_RUNTIME_DIR is unset), ${XDG_CONFIG_HOME:-~/.config}/containers/auth.json
-//      and ~/.docker/config.json, in that order;
+//      when XDG_RUNTIME_DIR is unset), ${XDG_CONFIG_HOME:-~/.config}/containers/auth.json,
+//      ${DOCKER_CONFIG:-~/.docker}/config.json and the legacy ~/.dockercfg (its
+//      registries at the top, no `auths` or `credHelpers`; any file so named is
+//      read so), in that order;
 //   3. in each file, a `credHelpers` entry for the registry first: the helper
 //      `docker-credential-NAME get` is run (from $PATH; the registry on its
 //      stdin, its JSON answer on stdout, 30 s at most); "credentials not found"
@@ -44,7 +46,7 @@ struct Credentials {
 Result<Credentials> ParseCreds(const std::string& user_colon_pass);
 
 // The auth files to look in, in order, from the environment (REGISTRY_AUTH_FILE,
-// XDG_RUNTIME_DIR, XDG_CONFIG_HOME, HOME).
+// XDG_RUNTIME_DIR, XDG_CONFIG_HOME, DOCKER_CONFIG, HOME).
 std::vector<std::string> AuthFilePaths();
 
 // Credentials for `registry` ("host" or "host:port", as in RegistryRef::registry)

@@ -27,11 +27,12 @@ class RegistryAuthTest : public ::testing::Test {
     char tmpl[] = "/tmp/layerx-auth-XXXXXX";
     ASSERT_NE(mkdtemp(tmpl), nullptr);
     dir_ = tmpl;
-    for (const char* v :
-         {"REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "HOME", "PATH"}) {
+    for (const char* v : {"REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "HOME",
+                          "PATH", "DOCKER_CONFIG"}) {
       const char* old = getenv(v);
       saved_.emplace_back(v, old ? std::optional<std::string>(old) : std::nullopt);
     }
+    unsetenv("DOCKER_CONFIG");  // a CI runner's would change the paths
   }
   void TearDown() override {
     for (auto& [name, value] : saved_) {
@@ -196,13 +197,57 @@ TEST_F(RegistryAuthTest, AuthFilePathsInSkopeoOrder) {
   setenv("HOME", (dir_ + "/home").c_str(), 1);
   std::vector<std::string> want = {dir_ + "/run/containers/auth.json",
                                    dir_ + "/home/.config/containers/auth.json",
-                                   dir_ + "/home/.docker/config.json"};
+                                   dir_ + "/home/.docker/config.json", dir_ + "/home/.dockercfg"};
   EXPECT_EQ(AuthFilePaths(), want);
   setenv("XDG_CONFIG_HOME", (dir_ + "/cfg").c_str(), 1);
   unsetenv("XDG_RUNTIME_DIR");
   want = {"/run/containers/" + std::to_string(getuid()) + "/auth.json",
-          dir_ + "/cfg/containers/auth.json", dir_ + "/home/.docker/config.json"};
+          dir_ + "/cfg/containers/auth.json", dir_ + "/home/.docker/config.json",
+          dir_ + "/home/.dockercfg"};
   EXPECT_EQ(AuthFilePaths(), want);
+  // $DOCKER_CONFIG names the dir of Docker's config.json, instead of ~/.docker.
+  setenv("DOCKER_CONFIG", (dir_ + "/ci-docker").c_str(), 1);
+  want[2] = dir_ + "/ci-docker/config.json";
+  EXPECT_EQ(AuthFilePaths(), want);
+}
+
+TEST_F(RegistryAuthTest, DockerConfigDirAndLegacyDockercfg) {
+  unsetenv("REGISTRY_AUTH_FILE");
+  setenv("XDG_RUNTIME_DIR", (dir_ + "/run").c_str(), 1);
+  unsetenv("XDG_CONFIG_HOME");
+  setenv("HOME", (dir_ + "/home").c_str(), 1);
+  // ~/.dockercfg: the registries at the top, no "auths" around them.
+  Write("home/.dockercfg", std::string(R"({"https://index.docker.io/v1/":{"auth":")") + kBobAuth +
+                               R"(","email":"bob@example.com"},)" + R"("credHelpers":{"auth":")" +
+                               kAliceAuth + R"("}})");
+  auto c = FindCredentials("docker.io", std::nullopt, AuthFilePaths(), "library/debian");
+  ASSERT_TRUE(c) << c.error().ToString();
+  ASSERT_TRUE(c->has_value());
+  EXPECT_EQ((*c)->username, "bob");
+  // A registry key named "credHelpers" there is a registry, never a helper list.
+  c = FindCredentials("quay.io", std::nullopt, AuthFilePaths());
+  ASSERT_TRUE(c) << c.error().ToString();
+  EXPECT_FALSE(c->has_value());
+  // Nor is a modern file read as legacy, or the reverse.
+  Write("home/.dockercfg", Auths("quay.io", kBobAuth));
+  c = FindCredentials("quay.io", std::nullopt, AuthFilePaths());
+  ASSERT_TRUE(c) << c.error().ToString();
+  EXPECT_FALSE(c->has_value());
+  // Docker's config.json before the legacy file; with $DOCKER_CONFIG, from there
+  // and not from ~/.docker.
+  Write("home/.dockercfg", std::string(R"({"quay.io":{"auth":")") + kBobAuth + R"("}})");
+  Write("home/.docker/config.json", Auths("quay.io", kAliceAuth));
+  c = FindCredentials("quay.io", std::nullopt, AuthFilePaths());
+  ASSERT_TRUE(c && c->has_value());
+  EXPECT_EQ((*c)->username, "alice");
+  setenv("DOCKER_CONFIG", (dir_ + "/ci-docker").c_str(), 1);
+  c = FindCredentials("quay.io", std::nullopt, AuthFilePaths());
+  ASSERT_TRUE(c && c->has_value());
+  EXPECT_EQ((*c)->username, "bob");
+  Write("ci-docker/config.json", Auths("quay.io", kAliceAuth));
+  c = FindCredentials("quay.io", std::nullopt, AuthFilePaths());
+  ASSERT_TRUE(c && c->has_value());
+  EXPECT_EQ((*c)->username, "alice");
 }
 
 TEST_F(RegistryAuthTest, FindsDockerConfigThroughTheEnvironment) {

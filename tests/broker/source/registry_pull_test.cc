@@ -511,6 +511,15 @@ TEST_F(RegistryPullTest, TlsWithRegistryAuthFileEnvGivesTheOciBytes) {
                   {"REGISTRY_AUTH_FILE=" + env_["AUTH_FILE"]});
 }
 
+// $DOCKER_CONFIG (as CI runners set it) names the dir of Docker's config.json.
+TEST_F(RegistryPullTest, TlsWithDockerConfigEnvGivesTheOciBytes) {
+  const std::string dir = out_ + "/ci-docker";
+  ASSERT_EQ(::mkdir(dir.c_str(), 0755), 0);
+  WriteFile(dir + "/config.json", ReadFile(env_["AUTH_FILE"]));
+  ExpectSameAsOci(Docker("app:v1"), {"--cert-dir", env_["CERT_DIR"]}, Oci(app_ + ":v1"),
+                  {"DOCKER_CONFIG=" + dir});
+}
+
 TEST_F(RegistryPullTest, PlainHttpWithTlsVerifyFalseGivesTheOciBytes) {
   ExpectSameAsOci(Docker("app:v1", "http"), {"--tls-verify=false"}, Oci(app_ + ":v1"));
 }
