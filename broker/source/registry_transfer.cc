@@ -8,6 +8,7 @@
 #include <openssl/pem.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
+#include <sys/socket.h>
 
 #include <algorithm>
 #include <cctype>
@@ -150,6 +151,14 @@ struct Setup {
   }
 };
 
+// Every connection close-on-exec: curl (7.88) makes its sockets without
+// SOCK_CLOEXEC, and a library user's fork + exec on another thread would hand
+// the registry's connection, and the token on it, to the child.
+curl_socket_t OpenCloexecSocket(void*, curlsocktype, struct curl_sockaddr* address) {
+  int fd = ::socket(address->family, address->socktype | SOCK_CLOEXEC, address->protocol);
+  return fd < 0 ? CURL_SOCKET_BAD : fd;
+}
+
 // How long curl may wait for the network between two looks at the cancel flag
 // and the stall clock.
 constexpr int kPollMs = 100;
@@ -174,6 +183,7 @@ Result<RegistryClient::Impl::Response> RequestRunner::Run(
   Setup s{curl};
   s.Set(CURLOPT_URL, request.url.c_str());
   s.Set(CURLOPT_NOSIGNAL, 1L);
+  s.Set(CURLOPT_OPENSOCKETFUNCTION, &OpenCloexecSocket);
   // Bigger reads from the socket: a tenth of the receive calls and callbacks
   // of curl's 16 KiB default for a blob.
   s.Set(CURLOPT_BUFFERSIZE, 512L * 1024);

@@ -6,10 +6,12 @@
 // digests kept, so the registry serves the layout's manifest bytes unchanged.
 #include "broker/source/registry_client.h"
 
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <spawn.h>
 #include <stdlib.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -276,6 +278,43 @@ TEST_F(RegistryClientTest, BlobStreamsWithItsDigestAndSize) {
     EXPECT_EQ(*n, size);
     EXPECT_EQ(seen, size);
     EXPECT_EQ(sha.Finish(), digest);
+  }
+}
+
+// The connection is close-on-exec while it carries a transfer: a library
+// user's fork + exec elsewhere in the process must not inherit it. (curl's
+// multi handle also holds an AF_UNIX wakeup pair without it: it carries no
+// byte of the transfer.)
+TEST_F(RegistryClientTest, ConnectionsAreCloseOnExec) {
+  for (const char* host : {"TLS_HOST", "HTTP_HOST"}) {
+    RegistryOptions o = TlsOptions();
+    if (std::string(host) == "HTTP_HOST") o = RegistryOptions{.tls_verify = false};
+    auto client = Client(Ref(host), o);
+    ASSERT_TRUE(client);
+    const auto& l = manifest_["layers"][0];
+    int sockets = 0, inheritable = 0;
+    bool looked = false;
+    auto n = client->GetBlob(
+        l["digest"].get<std::string>(), l["size"].get<uint64_t>(),
+        [&](std::span<const char>) -> Status {
+          if (looked) return {};
+          looked = true;
+          for (const auto& e : std::filesystem::directory_iterator("/proc/self/fd")) {
+            int fd = std::stoi(e.path().filename().string());
+            struct stat st;
+            if (::fstat(fd, &st) != 0 || !S_ISSOCK(st.st_mode)) continue;
+            int domain = -1;
+            socklen_t len = sizeof(domain);
+            ::getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len);
+            if (domain != AF_INET && domain != AF_INET6) continue;
+            ++sockets;
+            if ((::fcntl(fd, F_GETFD) & FD_CLOEXEC) == 0) ++inheritable;
+          }
+          return {};
+        });
+    ASSERT_TRUE(n) << host << ": " << n.error().ToString();
+    EXPECT_GE(sockets, 1) << host;
+    EXPECT_EQ(inheritable, 0) << host;
   }
 }
 
