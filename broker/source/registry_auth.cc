@@ -285,9 +285,12 @@ Result<std::optional<Credentials>> FromHelper(const std::string& name, const std
     if (secret) OPENSSL_cleanse(secret->data(), secret->size());
     return fail("its answer is not JSON with \"Username\" and \"Secret\"");
   }
-  if (*user == "<token>") {  // an identity token (OAuth2 refresh token): not supported
-    OPENSSL_cleanse(secret->data(), secret->size());
-    return fail("it gave an identity token, which layerx does not support yet");
+  if (*user == "<token>") {  // an identity token (OAuth2 refresh token)
+    OPENSSL_cleanse(user->data(), user->size());
+    if (secret->empty()) return fail("it gave an empty identity token");
+    Credentials c;
+    c.identity_token = std::move(*secret);
+    return std::optional<Credentials>(std::move(c));
   }
   if (user->empty() && secret->empty()) return std::optional<Credentials>();
   Credentials c{std::move(*user), std::move(*secret)};
@@ -421,10 +424,13 @@ Result<std::optional<Credentials>> FindCredentials(const std::string& registry,
     if (!entry->is_object()) {
       return std::unexpected(MakeError(ErrorKind::kPolicy, "{}: not an object", where));
     }
+    // An identity token wins over the entry's `auth` (Docker keeps a user name
+    // there), as in skopeo.
     if (auto token = entry->find("identitytoken");
         token != entry->end() && token->is_string() && !token->get<std::string>().empty()) {
-      return std::unexpected(MakeError(
-          ErrorKind::kPolicy, "{}: an identity token, which layerx does not support yet", where));
+      Credentials c;
+      c.identity_token = token->get<std::string>();
+      return std::optional<Credentials>(std::move(c));
     }
     auto auth = entry->find("auth");
     if (auth == entry->end() || !auth->is_string()) {

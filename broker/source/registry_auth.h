@@ -22,8 +22,9 @@
 // An `auth` value is base64 of "user:pass". A file that is missing or cannot be
 // read (EACCES: rootless under a root HOME) is skipped; a file that is not a
 // regular file is skipped too (never opened for reading).
-// Not supported (skopeo reads neither): `credsStore`; identity tokens (a
-// helper's "<token>" user, an entry's `identitytoken`) are refused by name.
+// An entry's `identitytoken`, or a helper's "<token>" user, gives an identity
+// token (Credentials::identity_token). Not read (skopeo does not read it
+// either): `credsStore`.
 // SECURITY: no secret ever enters an Error or a log line; errors name the file and
 // the registry only.
 #pragma once
@@ -39,6 +40,10 @@ namespace layerx::broker {
 struct Credentials {
   std::string username;
   std::string password;
+  // An identity token (an OAuth2 refresh token: an auth file's `identitytoken`,
+  // a helper's "<token>" user), traded at the registry's token realm for a
+  // Bearer token; username and password are then not used. SECURITY: a secret.
+  std::string identity_token;
 };
 
 // "USER:PASS" as --creds takes it (split at the first ':'); kPolicy without a ':'
@@ -55,8 +60,7 @@ std::vector<std::string> AuthFilePaths();
 // (anonymous). Errors: kPolicy for malformed --creds, an auth file that is not
 // valid JSON, or an entry for this registry whose `auth` is not base64 of
 // "user:pass", a credential helper that fails (not in $PATH, an error exit,
-// no answer in 30 s, an answer that is not the protocol's JSON), or an identity
-// token.
+// no answer in 30 s, an answer that is not the protocol's JSON).
 Result<std::optional<Credentials>> FindCredentials(const std::string& registry,
                                                    const std::optional<std::string>& creds,
                                                    const std::vector<std::string>& auth_files,

@@ -73,27 +73,38 @@ Result<std::string> FetchBearerToken(RegistryClient::Impl& impl, const RegistryR
     return Fail(MakeError(ErrorKind::kInvalidInput, "{}: bearer realm {:?} is not an https URL",
                           what, realm.substr(0, 200)));
   }
-  std::string url = realm + (realm.find('?') == std::string::npos ? "?" : "&");
   auto escape = [&](const std::string& v) {
     char* e = Curl().easy_escape(impl.curl, v.data(), static_cast<int>(v.size()));
     std::string out = e != nullptr ? e : "";
+    if (e != nullptr) OPENSSL_cleanse(e, out.size());
     Curl().free(e);
     return out;
   };
-  bool first = true;
+  // service=...&scope=repository:REPO:pull, each escaped.
+  std::string params;
   if (auto it = challenge.params.find("service"); it != challenge.params.end()) {
-    url += "service=" + escape(it->second);
-    first = false;
+    params = "service=" + escape(it->second) + "&";
   }
-  url += std::string(first ? "" : "&") +
-         "scope=" + escape(fmt::format("repository:{}:pull", ref.repository));
+  params += "scope=" + escape(fmt::format("repository:{}:pull", ref.repository));
+  const bool identity = options.credentials && !options.credentials->identity_token.empty();
   RequestRunner run(impl, options, scheme);
   RegistryClient::Impl::Request req;
-  req.url = url;
   req.send_auth = false;
-  req.basic_only = options.credentials.has_value();
   req.max_body = kMaxTokenBytes;
-  LX_ASSIGN_OR_RETURN(RegistryClient::Impl::Response r, run.Run(req));
+  if (identity) {
+    // The OAuth2 refresh-token grant (the distribution token spec's POST
+    // /token, as containers/image sends it): the identity token in the body,
+    // no Basic credentials.
+    req.url = realm;
+    req.post_form = "grant_type=refresh_token&client_id=layerx&" + params +
+                    "&refresh_token=" + escape(options.credentials->identity_token);
+  } else {
+    req.url = realm + (realm.find('?') == std::string::npos ? "?" : "&") + params;
+    req.basic_only = options.credentials.has_value();
+  }
+  Result<RegistryClient::Impl::Response> ran = run.Run(req);
+  OPENSSL_cleanse(req.post_form.data(), req.post_form.size());
+  LX_ASSIGN_OR_RETURN(RegistryClient::Impl::Response r, std::move(ran));
   const std::string token_what = what + " token";
   if (r.code != CURLE_OK) {
     if (r.over_limit) {
@@ -102,9 +113,18 @@ Result<std::string> FetchBearerToken(RegistryClient::Impl& impl, const RegistryR
     }
     return Fail(TransferError(ref, token_what, r));
   }
-  if (r.status == 401 || r.status == 403) {
+  if (r.status == 401 || r.status == 403 || (identity && r.status == 400)) {
+    // (An OAuth2 server answers a bad refresh token with 400 invalid_grant.)
     return Fail(MakeError(ErrorKind::kPolicy, "{}: unauthorized: the token server refused {}", what,
-                          options.credentials ? "the user name or password" : "anonymous access"));
+                          identity              ? "the identity token"
+                          : options.credentials ? "the user name or password"
+                                                : "anonymous access"));
+  }
+  if (identity && r.status >= 300 && r.status < 400) {
+    return Fail(MakeError(ErrorKind::kPolicy,
+                          "{}: the token server redirected the identity token's exchange ({}): "
+                          "not followed",
+                          token_what, StatusText(r)));
   }
   if (r.status != 200) {
     return Fail(MakeError(ErrorKind::kInvalidInput, "{}: answered {}", token_what, StatusText(r)));
@@ -196,6 +216,12 @@ Status RegistryClient::Discover() {
   impl_->shared->challenge = r.www_authenticate;
   Challenge challenge = ParseChallenge(r.www_authenticate);
   if (challenge.scheme == "basic") {
+    if (options_.credentials && !options_.credentials->identity_token.empty()) {
+      return Fail(MakeError(ErrorKind::kPolicy,
+                            "{}: unauthorized: the registry asks for a user name and password "
+                            "(Basic), and the credentials found are an identity token",
+                            what));
+    }
     if (!options_.credentials) {
       return Fail(MakeError(ErrorKind::kPolicy,
                             "{}: unauthorized: credentials needed (--creds or an auth file)",

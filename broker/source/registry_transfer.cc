@@ -246,6 +246,13 @@ Result<RegistryClient::Impl::Response> RequestRunner::Run(
     auth_header = "Authorization: Bearer " + impl_.bearer_token;
     headers = Curl().slist_append(headers, auth_header.c_str());
   }
+  if (!request.post_form.empty()) {
+    // SECURITY: a body is not a credential to curl: a 307/308 would send it on
+    // to wherever the redirect points. The token realm answers itself.
+    s.Set(CURLOPT_FOLLOWLOCATION, 0L);
+    s.Set(CURLOPT_POSTFIELDSIZE_LARGE, static_cast<curl_off_t>(request.post_form.size()));
+    s.Set(CURLOPT_POSTFIELDS, request.post_form.c_str());
+  }
   if (headers != nullptr) s.Set(CURLOPT_HTTPHEADER, headers);
   Result<CURLcode> rc = s.first;
   if (s.first == CURLE_OK) rc = Perform(transfer);

@@ -129,7 +129,7 @@ struct RegistryClient::Impl {
     bool stalled = false;       // no byte for low_speed_seconds
     // A TLS server asked for a client certificate during this request.
     bool client_cert_asked = false;
-    std::string client_cert;          // the client certificate given (DIR/NAME.cert), if any
+    std::string client_cert;  // the client certificate given (DIR/NAME.cert), if any
     std::optional<Error> sink_error;
   };
   struct Request {
@@ -137,6 +137,10 @@ struct RegistryClient::Impl {
     std::string accept;
     bool send_auth = true;
     bool basic_only = false;  // the token request: Basic credentials, never the token
+    // Non-empty: a POST of this application/x-www-form-urlencoded body (the
+    // identity token's exchange), with no redirect followed. SECURITY: may
+    // hold a secret; the caller wipes it.
+    std::string post_form;
     size_t max_body = registry_detail::kMaxErrorBody;
     uint64_t range_from = 0;  // > 0: "Range: bytes=range_from-"
     // Called once, before the first byte of a 2xx body goes to `sink` (the

@@ -26,8 +26,11 @@ host name), which serves as above and answers 400 if a credential followed.
 Tokens: scope repository:expire*:pull gets a new token "tok-N" each time, good for
 one request to that repository; repositories named deny* answer 401 whatever the
 token (/v2/ aside). Every other repository takes "tok-123".
-PORT_FILE.log gets one line per blob answer ("blob REPO RANGE STATUS [dropped]")
-and per token handed out ("token REPO").
+POST /token trades the identity token REFRESH (grant_type=refresh_token, no
+Authorization) for TOKEN; "rt-redirect" is redirected to localhost.
+PORT_FILE.log gets one line per blob answer ("blob REPO RANGE STATUS [dropped]"),
+per token handed out ("token REPO", "refresh REPO") and per identity token that
+followed a redirect ("leaked token").
 usage: fake_bearer.py PORT_FILE  (writes the port there once listening)
 stdlib only; plain http, so the realm may be http as the registry is.
 """
@@ -35,6 +38,7 @@ import base64, http.server, os, re, sys, threading, time, urllib.parse
 
 TOKEN = "tok-123"
 USER, PASS = "u", "p"
+REFRESH = "rt-good+/="  # an identity token; its characters need escaping in a form
 MANIFEST = b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{},"layers":[]}'
 BLOB = b"hello\n"
 BIG = os.urandom(768 * 1024 + 123)
@@ -192,6 +196,32 @@ class H(http.server.BaseHTTPRequestHandler):
         if p.startswith("/v2/app/blobs/"):
             return self.send(307, headers=[("Location", "http://localhost:%d/data/blob" % port)])
         self.send(404)
+
+    def do_POST(self):
+        # The identity token's exchange (OAuth2 refresh-token grant) at /token:
+        # REFRESH gets TOKEN; "rt-redirect" is sent on to another host name,
+        # which logs "leaked token" if the body followed.
+        port = self.server.server_address[1]
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+        if self.path != "/token":
+            return self.send(404)
+        form = urllib.parse.parse_qs(body)
+        one = lambda k: form.get(k, [""])[0]
+        if self.headers.get("Host", "").startswith("localhost"):
+            if one("refresh_token"):
+                log("leaked token")
+            return self.send(400)
+        if one("refresh_token") == "rt-redirect":
+            return self.send(307, headers=[("Location", "http://localhost:%d/token" % port)])
+        scope = one("scope")
+        if one("grant_type") == "refresh_token" and one("refresh_token") == REFRESH and \
+                one("service") == "fake" and one("client_id") and \
+                scope.startswith("repository:") and scope.endswith(":pull") and \
+                not self.headers.get("Authorization") and \
+                self.headers.get("Content-Type") == "application/x-www-form-urlencoded":
+            log("refresh " + scope.split(":")[1])
+            return self.send(200, b'{"access_token":"%s","expires_in":300}' % TOKEN.encode())
+        self.send(400, b'{"error":"invalid_grant"}')
 
 
 srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)

@@ -301,7 +301,6 @@ TEST_F(RegistryAuthTest, FailingCredentialHelperIsOneClearLine) {
   // What a failing helper printed is never quoted: it may be credentials.
   Helper("leaks", R"(printf '{"Username":"u","Secret":"printed-s3cret"}'; exit 1)");
   Helper("garbage", "echo 'Username=me Secret=leaked-s3cret'");
-  Helper("token", R"(printf '{"Username":"<token>","Secret":"refresh-s3cret"}')");
   struct Case {
     const char* helper;
     const char* needle;
@@ -309,7 +308,6 @@ TEST_F(RegistryAuthTest, FailingCredentialHelperIsOneClearLine) {
                {"fails", "docker-credential-fails: exit 3"},
                {"leaks", "docker-credential-leaks: exit 1"},
                {"garbage", "not JSON with \"Username\" and \"Secret\""},
-               {"token", "identity token"},
                {"../../bin/sh", "not a helper name"}};
   for (const Case& k : cases) {
     std::string f = Write(std::string("h-") + (k.helper[0] == '.' ? "dots" : k.helper) + ".json",
@@ -320,7 +318,7 @@ TEST_F(RegistryAuthTest, FailingCredentialHelperIsOneClearLine) {
     const std::string e = c.error().ToString();
     EXPECT_NE(e.find(k.needle), std::string::npos) << e;
     EXPECT_NE(e.find(f), std::string::npos) << "names the file: " << e;
-    for (const char* secret : {"leaked-s3cret", "refresh-s3cret", "printed-s3cret", "no session"}) {
+    for (const char* secret : {"leaked-s3cret", "printed-s3cret", "no session"}) {
       EXPECT_EQ(e.find(secret), std::string::npos) << e;
     }
   }
@@ -394,12 +392,29 @@ TEST_F(RegistryAuthTest, HelperGetsOnlyItsPipesAndIsNotHeldByItsChildren) {
   EXPECT_EQ(std::string(std::istreambuf_iterator<char>(in), {}), "other.io");
 }
 
-TEST_F(RegistryAuthTest, IdentityTokenIsRefusedByName) {
-  std::string f = Write("auth.json", R"({"auths":{"quay.io":{"identitytoken":"idt-s3cret"}}})");
+TEST_F(RegistryAuthTest, IdentityTokensFromEntriesAndHelpers) {
+  // An entry's identitytoken wins over its auth (Docker keeps the user there).
+  std::string f = Write("auth.json", std::string(R"({"auths":{"quay.io":{"auth":")") + kBobAuth +
+                                         R"(","identitytoken":"idt-s3cret"}}})");
   auto c = FindCredentials("quay.io", std::nullopt, {f});
+  ASSERT_TRUE(c) << c.error().ToString();
+  ASSERT_TRUE(c->has_value());
+  EXPECT_EQ((*c)->identity_token, "idt-s3cret");
+  EXPECT_TRUE((*c)->password.empty());
+  // A helper's "<token>" user.
+  Helper("token", R"(printf '{"Username":"<token>","Secret":"refresh-s3cret"}')");
+  std::string g = Write("h.json", R"({"credHelpers":{"quay.io":"token"}})");
+  c = FindCredentials("quay.io", std::nullopt, {g});
+  ASSERT_TRUE(c) << c.error().ToString();
+  ASSERT_TRUE(c->has_value());
+  EXPECT_EQ((*c)->identity_token, "refresh-s3cret");
+  EXPECT_TRUE((*c)->username.empty());
+  // An empty one is one line.
+  Helper("emptytoken", R"(printf '{"Username":"<token>","Secret":""}')");
+  g = Write("h2.json", R"({"credHelpers":{"quay.io":"emptytoken"}})");
+  c = FindCredentials("quay.io", std::nullopt, {g});
   ASSERT_FALSE(c);
-  EXPECT_NE(c.error().ToString().find("identity token"), std::string::npos);
-  EXPECT_EQ(c.error().ToString().find("idt-s3cret"), std::string::npos);
+  EXPECT_NE(c.error().ToString().find("empty identity token"), std::string::npos);
 }
 
 }  // namespace

@@ -745,6 +745,34 @@ TEST_F(RegistryClientFakeTest, RejectsWrongPasswordAtTheTokenServer) {
   EXPECT_EQ(m.error().ToString().find('\n'), std::string::npos);
 }
 
+// An identity token (auth file `identitytoken`, helper "<token>") is traded at
+// the realm with the OAuth2 refresh-token grant: a form POST, no Basic header.
+TEST_F(RegistryClientFakeTest, IdentityTokenIsTradedForABearerToken) {
+  auto client = Client("app:v1", Credentials{.identity_token = "rt-good+/="});
+  ASSERT_TRUE(client);
+  auto m = client->GetManifest();
+  ASSERT_TRUE(m) << m.error().ToString();
+  EXPECT_EQ(m->bytes.substr(0, 15), "{\"schemaVersion");
+  EXPECT_EQ(Log("refresh", "app").size(), 1u);
+}
+
+TEST_F(RegistryClientFakeTest, RejectedOrRedirectedIdentityTokenIsOneLine) {
+  for (const char* token : {"rt-wrong-zz", "rt-redirect"}) {
+    auto client = Client("app:v1", Credentials{.identity_token = token});
+    ASSERT_TRUE(client);
+    auto m = client->GetManifest();
+    ASSERT_FALSE(m) << token;
+    EXPECT_EQ(m.error().kind(), ErrorKind::kPolicy) << m.error().ToString();
+    const std::string e = m.error().ToString();
+    EXPECT_NE(e.find("identity token"), std::string::npos) << e;
+    EXPECT_EQ(e.find(token), std::string::npos) << e;
+    ExpectOneLine(m.error());
+  }
+  // SECURITY: the body of a POST is not held back by curl as credentials are:
+  // the redirect was not followed.
+  EXPECT_TRUE(Log("leaked", "token").empty());
+}
+
 TEST_F(RegistryClientFakeTest, RejectsAnonymousWhenTheTokenServerDoes) {
   auto client = Client("app:v1", std::nullopt);
   ASSERT_TRUE(client);
