@@ -101,6 +101,22 @@ Result<Credentials> DecodeAuth(const std::string& b64, const std::string& where)
   return c;
 }
 
+}  // namespace
+
+void WipeString(std::string& s) {
+  s.resize(s.capacity());  // within the capacity: no reallocation
+  OPENSSL_cleanse(s.data(), s.size());
+  s.clear();
+}
+
+Credentials::~Credentials() {
+  WipeString(username);
+  WipeString(password);
+  WipeString(identity_token);
+}
+
+namespace {
+
 // Overwrites every string in `doc` (an auth file, a helper's answer) before it is freed.
 void Wipe(nlohmann::json& doc) {
   if (doc.is_string()) {
@@ -424,21 +440,29 @@ Result<std::optional<Credentials>> FindCredentials(const std::string& registry,
     if (!entry->is_object()) {
       return std::unexpected(MakeError(ErrorKind::kPolicy, "{}: not an object", where));
     }
-    // An identity token wins over the entry's `auth` (Docker keeps a user name
-    // there), as in skopeo.
-    if (auto token = entry->find("identitytoken");
-        token != entry->end() && token->is_string() && !token->get<std::string>().empty()) {
+    // An identity token is what a Bearer realm gets (Docker keeps a user name,
+    // or "user:" of ACR's zeros, in `auth`); the entry's `auth`, when it
+    // decodes, still serves a registry that asks for Basic, as in skopeo.
+    auto auth = entry->find("auth");
+    const bool has_auth = auth != entry->end() && auth->is_string();
+    if (auto token = entry->find("identitytoken"); token != entry->end() && token->is_string() &&
+                                                   !token->get_ref<const std::string&>().empty()) {
       Credentials c;
-      c.identity_token = token->get<std::string>();
+      if (has_auth) {
+        if (auto decoded = DecodeAuth(auth->get_ref<const std::string&>(), where)) {
+          c.username = decoded->username;
+          c.password = decoded->password;
+        }
+      }
+      c.identity_token = token->get_ref<const std::string&>();
       return std::optional<Credentials>(std::move(c));
     }
-    auto auth = entry->find("auth");
-    if (auth == entry->end() || !auth->is_string()) {
-      // An entry without "auth" (an identity token, a helper's) gives us nothing to
-      // send: keep looking, as skopeo does for an empty entry.
+    if (!has_auth) {
+      // An entry without "auth" (a helper's) gives us nothing to send: keep
+      // looking, as skopeo does for an empty entry.
       continue;
     }
-    LX_ASSIGN_OR_RETURN(Credentials c, DecodeAuth(auth->get<std::string>(), where));
+    LX_ASSIGN_OR_RETURN(Credentials c, DecodeAuth(auth->get_ref<const std::string&>(), where));
     return std::optional<Credentials>(std::move(c));
   }
   return std::optional<Credentials>();

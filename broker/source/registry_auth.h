@@ -42,9 +42,16 @@ struct Credentials {
   std::string password;
   // An identity token (an OAuth2 refresh token: an auth file's `identitytoken`,
   // a helper's "<token>" user), traded at the registry's token realm for a
-  // Bearer token; username and password are then not used. SECURITY: a secret.
+  // Bearer token (username and password, when the entry had them too, serve a
+  // registry that asks for Basic). SECURITY: a secret.
   std::string identity_token;
+  // SECURITY: every copy wipes the three when it goes (no move is declared, so
+  // a move is a copy, and both wipe).
+  ~Credentials();
 };
+
+// Overwrites `s` up to its capacity (what a shorter value left behind too).
+void WipeString(std::string& s);
 
 // "USER:PASS" as --creds takes it (split at the first ':'); kPolicy without a ':'
 // or with an empty user name.

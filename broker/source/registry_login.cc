@@ -4,11 +4,13 @@
 #include <openssl/crypto.h>
 
 #include <algorithm>
+#include <cctype>
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <vector>
 
+#include "broker/source/registry_auth.h"
 #include "broker/source/registry_client.h"
 #include "broker/source/registry_transfer.h"
 
@@ -78,7 +80,7 @@ Result<std::string> FetchBearerToken(RegistryClient::Impl& impl, const RegistryR
     std::string out = e != nullptr ? e : "";
     if (e != nullptr) OPENSSL_cleanse(e, out.size());
     Curl().free(e);
-    return out;
+    return out;  // SECURITY: the caller wipes what it escaped a secret into
   };
   // service=...&scope=repository:REPO:pull, each escaped.
   std::string params;
@@ -96,14 +98,19 @@ Result<std::string> FetchBearerToken(RegistryClient::Impl& impl, const RegistryR
     // /token, as containers/image sends it): the identity token in the body,
     // no Basic credentials.
     req.url = realm;
-    req.post_form = "grant_type=refresh_token&client_id=layerx&" + params +
-                    "&refresh_token=" + escape(options.credentials->identity_token);
+    std::string escaped = escape(options.credentials->identity_token);
+    req.post_form.reserve(64 + params.size() + escaped.size());  // one buffer, wiped below
+    req.post_form.append("grant_type=refresh_token&client_id=layerx&");
+    req.post_form.append(params);
+    req.post_form.append("&refresh_token=");
+    req.post_form.append(escaped);
+    WipeString(escaped);
   } else {
     req.url = realm + (realm.find('?') == std::string::npos ? "?" : "&") + params;
     req.basic_only = options.credentials.has_value();
   }
   Result<RegistryClient::Impl::Response> ran = run.Run(req);
-  OPENSSL_cleanse(req.post_form.data(), req.post_form.size());
+  WipeString(req.post_form);
   LX_ASSIGN_OR_RETURN(RegistryClient::Impl::Response r, std::move(ran));
   const std::string token_what = what + " token";
   if (r.code != CURLE_OK) {
@@ -114,11 +121,26 @@ Result<std::string> FetchBearerToken(RegistryClient::Impl& impl, const RegistryR
     return Fail(TransferError(ref, token_what, r));
   }
   if (r.status == 401 || r.status == 403 || (identity && r.status == 400)) {
-    // (An OAuth2 server answers a bad refresh token with 400 invalid_grant.)
-    return Fail(MakeError(ErrorKind::kPolicy, "{}: unauthorized: the token server refused {}", what,
+    // An OAuth2 server answers the exchange with 400 and an `error` code
+    // (invalid_grant: a bad refresh token); the code is its word, no secret.
+    std::string code;
+    if (identity) {
+      nlohmann::json e = nlohmann::json::parse(r.body, nullptr, false);
+      if (e.is_object() && e.contains("error") && e["error"].is_string()) {
+        code = e["error"].get<std::string>();
+        if (code.size() > 40 || !std::all_of(code.begin(), code.end(), [](char ch) {
+              return std::islower(static_cast<unsigned char>(ch)) || ch == '_';
+            })) {
+          code.clear();
+        }
+      }
+    }
+    return Fail(MakeError(ErrorKind::kPolicy, "{}: unauthorized: the token server refused {}{}",
+                          what,
                           identity              ? "the identity token"
                           : options.credentials ? "the user name or password"
-                                                : "anonymous access"));
+                                                : "anonymous access",
+                          code.empty() ? "" : fmt::format(" ({})", code)));
   }
   if (identity && r.status >= 300 && r.status < 400) {
     return Fail(MakeError(ErrorKind::kPolicy,
@@ -130,19 +152,25 @@ Result<std::string> FetchBearerToken(RegistryClient::Impl& impl, const RegistryR
     return Fail(MakeError(ErrorKind::kInvalidInput, "{}: answered {}", token_what, StatusText(r)));
   }
   nlohmann::json doc = nlohmann::json::parse(r.body, nullptr, false);
-  OPENSSL_cleanse(r.body.data(), r.body.size());
+  WipeString(r.body);
   std::string token;
   if (doc.is_object()) {
     for (const char* key : {"token", "access_token"}) {
-      if (doc.contains(key) && doc[key].is_string() && !doc[key].get<std::string>().empty()) {
-        token = doc[key].get<std::string>();
+      auto it = doc.find(key);
+      if (it != doc.end() && it->is_string() && !it->get_ref<const std::string&>().empty()) {
+        token = it->get_ref<const std::string&>();
         break;
       }
+    }
+    // What the answer held (the token, a rotated refresh token) goes wiped.
+    for (auto& [key, value] : doc.items()) {
+      if (value.is_string()) WipeString(value.get_ref<std::string&>());
     }
   }
   // A token goes into a header line: nothing but visible ASCII.
   if (token.empty() || token.size() > 64 * 1024 ||
       !std::all_of(token.begin(), token.end(), [](char ch) { return ch > ' ' && ch < 0x7f; })) {
+    WipeString(token);
     return Fail(
         MakeError(ErrorKind::kInvalidInput, "{}: no usable token in the answer", token_what));
   }
@@ -216,7 +244,8 @@ Status RegistryClient::Discover() {
   impl_->shared->challenge = r.www_authenticate;
   Challenge challenge = ParseChallenge(r.www_authenticate);
   if (challenge.scheme == "basic") {
-    if (options_.credentials && !options_.credentials->identity_token.empty()) {
+    if (options_.credentials && !options_.credentials->identity_token.empty() &&
+        options_.credentials->username.empty()) {
       return Fail(MakeError(ErrorKind::kPolicy,
                             "{}: unauthorized: the registry asks for a user name and password "
                             "(Basic), and the credentials found are an identity token",

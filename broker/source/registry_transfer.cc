@@ -256,6 +256,9 @@ Result<RegistryClient::Impl::Response> RequestRunner::Run(
   if (headers != nullptr) s.Set(CURLOPT_HTTPHEADER, headers);
   Result<CURLcode> rc = s.first;
   if (s.first == CURLE_OK) rc = Perform(transfer);
+  // The handle must not keep pointing at the caller's form (a secret, wiped
+  // and freed after this).
+  if (!request.post_form.empty()) Curl().easy_setopt(curl, CURLOPT_POSTFIELDS, nullptr);
   Curl().slist_free_all(headers);
   OPENSSL_cleanse(auth_header.data(), auth_header.size());
   if (s.first != CURLE_OK) {

@@ -27,7 +27,9 @@ Tokens: scope repository:expire*:pull gets a new token "tok-N" each time, good f
 one request to that repository; repositories named deny* answer 401 whatever the
 token (/v2/ aside). Every other repository takes "tok-123".
 POST /token trades the identity token REFRESH (grant_type=refresh_token, no
-Authorization) for TOKEN; "rt-redirect" is redirected to localhost.
+Authorization) for TOKEN (expire* repositories: tok-N, as above) and a rotated
+refresh token (ignored, as skopeo ignores it); "rt-redirect" is redirected to
+localhost.
 PORT_FILE.log gets one line per blob answer ("blob REPO RANGE STATUS [dropped]"),
 per token handed out ("token REPO", "refresh REPO") and per identity token that
 followed a redirect ("leaked token").
@@ -219,8 +221,16 @@ class H(http.server.BaseHTTPRequestHandler):
                 scope.startswith("repository:") and scope.endswith(":pull") and \
                 not self.headers.get("Authorization") and \
                 self.headers.get("Content-Type") == "application/x-www-form-urlencoded":
-            log("refresh " + scope.split(":")[1])
-            return self.send(200, b'{"access_token":"%s","expires_in":300}' % TOKEN.encode())
+            repo = scope.split(":")[1]
+            log("refresh " + repo)
+            token = TOKEN
+            if repo.startswith("expire"):
+                with lock:
+                    token_count[0] += 1
+                    token = "tok-%d" % token_count[0]
+                    expire_tokens.add(token)
+            return self.send(200, b'{"access_token":"%s","expires_in":300,'
+                             b'"refresh_token":"rotated-s3cret"}' % token.encode())
         self.send(400, b'{"error":"invalid_grant"}')
 
 

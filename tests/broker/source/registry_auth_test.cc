@@ -400,7 +400,9 @@ TEST_F(RegistryAuthTest, IdentityTokensFromEntriesAndHelpers) {
   ASSERT_TRUE(c) << c.error().ToString();
   ASSERT_TRUE(c->has_value());
   EXPECT_EQ((*c)->identity_token, "idt-s3cret");
-  EXPECT_TRUE((*c)->password.empty());
+  // The entry's auth comes along, for a registry that asks for Basic.
+  EXPECT_EQ((*c)->username, "bob");
+  EXPECT_EQ((*c)->password, "pw");
   // A helper's "<token>" user.
   Helper("token", R"(printf '{"Username":"<token>","Secret":"refresh-s3cret"}')");
   std::string g = Write("h.json", R"({"credHelpers":{"quay.io":"token"}})");

@@ -197,6 +197,27 @@ TEST_F(RegistryClientTest, RejectsWrongPasswordInOneLine) {
   EXPECT_NE(m.error().ToString().find("unauthorized"), std::string::npos) << m.error().ToString();
 }
 
+// A registry that asks for Basic (htpasswd) gets the entry's user and password
+// when an identity token came with them; a token alone is one line.
+TEST_F(RegistryClientTest, IdentityTokenWithBasicRegistry) {
+  RegistryOptions o = TlsOptions();
+  o.credentials->identity_token = "idt-unused-s3cret";
+  auto client = Client(Ref("TLS_HOST"), o);
+  ASSERT_TRUE(client);
+  auto m = client->GetManifest();
+  ASSERT_TRUE(m) << m.error().ToString();
+  o.credentials = Credentials{.identity_token = "idt-alone-s3cret"};
+  client = Client(Ref("TLS_HOST"), o);
+  ASSERT_TRUE(client);
+  m = client->GetManifest();
+  ASSERT_FALSE(m);
+  EXPECT_EQ(m.error().kind(), ErrorKind::kPolicy);
+  const std::string e = m.error().ToString();
+  EXPECT_NE(e.find("identity token"), std::string::npos) << e;
+  EXPECT_EQ(e.find("s3cret"), std::string::npos) << e;
+  EXPECT_EQ(e.find('\n'), std::string::npos) << e;
+}
+
 TEST_F(RegistryClientTest, RejectsMissingCredentials) {
   RegistryOptions o = TlsOptions();
   o.credentials.reset();
@@ -767,6 +788,9 @@ TEST_F(RegistryClientFakeTest, RejectedOrRedirectedIdentityTokenIsOneLine) {
     EXPECT_NE(e.find("identity token"), std::string::npos) << e;
     EXPECT_EQ(e.find(token), std::string::npos) << e;
     ExpectOneLine(m.error());
+    if (std::string(token) == "rt-wrong-zz") {
+      EXPECT_NE(e.find("(invalid_grant)"), std::string::npos) << "the server's code: " << e;
+    }
   }
   // SECURITY: the body of a POST is not held back by curl as credentials are:
   // the redirect was not followed.
@@ -1061,6 +1085,22 @@ TEST_F(RegistryClientFakeTest, RenewsAnExpiredToken) {
   m = client->GetManifest();
   ASSERT_TRUE(m) << m.error().ToString();
   EXPECT_EQ(Log("token", "expire-a").size(), 3u);
+}
+
+// The same with an identity token: each renewal is one more exchange.
+TEST_F(RegistryClientFakeTest, RenewsAnExpiredTokenWithTheIdentityToken) {
+  RegistryOptions o = Options();
+  o.credentials = Credentials{.identity_token = "rt-good+/="};
+  auto client = Client("expire-idt:v1", o);
+  ASSERT_TRUE(client);
+  auto m = client->GetManifest();
+  ASSERT_TRUE(m) << m.error().ToString();
+  Collect got;
+  auto n = client->GetBlob(big_digest_, big_.size(), got.Sink());
+  ASSERT_TRUE(n) << n.error().ToString();
+  EXPECT_TRUE(got.bytes == big_);
+  EXPECT_EQ(Log("refresh", "expire-idt").size(), 2u);
+  EXPECT_TRUE(Log("token", "expire-idt").empty()) << "no Basic GET of a token";
 }
 
 // One new token, not more: a second 401 is the error.
