@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <optional>
 #include <fstream>
 #include <map>
 #include <mutex>
@@ -1247,9 +1248,21 @@ TEST_F(ServiceTest, TenantOverItsConnectionCapIsBusyAndOthersAreNot) {
   for (int i = 0; i < 2; ++i) {
     holders.push_back(RunAs(uid, [&] {
       ::close(release[1]);
-      RawClient raw(Socket());
-      if (!raw.Status()) return 1;
-      (void)!::write(ready[1], "r", 1);
+      ::close(ready[0]);
+      // StartService's own status query was a connection of alpha's too: the
+      // service may not have seen it close yet (then this one is "busy").
+      std::optional<RawClient> raw;
+      for (int attempt = 0; attempt < 100; ++attempt) {
+        raw.emplace(Socket());
+        if (raw->Status()) break;
+        raw.reset();
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      }
+      // The write end goes with the byte: a holder that failed must not leave
+      // the test waiting on one that holds it open.
+      if (raw) (void)!::write(ready[1], "r", 1);
+      ::close(ready[1]);
+      if (!raw) return 1;
       char c;
       (void)!::read(release[0], &c, 1);
       return 0;
