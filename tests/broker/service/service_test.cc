@@ -27,10 +27,10 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <optional>
 #include <fstream>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include "broker/service/service.capnp.h"
@@ -1141,6 +1141,7 @@ TEST_F(ServiceTest, StrangersHoardingConnectionsCannotLockATenantOut) {
         fds.push_back(fd);
       }
       (void)!::write(ready[1], "r", 1);
+      ::close(ready[1]);  // a hoarder that failed must not leave the test waiting on this one
       auto deadline = Clock::now() + std::chrono::seconds(5);
       int open = 0;
       for (int fd : fds) open += ReadUntilClosed(fd, deadline) > 0 ? 0 : 1;
