@@ -115,17 +115,15 @@ Credentials::~Credentials() {
   WipeString(identity_token);
 }
 
-namespace {
-
-// Overwrites every string in `doc` (an auth file, a helper's answer) before it is freed.
-void Wipe(nlohmann::json& doc) {
+void WipeJson(nlohmann::json& doc) {
   if (doc.is_string()) {
-    auto* text = doc.get_ptr<std::string*>();
-    OPENSSL_cleanse(text->data(), text->size());
+    WipeString(doc.get_ref<std::string&>());
   } else if (doc.is_structured()) {
-    for (auto& item : doc) Wipe(item);
+    for (auto& item : doc) WipeJson(item);
   }
 }
+
+namespace {
 
 // Runs `docker-credential-NAME get` (found in $PATH, as skopeo runs it: the
 // docker-credential-helpers protocol) with `server` on its stdin, and reads
@@ -296,7 +294,7 @@ Result<std::optional<Credentials>> FromHelper(const std::string& name, const std
     return it->get<std::string>();
   };
   std::optional<std::string> user = text("Username"), secret = text("Secret");
-  Wipe(doc);
+  WipeJson(doc);
   if (!user || !secret) {
     if (secret) OPENSSL_cleanse(secret->data(), secret->size());
     return fail("its answer is not JSON with \"Username\" and \"Secret\"");
@@ -383,7 +381,7 @@ Result<std::optional<Credentials>> FindCredentials(const std::string& registry,
     // Its secrets are wiped too, however this file's turn ends.
     struct WipeOnExit {
       nlohmann::json& doc;
-      ~WipeOnExit() { Wipe(doc); }
+      ~WipeOnExit() { WipeJson(doc); }
     } wipe_doc{doc};
     if (doc.is_discarded() || !doc.is_object()) {
       return std::unexpected(
@@ -407,14 +405,13 @@ Result<std::optional<Credentials>> FindCredentials(const std::string& registry,
         continue;
       }
     }
-    nlohmann::json::iterator auths = doc.find("auths");
-    if (legacy) {
-      nlohmann::json wrapped = nlohmann::json::object();
-      wrapped["auths"] = std::move(doc);
-      doc = std::move(wrapped);
-      auths = doc.find("auths");
+    const nlohmann::json* auths = &doc;
+    if (!legacy) {
+      auto found = doc.find("auths");
+      if (found == doc.end()) continue;
+      auths = &*found;
     }
-    if (auths == doc.end() || !auths->is_object()) continue;
+    if (!auths->is_object()) continue;
     const nlohmann::json* entry = nullptr;
     std::string key;
     // Repository and namespace keys ("quay.io/org") match exactly, the most

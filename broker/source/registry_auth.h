@@ -29,6 +29,7 @@
 // the registry only.
 #pragma once
 
+#include <nlohmann/json_fwd.hpp>
 #include <optional>
 #include <string>
 #include <vector>
@@ -52,6 +53,9 @@ struct Credentials {
 
 // Overwrites `s` up to its capacity (what a shorter value left behind too).
 void WipeString(std::string& s);
+// WipeString on every string in `doc` (an auth file, a helper's or a token
+// server's answer), at any depth, before it is freed.
+void WipeJson(nlohmann::json& doc);
 
 // "USER:PASS" as --creds takes it (split at the first ':'); kPolicy without a ':'
 // or with an empty user name.

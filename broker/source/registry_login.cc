@@ -162,11 +162,9 @@ Result<std::string> FetchBearerToken(RegistryClient::Impl& impl, const RegistryR
         break;
       }
     }
-    // What the answer held (the token, a rotated refresh token) goes wiped.
-    for (auto& [key, value] : doc.items()) {
-      if (value.is_string()) WipeString(value.get_ref<std::string&>());
-    }
   }
+  // What the answer held (the token, a rotated refresh token) goes wiped.
+  WipeJson(doc);
   // A token goes into a header line: nothing but visible ASCII.
   if (token.empty() || token.size() > 64 * 1024 ||
       !std::all_of(token.begin(), token.end(), [](char ch) { return ch > ' ' && ch < 0x7f; })) {

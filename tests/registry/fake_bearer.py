@@ -57,6 +57,19 @@ def log(line):
         f.write(line + "\n")
 
 
+def issue(kind, repo):
+    """A token for repo (logged as "KIND REPO"): TOKEN, or for expire* a new
+    tok-N good for one request."""
+    log(kind + " " + repo)
+    if not repo.startswith("expire"):
+        return TOKEN
+    with lock:
+        token_count[0] += 1
+        token = "tok-%d" % token_count[0]
+        expire_tokens.add(token)
+    return token
+
+
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -141,14 +154,7 @@ class H(http.server.BaseHTTPRequestHandler):
             if "service=fake" in p and "scope=repository%3A" in p and p.endswith("%3Apull") and \
                     self.headers.get("Authorization") == want:
                 scope = urllib.parse.parse_qs(urllib.parse.urlsplit(p).query)["scope"][0]
-                repo = scope.split(":")[1]
-                log("token " + repo)
-                token = TOKEN
-                if repo.startswith("expire"):
-                    with lock:
-                        token_count[0] += 1
-                        token = "tok-%d" % token_count[0]
-                        expire_tokens.add(token)
+                token = issue("token", scope.split(":")[1])
                 return self.send(200, b'{"token":"%s"}' % token.encode())
             return self.send(401)
         if p.startswith("/data/") and MODE_REPO.match(p[len("/data/"):]):
@@ -221,14 +227,7 @@ class H(http.server.BaseHTTPRequestHandler):
                 scope.startswith("repository:") and scope.endswith(":pull") and \
                 not self.headers.get("Authorization") and \
                 self.headers.get("Content-Type") == "application/x-www-form-urlencoded":
-            repo = scope.split(":")[1]
-            log("refresh " + repo)
-            token = TOKEN
-            if repo.startswith("expire"):
-                with lock:
-                    token_count[0] += 1
-                    token = "tok-%d" % token_count[0]
-                    expire_tokens.add(token)
+            token = issue("refresh", scope.split(":")[1])
             return self.send(200, b'{"access_token":"%s","expires_in":300,'
                              b'"refresh_token":"rotated-s3cret"}' % token.encode())
         self.send(400, b'{"error":"invalid_grant"}')
