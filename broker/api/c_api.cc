@@ -198,6 +198,8 @@ layerx_status layerx_request_set_string(layerx_request* request, layerx_option o
       return SetString(r.registry.cert_dir, value);
     case LAYERX_OPT_BLOB_CACHE:
       return SetString(r.registry.blob_cache, value);
+    case LAYERX_OPT_REGISTRIES_CONF:
+      return SetString(r.registry.registries_conf, value);
     default:
       return LAYERX_E_USAGE;
   }

@@ -1,10 +1,11 @@
 // The translations between the public types (include/layerx/layerx.hpp) and
 // the engine's, shared by the public API (broker/api) and the service
 // (broker/service). Nothing here decides anything about layers.
+#include "broker/bridge/bridge.h"
+
 #include <signal.h>
 #include <time.h>
 
-#include "broker/bridge/bridge.h"
 #include "broker/engine/job.h"
 #include "broker/log/logging.h"
 #include "broker/source/registry_auth.h"
@@ -193,6 +194,7 @@ Result<broker::PullOptions> PullOptionsFrom(const RegistrySettings& r) {
   out.auth_file = r.auth_file;
   out.cert_dir = r.cert_dir;
   out.tls_verify = r.tls_verify;
+  out.registries_conf = r.registries_conf;
   out.blob_cache = r.blob_cache;
   out.parallel = static_cast<unsigned>(r.parallel_downloads);
   return out;

@@ -110,10 +110,16 @@ void AddRegistryOptions(CLI::App* cmd, layerx::RegistrySettings& r) {
                   "and present its client certificate (NAME.cert + NAME.key); default: the "
                   "registry's dir in ~/.config/containers/certs.d, /etc/containers/certs.d or "
                   "/etc/docker/certs.d, as skopeo");
-  cmd->add_option("--tls-verify", r.tls_verify,
-                  "--tls-verify=false: no certificate checks, and plain http is allowed (a "
-                  "local registry)")
+  cmd->add_option_function<bool>(
+         "--tls-verify", [&r](const bool& v) { r.tls_verify = v; },
+         "--tls-verify=false: no certificate checks, and plain http is allowed (a local "
+         "registry); default: true, unless registries.conf marks the registry insecure")
       ->default_str("true");
+  cmd->add_option("--registries-conf", r.registries_conf,
+                  "mirrors, locations, insecure and blocked registries from this "
+                  "registries.conf (default: $CONTAINERS_REGISTRIES_CONF, else "
+                  "~/.config/containers/registries.conf, else /etc/containers/registries.conf, "
+                  "with their .d drop-ins, as skopeo)");
   cmd->add_option("--blob-cache", r.blob_cache,
                   "keep verified blobs here by digest and reuse them in later pulls");
   cmd->add_option("--parallel-downloads", r.parallel_downloads,
@@ -181,7 +187,8 @@ int main(int argc, char** argv) {
                       "os/arch[/variant] to pick from a multi-platform index (default: this "
                       "machine's)");
   extract->add_option("--config", config, "write the image's config JSON here (image sources)");
-  extract->add_option("--rootfs", rootfs, "write the rootfs here (must not exist, or be an empty dir)");
+  extract->add_option("--rootfs", rootfs,
+                      "write the rootfs here (must not exist, or be an empty dir)");
   extract->add_option("--manifest", manifest, "write the JSON-lines manifest here");
   std::string ext4, label, uuid;
   uint64_t size = 0;
@@ -232,7 +239,8 @@ int main(int argc, char** argv) {
   inspect->footer(
       "Resolves SOURCE as extract would (oci:DIR[:REF], docker-archive:FILE[:REF],\n"
       "docker://REF or layer files) and prints each layer's digest, diff_id, media type and\n"
-      "size, and the config. Manifest and config are checked against their digests; layers are not read.\n\n"
+      "size, and the config. Manifest and config are checked against their digests; layers are not "
+      "read.\n\n"
       "Examples:\n  layerx inspect oci:./image:latest --json\n"
       "  layerx inspect docker://debian:bookworm --platform linux/arm64/v8");
   std::vector<std::string> inspect_sources;
@@ -334,11 +342,10 @@ int main(int argc, char** argv) {
     options.socket = serve_socket;
     options.config_file = serve_config;
     options.log_format = log_format;
-    options.min_log_level = quiet ? LogLevel::kError
+    options.min_log_level = quiet            ? LogLevel::kError
                             : verbosity >= 1 ? LogLevel::kDebug
                                              : LogLevel::kInfo;
-    options.log = [log](LogLevel l, std::string_view component,
-                                                    std::string_view message) {
+    options.log = [log](LogLevel l, std::string_view component, std::string_view message) {
       if (!message.empty() && message.front() == '{') {  // --log-format json: a JSON object
         std::fprintf(stderr, "%.*s\n", static_cast<int>(message.size()), message.data());
         return;

@@ -22,7 +22,7 @@
 namespace layerx::broker {
 
 using registry_detail::Answered;
-using registry_detail::Connect;
+using registry_detail::Reach;
 using registry_detail::Resolve;
 using sandbox::UniqueFd;
 
@@ -80,13 +80,13 @@ struct RegistryPull::State {
   // ahead of the layer being applied stops the pull at once: the job is told
   // now, not when it reaches that layer.
   std::optional<size_t> failed;
-  uint64_t spooled = 0;           // bytes of blocks held, all layers
+  uint64_t spooled = 0;  // bytes of blocks held, all layers
   std::vector<char*> free_blocks;
   char* arena = nullptr;
   size_t arena_size = 0, arena_used = 0;
   std::vector<std::unique_ptr<char[]>> overflow;  // blocks past the arena (not expected)
-  std::atomic<bool> stop{false};  // set under mu; FromCache reads it without
-  size_t next = 0;  // the next layer a worker takes
+  std::atomic<bool> stop{false};                  // set under mu; FromCache reads it without
+  size_t next = 0;                                // the next layer a worker takes
   Counts counts;
   std::atomic<bool> cancel{false};
 
@@ -451,8 +451,11 @@ class RegistryPull::LayerHash final : public HashedStream {
 Result<std::unique_ptr<RegistryPull>> RegistryPull::Start(const std::string& spec,
                                                           const Platform& platform,
                                                           const PullOptions& options) {
-  LX_ASSIGN_OR_RETURN(RegistryRef ref, ParseRegistryRef(spec));
-  LX_ASSIGN_OR_RETURN(std::unique_ptr<RegistryClient> client, Connect(ref, options));
+  LX_ASSIGN_OR_RETURN(RegistryRef named, ParseRegistryRef(spec));
+  // The registry that has it: a mirror, the location registries.conf names, or the one named.
+  LX_ASSIGN_OR_RETURN(registry_detail::Reached reached, Reach(named, options));
+  const RegistryRef& ref = reached.ref;
+  RegistryClient* client = reached.client.get();
   std::unique_ptr<RegistryPull> pull(new RegistryPull());
   // The downloads start as soon as the manifest names the layers: the config
   // is fetched while the first layer's request is on its way (a registry
@@ -465,7 +468,7 @@ Result<std::unique_ptr<RegistryPull>> RegistryPull::Start(const std::string& spe
     }
     return {};
   };
-  LX_ASSIGN_OR_RETURN(pull->image_, Resolve(*client, platform, begin));
+  LX_ASSIGN_OR_RETURN(pull->image_, Resolve(*client, std::move(reached.top), platform, begin));
   return pull;
 }
 

@@ -44,12 +44,15 @@ struct RegistryRef;
 class RegistryClient;
 
 struct PullOptions {
-  std::optional<std::string> creds;    // --creds USER:PASS; SECURITY: a secret, never logged
-  std::string auth_file;               // --authfile: only this file; empty: AuthFilePaths()
-  std::string cert_dir;                // --cert-dir: CAs (*.crt) for the registry
-  bool tls_verify = true;              // false: no certificate checks, plain http allowed
-  std::string blob_cache;              // empty: none
-  unsigned parallel = 3;               // layers downloaded ahead of the one being applied
+  std::optional<std::string> creds;  // --creds USER:PASS; SECURITY: a secret, never logged
+  std::string auth_file;             // --authfile: only this file; empty: AuthFilePaths()
+  std::string cert_dir;              // --cert-dir: CAs (*.crt) for the registry
+  // false: no certificate checks, plain http allowed; unset: true, unless
+  // registries.conf says the registry is `insecure`.
+  std::optional<bool> tls_verify;
+  std::string registries_conf;  // --registries-conf; empty: the usual files (registries_conf.h)
+  std::string blob_cache;       // empty: none
+  unsigned parallel = 3;        // layers downloaded ahead of the one being applied
   uint64_t spool_bytes = 32ull << 20;  // downloaded ahead, all layers together
   long low_speed_seconds = 60;         // a transfer with no byte for this long fails
   long total_timeout_ms = 0;           // any one request; 0: none (the job's clock)

@@ -4,6 +4,7 @@
 #include "broker/source/registry_resolve.h"
 
 #include "broker/log/logging.h"
+#include "broker/source/registries_conf.h"
 #include "broker/source/registry_auth.h"
 
 namespace layerx::broker {
@@ -22,24 +23,30 @@ Error Answered(Error e) {
   return Error(ErrorKind::kOs, 0, e.ToString());
 }
 
-Result<std::unique_ptr<RegistryClient>> Connect(const RegistryRef& ref,
-                                                const PullOptions& options) {
+namespace {
+
+// A client for `ref` with the pull's options, the credentials found for it and
+// the TLS setting: --tls-verify when given, else registries.conf's `insecure`.
+Result<std::unique_ptr<RegistryClient>> Connect(const RegistryRef& ref, const PullOptions& options,
+                                                bool insecure) {
   std::vector<std::string> files =
       options.auth_file.empty() ? AuthFilePaths() : std::vector<std::string>{options.auth_file};
   LX_ASSIGN_OR_RETURN(std::optional<Credentials> credentials,
                       FindCredentials(ref.registry, options.creds, files, ref.repository));
-  if (!options.tls_verify) {
+  const bool tls_verify = options.tls_verify.value_or(!insecure);
+  if (!tls_verify) {
     // Said with -v, where a user looks for why: a warning on every run would
     // break the one line a failure prints.
     Logger("broker")->info(
-        "{}: TLS VERIFICATION IS OFF (--tls-verify=false): certificates are not checked and "
-        "plain http is allowed",
-        ref.registry);
+        "{}: TLS VERIFICATION IS OFF ({}): certificates are not checked and plain http is "
+        "allowed",
+        ref.registry,
+        options.tls_verify ? "--tls-verify=false" : "insecure = true in registries.conf");
   }
   Logger("broker")->info("registry {}: {} as {}", ref.registry, ref.ToString(),
                          credentials ? "a user (credentials found)" : "anonymous");
   RegistryOptions o{.credentials = std::move(credentials),
-                    .tls_verify = options.tls_verify,
+                    .tls_verify = tls_verify,
                     .cert_dir = options.cert_dir,
                     .low_speed_seconds = options.low_speed_seconds,
                     .total_timeout_ms = options.total_timeout_ms,
@@ -49,11 +56,65 @@ Result<std::unique_ptr<RegistryClient>> Connect(const RegistryRef& ref,
   return RegistryClient::Create(ref, std::move(o));
 }
 
-Result<ResolvedImage> Resolve(RegistryClient& client, const Platform& platform,
-                              const LayersFound& on_layers) {
-  auto got = client.GetManifest();
-  if (!got) return Fail(Answered(std::move(got).error()));
-  RegistryManifest top = std::move(*got);
+// The name registries.conf matches: "docker.io/library/debian:latest".
+std::string ConfName(const RegistryRef& ref) {
+  RegistryRef named = ref;
+  named.registry = NormalizeRegistry(ref.registry);
+  return named.ToString();
+}
+
+}  // namespace
+
+Result<Reached> Reach(const RegistryRef& ref, const PullOptions& options) {
+  LX_ASSIGN_OR_RETURN(RegistriesConf conf, LoadRegistriesConf(options.registries_conf));
+  const std::string name = ConfName(ref);
+  const RegistryConfEntry* entry = FindRegistryConf(conf, name);
+  if (entry != nullptr && entry->blocked) {
+    return Fail(MakeError(ErrorKind::kPolicy, "docker://{}: blocked by registries.conf ({})", name,
+                          entry->source));
+  }
+  const std::vector<PullSource> sources = PullSources(entry, name, !ref.digest.empty());
+  std::string failed;  // the mirrors' errors, for the primary's
+  for (size_t i = 0; i < sources.size(); ++i) {
+    const PullSource& source = sources[i];
+    RegistryRef at = ref;
+    if (entry != nullptr) {
+      auto parsed = ParseRegistryRef(source.name);
+      if (!parsed || ConfName(*parsed) != source.name) {
+        return Fail(MakeError(
+            ErrorKind::kPolicy, "registries.conf ({}): {} gives {:?}, which is not an image name",
+            entry->source, source.mirror ? "a mirror" : "the location", source.name));
+      }
+      at = std::move(*parsed);
+    }
+    // A host's own table may make it insecure too (containers/image looks it up).
+    const RegistryConfEntry* host = FindRegistryConf(conf, NormalizeRegistry(at.registry));
+    const bool insecure = source.insecure || (host != nullptr && host->endpoint.insecure);
+    if (source.mirror) Logger("broker")->info("{}: trying the mirror {}", name, source.name);
+    auto reached = [&]() -> Result<Reached> {
+      LX_ASSIGN_OR_RETURN(std::unique_ptr<RegistryClient> client, Connect(at, options, insecure));
+      auto top = client->GetManifest();
+      if (!top) return Fail(Answered(std::move(top).error()));
+      return Reached{.ref = at, .client = std::move(client), .top = std::move(*top)};
+    }();
+    if (reached) return reached;
+    const bool cancelled = options.cancel != nullptr && options.cancel->load();
+    if (i + 1 == sources.size() || cancelled) {
+      if (failed.empty()) return Fail(std::move(reached).error());
+      const Error& e = reached.error();
+      return Fail(
+          Error(e.kind(), 0, fmt::format("{} (mirrors tried first: {})", e.ToString(), failed)));
+    }
+    Logger("broker")->info("{}: {}; trying the next source", source.name,
+                           reached.error().ToString());
+    failed += fmt::format("{}{}: {}", failed.empty() ? "" : "; ", source.name,
+                          reached.error().ToString());
+  }
+  return Fail(MakeError(ErrorKind::kInternal, "no source for {}", name));  // never: one at least
+}
+
+Result<ResolvedImage> Resolve(RegistryClient& client, RegistryManifest top,
+                              const Platform& platform, const LayersFound& on_layers) {
   auto read = [&client](const std::string& digest, std::optional<uint64_t> size,
                         bool manifest) -> Result<std::string> {
     if (manifest) {
@@ -88,7 +149,8 @@ Result<ResolvedImage> Resolve(RegistryClient& client, const Platform& platform,
 
 }  // namespace registry_detail
 
-using registry_detail::Connect;
+using registry_detail::Reach;
+using registry_detail::Reached;
 using registry_detail::Resolve;
 
 bool IsRegistrySource(const std::vector<std::string>& specs) {
@@ -98,8 +160,8 @@ bool IsRegistrySource(const std::vector<std::string>& specs) {
 Result<ResolvedImage> ResolveRegistry(const std::string& spec, const Platform& platform,
                                       const PullOptions& options) {
   LX_ASSIGN_OR_RETURN(RegistryRef ref, ParseRegistryRef(spec));
-  LX_ASSIGN_OR_RETURN(std::unique_ptr<RegistryClient> client, Connect(ref, options));
-  return Resolve(*client, platform);
+  LX_ASSIGN_OR_RETURN(Reached reached, Reach(ref, options));
+  return Resolve(*reached.client, std::move(reached.top), platform);
 }
 
 }  // namespace layerx::broker

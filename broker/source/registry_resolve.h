@@ -7,6 +7,7 @@
 
 #include "broker/source/registry_client.h"
 #include "broker/source/registry_pull.h"
+#include "broker/source/registry_ref.h"
 #include "broker/source/source.h"
 
 namespace layerx::broker::registry_detail {
@@ -17,12 +18,21 @@ namespace layerx::broker::registry_detail {
 // in the command itself (a bad name, --creds, --cert-dir) is a usage error.
 Error Answered(Error e);
 
-// A client for `ref` with the pull's options and the credentials found for it.
-Result<std::unique_ptr<RegistryClient>> Connect(const RegistryRef& ref, const PullOptions& options);
+// The registry that answers for `ref`, and its answer: registries.conf's
+// sources in order (mirrors, then the primary location; `ref` itself when no
+// table matches), the first that gives the image's manifest. A blocked name
+// fails at once; a source that fails is said with -v and the next one is
+// tried; when all fail, the primary's error names the mirrors' too.
+struct Reached {
+  RegistryRef ref;  // where the image is pulled from (a mirror's name, maybe)
+  std::unique_ptr<RegistryClient> client;
+  RegistryManifest top;  // the manifest `ref` names
+};
+Result<Reached> Reach(const RegistryRef& ref, const PullOptions& options);
 
-// The image `client` names: manifest (an index picks by `platform`) and config.
-// `on_layers`, when given, has the layers before the config is fetched.
-Result<ResolvedImage> Resolve(RegistryClient& client, const Platform& platform,
-                              const LayersFound& on_layers = nullptr);
+// The image `top` is the manifest of: an index picks by `platform`, then the
+// config. `on_layers`, when given, has the layers before the config is fetched.
+Result<ResolvedImage> Resolve(RegistryClient& client, RegistryManifest top,
+                              const Platform& platform, const LayersFound& on_layers = nullptr);
 
 }  // namespace layerx::broker::registry_detail

@@ -97,6 +97,7 @@ typedef enum layerx_option {
   LAYERX_OPT_AUTH_FILE = 10,     /* string: the only auth.json to look in */
   LAYERX_OPT_CERT_DIR = 11,      /* string: CAs (*.crt), client NAME.cert+NAME.key; default: certs.d */
   LAYERX_OPT_BLOB_CACHE = 12,    /* string: a dir of verified blobs, reused */
+  LAYERX_OPT_REGISTRIES_CONF = 13, /* string: registries.conf (mirrors...); default: the usual */
   LAYERX_OPT_EXT4_SIZE = 100,    /* integer: bytes; 0 computes it */
   LAYERX_OPT_EXT4_BLOCK_SIZE = 101,   /* integer: 1024, 2048, 4096 */
   LAYERX_OPT_EXT4_INODE_RATIO = 102,  /* integer: bytes per inode; 0 computes it */
@@ -104,7 +105,8 @@ typedef enum layerx_option {
   LAYERX_OPT_SOURCE_DATE_EPOCH = 104, /* integer: seconds; -1 the newest mtime */
   LAYERX_OPT_LAYER_TIMEOUT_MS = 105,  /* integer: 0 keeps the policy's */
   LAYERX_OPT_JOB_TIMEOUT_MS = 106,    /* integer: 0 keeps the policy's */
-  LAYERX_OPT_TLS_VERIFY = 107,        /* integer: 0 allows plain http, no cert checks */
+  LAYERX_OPT_TLS_VERIFY = 107,        /* integer: 0 allows plain http, no cert checks;
+                                         unset: registries.conf's `insecure` decides */
   LAYERX_OPT_PARALLEL_DOWNLOADS = 108 /* integer: docker:// layers fetched ahead, 0..16 */
 } layerx_option;
 /* A string option (value NULL resets it) or an integer option; the wrong

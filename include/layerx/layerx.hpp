@@ -136,7 +136,13 @@ struct RegistrySettings {
   std::string cert_dir;   // as skopeo's --cert-dir: CAs (*.crt), a client NAME.cert + NAME.key;
                           // empty: HOST[:PORT] below ~/.config/containers/certs.d,
                           // /etc/containers/certs.d or /etc/docker/certs.d
-  bool tls_verify = true;  // false: no certificate checks, and plain http is allowed
+  // false: no certificate checks, and plain http is allowed; unset: true,
+  // unless registries.conf says the registry is `insecure`.
+  std::optional<bool> tls_verify;
+  // containers-registries.conf(5): mirrors, locations, `insecure`, `blocked`.
+  // Empty: $CONTAINERS_REGISTRIES_CONF, else ~/.config/containers/registries.conf,
+  // else /etc/containers/registries.conf, with their registries.conf.d drop-ins.
+  std::string registries_conf;
   // Verified compressed blobs kept by digest (DIR/sha256/HEX) and reused by
   // the next pull of any image sharing them; safe for concurrent processes.
   std::string blob_cache;
@@ -266,11 +272,10 @@ LAYERX_API bool Inspect(const InspectRequest& request, ImageInfo* info, ExtractE
 // The same, with what it logs (for a docker:// source: the registry and how it
 // is reached, the cert dir, the retries) given to `log` at `min_log_level` and
 // above, on the calling thread, as ExtractRequest::log is (`layerx inspect -v`).
-LAYERX_API bool Inspect(
-    const InspectRequest& request, ImageInfo* info, ExtractError* error,
-    const std::function<void(LogLevel level, std::string_view component, std::string_view message)>&
-        log,
-    LogLevel min_log_level);
+LAYERX_API bool Inspect(const InspectRequest& request, ImageInfo* info, ExtractError* error,
+                        const std::function<void(LogLevel level, std::string_view component,
+                                                 std::string_view message)>& log,
+                        LogLevel min_log_level);
 
 // The effective policy as a TOML policy file: the defaults, then policy_file
 // and policy_toml (either may be empty) read over them. `layerx policy show`.
@@ -291,9 +296,9 @@ struct ServeOptions {
   std::string log_format;   // "text" or "json"; empty: the config's
   std::function<void(LogLevel level, std::string_view component, std::string_view message)> log;
   LogLevel min_log_level = LogLevel::kInfo;
-  std::string extractor_path;          // empty: found as for Extract
-  const CancelToken* stop = nullptr;   // optional: set to stop like SIGTERM (checked 10x/s)
-  std::function<void()> ready;         // optional: called once the socket accepts connections
+  std::string extractor_path;         // empty: found as for Extract
+  const CancelToken* stop = nullptr;  // optional: set to stop like SIGTERM (checked 10x/s)
+  std::function<void()> ready;        // optional: called once the socket accepts connections
 };
 LAYERX_API bool Serve(const ServeOptions& options, ExtractError* error);
 

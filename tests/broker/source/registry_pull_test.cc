@@ -21,6 +21,7 @@
 // a layer is at fault, and nothing left where the outputs would have been.
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <layerx/layerx.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/stat.h>
@@ -550,8 +551,9 @@ TEST_F(RegistryPullTest, ClientCertificateFromCertDirGivesTheOciBytes) {
   ExpectSameAsOci(Docker("app:v1", "mtls"), {"--cert-dir", env_["MTLS_CERT_DIR"]},
                   Oci(app_ + ":v1"));
   // Not verifying the server does not drop the client certificate.
-  ExpectSameAsOci(Docker("app:v1", "mtls"), {"--cert-dir", env_["MTLS_CERT_DIR"], "--tls-verify=false"},
-                  Oci(app_ + ":v1"), {}, "insecure");
+  ExpectSameAsOci(Docker("app:v1", "mtls"),
+                  {"--cert-dir", env_["MTLS_CERT_DIR"], "--tls-verify=false"}, Oci(app_ + ":v1"),
+                  {}, "insecure");
 }
 
 TEST_F(RegistryPullTest, ClientCertificateFromHomeCertsDGivesTheOciBytes) {
@@ -590,14 +592,12 @@ TEST_F(RegistryPullTest, MissingOrRefusedClientCertificateIsOneLine) {
                "/me.key 2>/dev/null && openssl req -new -x509 -key " + d +
                "/me.key -subj /CN=stranger -days 2 -out " + d + "/me.cert 2>/dev/null"),
             0);
-  Outcome q =
-      Layerx(Cat({"extract", Docker("app:v1", "mtls"), "--cert-dir", d}, AllOutputs()));
+  Outcome q = Layerx(Cat({"extract", Docker("app:v1", "mtls"), "--cert-dir", d}, AllOutputs()));
   ExpectOneLineRefusal(q, {1}, {"TLS with", d + "/me.cert"});
   ExpectNothingLeft();
   // A certificate without its key: a usage error before any connection.
   ::unlink((d + "/me.key").c_str());
-  Outcome k =
-      Layerx(Cat({"extract", Docker("app:v1", "mtls"), "--cert-dir", d}, AllOutputs()));
+  Outcome k = Layerx(Cat({"extract", Docker("app:v1", "mtls"), "--cert-dir", d}, AllOutputs()));
   ExpectOneLineRefusal(k, {2}, {"has no key \"me.key\""});
   ExpectNothingLeft();
   std::filesystem::remove_all(d);
@@ -619,8 +619,9 @@ TEST_F(RegistryPullTest, CredentialHelperGivesTheOciBytes) {
   const std::string auth = out_ + "-helper/auth.json";
   WriteFile(auth, "{\"credHelpers\":{\"" + Host() + "\":\"lxpull\"}}");
   const char* path = std::getenv("PATH");
-  const std::vector<std::string> env = {"REGISTRY_AUTH_FILE=" + auth,
-                                        "PATH=" + bin + ":" + (path != nullptr ? path : "/usr/bin:/bin")};
+  const std::vector<std::string> env = {
+      "REGISTRY_AUTH_FILE=" + auth,
+      "PATH=" + bin + ":" + (path != nullptr ? path : "/usr/bin:/bin")};
   ExpectSameAsOci(Docker("app:v1"), {"--cert-dir", env_["CERT_DIR"]}, Oci(app_ + ":v1"), env);
   Outcome r = Layerx({"extract", Docker("app:v1"), "--cert-dir", env_["CERT_DIR"], "--manifest",
                       out_ + "/v.jsonl", "--json", "-vv"},
@@ -632,8 +633,8 @@ TEST_F(RegistryPullTest, CredentialHelperGivesTheOciBytes) {
   EXPECT_EQ(r.out.find(env_["REGISTRY_PASS"]), std::string::npos) << r.out;
   // A helper that is not there: one line naming it (no other file has credentials).
   WriteFile(auth, "{\"credHelpers\":{\"" + Host() + "\":\"lxgone\"}}");
-  Outcome q = Layerx(Cat({"extract", Docker("app:v1"), "--cert-dir", env_["CERT_DIR"]}, AllOutputs()),
-                     env);
+  Outcome q =
+      Layerx(Cat({"extract", Docker("app:v1"), "--cert-dir", env_["CERT_DIR"]}, AllOutputs()), env);
   ExpectOneLineRefusal(q, {1, 2}, {"docker-credential-lxgone", auth});
   ExpectNothingLeft();
   std::filesystem::remove_all(out_ + "-helper");
@@ -1053,6 +1054,179 @@ TEST_F(RegistryPullTest, ThroughTheServiceTheClientDoesTheNetwork) {
   }
 }
 
+// ---- 11. registries.conf: mirrors, locations, insecure, blocked ----------
+
+// A registries.conf of the test's own (beside out_, which must end empty).
+std::string WriteConf(const std::string& dir, const std::string& text) {
+  static int n = 0;
+  const std::string path = dir + "/registries-" +
+                           ::testing::UnitTest::GetInstance()->current_test_info()->name() + "-" +
+                           std::to_string(n++) + ".conf";
+  WriteFile(path, text);
+  return path;
+}
+
+// skopeo's example: the image is named where it is not (a dead location),
+// and comes from the mirror, with the mirror's own insecure = true (the
+// http instance): no --tls-verify anywhere.
+TEST_F(RegistryPullTest, MirrorInRegistriesConfGivesTheOciBytes) {
+  const std::string conf = WriteConf(dir_, R"(
+[[registry]]
+prefix = "primary.invalid/team"
+location = "127.0.0.1:1/team"
+[[registry.mirror]]
+location = ")" + Host("http") + R"("
+insecure = true
+)");
+  ExpectSameAsOci("docker://primary.invalid/team/app:v1", {"--registries-conf", conf},
+                  Oci(app_ + ":v1"));
+  // The same through $CONTAINERS_REGISTRIES_CONF, with -v saying where it went.
+  const std::string m = out_ + "/env.jsonl";
+  Outcome r = Layerx({"extract", "docker://primary.invalid/team/app:v1", "--manifest", m, "-v"},
+                     {"CONTAINERS_REGISTRIES_CONF=" + conf});
+  ASSERT_EQ(r.code, 0) << r.Both();
+  EXPECT_NE(r.err.find("trying the mirror " + Host("http") + "/app:v1"), std::string::npos)
+      << r.err;
+  EXPECT_NE(r.err.find("insecure = true in registries.conf"), std::string::npos) << r.err;
+  EXPECT_TRUE(ReadFile(m) == Oci(app_ + ":v1").first);
+}
+
+// A mirror that is down, or that lacks the image, is passed over for the next
+// source; the location is tried last.
+TEST_F(RegistryPullTest, MirrorsThatFailFallBackToTheLocation) {
+  const std::string conf = WriteConf(dir_, R"(
+[[registry]]
+prefix = "primary.invalid"
+location = ")" + Host("http") + R"("
+insecure = true
+[[registry.mirror]]
+location = "127.0.0.1:1"
+[[registry.mirror]]
+location = ")" + Host("http") + R"(/not-here"
+insecure = true
+)");
+  ExpectSameAsOci("docker://primary.invalid/app:v1", {"--registries-conf", conf},
+                  Oci(app_ + ":v1"));
+}
+
+// A mirror's credentials are the mirror's: the auth file's entry for the TLS
+// instance signs its requests, and its CA comes from --cert-dir.
+TEST_F(RegistryPullTest, MirrorUsesItsOwnCredentials) {
+  const std::string conf = WriteConf(dir_, R"(
+[[registry]]
+prefix = "primary.invalid"
+location = "127.0.0.1:1"
+[[registry.mirror]]
+location = ")" + Host("tls") + R"("
+)");
+  ExpectSameAsOci(
+      "docker://primary.invalid/app:v1",
+      {"--registries-conf", conf, "--cert-dir", env_["CERT_DIR"], "--authfile", env_["AUTH_FILE"]},
+      Oci(app_ + ":v1"));
+}
+
+// insecure = true is what --tls-verify=false would be; an explicit
+// --tls-verify=true wins over it, as in skopeo.
+TEST_F(RegistryPullTest, InsecureInRegistriesConfYieldsToAnExplicitTlsVerify) {
+  const std::string conf =
+      WriteConf(dir_, "[[registry]]\nlocation = \"" + Host("http") + "\"\ninsecure = true\n");
+  ExpectSameAsOci(Docker("app:v1", "http"), {"--registries-conf", conf}, Oci(app_ + ":v1"));
+  std::filesystem::remove(out_ + "/m.jsonl");
+  std::filesystem::remove(out_ + "/m.config");
+  Outcome r = Layerx(
+      Cat({"extract", Docker("app:v1", "http"), "--registries-conf", conf, "--tls-verify=true"},
+          AllOutputs()),
+      {}, 30);
+  ExpectOneLineRefusal(r, {1}, {Host("http")});
+  ExpectNothingLeft();
+}
+
+TEST_F(RegistryPullTest, RejectsBlockedRegistriesInOneLine) {
+  const std::string v2 =
+      WriteConf(dir_, "[[registry]]\nprefix = \"" + Host("tls") + "/app\"\nlocation = \"" +
+                          Host("tls") + "/app\"\nblocked = true\n");
+  Outcome r = Layerx(
+      Cat(Cat({"extract", Docker("app:v1"), "--registries-conf", v2}, AllOutputs()), TlsCreds()),
+      {}, 30);
+  ExpectOneLineRefusal(r, {2}, {"blocked by registries.conf", Host("tls") + "/app:v1"});
+  ExpectNothingLeft();
+  Outcome i = Layerx({"inspect", Docker("app:v1"), "--registries-conf", v2}, {}, 30);
+  ExpectOneLineRefusal(i, {2}, {"blocked by registries.conf"});
+  // Version 1's block list, through $CONTAINERS_REGISTRIES_CONF.
+  const std::string v1 =
+      WriteConf(dir_, "[registries.block]\nregistries = [\"" + Host("tls") + "\"]\n");
+  Outcome e = Layerx(Cat({"extract", Docker("app:v1")}, AllOutputs()),
+                     {"CONTAINERS_REGISTRIES_CONF=" + v1}, 30);
+  ExpectOneLineRefusal(e, {2}, {"blocked by registries.conf"});
+  ExpectNothingLeft();
+}
+
+// The C ABI's way to the same: LAYERX_OPT_REGISTRIES_CONF, and no
+// LAYERX_OPT_TLS_VERIFY (the file's insecure = true decides); then 1, which wins.
+TEST_F(RegistryPullTest, CAbiReadsTheRegistriesConfItIsGiven) {
+  const std::string conf = WriteConf(dir_, R"(
+[[registry]]
+prefix = "primary.invalid"
+location = "127.0.0.1:1"
+[[registry.mirror]]
+location = ")" + Host("http") + R"("
+insecure = true
+)");
+  auto run = [&](const std::string& manifest, int tls_verify) {
+    layerx_request* req = layerx_request_new();
+    layerx_request_add_source(req, "docker://primary.invalid/app:v1");
+    layerx_request_set_output(req, LAYERX_OUTPUT_MANIFEST, manifest.c_str());
+    layerx_request_set_string(req, LAYERX_OPT_REGISTRIES_CONF, conf.c_str());
+    layerx_request_set_string(req, LAYERX_OPT_EXTRACTOR_PATH, LAYERX_EXTRACTOR_BINARY);
+    if (tls_verify >= 0) layerx_request_set_int(req, LAYERX_OPT_TLS_VERIFY, tls_verify);
+    layerx_result* res = nullptr;
+    layerx_status status = layerx_extract(req, &res);
+    std::string message = res != nullptr ? layerx_result_message(res) : "";
+    layerx_result_free(res);
+    layerx_request_free(req);
+    return std::make_pair(status, message);
+  };
+  auto [ok, message] = run(out_ + "/c.jsonl", -1);
+  ASSERT_EQ(ok, LAYERX_OK) << message;
+  EXPECT_TRUE(ReadFile(out_ + "/c.jsonl") == Oci(app_ + ":v1").first);
+  auto [refused, why] = run(out_ + "/refused.jsonl", 1);
+  EXPECT_NE(refused, LAYERX_OK);
+  EXPECT_NE(why.find("127.0.0.1:1"), std::string::npos) << why;
+  EXPECT_NE(::access((out_ + "/refused.jsonl").c_str(), F_OK), 0);
+}
+
+TEST_F(RegistryPullTest, EverySourceFailingIsOneLineNamingEach) {
+  const std::string conf = WriteConf(dir_, R"(
+[[registry]]
+prefix = "primary.invalid"
+location = "127.0.0.1:1"
+[[registry.mirror]]
+location = ")" + Host("http") + R"(/elsewhere"
+insecure = true
+)");
+  Outcome r = Layerx(
+      Cat({"extract", "docker://primary.invalid/app:v1", "--registries-conf", conf}, AllOutputs()),
+      {}, 30);
+  ExpectOneLineRefusal(r, {1},
+                       {"127.0.0.1:1", "mirrors tried first", Host("http") + "/elsewhere/app:v1"});
+  ExpectNothingLeft();
+}
+
+TEST_F(RegistryPullTest, RejectsABadRegistriesConfInOneLine) {
+  const std::string conf =
+      WriteConf(dir_, "[[registry]]\nlocation = \"https://" + Host("http") + "\"\n");
+  Outcome r = Layerx(
+      Cat({"extract", Docker("app:v1", "http"), "--registries-conf", conf}, AllOutputs()), {}, 30);
+  ExpectOneLineRefusal(r, {2}, {conf + ":2", "URI scheme"});
+  ExpectNothingLeft();
+  Outcome missing =
+      Layerx(Cat({"extract", Docker("app:v1", "http"), "--registries-conf", dir_ + "/no-such.conf"},
+                 AllOutputs()),
+             {}, 30);
+  ExpectOneLineRefusal(missing, {1, 2}, {"no-such.conf"});
+  ExpectNothingLeft();
+}
+
 // ---- 6, 7. a hostile registry -------------------------------------------
 
 // tests/registry/fake_registry.py over a layout written here (image v1: two
@@ -1125,8 +1299,8 @@ class RegistryPullFakeTest : public ::testing::Test {
     *socket = sdir + "/sock";
     {
       std::ofstream(config) << "[service]\nscratch_dir = \"" << sdir
-                            << "/scratch\"\n[[tenant]]\nname = \"self\"\nuids = ["
-                            << ::geteuid() << "]\n";
+                            << "/scratch\"\n[[tenant]]\nname = \"self\"\nuids = [" << ::geteuid()
+                            << "]\n";
     }
     *service = std::make_unique<Proc>(
         std::vector<std::string>{LAYERX_BINARY, "serve", "--socket", *socket, "--config", config},
@@ -1216,11 +1390,11 @@ TEST_F(RegistryPullFakeTest, ThroughTheServiceALayerAheadThatFailsStopsTheJobAtO
   std::unique_ptr<Proc> service;
   std::string socket;
   ASSERT_NO_FATAL_FAILURE(StartService(&service, &socket));
-  Outcome r = Proc({LAYERX_BINARY, "extract", "docker://" + host_ + "/failahead:v1",
-                    "--tls-verify=false", "-q", "--connect", socket, "--ext4", out_ + "/img",
-                    "--manifest", out_ + "/m.jsonl"},
-                   dir_ + "/connect-run", dir_ + "/home")
-                  .Finish(30);
+  Outcome r =
+      Proc({LAYERX_BINARY, "extract", "docker://" + host_ + "/failahead:v1", "--tls-verify=false",
+            "-q", "--connect", socket, "--ext4", out_ + "/img", "--manifest", out_ + "/m.jsonl"},
+           dir_ + "/connect-run", dir_ + "/home")
+          .Finish(30);
   ExpectOneLineRefusal(r, {1}, {Layer2(), "404", "BLOB_UNKNOWN"});
   EXPECT_LT(r.seconds, 8);
   auto left = Names(out_);

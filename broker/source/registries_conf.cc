@@ -1,0 +1,378 @@
+#define TOML_EXCEPTIONS 0
+#include "broker/source/registries_conf.h"
+
+#include <fmt/format.h>
+#include <toml++/toml.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <filesystem>
+#include <map>
+
+#include "broker/log/logging.h"
+#include "sandbox/sys.h"
+
+namespace layerx::broker {
+
+namespace {
+
+constexpr const char* kSystemFile = "/etc/containers/registries.conf";
+constexpr const char* kSystemDir = "/etc/containers/registries.conf.d";
+constexpr const char* kUserFile = "/.config/containers/registries.conf";
+constexpr const char* kUserDir = "/.config/containers/registries.conf.d";
+constexpr size_t kMaxFileBytes = 1 << 20;
+
+Error ConfError(std::string_view file, const toml::source_region& where, std::string message) {
+  return Error(ErrorKind::kPolicy, 0,
+               fmt::format("registries.conf {}:{}: {}", file, where.begin.line, message));
+}
+
+// "host[:port][/ns...]" as the file may write it: a trailing '/' dropped; a
+// scheme refused, as containers/image refuses it.
+Result<std::string> Location(std::string_view file, const toml::node& node, std::string_view key) {
+  std::optional<std::string_view> v = node.value_exact<std::string_view>();
+  if (!v) return Fail(ConfError(file, node.source(), fmt::format("{}: want a string", key)));
+  std::string s(*v);
+  while (!s.empty() && s.back() == '/') s.pop_back();
+  if (s.starts_with("http://") || s.starts_with("https://")) {
+    return Fail(ConfError(file, node.source(),
+                          fmt::format("{} {:?}: a URI scheme is not allowed (insecure = true "
+                                      "allows plain http)",
+                                      key, s)));
+  }
+  return s;
+}
+
+Result<bool> Bool(std::string_view file, const toml::node& node, std::string_view key) {
+  std::optional<bool> v = node.value_exact<bool>();
+  if (!v) return Fail(ConfError(file, node.source(), fmt::format("{}: want true or false", key)));
+  return *v;
+}
+
+Status ParseMirror(std::string_view file, const toml::table& table, RegistryEndpoint& out) {
+  for (const auto& [key, node] : table) {
+    const std::string_view name = key.str();
+    if (name == "location") {
+      LX_ASSIGN_OR_RETURN(out.location, Location(file, node, "mirror.location"));
+    } else if (name == "insecure") {
+      LX_ASSIGN_OR_RETURN(out.insecure, Bool(file, node, "mirror.insecure"));
+    } else if (name == "pull-from-mirror") {
+      std::optional<std::string_view> v = node.value_exact<std::string_view>();
+      if (v && (*v == "all" || v->empty())) {
+        out.pull_from = RegistryEndpoint::PullFrom::kAll;
+      } else if (v && *v == "digest-only") {
+        out.pull_from = RegistryEndpoint::PullFrom::kDigestOnly;
+      } else if (v && *v == "tag-only") {
+        out.pull_from = RegistryEndpoint::PullFrom::kTagOnly;
+      } else {
+        return Fail(ConfError(file, node.source(),
+                              "pull-from-mirror: want \"all\", \"digest-only\" or \"tag-only\""));
+      }
+    } else {
+      Logger("broker")->info("registries.conf {}:{}: mirror key {:?} is not used", file,
+                             node.source().begin.line, name);
+    }
+  }
+  if (out.location.empty()) {
+    return Fail(ConfError(file, table.source(), "a mirror needs a location"));
+  }
+  return {};
+}
+
+// A "*.domain" prefix: no port, no namespace, the wildcard only in front.
+bool IsWildcard(std::string_view prefix) { return prefix.starts_with("*."); }
+
+Result<RegistryConfEntry> ParseRegistry(std::string_view file, const toml::table& table) {
+  RegistryConfEntry r;
+  r.source = fmt::format("{}:{}", file, table.source().begin.line);
+  bool has_prefix = false, has_pull_from = false;
+  for (const auto& [key, node] : table) {
+    const std::string_view name = key.str();
+    if (name == "prefix") {
+      LX_ASSIGN_OR_RETURN(r.prefix, Location(file, node, "prefix"));
+      has_prefix = true;
+    } else if (name == "location") {
+      LX_ASSIGN_OR_RETURN(r.endpoint.location, Location(file, node, "location"));
+    } else if (name == "insecure") {
+      LX_ASSIGN_OR_RETURN(r.endpoint.insecure, Bool(file, node, "insecure"));
+    } else if (name == "blocked") {
+      LX_ASSIGN_OR_RETURN(r.blocked, Bool(file, node, "blocked"));
+    } else if (name == "mirror-by-digest-only") {
+      LX_ASSIGN_OR_RETURN(r.mirror_by_digest_only, Bool(file, node, "mirror-by-digest-only"));
+    } else if (name == "mirror") {
+      const toml::array* list = node.as_array();
+      if (list == nullptr) {
+        return Fail(ConfError(file, node.source(), "mirror: want [[registry.mirror]] tables"));
+      }
+      for (const toml::node& item : *list) {
+        const toml::table* m = item.as_table();
+        if (m == nullptr) {
+          return Fail(ConfError(file, item.source(), "mirror: want [[registry.mirror]] tables"));
+        }
+        RegistryEndpoint mirror;
+        LX_TRY(ParseMirror(file, *m, mirror));
+        has_pull_from |= m->contains("pull-from-mirror");
+        r.mirrors.push_back(std::move(mirror));
+      }
+    } else {
+      Logger("broker")->info("registries.conf {}:{}: registry key {:?} is not used", file,
+                             node.source().begin.line, name);
+    }
+  }
+  if (!has_prefix) r.prefix = r.endpoint.location;
+  if (r.prefix.empty()) {
+    return Fail(ConfError(file, table.source(), "a [[registry]] needs a prefix or a location"));
+  }
+  if (IsWildcard(r.prefix)) {
+    std::string_view domain = std::string_view(r.prefix).substr(2);
+    if (domain.empty() || domain.find_first_of("*/:@") != std::string_view::npos) {
+      return Fail(ConfError(file, table.source(),
+                            fmt::format("prefix {:?}: a wildcard prefix is \"*.DOMAIN\", with no "
+                                        "port, namespace or other wildcard",
+                                        r.prefix)));
+    }
+  } else if (r.prefix.find('*') != std::string::npos) {
+    return Fail(ConfError(file, table.source(),
+                          fmt::format("prefix {:?}: a wildcard only as \"*.DOMAIN\"", r.prefix)));
+  }
+  if (r.endpoint.location.empty() && !IsWildcard(r.prefix)) {
+    return Fail(ConfError(
+        file, table.source(),
+        fmt::format("prefix {:?}: an empty location needs a \"*.DOMAIN\" prefix", r.prefix)));
+  }
+  if (r.mirror_by_digest_only && has_pull_from) {
+    return Fail(ConfError(file, table.source(),
+                          fmt::format("prefix {:?}: mirror-by-digest-only and a mirror's "
+                                      "pull-from-mirror cannot both be set",
+                                      r.prefix)));
+  }
+  return r;
+}
+
+// Version 1: [registries.insecure] / [registries.block] lists of registries.
+Status ParseV1(std::string_view file, const toml::table& registries,
+               std::vector<RegistryConfEntry>& out) {
+  std::map<std::string, RegistryConfEntry> by_name;
+  for (const auto& [key, node] : registries) {
+    const std::string_view kind = key.str();
+    const toml::table* t = node.as_table();
+    if (t == nullptr) {
+      return Fail(ConfError(file, node.source(), fmt::format("registries.{}: want a table", kind)));
+    }
+    if (kind != "insecure" && kind != "block") continue;  // "search": short names, not used
+    const toml::node* list_node = t->get("registries");
+    if (list_node == nullptr) continue;
+    const toml::array* list = list_node->as_array();
+    if (list == nullptr) {
+      return Fail(ConfError(file, list_node->source(),
+                            fmt::format("registries.{}.registries: want an array", kind)));
+    }
+    for (const toml::node& item : *list) {
+      LX_ASSIGN_OR_RETURN(std::string name,
+                          Location(file, item, fmt::format("registries.{}.registries", kind)));
+      if (name.empty()) continue;
+      RegistryConfEntry& r = by_name[name];
+      r.prefix = r.endpoint.location = name;
+      r.source = fmt::format("{}:{}", file, item.source().begin.line);
+      if (kind == "insecure") r.endpoint.insecure = true;
+      if (kind == "block") r.blocked = true;
+    }
+  }
+  for (auto& [name, r] : by_name) out.push_back(std::move(r));
+  return {};
+}
+
+// Where `prefix` matches the start of `name` ending at a separator: the
+// length matched, or 0.
+size_t MatchLength(std::string_view name, std::string_view prefix) {
+  if (IsWildcard(prefix)) {
+    // "*.example.com" matches "a.example.com/..." and "a.b.example.com:5000/...":
+    // the suffix must end the host.
+    const std::string_view suffix = prefix.substr(1);  // ".example.com"
+    const size_t host_end = std::min(name.find('/'), name.size());
+    std::string_view host = name.substr(0, host_end);
+    if (size_t colon = host.find(':'); colon != std::string_view::npos)
+      host = host.substr(0, colon);
+    if (host.size() <= suffix.size() || !host.ends_with(suffix)) return 0;
+    return host.size();
+  }
+  if (!name.starts_with(prefix)) return 0;
+  if (name.size() == prefix.size()) return prefix.size();
+  const char next = name[prefix.size()];
+  if (next == '/') return prefix.size();
+  // After a repository, ':' and '@' start a tag or a digest; after a bare
+  // host, ':' starts a port: "example.com" is not "example.com:5000"
+  // (containers/image matches it, and says not to rely on that).
+  const bool repository = prefix.find('/') != std::string_view::npos;
+  return repository && (next == ':' || next == '@') ? prefix.size() : 0;
+}
+
+std::string Home() {
+  if (const char* h = std::getenv("HOME"); h != nullptr && h[0] == '/') return h;
+  return {};
+}
+
+// *.conf in `dir`, by name.
+std::vector<std::string> DropIns(const std::string& dir) {
+  std::vector<std::string> out;
+  std::error_code ec;
+  for (std::filesystem::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (name.size() > 5 && name.ends_with(".conf") && name[0] != '.') out.push_back(it->path());
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+// The file's text; nullopt when it is not there (or not a regular file and
+// not named by the user).
+Result<std::optional<std::string>> ReadConf(const std::string& path, bool named) {
+  auto fd = sandbox::OpenRegularFile(AT_FDCWD, path, 0);
+  if (!fd) {
+    if (named) return Fail(std::move(fd).error().With("registries.conf {:?}", path));
+    return std::optional<std::string>();
+  }
+  LX_ASSIGN_OR_RETURN(struct stat st, sandbox::Fstat(fd->get()));
+  if (static_cast<uint64_t>(st.st_size) > kMaxFileBytes) {
+    return Fail(MakeError(ErrorKind::kLimitExceeded, "registries.conf {:?}: {} bytes, over {}",
+                          path, st.st_size, kMaxFileBytes));
+  }
+  auto text = sandbox::ReadUpTo(fd->get(), static_cast<size_t>(st.st_size));
+  if (!text) return Fail(std::move(text).error().With("registries.conf {:?}", path));
+  return std::optional<std::string>(std::move(*text));
+}
+
+}  // namespace
+
+Status MergeRegistriesConf(std::string_view text, const std::string& name, RegistriesConf& conf) {
+  toml::parse_result parsed = toml::parse(text, name);
+  if (!parsed) {
+    const toml::parse_error& err = parsed.error();
+    return Fail(ConfError(name, err.source(), std::string(err.description())));
+  }
+  const toml::table& root = parsed.table();
+  std::vector<RegistryConfEntry> found;
+  bool v1 = false, v2 = false;
+  for (const auto& [key, node] : root) {
+    const std::string_view k = key.str();
+    if (k == "registry") {
+      v2 = true;
+      const toml::array* list = node.as_array();
+      if (list == nullptr) return Fail(ConfError(name, node.source(), "want [[registry]] tables"));
+      for (const toml::node& item : *list) {
+        const toml::table* t = item.as_table();
+        if (t == nullptr) return Fail(ConfError(name, item.source(), "want [[registry]] tables"));
+        LX_ASSIGN_OR_RETURN(RegistryConfEntry r, ParseRegistry(name, *t));
+        for (const RegistryConfEntry& seen : found) {
+          if (seen.prefix == r.prefix) {
+            return Fail(ConfError(
+                name, t->source(),
+                fmt::format("prefix {:?} is set twice (also at {})", r.prefix, seen.source)));
+          }
+        }
+        found.push_back(std::move(r));
+      }
+    } else if (k == "registries") {
+      v1 = true;
+      const toml::table* t = node.as_table();
+      if (t == nullptr) return Fail(ConfError(name, node.source(), "registries: want a table"));
+      LX_TRY(ParseV1(name, *t, found));
+    } else if (k == "unqualified-search-registries" || k == "short-name-mode" || k == "aliases" ||
+               k == "credential-helpers" || k == "additional-layer-store-auth-helper") {
+      // Short names and helpers: a docker:// name is whole, and credentials
+      // come from the auth files (README).
+    } else {
+      Logger("broker")->info("registries.conf {}:{}: key {:?} is not used", name,
+                             node.source().begin.line, k);
+    }
+  }
+  if (v1 && v2) {
+    return Fail(ConfError(name, root.source(),
+                          "mixes version 1 ([registries.*]) and version 2 ([[registry]]) tables"));
+  }
+  // A drop-in's table replaces the one with its prefix, in its place.
+  for (RegistryConfEntry& r : found) {
+    auto same = std::find_if(conf.registries.begin(), conf.registries.end(),
+                             [&](const RegistryConfEntry& e) { return e.prefix == r.prefix; });
+    if (same != conf.registries.end()) {
+      *same = std::move(r);
+    } else {
+      conf.registries.push_back(std::move(r));
+    }
+  }
+  conf.files.push_back(name);
+  return {};
+}
+
+Result<RegistriesConf> LoadRegistriesConf(const std::string& path) {
+  RegistriesConf conf;
+  std::string file = path;
+  bool named = !file.empty();
+  if (!named) {
+    if (const char* env = std::getenv("CONTAINERS_REGISTRIES_CONF"); env != nullptr && *env) {
+      file = env;
+      named = true;
+    }
+  }
+  const std::string home = Home();
+  std::vector<std::string> dirs;
+  if (!named && !home.empty() && ::access((home + kUserFile).c_str(), F_OK) == 0) {
+    file = home + kUserFile;  // then the system's drop-ins are not read either
+  } else {
+    if (file.empty()) file = kSystemFile;
+    dirs.push_back(kSystemDir);
+  }
+  if (!home.empty()) dirs.push_back(home + kUserDir);
+  std::vector<std::pair<std::string, bool>> files = {{file, named}};
+  for (const std::string& dir : dirs) {
+    for (std::string& f : DropIns(dir)) files.emplace_back(std::move(f), false);
+  }
+  for (const auto& [f, must_exist] : files) {
+    LX_ASSIGN_OR_RETURN(std::optional<std::string> text, ReadConf(f, must_exist));
+    if (!text) continue;
+    LX_TRY(MergeRegistriesConf(*text, f, conf));
+  }
+  return conf;
+}
+
+const RegistryConfEntry* FindRegistryConf(const RegistriesConf& conf, std::string_view name) {
+  const RegistryConfEntry* best = nullptr;
+  size_t best_length = 0;
+  for (const RegistryConfEntry& r : conf.registries) {
+    // The longest prefix wins; a wildcard counts as its own length, as in
+    // containers/image.
+    if (MatchLength(name, r.prefix) > 0 && r.prefix.size() > best_length) {
+      best = &r;
+      best_length = r.prefix.size();
+    }
+  }
+  return best;
+}
+
+std::vector<PullSource> PullSources(const RegistryConfEntry* entry, std::string_view name,
+                                    bool by_digest) {
+  if (entry == nullptr) return {PullSource{.name = std::string(name)}};
+  const size_t matched = MatchLength(name, entry->prefix);
+  auto at = [&](const RegistryEndpoint& e, bool mirror) {
+    // An empty location (a "*.domain" prefix): the name as given.
+    std::string rewritten =
+        e.location.empty() ? std::string(name) : e.location + std::string(name.substr(matched));
+    return PullSource{.name = std::move(rewritten), .insecure = e.insecure, .mirror = mirror};
+  };
+  std::vector<PullSource> out;
+  for (const RegistryEndpoint& m : entry->mirrors) {
+    bool use = true;
+    if (entry->mirror_by_digest_only) {
+      use = by_digest;
+    } else if (m.pull_from == RegistryEndpoint::PullFrom::kDigestOnly) {
+      use = by_digest;
+    } else if (m.pull_from == RegistryEndpoint::PullFrom::kTagOnly) {
+      use = !by_digest;
+    }
+    if (use) out.push_back(at(m, true));
+  }
+  out.push_back(at(entry->endpoint, false));
+  return out;
+}
+
+}  // namespace layerx::broker
