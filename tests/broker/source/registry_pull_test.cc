@@ -139,7 +139,8 @@ class Proc {
       ::setenv("HOME", home.c_str(), 1);
       for (const char* v :
            {"XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "REGISTRY_AUTH_FILE", "DOCKER_CONFIG",
-            "http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy"}) {
+            "CONTAINERS_REGISTRIES_CONF", "http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY",
+            "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"}) {
         ::unsetenv(v);
       }
       for (const std::string& kv : env) {
@@ -1052,6 +1053,48 @@ TEST_F(RegistryPullTest, ThroughTheServiceTheClientDoesTheNetwork) {
     EXPECT_NE(::access((out_ + "/img").c_str(), F_OK), 0);
     EXPECT_NE(::access((out_ + "/bad.jsonl").c_str(), F_OK), 0);
   }
+}
+
+// ---- 10b. a proxy from the environment ----------------------------------
+
+// As curl (and skopeo) read them: HTTPS_PROXY for https (a CONNECT tunnel),
+// http_proxy for plain http, NO_PROXY to go around. The proxy's password in
+// its URL is never printed.
+TEST_F(RegistryPullTest, ProxyFromTheEnvironmentCarriesThePull) {
+  const std::string portfile = out_ + "/../proxy-port", log = out_ + "/../proxy.log";
+  ::unlink(portfile.c_str());
+  ::unlink(log.c_str());
+  Proc proxy({"/usr/bin/python3", std::string(LAYERX_SOURCE_DIR) + "/tests/registry/http_proxy.py",
+              portfile, log},
+             out_ + "/../proxy", dir_ + "/home");
+  for (int i = 0; i < 500 && ::access(portfile.c_str(), F_OK) != 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  const std::string port = ReadFile(portfile);
+  ASSERT_FALSE(port.empty()) << "the proxy did not start";
+  const std::string proxy_url = "http://someone:proxy-secret@127.0.0.1:" + port;
+
+  ExpectSameAsOci(Docker("app:v1"), TlsCreds(), Oci(app_ + ":v1"), {"HTTPS_PROXY=" + proxy_url},
+                  "tls");
+  EXPECT_NE(ReadFile(log).find("CONNECT " + Host("tls") + " "), std::string::npos) << ReadFile(log);
+  ExpectSameAsOci(Docker("app:v1", "http"), {"--tls-verify=false"}, Oci(app_ + ":v1"),
+                  {"http_proxy=" + proxy_url}, "http");
+  EXPECT_NE(ReadFile(log).find("GET http://" + Host("http") + "/v2/"), std::string::npos)
+      << ReadFile(log);
+
+  // NO_PROXY goes around a proxy that is not even there.
+  ExpectSameAsOci(Docker("app:v1"), TlsCreds(), Oci(app_ + ":v1"),
+                  {"HTTPS_PROXY=http://127.0.0.1:1", "NO_PROXY=127.0.0.1"}, "around");
+  for (const char* name : {"tls", "http", "around"}) {
+    std::filesystem::remove(out_ + "/" + name + ".jsonl");
+    std::filesystem::remove(out_ + "/" + name + ".config");
+  }
+  // A proxy that is down: one line, and its password nowhere.
+  Outcome r = Layerx(Cat(Cat({"extract", Docker("app:v1"), "-vv"}, AllOutputs()), TlsCreds()),
+                     {"HTTPS_PROXY=http://someone:proxy-secret@127.0.0.1:1"}, 30);
+  EXPECT_EQ(r.code, 1) << r.Both();
+  EXPECT_EQ(r.Both().find("proxy-secret"), std::string::npos) << r.Both();
+  ExpectNothingLeft();
 }
 
 // ---- 11. registries.conf: mirrors, locations, insecure, blocked ----------
