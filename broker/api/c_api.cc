@@ -237,8 +237,12 @@ layerx_status layerx_request_set_int(layerx_request* request, layerx_option opti
       if (negative) return LAYERX_E_USAGE;
       r.job_timeout_ms = u64;
       return LAYERX_OK;
-    case LAYERX_OPT_TLS_VERIFY:
-      r.registry.tls_verify = value != 0;
+    case LAYERX_OPT_TLS_VERIFY:  // negative: unset again (registries.conf decides)
+      if (negative) {
+        r.registry.tls_verify.reset();
+      } else {
+        r.registry.tls_verify = value != 0;
+      }
       return LAYERX_OK;
     case LAYERX_OPT_PARALLEL_DOWNLOADS:
       if (negative || value > 16) return LAYERX_E_USAGE;

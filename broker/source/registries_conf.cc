@@ -2,12 +2,15 @@
 #include "broker/source/registries_conf.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <toml++/toml.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <map>
+#include <optional>
 
 #include "broker/log/logging.h"
 #include "sandbox/sys.h"
@@ -27,6 +30,19 @@ Error ConfError(std::string_view file, const toml::source_region& where, std::st
                fmt::format("registries.conf {}:{}: {}", file, where.begin.line, message));
 }
 
+}  // namespace
+
+std::string LowerHost(std::string_view name) {
+  std::string out(name);
+  const size_t end = std::min(out.find('/'), out.size());
+  for (size_t i = 0; i < end; ++i) {
+    if (out[i] >= 'A' && out[i] <= 'Z') out[i] = static_cast<char>(out[i] - 'A' + 'a');
+  }
+  return out;
+}
+
+namespace {
+
 // "host[:port][/ns...]" as the file may write it: a trailing '/' dropped; a
 // scheme refused, as containers/image refuses it.
 Result<std::string> Location(std::string_view file, const toml::node& node, std::string_view key) {
@@ -34,6 +50,7 @@ Result<std::string> Location(std::string_view file, const toml::node& node, std:
   if (!v) return Fail(ConfError(file, node.source(), fmt::format("{}: want a string", key)));
   std::string s(*v);
   while (!s.empty() && s.back() == '/') s.pop_back();
+  s = LowerHost(s);
   if (s.starts_with("http://") || s.starts_with("https://")) {
     return Fail(ConfError(file, node.source(),
                           fmt::format("{} {:?}: a URI scheme is not allowed (insecure = true "
@@ -111,15 +128,20 @@ Result<RegistryConfEntry> ParseRegistry(std::string_view file, const toml::table
         }
         RegistryEndpoint mirror;
         LX_TRY(ParseMirror(file, *m, mirror));
-        has_pull_from |= m->contains("pull-from-mirror");
+        if (const toml::node* p = m->get("pull-from-mirror")) {
+          has_pull_from |= p->value_exact<std::string_view>().value_or("") != "";
+        }
         r.mirrors.push_back(std::move(mirror));
       }
+    } else if (name == "pull-from-mirror") {
+      return Fail(ConfError(file, node.source(),
+                            "pull-from-mirror belongs in a [[registry.mirror]] table"));
     } else {
       Logger("broker")->info("registries.conf {}:{}: registry key {:?} is not used", file,
                              node.source().begin.line, name);
     }
   }
-  if (!has_prefix) r.prefix = r.endpoint.location;
+  if (!has_prefix || r.prefix.empty()) r.prefix = r.endpoint.location;
   if (r.prefix.empty()) {
     return Fail(ConfError(file, table.source(), "a [[registry]] needs a prefix or a location"));
   }
@@ -198,39 +220,58 @@ size_t MatchLength(std::string_view name, std::string_view prefix) {
   }
   if (!name.starts_with(prefix)) return 0;
   if (name.size() == prefix.size()) return prefix.size();
+  // As containers/image: a '/', or a ':' or '@' (a tag, a digest; and a port:
+  // "example.com" covers "example.com:5000", so a block cannot be walked
+  // around by naming the port).
   const char next = name[prefix.size()];
-  if (next == '/') return prefix.size();
-  // After a repository, ':' and '@' start a tag or a digest; after a bare
-  // host, ':' starts a port: "example.com" is not "example.com:5000"
-  // (containers/image matches it, and says not to rely on that).
-  const bool repository = prefix.find('/') != std::string_view::npos;
-  return repository && (next == ':' || next == '@') ? prefix.size() : 0;
+  return next == '/' || next == ':' || next == '@' ? prefix.size() : 0;
 }
 
+// $HOME, when this user can enter it. One it cannot (rootless under root's
+// HOME, `setpriv` keeping it) holds no config of this user's: its files are
+// passed over, as skopeo passes over the auth files there. Below a HOME it can
+// enter, a file it cannot read fails the lookup like any other.
 std::string Home() {
-  if (const char* h = std::getenv("HOME"); h != nullptr && h[0] == '/') return h;
-  return {};
+  const char* h = std::getenv("HOME");
+  if (h == nullptr || h[0] != '/') return {};
+  if (::access(h, X_OK) != 0) {
+    Logger("broker")->info("registries.conf: HOME {:?} cannot be entered: its files are not read",
+                           h);
+    return {};
+  }
+  return h;
 }
 
-// *.conf in `dir`, by name.
-std::vector<std::string> DropIns(const std::string& dir) {
+// *.conf in `dir`, by name; none when `dir` is not there. A dir that is
+// there and cannot be listed is an error: what it holds may block a registry.
+Result<std::vector<std::string>> DropIns(const std::string& dir) {
   std::vector<std::string> out;
   std::error_code ec;
-  for (std::filesystem::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+  std::filesystem::directory_iterator it(dir, ec);
+  if (ec == std::errc::no_such_file_or_directory) return out;
+  for (std::filesystem::directory_iterator end; !ec && it != end; it.increment(ec)) {
     const std::string name = it->path().filename().string();
-    if (name.size() > 5 && name.ends_with(".conf") && name[0] != '.') out.push_back(it->path());
+    if (name.size() > 5 && name.ends_with(".conf")) out.push_back(it->path());
+  }
+  if (ec) {
+    return Fail(Error(ErrorKind::kPolicy, ec.value(),
+                      fmt::format("registries.conf.d {:?}: cannot be listed", dir)));
   }
   std::sort(out.begin(), out.end());
   return out;
 }
 
-// The file's text; nullopt when it is not there (or not a regular file and
-// not named by the user).
+// The file's text; nullopt when it is not there and was not named. Any other
+// failure (not readable, not a regular file) is an error: a file skipped
+// could be one that blocks a registry. "/dev/null", named, is an empty file
+// (the usual way to read none).
 Result<std::optional<std::string>> ReadConf(const std::string& path, bool named) {
+  if (named && path == "/dev/null") return std::optional<std::string>(std::string());
   auto fd = sandbox::OpenRegularFile(AT_FDCWD, path, 0);
   if (!fd) {
-    if (named) return Fail(std::move(fd).error().With("registries.conf {:?}", path));
-    return std::optional<std::string>();
+    if (!named && fd.error().err() == ENOENT) return std::optional<std::string>();
+    return Fail(
+        Error(ErrorKind::kPolicy, 0, fmt::format("registries.conf: {}", fd.error().ToString())));
   }
   LX_ASSIGN_OR_RETURN(struct stat st, sandbox::Fstat(fd->get()));
   if (static_cast<uint64_t>(st.st_size) > kMaxFileBytes) {
@@ -244,7 +285,8 @@ Result<std::optional<std::string>> ReadConf(const std::string& path, bool named)
 
 }  // namespace
 
-Status MergeRegistriesConf(std::string_view text, const std::string& name, RegistriesConf& conf) {
+Status MergeRegistriesConf(std::string_view text, const std::string& name, RegistriesConf& conf,
+                           bool drop_in) {
   toml::parse_result parsed = toml::parse(text, name);
   if (!parsed) {
     const toml::parse_error& err = parsed.error();
@@ -252,6 +294,7 @@ Status MergeRegistriesConf(std::string_view text, const std::string& name, Regis
   }
   const toml::table& root = parsed.table();
   std::vector<RegistryConfEntry> found;
+  std::optional<std::vector<std::string>> credential_helpers;
   bool v1 = false, v2 = false;
   for (const auto& [key, node] : root) {
     const std::string_view k = key.str();
@@ -263,12 +306,23 @@ Status MergeRegistriesConf(std::string_view text, const std::string& name, Regis
         const toml::table* t = item.as_table();
         if (t == nullptr) return Fail(ConfError(name, item.source(), "want [[registry]] tables"));
         LX_ASSIGN_OR_RETURN(RegistryConfEntry r, ParseRegistry(name, *t));
+        bool twice = false;
         for (const RegistryConfEntry& seen : found) {
-          if (seen.prefix == r.prefix) {
-            return Fail(ConfError(
-                name, t->source(),
-                fmt::format("prefix {:?} is set twice (also at {})", r.prefix, seen.source)));
+          // One location, two minds about TLS or blocking: refused, as in
+          // containers/image.
+          if (!r.endpoint.location.empty() && seen.endpoint.location == r.endpoint.location &&
+              (seen.endpoint.insecure != r.endpoint.insecure || seen.blocked != r.blocked)) {
+            return Fail(ConfError(name, t->source(),
+                                  fmt::format("location {:?} is set again with another insecure "
+                                              "or blocked (first at {})",
+                                              r.endpoint.location, seen.source)));
           }
+          twice |= seen.prefix == r.prefix;
+        }
+        if (twice) {  // the first one is the one containers/image finds
+          Logger("broker")->info("registries.conf {}: prefix {:?} again: not used", r.source,
+                                 r.prefix);
+          continue;
         }
         found.push_back(std::move(r));
       }
@@ -277,10 +331,25 @@ Status MergeRegistriesConf(std::string_view text, const std::string& name, Regis
       const toml::table* t = node.as_table();
       if (t == nullptr) return Fail(ConfError(name, node.source(), "registries: want a table"));
       LX_TRY(ParseV1(name, *t, found));
+    } else if (k == "credential-helpers") {
+      const toml::array* list = node.as_array();
+      if (list == nullptr) {
+        return Fail(ConfError(name, node.source(), "credential-helpers: want an array of names"));
+      }
+      std::vector<std::string> helpers;
+      for (const toml::node& item : *list) {
+        std::optional<std::string_view> v = item.value_exact<std::string_view>();
+        if (!v || v->empty() || v->find('/') != std::string_view::npos) {
+          return Fail(ConfError(name, item.source(),
+                                "credential-helpers: want helper names (\"containers-auth.json\" "
+                                "or NAME of docker-credential-NAME)"));
+        }
+        helpers.emplace_back(*v);
+      }
+      credential_helpers = std::move(helpers);
     } else if (k == "unqualified-search-registries" || k == "short-name-mode" || k == "aliases" ||
-               k == "credential-helpers" || k == "additional-layer-store-auth-helper") {
-      // Short names and helpers: a docker:// name is whole, and credentials
-      // come from the auth files (README).
+               k == "additional-layer-store-auth-helper") {
+      // Short names: a docker:// name is whole (README).
     } else {
       Logger("broker")->info("registries.conf {}:{}: key {:?} is not used", name,
                              node.source().begin.line, k);
@@ -289,6 +358,10 @@ Status MergeRegistriesConf(std::string_view text, const std::string& name, Regis
   if (v1 && v2) {
     return Fail(ConfError(name, root.source(),
                           "mixes version 1 ([registries.*]) and version 2 ([[registry]]) tables"));
+  }
+  if (v1 && drop_in) {
+    return Fail(ConfError(name, root.source(),
+                          "a drop-in must be version 2 ([[registry]] tables), as in skopeo"));
   }
   // A drop-in's table replaces the one with its prefix, in its place.
   for (RegistryConfEntry& r : found) {
@@ -300,6 +373,7 @@ Status MergeRegistriesConf(std::string_view text, const std::string& name, Regis
       conf.registries.push_back(std::move(r));
     }
   }
+  if (credential_helpers) conf.credential_helpers = std::move(*credential_helpers);
   conf.files.push_back(name);
   return {};
 }
@@ -308,8 +382,9 @@ Result<RegistriesConf> LoadRegistriesConf(const std::string& path) {
   RegistriesConf conf;
   std::string file = path;
   bool named = !file.empty();
-  if (!named) {
-    if (const char* env = std::getenv("CONTAINERS_REGISTRIES_CONF"); env != nullptr && *env) {
+  for (const char* var : {"CONTAINERS_REGISTRIES_CONF", "REGISTRIES_CONFIG_PATH"}) {
+    if (named) break;
+    if (const char* env = std::getenv(var); env != nullptr && *env) {
       file = env;
       named = true;
     }
@@ -323,14 +398,17 @@ Result<RegistriesConf> LoadRegistriesConf(const std::string& path) {
     dirs.push_back(kSystemDir);
   }
   if (!home.empty()) dirs.push_back(home + kUserDir);
-  std::vector<std::pair<std::string, bool>> files = {{file, named}};
+  LX_ASSIGN_OR_RETURN(std::optional<std::string> main_text, ReadConf(file, named));
+  if (main_text) LX_TRY(MergeRegistriesConf(*main_text, file, conf));
   for (const std::string& dir : dirs) {
-    for (std::string& f : DropIns(dir)) files.emplace_back(std::move(f), false);
+    LX_ASSIGN_OR_RETURN(std::vector<std::string> drop_ins, DropIns(dir));
+    for (const std::string& f : drop_ins) {
+      LX_ASSIGN_OR_RETURN(std::optional<std::string> text, ReadConf(f, false));
+      if (text) LX_TRY(MergeRegistriesConf(*text, f, conf, /*drop_in=*/true));
+    }
   }
-  for (const auto& [f, must_exist] : files) {
-    LX_ASSIGN_OR_RETURN(std::optional<std::string> text, ReadConf(f, must_exist));
-    if (!text) continue;
-    LX_TRY(MergeRegistriesConf(*text, f, conf));
+  if (!conf.files.empty()) {
+    Logger("broker")->info("registries.conf: read {}", fmt::join(conf.files, ", "));
   }
   return conf;
 }

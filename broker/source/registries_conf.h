@@ -4,8 +4,9 @@
 // which names may not be pulled at all (`blocked`), read as skopeo and podman
 // read it:
 //
-//   registries.conf  --registries-conf FILE, else $CONTAINERS_REGISTRIES_CONF,
-//                    else ~/.config/containers/registries.conf when it exists
+//   registries.conf  --registries-conf FILE, else $CONTAINERS_REGISTRIES_CONF
+//                    (or the older $REGISTRIES_CONFIG_PATH); /dev/null reads
+//                    as empty; else ~/.config/containers/registries.conf when it exists
 //                    (then only the per-user drop-ins below), else
 //                    /etc/containers/registries.conf
 //   drop-ins         /etc/containers/registries.conf.d/*.conf, then
@@ -13,12 +14,13 @@
 //                    in name order; a [[registry]] table replaces an earlier
 //                    one with the same prefix
 //
-// Version 2 ([[registry]] tables) and version 1 ([registries.insecure] and
-// [registries.block] lists) are read; short names, aliases and search
-// registries are not used (a docker:// name is always whole: "debian" is
+// Version 2 ([[registry]] tables, `credential-helpers`) and version 1
+// ([registries.insecure] and [registries.block] lists) are read; short names,
+// aliases and search registries are not used (a docker:// name is always whole: "debian" is
 // docker.io/library/debian). A file that is not there is skipped; one that is
-// there and wrong fails every docker:// pull, in one line naming it and the
-// line, as in skopeo.
+// there and cannot be read, or is wrong, fails every docker:// pull in one
+// line naming it (and the line), as in skopeo: a file passed over could be
+// the one that blocks a registry.
 #pragma once
 
 #include <string>
@@ -51,6 +53,10 @@ struct RegistryConfEntry {
 
 struct RegistriesConf {
   std::vector<RegistryConfEntry> registries;
+  // `credential-helpers`: docker-credential-NAME helpers asked in order, with
+  // "containers-auth.json" for the auth files (registry_auth.h); empty: the
+  // auth files alone. A later file's list replaces an earlier one.
+  std::vector<std::string> credential_helpers;
   std::vector<std::string> files;  // read, in order
 };
 
@@ -58,12 +64,20 @@ struct RegistriesConf {
 // lookup above). A file given by name that is not there is an error.
 Result<RegistriesConf> LoadRegistriesConf(const std::string& path);
 
-// One file's text merged over `conf` (`name` is for messages).
-Status MergeRegistriesConf(std::string_view text, const std::string& name, RegistriesConf& conf);
+// One file's text merged over `conf` (`name` is for messages); a drop-in
+// must be version 2.
+Status MergeRegistriesConf(std::string_view text, const std::string& name, RegistriesConf& conf,
+                           bool drop_in = false);
 
-// The table for `name` ("docker.io/library/debian:latest"): the one whose
-// prefix matches the longest start of it, ending at a '/', ':' or '@'; nullptr
-// when none does.
+// `name` with its host (what comes before the first '/') in lowercase: hosts
+// are compared so ("LocalHost:5000" is "localhost:5000").
+std::string LowerHost(std::string_view name);
+
+// The table for `name`, the repository without tag or digest
+// ("docker.io/library/debian", host in lowercase), as containers/image looks
+// it up: the one whose prefix matches the longest start of it, ending at a
+// '/', ':' or '@' (so "example.com" covers "example.com:5000"); nullptr when
+// none does.
 const RegistryConfEntry* FindRegistryConf(const RegistriesConf& conf, std::string_view name);
 
 struct PullSource {
@@ -72,9 +86,10 @@ struct PullSource {
   bool mirror = false;
 };
 
-// Where `name` is pulled from, in order: the mirrors that serve it (by digest
-// or by tag, as each says), then the primary location; `name` itself alone
-// when `entry` is nullptr.
+// Where `name` ("docker.io/library/debian:12", with its tag or digest) is
+// pulled from, in order: the mirrors that serve it (by digest or by tag, as
+// each says), then the primary location; `name` itself alone when `entry` is
+// nullptr.
 std::vector<PullSource> PullSources(const RegistryConfEntry* entry, std::string_view name,
                                     bool by_digest);
 

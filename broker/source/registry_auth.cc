@@ -362,14 +362,12 @@ std::vector<std::string> AuthFilePaths() {
   return paths;
 }
 
-Result<std::optional<Credentials>> FindCredentials(const std::string& registry,
-                                                   const std::optional<std::string>& creds,
-                                                   const std::vector<std::string>& auth_files,
-                                                   const std::string& repository) {
-  if (creds) {
-    LX_ASSIGN_OR_RETURN(Credentials c, ParseCreds(*creds));
-    return std::optional<Credentials>(std::move(c));
-  }
+namespace {
+
+// Steps 2-4 of registry_auth.h: the auth files, with their credHelpers.
+Result<std::optional<Credentials>> FromAuthFiles(const std::string& registry,
+                                                 const std::vector<std::string>& auth_files,
+                                                 const std::string& repository) {
   const std::string wanted = NormalizeRegistry(registry);
   for (const std::string& path : auth_files) {
     LX_ASSIGN_OR_RETURN(std::optional<std::string> text, ReadAuthFile(path));
@@ -462,6 +460,34 @@ Result<std::optional<Credentials>> FindCredentials(const std::string& registry,
     LX_ASSIGN_OR_RETURN(Credentials c, DecodeAuth(auth->get_ref<const std::string&>(), where));
     return std::optional<Credentials>(std::move(c));
   }
+  return std::optional<Credentials>();
+}
+
+}  // namespace
+
+Result<std::optional<Credentials>> FindCredentials(const std::string& registry,
+                                                   const std::optional<std::string>& creds,
+                                                   const std::vector<std::string>& auth_files,
+                                                   const std::string& repository,
+                                                   const std::vector<std::string>& helpers) {
+  if (creds) {
+    LX_ASSIGN_OR_RETURN(Credentials c, ParseCreds(*creds));
+    return std::optional<Credentials>(std::move(c));
+  }
+  if (helpers.empty()) return FromAuthFiles(registry, auth_files, repository);
+  // registries.conf's helpers, in order: none found or failed, the next one.
+  std::optional<Error> first_failure;
+  for (const std::string& helper : helpers) {
+    auto found = helper == kAuthFilesHelper
+                     ? FromAuthFiles(registry, auth_files, repository)
+                     : FromHelper(helper, registry, "registries.conf credential-helpers");
+    if (!found) {
+      if (!first_failure) first_failure = std::move(found).error();
+      continue;
+    }
+    if (*found) return found;
+  }
+  if (first_failure) return Fail(std::move(*first_failure));
   return std::optional<Credentials>();
 }
 

@@ -19,6 +19,11 @@
 //      names the same registry in another form ("https://host/v1/",
 //      "http://host:port/..."; docker.io, index.docker.io and registry-1.docker.io
 //      are one registry). The first file with an entry wins.
+// registries.conf's `credential-helpers` (registries_conf.h) can put helpers
+// of their own before, after or instead of steps 2-4 ("containers-auth.json"
+// stands for them): each is asked in turn; one that has none, or fails, gives
+// way to the next; the first credentials win, and when none are found the
+// first failure is the error, as in containers/image.
 // An `auth` value is base64 of "user:pass". A file that is missing or cannot be
 // read (EACCES: rootless under a root HOME) is skipped; a file that is not a
 // regular file is skipped too (never opened for reading).
@@ -72,9 +77,14 @@ std::vector<std::string> AuthFilePaths();
 // valid JSON, or an entry for this registry whose `auth` is not base64 of
 // "user:pass", a credential helper that fails (not in $PATH, an error exit,
 // no answer in 30 s, an answer that is not the protocol's JSON).
+// `helpers`: registries.conf's credential-helpers; empty: the auth files alone.
 Result<std::optional<Credentials>> FindCredentials(const std::string& registry,
                                                    const std::optional<std::string>& creds,
                                                    const std::vector<std::string>& auth_files,
-                                                   const std::string& repository = "");
+                                                   const std::string& repository = "",
+                                                   const std::vector<std::string>& helpers = {});
+
+// The name in `credential-helpers` that stands for the auth files.
+inline constexpr char kAuthFilesHelper[] = "containers-auth.json";
 
 }  // namespace layerx::broker

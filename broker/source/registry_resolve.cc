@@ -25,14 +25,18 @@ Error Answered(Error e) {
 
 namespace {
 
-// A client for `ref` with the pull's options, the credentials found for it and
-// the TLS setting: --tls-verify when given, else registries.conf's `insecure`.
+// A client for `ref` with the pull's options: the credentials found for it
+// (--creds only when `use_creds`; registries.conf's credential-helpers among
+// the rest) and the TLS setting: --tls-verify when given, else `insecure`.
 Result<std::unique_ptr<RegistryClient>> Connect(const RegistryRef& ref, const PullOptions& options,
-                                                bool insecure) {
+                                                bool use_creds, bool insecure,
+                                                const RegistriesConf& conf) {
   std::vector<std::string> files =
       options.auth_file.empty() ? AuthFilePaths() : std::vector<std::string>{options.auth_file};
+  static const std::optional<std::string> kNoCreds;
   LX_ASSIGN_OR_RETURN(std::optional<Credentials> credentials,
-                      FindCredentials(ref.registry, options.creds, files, ref.repository));
+                      FindCredentials(ref.registry, use_creds ? options.creds : kNoCreds, files,
+                                      ref.repository, conf.credential_helpers));
   const bool tls_verify = options.tls_verify.value_or(!insecure);
   if (!tls_verify) {
     // Said with -v, where a user looks for why: a warning on every run would
@@ -56,23 +60,29 @@ Result<std::unique_ptr<RegistryClient>> Connect(const RegistryRef& ref, const Pu
   return RegistryClient::Create(ref, std::move(o));
 }
 
-// The name registries.conf matches: "docker.io/library/debian:latest".
-std::string ConfName(const RegistryRef& ref) {
-  RegistryRef named = ref;
-  named.registry = NormalizeRegistry(ref.registry);
-  return named.ToString();
+// The names registries.conf works with, the host in lowercase: the
+// repository alone ("docker.io/library/debian"), which picks the table, and
+// with its tag or digest, which is rewritten.
+std::string BareName(const RegistryRef& ref) {
+  return LowerHost(NormalizeRegistry(LowerHost(ref.registry)) + "/" + ref.repository);
+}
+std::string FullName(const RegistryRef& ref) {
+  return BareName(ref) + (ref.digest.empty() ? ":" + ref.tag : "@" + ref.digest);
 }
 
 }  // namespace
 
 Result<Reached> Reach(const RegistryRef& ref, const PullOptions& options) {
   LX_ASSIGN_OR_RETURN(RegistriesConf conf, LoadRegistriesConf(options.registries_conf));
-  const std::string name = ConfName(ref);
-  const RegistryConfEntry* entry = FindRegistryConf(conf, name);
+  const std::string name = FullName(ref);
+  const RegistryConfEntry* entry = FindRegistryConf(conf, BareName(ref));
+  // A blocked name is refused whatever mirrors it has (containers/image would
+  // still try them; a block should not depend on which source answers first).
   if (entry != nullptr && entry->blocked) {
     return Fail(MakeError(ErrorKind::kPolicy, "docker://{}: blocked by registries.conf ({})", name,
                           entry->source));
   }
+  const std::string named_registry = NormalizeRegistry(LowerHost(ref.registry));
   const std::vector<PullSource> sources = PullSources(entry, name, !ref.digest.empty());
   std::string failed;  // the mirrors' errors, for the primary's
   for (size_t i = 0; i < sources.size(); ++i) {
@@ -80,26 +90,35 @@ Result<Reached> Reach(const RegistryRef& ref, const PullOptions& options) {
     RegistryRef at = ref;
     if (entry != nullptr) {
       auto parsed = ParseRegistryRef(source.name);
-      if (!parsed || ConfName(*parsed) != source.name) {
+      if (!parsed || FullName(*parsed) != source.name) {
         return Fail(MakeError(
             ErrorKind::kPolicy, "registries.conf ({}): {} gives {:?}, which is not an image name",
             entry->source, source.mirror ? "a mirror" : "the location", source.name));
       }
       at = std::move(*parsed);
     }
-    // A host's own table may make it insecure too (containers/image looks it up).
-    const RegistryConfEntry* host = FindRegistryConf(conf, NormalizeRegistry(at.registry));
-    const bool insecure = source.insecure || (host != nullptr && host->endpoint.insecure);
-    if (source.mirror) Logger("broker")->info("{}: trying the mirror {}", name, source.name);
     auto reached = [&]() -> Result<Reached> {
-      LX_ASSIGN_OR_RETURN(std::unique_ptr<RegistryClient> client, Connect(at, options, insecure));
+      // Where a source is blocked in its own right, it is not contacted.
+      if (const RegistryConfEntry* own = FindRegistryConf(conf, BareName(at));
+          own != nullptr && own->blocked) {
+        return Fail(MakeError(ErrorKind::kPolicy, "blocked by registries.conf ({})", own->source));
+      }
+      if (source.mirror) Logger("broker")->info("{}: trying the mirror {}", name, source.name);
+      // --creds are for the registry the user named: never sent to a mirror or
+      // a location elsewhere (containers/image drops them there too).
+      const bool use_creds = NormalizeRegistry(LowerHost(at.registry)) == named_registry;
+      // TLS as the source's table says (its own insecure), unless --tls-verify.
+      LX_ASSIGN_OR_RETURN(std::unique_ptr<RegistryClient> client,
+                          Connect(at, options, use_creds, source.insecure, conf));
       auto top = client->GetManifest();
       if (!top) return Fail(Answered(std::move(top).error()));
       return Reached{.ref = at, .client = std::move(client), .top = std::move(*top)};
     }();
     if (reached) return reached;
-    const bool cancelled = options.cancel != nullptr && options.cancel->load();
-    if (i + 1 == sources.size() || cancelled) {
+    if (options.cancel != nullptr && options.cancel->load()) {
+      return Fail(MakeError(ErrorKind::kCancelled, "{}: cancelled", name));
+    }
+    if (i + 1 == sources.size()) {
       if (failed.empty()) return Fail(std::move(reached).error());
       const Error& e = reached.error();
       return Fail(

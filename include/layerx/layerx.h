@@ -106,7 +106,8 @@ typedef enum layerx_option {
   LAYERX_OPT_LAYER_TIMEOUT_MS = 105,  /* integer: 0 keeps the policy's */
   LAYERX_OPT_JOB_TIMEOUT_MS = 106,    /* integer: 0 keeps the policy's */
   LAYERX_OPT_TLS_VERIFY = 107,        /* integer: 0 allows plain http, no cert checks;
-                                         unset: registries.conf's `insecure` decides */
+                                         unset (or negative): registries.conf's
+                                         `insecure` decides */
   LAYERX_OPT_PARALLEL_DOWNLOADS = 108 /* integer: docker:// layers fetched ahead, 0..16 */
 } layerx_option;
 /* A string option (value NULL resets it) or an integer option; the wrong

@@ -84,16 +84,16 @@ location = "mirror.local/debian"
 [[registry]]
 location = "quay.io:5000"
 )");
-  EXPECT_EQ(Prefix(conf, "docker.io/library/debian:latest"), "docker.io/library/debian");
-  EXPECT_EQ(Prefix(conf, "docker.io/library/debian@" + std::string(kDigest)),
-            "docker.io/library/debian");
-  EXPECT_EQ(Prefix(conf, "docker.io/library/debian-slim:latest"), "docker.io/library");
-  EXPECT_EQ(Prefix(conf, "docker.io/libraryx/a:1"), "docker.io");
-  EXPECT_EQ(Prefix(conf, "docker.iox/a:1"), "(none)");
-  EXPECT_EQ(Prefix(conf, "quay.io:5000/a:1"), "quay.io:5000");
-  EXPECT_EQ(Prefix(conf, "quay.io/a:1"), "(none)");
-  // A bare host is not the same host on another port.
-  EXPECT_EQ(Prefix(conf, "docker.io:443/a:1"), "(none)");
+  // Names are looked up without their tag or digest, as containers/image does.
+  EXPECT_EQ(Prefix(conf, "docker.io/library/debian"), "docker.io/library/debian");
+  EXPECT_EQ(Prefix(conf, "docker.io/library/debian-slim"), "docker.io/library");
+  EXPECT_EQ(Prefix(conf, "docker.io/libraryx/a"), "docker.io");
+  EXPECT_EQ(Prefix(conf, "docker.iox/a"), "(none)");
+  EXPECT_EQ(Prefix(conf, "quay.io:5000/a"), "quay.io:5000");
+  EXPECT_EQ(Prefix(conf, "quay.io/a"), "(none)");
+  // A bare host covers it on any port (so a block cannot be walked around by
+  // naming the port), as in containers/image.
+  EXPECT_EQ(Prefix(conf, "docker.io:443/a"), "docker.io");
   const RegistryConfEntry* e = FindRegistryConf(conf, "docker.io/library/debian:12");
   EXPECT_EQ(Names(PullSources(e, "docker.io/library/debian:12", false)),
             std::vector<std::string>{"mirror.local/debian:12"});
@@ -211,8 +211,12 @@ TEST(RegistriesConfTest, RejectsBadFilesInOneLineNamingTheLine) {
       {"[[registry]]\nlocation = \"a.example\"\nmirror-by-digest-only = true\n"
        "[[registry.mirror]]\nlocation = \"m\"\npull-from-mirror = \"tag-only\"",
        "cannot both be set"},
-      {"[[registry]]\nlocation = \"a.example\"\n[[registry]]\nlocation = \"a.example/\"",
-       "prefix \"a.example\" is set twice (also at test.conf:1)"},
+      {"[[registry]]\nlocation = \"a.example\"\n[[registry]]\nprefix = \"b.example\"\n"
+       "location = \"a.example/\"\ninsecure = true",
+       "location \"a.example\" is set again with another insecure or blocked (first at "
+       "test.conf:1)"},
+      {"[[registry]]\nlocation = \"a.example\"\npull-from-mirror = \"digest-only\"",
+       "pull-from-mirror belongs in a [[registry.mirror]] table"},
       {"[registries.insecure]\nregistries = [\"a\"]\n[[registry]]\nlocation = \"b\"",
        "mixes version 1"},
   };
@@ -221,6 +225,46 @@ TEST(RegistriesConfTest, RejectsBadFilesInOneLineNamingTheLine) {
     EXPECT_NE(e.find(c.says), std::string::npos) << c.text << "\n  gave: " << e;
     EXPECT_NE(e.find("registries.conf test.conf:"), std::string::npos) << e;
     EXPECT_EQ(e.find('\n'), std::string::npos) << e;
+  }
+}
+
+TEST(RegistriesConfTest, HostsAreCaseInsensitiveAndTheFirstOfAPrefixWins) {
+  RegistriesConf conf = Parse(R"(
+[[registry]]
+prefix = "LocalHost:5000/Team"
+location = "Mirror.Example/Team"
+[[registry]]
+prefix = ""
+location = "LOCALHOST:5000/Team"
+blocked = true
+)");
+  ASSERT_EQ(conf.registries.size(), 1u);  // the second table's prefix is the first's
+  EXPECT_EQ(conf.registries[0].prefix, "localhost:5000/Team");
+  EXPECT_EQ(conf.registries[0].endpoint.location, "mirror.example/Team");
+  EXPECT_FALSE(conf.registries[0].blocked);
+  EXPECT_EQ(LowerHost("LocalHost:5000/Team/App:V1"), "localhost:5000/Team/App:V1");
+  EXPECT_EQ(Prefix(conf, LowerHost("LOCALHOST:5000/Team/app")), "localhost:5000/Team");
+}
+
+TEST(RegistriesConfTest, ADropInMustBeVersionTwo) {
+  RegistriesConf conf;
+  Status s = MergeRegistriesConf("[registries.block]\nregistries = [\"x\"]\n", "d.conf", conf,
+                                 /*drop_in=*/true);
+  ASSERT_FALSE(s);
+  EXPECT_NE(s.error().ToString().find("a drop-in must be version 2"), std::string::npos);
+}
+
+TEST(RegistriesConfTest, CredentialHelpersInOrderAndADropInReplacesThem) {
+  RegistriesConf conf = Parse(R"(credential-helpers = ["ecr-login", "containers-auth.json"])");
+  EXPECT_EQ(conf.credential_helpers,
+            (std::vector<std::string>{"ecr-login", "containers-auth.json"}));
+  ASSERT_TRUE(MergeRegistriesConf("[[registry]]\nlocation = \"x.example\"\n", "a.conf", conf));
+  EXPECT_EQ(conf.credential_helpers.size(), 2u);  // not set there: kept
+  ASSERT_TRUE(MergeRegistriesConf(R"(credential-helpers = ["pass"])", "b.conf", conf));
+  EXPECT_EQ(conf.credential_helpers, std::vector<std::string>{"pass"});
+  for (const char* bad : {R"(credential-helpers = "pass")", R"(credential-helpers = [""])",
+                          R"(credential-helpers = ["../bin/x"])", R"(credential-helpers = [1])"}) {
+    EXPECT_NE(ParseError(bad).find("credential-helpers: want"), std::string::npos) << bad;
   }
 }
 
@@ -266,7 +310,11 @@ class RegistriesConfFilesTest : public ::testing::Test {
   }
   void TearDown() override {
     ::setenv("HOME", old_home_.c_str(), 1);
-    if (!old_env_.empty()) ::setenv("CONTAINERS_REGISTRIES_CONF", old_env_.c_str(), 1);
+    if (!old_env_.empty()) {
+      ::setenv("CONTAINERS_REGISTRIES_CONF", old_env_.c_str(), 1);
+    } else {
+      ::unsetenv("CONTAINERS_REGISTRIES_CONF");
+    }
     std::filesystem::remove_all(dir_);
   }
   void Write(const std::string& rel, const std::string& text) {
@@ -310,6 +358,45 @@ TEST_F(RegistriesConfFilesTest, ANamedFileComesFirstAndMustBeThere) {
   auto missing = LoadRegistriesConf(dir_ + "/nope.conf");
   ASSERT_FALSE(missing);
   EXPECT_NE(missing.error().ToString().find("nope.conf"), std::string::npos);
+}
+
+// A file passed over could be the one that blocks a registry: one that is
+// there and cannot be read fails; only one that is not there is skipped.
+TEST_F(RegistriesConfFilesTest, AFileThatCannotBeReadFailsTheLookup) {
+  std::filesystem::create_directories(dir_ + "/.config/containers/registries.conf");  // a dir
+  auto conf = LoadRegistriesConf("");
+  ASSERT_FALSE(conf);
+  EXPECT_NE(conf.error().ToString().find(".config/containers/registries.conf"), std::string::npos)
+      << conf.error().ToString();
+  std::filesystem::remove_all(dir_ + "/.config");
+  Write(".config/containers/registries.conf.d", "a file where a dir should be");
+  Write("main.conf", "");
+  auto listed = LoadRegistriesConf(dir_ + "/main.conf");
+  ASSERT_FALSE(listed);
+  EXPECT_NE(listed.error().ToString().find("registries.conf.d"), std::string::npos);
+}
+
+// A HOME this user cannot enter (rootless under root's HOME) holds none of
+// its config: passed over. Below a HOME it can enter, a file it cannot read
+// fails. (Root enters and reads everything: rootless only.)
+TEST_F(RegistriesConfFilesTest, AHomeThatCannotBeEnteredIsPassedOver) {
+  if (::geteuid() == 0) GTEST_SKIP() << "root reads every file (the .rootless run checks this)";
+  Write(".config/containers/registries.conf", "[[registry]]\nlocation = \"u.example\"\n");
+  ::chmod((dir_ + "/.config/containers/registries.conf").c_str(), 0);
+  auto unreadable = LoadRegistriesConf("");
+  EXPECT_FALSE(unreadable);
+  ::chmod((dir_ + "/.config/containers/registries.conf").c_str(), 0644);
+  ::chmod(dir_.c_str(), 0);
+  auto conf = LoadRegistriesConf("");
+  ::chmod(dir_.c_str(), 0755);
+  ASSERT_TRUE(conf) << conf.error().ToString();
+  EXPECT_EQ(FindRegistryConf(*conf, "u.example/x"), nullptr);
+}
+
+TEST_F(RegistriesConfFilesTest, DevNullIsAnEmptyFile) {
+  auto conf = LoadRegistriesConf("/dev/null");
+  ASSERT_TRUE(conf) << conf.error().ToString();
+  EXPECT_TRUE(conf->registries.empty());
 }
 
 TEST_F(RegistriesConfFilesTest, AFifoIsNotWaitedOn) {

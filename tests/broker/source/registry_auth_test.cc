@@ -327,6 +327,47 @@ TEST_F(RegistryAuthTest, FailingCredentialHelperIsOneClearLine) {
 // auth.json keys naming a repository or a namespace match exactly, the most
 // specific first (podman login quay.io/org writes them); not in
 // ~/.docker/config.json.
+// registries.conf's credential-helpers: each asked in turn, the auth files
+// where "containers-auth.json" stands; "not found" and a failure both give way
+// to the next; the first failure is the error when nothing is found.
+TEST_F(RegistryAuthTest, RegistriesConfHelpersInTheirOrder) {
+  Helper("lxfirst", R"(case $server in
+  first.io) printf '{"ServerURL":"first.io","Username":"first-user","Secret":"s1"}' ;;
+  *) echo "credentials not found in native keychain"; exit 1 ;;
+esac)");
+  Helper("lxbroken", "echo 'no session'; exit 4");
+  std::string f = Write("a.json", Auths("file.io", kAliceAuth));
+  const std::vector<std::string> helpers = {"lxfirst", kAuthFilesHelper, "lxbroken"};
+  auto c = FindCredentials("first.io", std::nullopt, {f}, "", helpers);
+  ASSERT_TRUE(c && c->has_value()) << (c ? "none" : c.error().ToString());
+  EXPECT_EQ((*c)->username, "first-user");
+  EXPECT_EQ(Log(), "get first.io\n");
+  // Not the first helper's: the auth file's entry, the broken helper not run.
+  c = FindCredentials("file.io", std::nullopt, {f}, "", helpers);
+  ASSERT_TRUE(c && c->has_value()) << (c ? "none" : c.error().ToString());
+  EXPECT_EQ((*c)->username, "alice");
+  EXPECT_EQ(Log(), "get first.io\nget file.io\n");
+  // Nobody has it, and one helper failed: that failure, in one line.
+  c = FindCredentials("none.io", std::nullopt, {f}, "", helpers);
+  ASSERT_FALSE(c);
+  EXPECT_NE(c.error().ToString().find("registries.conf credential-helpers: credential helper "
+                                      "docker-credential-lxbroken: exit 4"),
+            std::string::npos)
+      << c.error().ToString();
+  // A failure first, then a helper that has them: they win.
+  c = FindCredentials("first.io", std::nullopt, {f}, "", {"lxbroken", "lxfirst"});
+  ASSERT_TRUE(c && c->has_value()) << (c ? "none" : c.error().ToString());
+  EXPECT_EQ((*c)->username, "first-user");
+  // Without "containers-auth.json" the auth files are not read at all.
+  c = FindCredentials("file.io", std::nullopt, {f}, "", {"lxfirst"});
+  ASSERT_TRUE(c);
+  EXPECT_FALSE(c->has_value());
+  // --creds still comes first.
+  c = FindCredentials("first.io", std::string("u:p"), {f}, "", helpers);
+  ASSERT_TRUE(c && c->has_value());
+  EXPECT_EQ((*c)->username, "u");
+}
+
 TEST_F(RegistryAuthTest, RepositoryAndNamespaceKeys) {
   std::string f =
       Write("auth.json", R"({"auths":{"quay.io/org/app":{"auth":")" + std::string(kAliceAuth) +
