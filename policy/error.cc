@@ -24,6 +24,8 @@ const char* ErrorKindName(ErrorKind kind) {
       return "integrity";
     case ErrorKind::kCancelled:
       return "cancelled";
+    case ErrorKind::kRefused:
+      return "refused";
   }
   return "unknown";
 }

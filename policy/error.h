@@ -21,6 +21,7 @@ enum class ErrorKind {
   // Appended: the extractor's Failure record may only claim the kinds above.
   kIntegrity,  // content does not match its digest, size or diff_id
   kCancelled,  // the caller cancelled (a signal, a cancel token)
+  kRefused,    // a source the configuration forbids (registries.conf blocked, policy.json)
 };
 
 const char* ErrorKindName(ErrorKind kind);

@@ -200,6 +200,8 @@ layerx_status layerx_request_set_string(layerx_request* request, layerx_option o
       return SetString(r.registry.blob_cache, value);
     case LAYERX_OPT_REGISTRIES_CONF:
       return SetString(r.registry.registries_conf, value);
+    case LAYERX_OPT_SIGNATURE_POLICY:
+      return SetString(r.registry.signature_policy, value);
     default:
       return LAYERX_E_USAGE;
   }

@@ -28,6 +28,7 @@ FailureKind PublicKind(ErrorKind kind) {
       return FailureKind::kInvalidInput;
     case ErrorKind::kSafetyViolation:
     case ErrorKind::kLimitExceeded:
+    case ErrorKind::kRefused:
       return FailureKind::kRefused;
     case ErrorKind::kPolicy:
       return FailureKind::kUsage;
@@ -195,6 +196,7 @@ Result<broker::PullOptions> PullOptionsFrom(const RegistrySettings& r) {
   out.cert_dir = r.cert_dir;
   out.tls_verify = r.tls_verify;
   out.registries_conf = r.registries_conf;
+  out.signature_policy = r.signature_policy;
   out.blob_cache = r.blob_cache;
   out.parallel = static_cast<unsigned>(r.parallel_downloads);
   return out;

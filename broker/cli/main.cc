@@ -120,6 +120,11 @@ void AddRegistryOptions(CLI::App* cmd, layerx::RegistrySettings& r) {
                   "registries.conf (default: $CONTAINERS_REGISTRIES_CONF, else "
                   "~/.config/containers/registries.conf, else /etc/containers/registries.conf, "
                   "with their .d drop-ins, as skopeo)");
+  cmd->add_option("--signature-policy", r.signature_policy,
+                  "which images may be pulled, from this containers-policy.json (default: "
+                  "~/.config/containers/policy.json, else /etc/containers/policy.json, else "
+                  "every image); a scope that wants signatures refuses: they are not verified "
+                  "yet");
   cmd->add_option("--blob-cache", r.blob_cache,
                   "keep verified blobs here by digest and reuse them in later pulls");
   cmd->add_option("--parallel-downloads", r.parallel_downloads,

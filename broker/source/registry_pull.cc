@@ -16,6 +16,7 @@
 #include "broker/log/logging.h"
 #include "broker/source/registry_client.h"
 #include "broker/source/registry_resolve.h"
+#include "broker/source/signature_policy.h"
 #include "extractor/digest.h"
 #include "sandbox/sys.h"
 
@@ -452,6 +453,10 @@ Result<std::unique_ptr<RegistryPull>> RegistryPull::Start(const std::string& spe
                                                           const Platform& platform,
                                                           const PullOptions& options) {
   LX_ASSIGN_OR_RETURN(RegistryRef named, ParseRegistryRef(spec));
+  // Whether it may be pulled at all: decided for the name as given, before
+  // any registry is contacted (inspect reads metadata only, as skopeo's).
+  LX_ASSIGN_OR_RETURN(SignaturePolicy policy, LoadSignaturePolicy(options.signature_policy));
+  LX_TRY(CheckSignaturePolicy(policy, named));
   // The registry that has it: a mirror, the location registries.conf names, or the one named.
   LX_ASSIGN_OR_RETURN(registry_detail::Reached reached, Reach(named, options));
   const RegistryRef& ref = reached.ref;

@@ -51,6 +51,7 @@ struct PullOptions {
   // registries.conf says the registry is `insecure`.
   std::optional<bool> tls_verify;
   std::string registries_conf;  // --registries-conf; empty: the usual files (registries_conf.h)
+  std::string signature_policy;  // --signature-policy; empty: the usual policy.json
   std::string blob_cache;       // empty: none
   unsigned parallel = 3;        // layers downloaded ahead of the one being applied
   uint64_t spool_bytes = 32ull << 20;  // downloaded ahead, all layers together

@@ -79,7 +79,7 @@ Result<Reached> Reach(const RegistryRef& ref, const PullOptions& options) {
   // A blocked name is refused whatever mirrors it has (containers/image would
   // still try them; a block should not depend on which source answers first).
   if (entry != nullptr && entry->blocked) {
-    return Fail(MakeError(ErrorKind::kPolicy, "docker://{}: blocked by registries.conf ({})", name,
+    return Fail(MakeError(ErrorKind::kRefused, "docker://{}: blocked by registries.conf ({})", name,
                           entry->source));
   }
   const std::string named_registry = NormalizeRegistry(LowerHost(ref.registry));
@@ -101,7 +101,7 @@ Result<Reached> Reach(const RegistryRef& ref, const PullOptions& options) {
       // Where a source is blocked in its own right, it is not contacted.
       if (const RegistryConfEntry* own = FindRegistryConf(conf, BareName(at));
           own != nullptr && own->blocked) {
-        return Fail(MakeError(ErrorKind::kPolicy, "blocked by registries.conf ({})", own->source));
+        return Fail(MakeError(ErrorKind::kRefused, "blocked by registries.conf ({})", own->source));
       }
       if (source.mirror) Logger("broker")->info("{}: trying the mirror {}", name, source.name);
       // --creds are for the registry the user named: never sent to a mirror or

@@ -98,6 +98,7 @@ typedef enum layerx_option {
   LAYERX_OPT_CERT_DIR = 11,      /* string: CAs (*.crt), client NAME.cert+NAME.key; default: certs.d */
   LAYERX_OPT_BLOB_CACHE = 12,    /* string: a dir of verified blobs, reused */
   LAYERX_OPT_REGISTRIES_CONF = 13, /* string: registries.conf (mirrors...); default: the usual */
+  LAYERX_OPT_SIGNATURE_POLICY = 14, /* string: policy.json (who may be pulled); default: usual */
   LAYERX_OPT_EXT4_SIZE = 100,    /* integer: bytes; 0 computes it */
   LAYERX_OPT_EXT4_BLOCK_SIZE = 101,   /* integer: 1024, 2048, 4096 */
   LAYERX_OPT_EXT4_INODE_RATIO = 102,  /* integer: bytes per inode; 0 computes it */

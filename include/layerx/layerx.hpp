@@ -143,6 +143,11 @@ struct RegistrySettings {
   // Empty: $CONTAINERS_REGISTRIES_CONF, else ~/.config/containers/registries.conf,
   // else /etc/containers/registries.conf, with their registries.conf.d drop-ins.
   std::string registries_conf;
+  // containers-policy.json(5): which images may be pulled. Empty:
+  // ~/.config/containers/policy.json, else /etc/containers/policy.json, else
+  // none (every image accepted). Signatures are not verified: a scope that
+  // wants them refuses.
+  std::string signature_policy;
   // Verified compressed blobs kept by digest (DIR/sha256/HEX) and reused by
   // the next pull of any image sharing them; safe for concurrent processes.
   std::string blob_cache;

@@ -1191,17 +1191,17 @@ TEST_F(RegistryPullTest, RejectsBlockedRegistriesInOneLine) {
   Outcome r = Layerx(
       Cat(Cat({"extract", Docker("app:v1"), "--registries-conf", v2}, AllOutputs()), TlsCreds()),
       {}, 30);
-  ExpectOneLineRefusal(r, {2}, {"blocked by registries.conf", Host("tls") + "/app:v1"});
+  ExpectOneLineRefusal(r, {1}, {"blocked by registries.conf", Host("tls") + "/app:v1"});
   ExpectNothingLeft();
   Outcome i = Layerx({"inspect", Docker("app:v1"), "--registries-conf", v2}, {}, 30);
-  ExpectOneLineRefusal(i, {2}, {"blocked by registries.conf"});
+  ExpectOneLineRefusal(i, {1}, {"blocked by registries.conf"});
   // Version 1's block list, through $CONTAINERS_REGISTRIES_CONF: the bare
   // host covers it on every port (a block is not walked around by the port).
   const std::string v1 =
       WriteConf(dir_, "[registries.block]\nregistries = [\"LOCALHOST\", \"127.0.0.1\"]\n");
   Outcome e = Layerx(Cat({"extract", Docker("app:v1")}, AllOutputs()),
                      {"CONTAINERS_REGISTRIES_CONF=" + v1}, 30);
-  ExpectOneLineRefusal(e, {2}, {"blocked by registries.conf"});
+  ExpectOneLineRefusal(e, {1}, {"blocked by registries.conf"});
   ExpectNothingLeft();
 }
 
@@ -1237,6 +1237,21 @@ insecure = true
   EXPECT_NE(refused, LAYERX_OK);
   EXPECT_NE(why.find("127.0.0.1:1"), std::string::npos) << why;
   EXPECT_NE(::access((out_ + "/refused.jsonl").c_str(), F_OK), 0);
+  // LAYERX_OPT_SIGNATURE_POLICY: a policy that rejects all is LAYERX_E_REFUSED.
+  const std::string policy = dir_ + "/reject-all-" + std::to_string(::getpid()) + ".json";
+  WriteFile(policy, R"({"default": [{"type": "reject"}]})");
+  layerx_request* req = layerx_request_new();
+  layerx_request_add_source(req, "docker://primary.invalid/app:v1");
+  layerx_request_set_output(req, LAYERX_OUTPUT_MANIFEST, (out_ + "/p.jsonl").c_str());
+  layerx_request_set_string(req, LAYERX_OPT_REGISTRIES_CONF, conf.c_str());
+  layerx_request_set_string(req, LAYERX_OPT_SIGNATURE_POLICY, policy.c_str());
+  layerx_request_set_string(req, LAYERX_OPT_EXTRACTOR_PATH, LAYERX_EXTRACTOR_BINARY);
+  layerx_result* res = nullptr;
+  EXPECT_EQ(layerx_extract(req, &res), LAYERX_E_REFUSED);
+  EXPECT_NE(std::string(layerx_result_message(res)).find("rejected by policy.json"),
+            std::string::npos);
+  layerx_result_free(res);
+  layerx_request_free(req);
 }
 
 // registries.conf's credential-helpers: a helper of its own signs the
@@ -1341,6 +1356,49 @@ pull-from-mirror = "digest-only"
       {}, 30);
   ExpectOneLineRefusal(tag, {1}, {"127.0.0.1:1"});
   EXPECT_EQ(tag.err.find("mirrors tried first"), std::string::npos) << tag.err;
+  ExpectNothingLeft();
+}
+
+// containers-policy.json decides, for the name as given, before any registry
+// is contacted: an accepted scope pulls; the default's reject refuses in one
+// line (the "registry" at 127.0.0.1:1 is never dialled: the line is the
+// policy's); a scope that wants signatures refuses and says why; inspect
+// reads metadata whatever the policy says, as skopeo's does.
+TEST_F(RegistryPullTest, PolicyJsonDecidesWhatMayBePulled) {
+  const std::string policy = dir_ + "/policy-" + std::to_string(::getpid()) + ".json";
+  WriteFile(policy, R"({"default": [{"type": "reject"}], "transports": {"docker": {
+      ")" + Host("http") +
+                        R"(/app": [{"type": "insecureAcceptAnything"}],
+      ")" + Host("http") +
+                        R"(/signed": [{"type": "sigstoreSigned", "keyPath": "/k.pub"}]}}})");
+  ExpectSameAsOci(Docker("app:v1", "http"), {"--tls-verify=false", "--signature-policy", policy},
+                  Oci(app_ + ":v1"));
+  std::filesystem::remove(out_ + "/m.jsonl");
+  std::filesystem::remove(out_ + "/m.config");
+  Outcome r = Layerx(Cat({"extract", "docker://127.0.0.1:1/app:v1", "--tls-verify=false",
+                          "--signature-policy", policy},
+                         AllOutputs()),
+                     {}, 30);
+  ExpectOneLineRefusal(r, {1}, {"rejected by policy.json " + policy + " (default)"});
+  ExpectNothingLeft();
+  Outcome sig = Layerx(Cat({"extract", Docker("signed/app:v1", "http"), "--tls-verify=false",
+                            "--signature-policy", policy},
+                           AllOutputs()),
+                       {}, 30);
+  ExpectOneLineRefusal(sig, {1}, {"wants it sigstoreSigned", "does not verify signatures"});
+  ExpectNothingLeft();
+  Outcome i = Layerx({"inspect", Docker("app:v1", "tls"), "--cert-dir", env_["CERT_DIR"],
+                      "--authfile", env_["AUTH_FILE"], "--signature-policy", policy},
+                     {}, 30);
+  EXPECT_EQ(i.code, 0) << i.Both();
+  // A policy file that is wrong: one line naming it, exit 2.
+  const std::string bad = dir_ + "/bad-policy-" + std::to_string(::getpid()) + ".json";
+  WriteFile(bad, R"({"default": []})");
+  Outcome b = Layerx(
+      Cat({"extract", Docker("app:v1", "http"), "--tls-verify=false", "--signature-policy", bad},
+          AllOutputs()),
+      {}, 30);
+  ExpectOneLineRefusal(b, {2}, {bad, "want a non-empty array"});
   ExpectNothingLeft();
 }
 
