@@ -124,7 +124,7 @@ void AddRegistryOptions(CLI::App* cmd, layerx::RegistrySettings& r) {
                   "which images may be pulled, from this containers-policy.json (default: "
                   "~/.config/containers/policy.json, else /etc/containers/policy.json, else "
                   "every image); a scope that wants signatures refuses: they are not verified "
-                  "yet");
+                  "yet. Extract only: inspect reads metadata whatever it says");
   cmd->add_option("--blob-cache", r.blob_cache,
                   "keep verified blobs here by digest and reuse them in later pulls");
   cmd->add_option("--parallel-downloads", r.parallel_downloads,

@@ -8,6 +8,7 @@
 #include <set>
 
 #include "broker/log/logging.h"
+#include "broker/source/registries_conf.h"
 #include "sandbox/sys.h"
 
 namespace layerx::broker {
@@ -21,7 +22,7 @@ constexpr size_t kMaxFileBytes = 4 << 20;
 using nlohmann::json;
 
 Error PolicyError(const std::string& name, const std::string& why) {
-  return Error(ErrorKind::kPolicy, 0, fmt::format("policy.json {}: {}", name, why));
+  return Error(ErrorKind::kPolicy, 0, fmt::format("policy.json {:?}: {}", name, why));
 }
 
 // The fields each requirement type may have (containers/image rejects any other).
@@ -29,6 +30,8 @@ const std::map<std::string, std::set<std::string>>& KnownRequirements() {
   static const std::map<std::string, std::set<std::string>> known = {
       {"insecureAcceptAnything", {"type"}},
       {"reject", {"type"}},
+      // Accepted in a file and never satisfied, as containers/image has it.
+      {"signedBaseLayer", {"type", "baseLayerIdentity"}},
       {"signedBy", {"type", "keyType", "keyPath", "keyPaths", "keyData", "signedIdentity"}},
       {"sigstoreSigned",
        {"type", "keyPath", "keyPaths", "keyData", "keyDatas", "fulcio", "rekorPublicKeyPath",
@@ -104,14 +107,16 @@ Result<SignaturePolicy> ParseSignaturePolicy(const std::string& text, const std:
       if (!it->is_object()) return Fail(PolicyError(name, "transports: want an object"));
       for (auto t = it->begin(); t != it->end(); ++t) {
         if (!t->is_object()) {
-          return Fail(PolicyError(
-              name, fmt::format("transports.{}: want an object of scopes", t.key().substr(0, 64))));
+          return Fail(PolicyError(name, fmt::format("transports[{:?}]: want an object of scopes",
+                                                    t.key().substr(0, 64))));
         }
         for (auto scope = t->begin(); scope != t->end(); ++scope) {
-          const std::string where =
-              fmt::format("transports.{}[{:?}]", t.key().substr(0, 64), scope.key().substr(0, 200));
+          const std::string where = fmt::format("transports[{:?}][{:?}]", t.key().substr(0, 64),
+                                                scope.key().substr(0, 200));
           LX_ASSIGN_OR_RETURN(SignaturePolicy::Requirements r, Requirements(name, *scope, where));
-          if (t.key() == "docker") policy.docker_scopes[scope.key()] = std::move(r);
+          // Hosts are compared in lowercase (DNS and TLS do not care), so an
+          // uppercase spelling of a name meets its scope.
+          if (t.key() == "docker") policy.docker_scopes[LowerHost(scope.key())] = std::move(r);
         }
       }
     } else {
@@ -125,10 +130,23 @@ Result<SignaturePolicy> ParseSignaturePolicy(const std::string& text, const std:
 Result<SignaturePolicy> LoadSignaturePolicy(const std::string& path) {
   std::string file = path;
   if (file.empty()) {
+    // Only a file that is not there is passed over: one that cannot be
+    // reached (EACCES, ELOOP, EIO) could be the one that refuses.
+    auto there = [](const std::string& f) -> Result<bool> {
+      if (::access(f.c_str(), F_OK) == 0) return true;
+      if (errno == ENOENT || errno == ENOTDIR) return false;
+      return Fail(
+          Error(ErrorKind::kPolicy, 0, fmt::format("policy.json {:?}: {}", f, ErrnoName(errno))));
+    };
     const std::string home = Home();
-    if (!home.empty() && ::access((home + kUserFile).c_str(), F_OK) == 0) {
+    bool user = false;
+    if (!home.empty()) {
+      LX_ASSIGN_OR_RETURN(user, there(home + kUserFile));
+    }
+    LX_ASSIGN_OR_RETURN(bool system, there(kSystemFile));
+    if (user) {
       file = home + kUserFile;
-    } else if (::access(kSystemFile, F_OK) == 0) {
+    } else if (system) {
       file = kSystemFile;
     } else {
       Logger("broker")->info("policy.json: none ({} is not there): every image is accepted",
@@ -149,7 +167,9 @@ Result<SignaturePolicy> LoadSignaturePolicy(const std::string& path) {
 }
 
 std::vector<std::string> PolicyScopes(const RegistryRef& ref) {
-  const std::string registry = NormalizeRegistry(ref.registry);
+  // The host in lowercase; docker.io's other names (index., registry-1.) are
+  // docker.io here, as everywhere in layerx (so scopes name it docker.io).
+  const std::string registry = NormalizeRegistry(LowerHost(ref.registry));
   std::vector<std::string> scopes;
   scopes.push_back(fmt::format("{}/{}{}{}", registry, ref.repository,
                                ref.digest.empty() ? ":" : "@",
@@ -193,11 +213,11 @@ Status CheckSignaturePolicy(const SignaturePolicy& policy, const RegistryRef& re
   for (const std::string& type : *requirements) {
     if (type == "insecureAcceptAnything") continue;
     if (type == "reject") {
-      return Fail(MakeError(ErrorKind::kRefused, "docker://{}: rejected by policy.json {} ({})",
+      return Fail(MakeError(ErrorKind::kRefused, "docker://{}: rejected by policy.json {:?} ({})",
                             ref.ToString(), policy.file, scope));
     }
     return Fail(MakeError(ErrorKind::kRefused,
-                          "docker://{}: policy.json {} ({}) wants it {}, and layerx does not "
+                          "docker://{}: policy.json {:?} ({}) wants it {}, and layerx does not "
                           "verify signatures yet: refused",
                           ref.ToString(), policy.file, scope, type));
   }

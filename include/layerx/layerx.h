@@ -44,7 +44,8 @@ extern "C" {
 
 typedef enum layerx_status {
   LAYERX_OK = 0,
-  LAYERX_E_REFUSED = 1,       /* the policy said no: a limit, an entry rule, an escape */
+  LAYERX_E_REFUSED = 1,       /* the policy said no: a limit, an entry rule, an escape,
+                                 a registries.conf block, policy.json */
   LAYERX_E_INVALID_INPUT = 2, /* malformed layer or document */
   LAYERX_E_INTEGRITY = 3,     /* content does not match its digest, size or diff_id */
   LAYERX_E_SANDBOX = 4,       /* the jail failed, or the extractor died or lied */

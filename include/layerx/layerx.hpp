@@ -63,7 +63,8 @@ LAYERX_API const char* Version();
 
 // What kind of failure an extraction ended in; what a caller can act on.
 enum class FailureKind {
-  kRefused,       // the policy said no: a limit, an entry rule, an escape attempt
+  kRefused,       // the policy said no: a limit, an entry rule, an escape attempt,
+                  // a registries.conf block, policy.json
   kInvalidInput,  // malformed input: corrupt or truncated layer, bad document, bad name
   kIntegrity,     // content does not match its digest, size or diff_id
   kSandbox,       // the jail could not be set up, or the extractor died or lied

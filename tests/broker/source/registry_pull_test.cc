@@ -1379,7 +1379,7 @@ TEST_F(RegistryPullTest, PolicyJsonDecidesWhatMayBePulled) {
                           "--signature-policy", policy},
                          AllOutputs()),
                      {}, 30);
-  ExpectOneLineRefusal(r, {1}, {"rejected by policy.json " + policy + " (default)"});
+  ExpectOneLineRefusal(r, {1}, {"rejected by policy.json \"" + policy + "\" (default)"});
   ExpectNothingLeft();
   Outcome sig = Layerx(Cat({"extract", Docker("signed/app:v1", "http"), "--tls-verify=false",
                             "--signature-policy", policy},
