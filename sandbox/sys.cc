@@ -344,6 +344,16 @@ Result<size_t> ReadSome(int fd, std::span<std::byte> buf) {
   return static_cast<size_t>(n);
 }
 
+Result<std::string> ReadRegularFile(const std::string& path, size_t max_bytes) {
+  LX_ASSIGN_OR_RETURN(UniqueFd fd, OpenRegularFile(AT_FDCWD, path, 0));
+  LX_ASSIGN_OR_RETURN(struct stat st, Fstat(fd.get()));
+  if (static_cast<uint64_t>(st.st_size) > max_bytes) {
+    return Fail(Error(ErrorKind::kLimitExceeded, 0,
+                      fmt::format("{:?} is {} bytes, over {}", path, st.st_size, max_bytes)));
+  }
+  return ReadUpTo(fd.get(), static_cast<size_t>(st.st_size));
+}
+
 Result<std::string> ReadUpTo(int fd, size_t size) {
   std::string out(size, '\0');
   size_t done = 0;

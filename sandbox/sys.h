@@ -99,6 +99,12 @@ Result<size_t> ReadSome(int fd, std::span<std::byte> buf);
 // fstat that shrank meanwhile gives fewer). Allocates `size` bytes first: the
 // caller bounds it.
 Result<std::string> ReadUpTo(int fd, size_t size);
+
+// A small file read whole by name (a config file, an auth file): opened as
+// OpenRegularFile opens it (never a fifo or a device; the error keeps its
+// errno, ENOENT for one that is not there), kLimitExceeded when it is over
+// `max_bytes`, then read up to its size.
+Result<std::string> ReadRegularFile(const std::string& path, size_t max_bytes);
 Status SetNonBlocking(int fd);
 
 // Blocks SIGPIPE in the calling thread for its lifetime, so writing to a pipe

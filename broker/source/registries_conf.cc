@@ -32,6 +32,16 @@ Error ConfError(std::string_view file, const toml::source_region& where, std::st
 
 }  // namespace
 
+std::string ConfigHome() {
+  const char* h = std::getenv("HOME");
+  if (h == nullptr || h[0] != '/') return {};
+  if (::access(h, X_OK) != 0) {
+    Logger("broker")->info("HOME {:?} cannot be entered: its config files are not read", h);
+    return {};
+  }
+  return h;
+}
+
 std::string LowerHost(std::string_view name) {
   std::string out(name);
   const size_t end = std::min(out.find('/'), out.size());
@@ -227,21 +237,6 @@ size_t MatchLength(std::string_view name, std::string_view prefix) {
   return next == '/' || next == ':' || next == '@' ? prefix.size() : 0;
 }
 
-// $HOME, when this user can enter it. One it cannot (rootless under root's
-// HOME, `setpriv` keeping it) holds no config of this user's: its files are
-// passed over, as skopeo passes over the auth files there. Below a HOME it can
-// enter, a file it cannot read fails the lookup like any other.
-std::string Home() {
-  const char* h = std::getenv("HOME");
-  if (h == nullptr || h[0] != '/') return {};
-  if (::access(h, X_OK) != 0) {
-    Logger("broker")->info("registries.conf: HOME {:?} cannot be entered: its files are not read",
-                           h);
-    return {};
-  }
-  return h;
-}
-
 // *.conf in `dir`, by name; none when `dir` is not there. A dir that is
 // there and cannot be listed is an error: what it holds may block a registry.
 Result<std::vector<std::string>> DropIns(const std::string& dir) {
@@ -267,20 +262,14 @@ Result<std::vector<std::string>> DropIns(const std::string& dir) {
 // (the usual way to read none).
 Result<std::optional<std::string>> ReadConf(const std::string& path, bool named) {
   if (named && path == "/dev/null") return std::optional<std::string>(std::string());
-  auto fd = sandbox::OpenRegularFile(AT_FDCWD, path, 0);
-  if (!fd) {
-    if (!named && fd.error().err() == ENOENT) return std::optional<std::string>();
-    return Fail(
-        Error(ErrorKind::kPolicy, 0, fmt::format("registries.conf: {}", fd.error().ToString())));
+  auto text = sandbox::ReadRegularFile(path, kMaxFileBytes);
+  if (text) return std::optional<std::string>(std::move(*text));
+  if (!named && text.error().err() == ENOENT) return std::optional<std::string>();
+  if (text.error().kind() == ErrorKind::kLimitExceeded) {
+    return Fail(std::move(text).error().With("registries.conf"));
   }
-  LX_ASSIGN_OR_RETURN(struct stat st, sandbox::Fstat(fd->get()));
-  if (static_cast<uint64_t>(st.st_size) > kMaxFileBytes) {
-    return Fail(MakeError(ErrorKind::kLimitExceeded, "registries.conf {:?}: {} bytes, over {}",
-                          path, st.st_size, kMaxFileBytes));
-  }
-  auto text = sandbox::ReadUpTo(fd->get(), static_cast<size_t>(st.st_size));
-  if (!text) return Fail(std::move(text).error().With("registries.conf {:?}", path));
-  return std::optional<std::string>(std::move(*text));
+  return Fail(
+      Error(ErrorKind::kPolicy, 0, fmt::format("registries.conf: {}", text.error().ToString())));
 }
 
 }  // namespace
@@ -389,7 +378,7 @@ Result<RegistriesConf> LoadRegistriesConf(const std::string& path) {
       named = true;
     }
   }
-  const std::string home = Home();
+  const std::string home = ConfigHome();
   std::vector<std::string> dirs;
   if (!named && !home.empty() && ::access((home + kUserFile).c_str(), F_OK) == 0) {
     file = home + kUserFile;  // then the system's drop-ins are not read either

@@ -69,6 +69,13 @@ Result<RegistriesConf> LoadRegistriesConf(const std::string& path);
 Status MergeRegistriesConf(std::string_view text, const std::string& name, RegistriesConf& conf,
                            bool drop_in = false);
 
+// $HOME, when this user can enter it, for the config files below it
+// (registries.conf, policy.json). One it cannot (rootless under root's HOME,
+// `setpriv` keeping it) holds no config of this user's: empty, its files are
+// passed over, as skopeo passes over the auth files there. Below a HOME it can
+// enter, a file it cannot read fails the lookup like any other.
+std::string ConfigHome();
+
 // `name` with its host (what comes before the first '/') in lowercase: hosts
 // are compared so ("LocalHost:5000" is "localhost:5000").
 std::string LowerHost(std::string_view name);

@@ -40,17 +40,12 @@ std::string Env(const char* name) {
 // The file's bytes, or nullopt when it is missing, unreadable or not a regular
 // file: each of those is skipped, as skopeo skips a file it cannot use.
 Result<std::optional<std::string>> ReadAuthFile(const std::string& path) {
-  auto fd = sandbox::OpenRegularFile(AT_FDCWD, path, 0);
-  if (!fd) return std::optional<std::string>();
-  LX_ASSIGN_OR_RETURN(struct stat st, sandbox::Fstat(fd->get()));
-  if (static_cast<uint64_t>(st.st_size) > kMaxAuthFileBytes) {
-    return std::unexpected(Error(
-        ErrorKind::kLimitExceeded, 0,
-        fmt::format("auth file {:?} is {} bytes, over {}", path, st.st_size, kMaxAuthFileBytes)));
+  auto text = sandbox::ReadRegularFile(path, kMaxAuthFileBytes);
+  if (text) return std::optional<std::string>(std::move(*text));
+  if (text.error().kind() == ErrorKind::kLimitExceeded) {
+    return Fail(std::move(text).error().With("auth file"));
   }
-  auto out = sandbox::ReadUpTo(fd->get(), static_cast<size_t>(st.st_size));
-  if (!out) return std::optional<std::string>();  // EISDIR and the like: skipped too
-  return std::optional<std::string>(std::move(*out));
+  return std::optional<std::string>();  // missing, EACCES, EISDIR and the like: skipped
 }
 
 // containers/image normalizeAuthFileKey: a key with a scheme is cut at its first

@@ -70,12 +70,6 @@ Result<SignaturePolicy::Requirements> Requirements(const std::string& name, cons
   return out;
 }
 
-std::string Home() {
-  const char* h = std::getenv("HOME");
-  if (h == nullptr || h[0] != '/' || ::access(h, X_OK) != 0) return {};
-  return h;
-}
-
 }  // namespace
 
 Result<SignaturePolicy> ParseSignaturePolicy(const std::string& text, const std::string& name) {
@@ -138,7 +132,7 @@ Result<SignaturePolicy> LoadSignaturePolicy(const std::string& path) {
       return Fail(
           Error(ErrorKind::kPolicy, 0, fmt::format("policy.json {:?}: {}", f, ErrnoName(errno))));
     };
-    const std::string home = Home();
+    const std::string home = ConfigHome();
     bool user = false;
     if (!home.empty()) {
       LX_ASSIGN_OR_RETURN(user, there(home + kUserFile));
@@ -154,13 +148,7 @@ Result<SignaturePolicy> LoadSignaturePolicy(const std::string& path) {
       return SignaturePolicy{};
     }
   }
-  auto fd = sandbox::OpenRegularFile(AT_FDCWD, file, 0);
-  if (!fd) return Fail(Error(ErrorKind::kPolicy, 0, "policy.json: " + fd.error().ToString()));
-  LX_ASSIGN_OR_RETURN(struct stat st, sandbox::Fstat(fd->get()));
-  if (static_cast<uint64_t>(st.st_size) > kMaxFileBytes) {
-    return Fail(PolicyError(file, fmt::format("{} bytes, over {}", st.st_size, kMaxFileBytes)));
-  }
-  auto text = sandbox::ReadUpTo(fd->get(), static_cast<size_t>(st.st_size));
+  auto text = sandbox::ReadRegularFile(file, kMaxFileBytes);
   if (!text) return Fail(Error(ErrorKind::kPolicy, 0, "policy.json: " + text.error().ToString()));
   Logger("broker")->info("policy.json: {}", file);
   return ParseSignaturePolicy(*text, file);

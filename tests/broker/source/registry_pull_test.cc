@@ -1216,13 +1216,15 @@ location = "127.0.0.1:1"
 location = ")" + Host("http") + R"("
 insecure = true
 )");
-  auto run = [&](const std::string& manifest, int tls_verify) {
+  auto run = [&](const std::string& manifest, int tls_verify, const std::string& policy = "") {
     layerx_request* req = layerx_request_new();
     layerx_request_add_source(req, "docker://primary.invalid/app:v1");
     layerx_request_set_output(req, LAYERX_OUTPUT_MANIFEST, manifest.c_str());
     layerx_request_set_string(req, LAYERX_OPT_REGISTRIES_CONF, conf.c_str());
     layerx_request_set_string(req, LAYERX_OPT_EXTRACTOR_PATH, LAYERX_EXTRACTOR_BINARY);
     if (tls_verify >= 0) layerx_request_set_int(req, LAYERX_OPT_TLS_VERIFY, tls_verify);
+    if (!policy.empty())
+      layerx_request_set_string(req, LAYERX_OPT_SIGNATURE_POLICY, policy.c_str());
     layerx_result* res = nullptr;
     layerx_status status = layerx_extract(req, &res);
     std::string message = res != nullptr ? layerx_result_message(res) : "";
@@ -1240,18 +1242,9 @@ insecure = true
   // LAYERX_OPT_SIGNATURE_POLICY: a policy that rejects all is LAYERX_E_REFUSED.
   const std::string policy = dir_ + "/reject-all-" + std::to_string(::getpid()) + ".json";
   WriteFile(policy, R"({"default": [{"type": "reject"}]})");
-  layerx_request* req = layerx_request_new();
-  layerx_request_add_source(req, "docker://primary.invalid/app:v1");
-  layerx_request_set_output(req, LAYERX_OUTPUT_MANIFEST, (out_ + "/p.jsonl").c_str());
-  layerx_request_set_string(req, LAYERX_OPT_REGISTRIES_CONF, conf.c_str());
-  layerx_request_set_string(req, LAYERX_OPT_SIGNATURE_POLICY, policy.c_str());
-  layerx_request_set_string(req, LAYERX_OPT_EXTRACTOR_PATH, LAYERX_EXTRACTOR_BINARY);
-  layerx_result* res = nullptr;
-  EXPECT_EQ(layerx_extract(req, &res), LAYERX_E_REFUSED);
-  EXPECT_NE(std::string(layerx_result_message(res)).find("rejected by policy.json"),
-            std::string::npos);
-  layerx_result_free(res);
-  layerx_request_free(req);
+  auto [rejected, said] = run(out_ + "/p.jsonl", -1, policy);
+  EXPECT_EQ(rejected, LAYERX_E_REFUSED);
+  EXPECT_NE(said.find("rejected by policy.json"), std::string::npos) << said;
 }
 
 // registries.conf's credential-helpers: a helper of its own signs the
